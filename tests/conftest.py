@@ -1,0 +1,31 @@
+"""Shared fixtures. The tiny-random MusicGen is built once into the repo's .cache and reused."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("SAE_MUSIC_CACHE", str(REPO / ".cache" / "test-models"))
+MUSICCAPS_CSV = Path(os.environ.get("MUSICCAPS_CSV", REPO.parent / "shared" / "data" / "musiccaps-public.csv"))
+
+
+def cli(*args: str) -> list[str]:
+    """Argv for running a module of this project in a fresh interpreter."""
+    return [sys.executable, "-m", *args]
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """tiny-random in float32 on the CPU, loaded through the same path as any model."""
+    from extractor.models import load_model
+
+    return load_model("tiny-random", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def musiccaps_csv() -> Path:
+    if not MUSICCAPS_CSV.exists():
+        pytest.skip(f"MusicCaps CSV not found at {MUSICCAPS_CSV}; set MUSICCAPS_CSV to run this test")
+    return MUSICCAPS_CSV
