@@ -1,0 +1,226 @@
+"""Extraction on tiny-random: both modes agree, rows are attributed right, runs resume and shard."""
+
+import signal
+import subprocess
+import time
+import wave
+
+import numpy as np
+import pytest
+
+from extractor.extract import ExtractConfig, extract, main, parse_layers
+from extractor.store import open_store
+
+from .conftest import cli
+
+PROMPTS = [
+    "a slow sad jazz piece with a mellow piano",
+    "fast energetic rock",
+    "calm folk song with an acoustic guitar played gently at a medium tempo by a campfire at night",
+    "hip hop beat",
+    "an energetic electronic track with a bright synthesizer lead",
+]
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+def _cfg(out, prompt_file, **kw):
+    base = dict(model="tiny-random", layers="1,3", prompt_file=str(prompt_file), batch_size=2, duration=0.4,
+                out=str(out), device="cpu", dtype="float32", top_k=50, seed=7)
+    base.update(kw)
+    return ExtractConfig(**base)
+
+
+def _arrays(store):
+    names = ["offsets", "codes", "frames"] + [f"layer{layer}/acts" for layer in store.layers]
+    return {n: np.asarray(store.array(n).read().result()) for n in names}
+
+
+def test_generate_and_teacher_forced_give_the_same_rows(tmp_path, prompt_file):
+    gen = extract(_cfg(tmp_path / "gen", prompt_file, batch_size=3))
+    assert gen.n_rows == len(PROMPTS) * 20 and gen.complete
+    # batch_size 1: each prompt alone, so this also checks rows inside a padded batch of
+    # prompts of different lengths equal the prompt's rows on its own.
+    tf = extract(_cfg(tmp_path / "tf", prompt_file, mode="teacher_forced", codes_from=str(tmp_path / "gen"),
+                      batch_size=1))
+    a, b = _arrays(gen), _arrays(tf)
+    for name in ("offsets", "codes", "frames"):
+        np.testing.assert_array_equal(a[name], b[name])
+    for layer in (1, 3):
+        diff = np.abs(a[f"layer{layer}/acts"] - b[f"layer{layer}/acts"]).max()
+        assert diff <= 1e-5, f"layer {layer}: generate vs teacher-forced differ by {diff}"
+    assert [s["prompt"] for s in tf.samples] == PROMPTS
+    assert a["frames"][:20].tolist() == list(range(20))
+
+
+def test_conditional_rows_belong_to_their_own_prompt(tmp_path, prompt_file, tiny_model):
+    """Guidance doubles the batch; the stored rows must be the conditional half, prompt by prompt."""
+    from extractor.capture import teacher_forced_batch
+
+    store = extract(_cfg(tmp_path / "gen", prompt_file, batch_size=5, keep_uncond=True))
+    for i, text in enumerate(PROMPTS):
+        alone = teacher_forced_batch(tiny_model, [text], [store.sample_codes(i)], [3])[3][0]
+        np.testing.assert_allclose(store.sample_rows(i, 3), alone, atol=1e-5)
+    uncond = store.sample_rows(0, 3, stream="uncond")
+    assert np.abs(uncond - store.sample_rows(0, 3)).max() > 1e-2, "uncond stream must be its own stream"
+
+
+def test_extraction_is_seeded(tmp_path, prompt_file):
+    a = _arrays(extract(_cfg(tmp_path / "a", prompt_file)))
+    b = _arrays(extract(_cfg(tmp_path / "b", prompt_file)))
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    c = _arrays(extract(_cfg(tmp_path / "c", prompt_file, seed=8)))
+    assert not np.array_equal(a["codes"], c["codes"])
+
+
+def _args(out, prompt_file, *extra):
+    return ["extractor.extract", "--model", "tiny-random", "--layers", "1,3", "--prompt_file", str(prompt_file),
+            "--batch_size", "1", "--duration", "0.4", "--out", str(out), "--device", "cpu", "--dtype",
+            "float32", "--top_k", "50", "--seed", "7", *extra]
+
+
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, prompt_file):
+    reference = extract(_cfg(tmp_path / "ref", prompt_file, batch_size=1))
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cli(*_args(out, prompt_file)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = out / "progress" / "shard-0-of-1.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if progress.exists() and progress.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = open_store(out, require_complete=False)
+    assert 0 < len(partial.committed_units()) < len(PROMPTS), "the kill should land mid-run"
+    rerun = subprocess.run(cli(*_args(out, prompt_file)), capture_output=True, text=True, check=True)
+    assert "resuming" in rerun.stdout
+    a, b = _arrays(reference), _arrays(open_store(out))
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_two_shards_fill_one_store(tmp_path, prompt_file):
+    reference = _arrays(extract(_cfg(tmp_path / "ref", prompt_file, batch_size=1)))
+    out = tmp_path / "sharded"
+    procs = [subprocess.Popen(cli(*_args(out, prompt_file, "--shard", f"{i}/2")), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    got = _arrays(open_store(out))
+    for name in reference:
+        np.testing.assert_array_equal(reference[name], got[name])
+    assert sorted(f.name for f in (out / "progress").iterdir()) == ["shard-0-of-2.jsonl", "shard-1-of-2.jsonl"]
+
+
+def _write_wav(path, seconds, rate):
+    t = np.arange(int(seconds * rate)) / rate
+    pcm = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1), f.setsampwidth(2), f.setframerate(rate), f.writeframes(pcm.tobytes())
+
+
+def test_teacher_forced_from_audio_files_skips_unreadable_ones(tmp_path, capsys):
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    _write_wav(audio / "a.wav", 0.5, 32000)
+    _write_wav(audio / "b.wav", 0.3, 16000)  # resampled to the model's rate
+    (audio / "b.txt").write_text("a sine tone\n")
+    (audio / "broken.wav").write_bytes(b"not a wave file at all")
+    store = extract(ExtractConfig(model="tiny-random", layers="2", mode="teacher_forced", audio_dir=str(audio),
+                                  out=str(tmp_path / "s"), device="cpu", dtype="float32", batch_size=2))
+    assert [s["source_id"] for s in store.samples] == ["a.wav", "b.wav"]
+    assert [s["n_frames"] for s in store.samples] == [25, 15]
+    assert store.samples[1]["prompt"] == "a sine tone"
+    out = capsys.readouterr().out
+    assert "skipped: " in out and "broken.wav: unreadable audio" in out
+    assert store.complete and np.abs(store.sample_rows(1, 2)).sum() > 0
+
+
+def test_musiccaps_prompts_extract(tmp_path, musiccaps_csv):
+    from extractor.prompts import PromptsConfig, build_prompts
+
+    paths = build_prompts(PromptsConfig(csv=musiccaps_csv, out=tmp_path / "data"))
+    store = extract(_cfg(tmp_path / "s", paths["quick_test"], max_prompts=6, batch_size=3, layers="0"))
+    assert store.n_samples == 6 and store.complete
+    assert all(s["tags"] and s["source_id"] for s in store.samples), "MusicCaps tags and ytids are kept"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--layers", "9"], "layer 9 is out of range: tiny-random has 4 decoder layers (0-3)"),
+        (["--layers", "2-x"], "is not a layer list"),
+        (["--duration", "0"], "--duration must be > 0"),
+        (["--device", "cuda"], "no CUDA GPU is visible"),
+        (["--shard", "2/2"], "need 0 <= i < N"),
+        (["--mode", "teacher_forced"], "needs exactly one of --codes_from"),
+    ],
+)
+def test_bad_arguments_exit_with_one_line_and_write_nothing(tmp_path, prompt_file, capsys, extra, message):
+    import torch
+
+    if "cuda" in extra and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    out = tmp_path / "s"
+    with pytest.raises(SystemExit) as exc:
+        main([a for a in _args(out, prompt_file)[1:]] + extra)
+    text = str(exc.value.code)
+    assert text.startswith("error: ") and message in text and "\n" not in text
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content, message", [(None, "prompt file not found"), ("\n\n", "no prompts in")])
+def test_missing_or_empty_prompt_file(tmp_path, content, message):
+    path = tmp_path / "p.txt"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exc:
+        main(_args(tmp_path / "s", path)[1:])
+    assert message in str(exc.value.code) and not (tmp_path / "s").exists()
+
+
+def test_existing_store_with_other_settings_is_refused_unless_overwrite(tmp_path, prompt_file):
+    out = tmp_path / "s"
+    extract(_cfg(out, prompt_file, layers="1"))
+    with pytest.raises(SystemExit) as exc:
+        main(_args(out, prompt_file)[1:])  # layers 1,3
+    assert "layers=[1] (asked [1, 3])" in str(exc.value.code) and "--overwrite" in str(exc.value.code)
+    assert open_store(out).layers == (1,), "the old store is untouched"
+    main(_args(out, prompt_file, "--overwrite")[1:])
+    assert open_store(out).layers == (1, 3)
+
+
+def test_out_of_disk_is_refused_before_writing(tmp_path, prompt_file, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(10**6, 10**6 - 100, 100))
+    with pytest.raises(SystemExit) as exc:
+        main(_args(tmp_path / "s", prompt_file)[1:])
+    assert "GB is free" in str(exc.value.code) and not (tmp_path / "s").exists()
+
+
+def test_parse_layers_forms():
+    assert parse_layers("12", 24) == (12,)
+    assert parse_layers("6,12,18", 24) == (6, 12, 18)
+    assert parse_layers("0-2,10", 24) == (0, 1, 2, 10)
+    assert parse_layers("all", 3) == (0, 1, 2)
+
+
+def test_tiny_random_is_a_saved_musicgen_loaded_by_path(tiny_model):
+    from extractor.models import load_model, tiny_random_dir
+
+    path = tiny_random_dir()
+    assert (path / "config.json").exists() and (path / "processor_config.json").exists()
+    by_path = load_model(str(path), device="cpu", dtype="float32")
+    assert by_path.info.num_codebooks == 4 and by_path.info.frame_rate == 50.0
+    assert tiny_model.model.config.audio_encoder.num_quantizers == by_path.info.num_codebooks
