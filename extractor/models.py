@@ -101,6 +101,14 @@ def _tiny_vocab() -> list[tuple[str, float]]:
     return pieces
 
 
+def _quiet_transformers() -> None:
+    """Its per-weight progress bars and token-id warnings only add noise to our own progress."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def build_tiny_random(path: str | os.PathLike) -> Path:
     """Build a real MusicGen with small dims and seeded random weights, save it with
     ``save_pretrained`` (model and processor) and return its directory.
@@ -119,6 +127,7 @@ def build_tiny_random(path: str | os.PathLike) -> Path:
         T5Tokenizer,
     )
 
+    _quiet_transformers()
     path = Path(path)
     tokenizer = T5Tokenizer(vocab=_tiny_vocab(), extra_ids=0)
     text = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
@@ -213,12 +222,9 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
         raise ModelError(
             f"unknown model {name!r}: give a hub name ({', '.join(HUB_MODELS)}), a local directory, or {TINY_RANDOM}"
         )
-    import transformers
     from transformers import AutoProcessor, MusicgenForConditionalGeneration
 
-    # Its per-weight progress bar and token-id warnings only add noise to our own progress.
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    _quiet_transformers()
 
     try:
         model = MusicgenForConditionalGeneration.from_pretrained(source, dtype=torch_dtype)
