@@ -317,6 +317,7 @@ class Store:
         shuffle: bool = False,
         seed: int = 0,
         rows: np.ndarray | None = None,
+        samples: np.ndarray | None = None,
         stream: str = "cond",
         drop_last: bool = False,
         dtype=np.float32,
@@ -325,10 +326,11 @@ class Store:
 
         Sequential by default. With ``shuffle``, chunks are visited in a seeded random order
         and rows are permuted inside a buffer of a few chunks, so memory stays bounded by the
-        buffer, not by the store. ``rows`` restricts reading to a subset of global rows.
+        buffer, not by the store. ``rows`` / ``samples`` restrict reading to a subset.
         """
         for batch, _ in self.iter_rows_indexed(
-            layer, batch_size, shuffle=shuffle, seed=seed, rows=rows, stream=stream, drop_last=drop_last, dtype=dtype
+            layer, batch_size, shuffle=shuffle, seed=seed, rows=rows, samples=samples, stream=stream,
+            drop_last=drop_last, dtype=dtype,
         ):
             yield batch
 
@@ -340,12 +342,18 @@ class Store:
         shuffle: bool = False,
         seed: int = 0,
         rows: np.ndarray | None = None,
+        samples: np.ndarray | None = None,
+        exclude_rows: np.ndarray | None = None,
         stream: str = "cond",
         drop_last: bool = False,
         dtype=np.float32,
         buffer_chunks: int = 4,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """As ``iter_rows`` but also yields the global row index of every row."""
+        """As ``iter_rows`` but also yields the global row index of every row.
+
+        ``samples`` restricts reading to the rows of those samples (memory per sample, not per
+        row); ``exclude_rows`` drops a few rows (e.g. non-finite ones).
+        """
         if batch_size <= 0:
             raise StoreError(f"batch_size must be positive, got {batch_size}")
         arr = self.acts(layer, stream)
@@ -355,6 +363,11 @@ class Store:
         if rows is not None:
             wanted = np.zeros(self.n_rows, dtype=bool)
             wanted[np.asarray(rows, dtype=np.int64)] = True
+        selected = None
+        if samples is not None:
+            selected = np.zeros(self.n_samples, dtype=bool)
+            selected[np.asarray(samples, dtype=np.int64)] = True
+        excluded = set(np.asarray(exclude_rows, dtype=np.int64).tolist()) if exclude_rows is not None else set()
         rng = np.random.default_rng(seed)
         order = rng.permutation(n_chunks) if shuffle else np.arange(n_chunks)
         pending_x: list[np.ndarray] = []
@@ -366,13 +379,18 @@ class Store:
             for c in group:
                 lo, hi = int(c) * chunk, min(self.n_rows, (int(c) + 1) * chunk)
                 index = np.arange(lo, hi)
+                keep = np.ones(hi - lo, dtype=bool)
                 if wanted is not None:
-                    index = index[wanted[lo:hi]]
-                    if len(index) == 0:
-                        continue
+                    keep &= wanted[lo:hi]
+                if selected is not None:
+                    keep &= selected[self.row_sample_index(index)]
+                if excluded:
+                    keep &= ~np.isin(index, np.fromiter(excluded, np.int64))
+                if not keep.any():
+                    continue
                 block = np.asarray(arr[lo:hi].read().result())
-                xs.append(block[index - lo] if wanted is not None else block)
-                idx.append(index)
+                xs.append(block if keep.all() else block[keep])
+                idx.append(index if keep.all() else index[keep])
             if not xs:
                 continue
             x = np.concatenate(xs).astype(dtype, copy=False)

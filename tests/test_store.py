@@ -89,3 +89,10 @@ def test_light_packages_do_not_import_torch():
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_iter_rows_by_samples_and_excluded_rows(tmp_path):
+    store, acts = _make_store(tmp_path / "s")
+    got = [r for _, rows in store.iter_rows_indexed(2, 3, samples=np.array([1, 3]), exclude_rows=np.array([16]))
+           for r in rows.tolist()]
+    assert got == [5, 6, 7, 15, 17, 18]

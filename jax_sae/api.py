@@ -1,0 +1,85 @@
+"""The user-facing SAE: load a checkpoint, encode and decode any leading shape, evaluate on a store."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import model as M
+from .checkpoint import load_model_tree, params_from_tree
+from .config import SAEConfig
+from .metrics import evaluate_batches
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(cfg: SAEConfig, params, threshold, scale, x_ND):
+    return M.encode_infer(cfg, params, threshold, x_ND.astype(jnp.float32) * scale)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(cfg: SAEConfig, params, scale, f_NH):
+    return M.decode(params, f_NH.astype(jnp.float32)) / scale
+
+
+class SAE:
+    """A trained SAE. Inputs and reconstructions are in the store's units; the input scale is
+    applied inside. Features are the inference-mode codes (JumpReLU threshold for BatchTopK)."""
+
+    def __init__(self, cfg: SAEConfig, params: M.SAEParams, threshold, input_scale, info: dict | None = None):
+        self.cfg = cfg
+        self.params = params
+        self.threshold = jnp.asarray(threshold, jnp.float32)
+        self.input_scale = jnp.asarray(input_scale, jnp.float32)
+        self.info = info or {}
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SAE":
+        cfg, tree, info = load_model_tree(path)
+        return cls(cfg, params_from_tree(tree), tree["threshold"], tree["input_scale"], info)
+
+    def _check(self, x) -> None:
+        if x.shape[-1] != self.cfg.d_model:
+            raise ValueError(f"input width {x.shape[-1]} does not match the SAE's d_model {self.cfg.d_model}")
+
+    def encode(self, x) -> jax.Array:
+        """[..., d_model] -> [..., hidden_dim]."""
+        x = jnp.asarray(x)
+        self._check(x)
+        f = _encode(self.cfg, self.params, self.threshold, self.input_scale, x.reshape(-1, x.shape[-1]))
+        return f.reshape(*x.shape[:-1], self.cfg.hidden_dim)
+
+    def decode(self, f) -> jax.Array:
+        """[..., hidden_dim] -> [..., d_model]."""
+        f = jnp.asarray(f)
+        x = _decode(self.cfg, self.params, self.input_scale, f.reshape(-1, f.shape[-1]))
+        return x.reshape(*f.shape[:-1], self.cfg.d_model)
+
+    def __call__(self, x) -> jax.Array:
+        return self.decode(self.encode(x))
+
+    def encode_batches(self, batches: Iterable) -> Iterator[np.ndarray]:
+        """Encode an iterable of arrays (e.g. ``store.iter_rows``), yielding numpy codes."""
+        for x in batches:
+            yield np.asarray(self.encode(x))
+
+
+def load(path: str | Path) -> SAE:
+    """Load an SAE from a model checkpoint directory (``best/`` or ``final/``)."""
+    return SAE.load(path)
+
+
+def evaluate(sae: SAE, store, layer: int, *, batch_size: int = 4096, samples: np.ndarray | None = None) -> dict:
+    """FVU, explained variance, MSE, L0, dead and dense fractions, cosine and l2 ratio on a store layer."""
+    from extractor.store import Store
+
+    store = store if isinstance(store, Store) else Store(store)
+    store.require_complete()
+    if store.d_model != sae.cfg.d_model:
+        raise ValueError(f"store width {store.d_model} does not match the SAE's d_model {sae.cfg.d_model}")
+    batches = store.iter_rows(layer, batch_size, samples=samples)
+    return evaluate_batches(sae.cfg, sae.params, sae.threshold, sae.input_scale, batches).result()

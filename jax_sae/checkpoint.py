@@ -1,0 +1,117 @@
+"""Orbax checkpoints. A model checkpoint (``best/``, ``final/``) is a directory with the
+parameters, threshold and input scale under ``state/`` and ``config.json``; a run checkpoint
+(``ckpt/<step>/``) holds the whole train state. Both restore into trees built by code from
+the saved config, never into unpickled structure."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from . import model as M
+from .config import SAEConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unfinished, or of another kind."""
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def model_tree(params: M.SAEParams, threshold, input_scale) -> dict:
+    return {
+        "W_enc": params.W_enc_DH, "b_enc": params.b_enc_H, "W_dec": params.W_dec_HD, "b_dec": params.b_dec_D,
+        "threshold": jnp.asarray(threshold, jnp.float32), "input_scale": jnp.asarray(input_scale, jnp.float32),
+    }
+
+
+def abstract_model_tree(cfg: SAEConfig) -> dict:
+    d, h = cfg.d_model, cfg.hidden_dim
+    f32 = jnp.float32
+    return {
+        "W_enc": jax.ShapeDtypeStruct((d, h), f32), "b_enc": jax.ShapeDtypeStruct((h,), f32),
+        "W_dec": jax.ShapeDtypeStruct((h, d), f32), "b_dec": jax.ShapeDtypeStruct((d,), f32),
+        "threshold": jax.ShapeDtypeStruct((), f32), "input_scale": jax.ShapeDtypeStruct((), f32),
+    }
+
+
+def all_finite(tree) -> bool:
+    return bool(all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(tree)))
+
+
+def save_model(path: str | Path, cfg: SAEConfig, tree: dict, info: dict) -> None:
+    """Write a model checkpoint; a non-finite tree is refused so no checkpoint is ever poisoned."""
+    if not all_finite(tree):
+        raise CheckpointError(f"refusing to save non-finite parameters to {path}")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save((tmp / "state").absolute(), tree)
+    checkpointer.wait_until_finished()
+    (tmp / "config.json").write_text(json.dumps({"sae": cfg.to_json(), **info}, indent=2, default=float) + "\n")
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def read_config(path: str | Path) -> tuple[SAEConfig, dict]:
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.exists() or not (path / "state").exists():
+        raise CheckpointError(
+            f"{path} is not a finished sae-music-jax checkpoint (needs config.json and state/); "
+            "point at a best/ or final/ directory"
+        )
+    info = json.loads(config_file.read_text())
+    return SAEConfig.from_json(info["sae"]), info
+
+
+def load_model_tree(path: str | Path) -> tuple[SAEConfig, dict, dict]:
+    """Restore (config, tree, info) from a model checkpoint directory."""
+    cfg, info = read_config(path)
+    tree = ocp.StandardCheckpointer().restore((Path(path) / "state").absolute(), abstract_model_tree(cfg))
+    return cfg, tree, info
+
+
+def params_from_tree(tree: dict) -> M.SAEParams:
+    return M.SAEParams(W_enc_DH=tree["W_enc"], b_enc_H=tree["b_enc"], W_dec_HD=tree["W_dec"], b_dec_D=tree["b_dec"])
+
+
+class RunCheckpoints:
+    """Periodic whole-state checkpoints of one run, for resumption."""
+
+    def __init__(self, directory: str | Path, keep: int = 2):
+        self.manager = ocp.CheckpointManager(
+            Path(directory).absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, meta: dict) -> bool:
+        """Save unless the state is non-finite or this step is saved already; returns whether it saved."""
+        if step in self.manager.all_steps() or not all_finite(state.params):
+            return False
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                         meta=ocp.args.JsonSave(meta)))
+        self.manager.wait_until_finished()
+        return True
+
+    def restore(self, step: int, like_state) -> tuple[object, dict]:
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(like_state)),
+                                          meta=ocp.args.JsonRestore())
+        )
+        return restored.state, restored.meta
+
+    def close(self) -> None:
+        self.manager.close()

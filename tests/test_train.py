@@ -1,0 +1,259 @@
+"""The trainer: each SAE type recovers a planted dictionary; the formulas hold; runs resume exactly;
+bad input stops before any compute with one line."""
+
+import json
+import signal
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_sae
+from jax_sae import model as M
+from jax_sae.config import ConfigError, SAEConfig
+from jax_sae.data import split_samples
+from jax_sae.train import TrainConfig, main, train
+from extractor.store import open_store
+
+from .conftest import cli
+from .synthetic import mean_max_cosine, planted_dictionary, sparse_data, write_store
+
+D_MODEL, N_FEATURES = 32, 64
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planted")
+    directions = planted_dictionary(D_MODEL, N_FEATURES, seed=0)
+    write_store(root / "store", sparse_data(directions, 40_000, active=4, noise=0.05, seed=0))
+    return root, directions
+
+
+def _cfg(root, sae_type, **kw):
+    base = dict(sae_type=sae_type, layer_idx=0, hidden_dim=128, top_k=6, batch_size=256, epochs=15, lr=4e-3,
+                store=str(root / "store"), out=str(root / "models"), progress=False, patience=0,
+                sparsity_coef=0.5, group_sizes="64,64" if sae_type == "matryoshka" else None)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("sae_type, min_cosine", [("topk", 0.9), ("batch_topk", 0.9), ("matryoshka", 0.9),
+                                                  ("vanilla", 0.8)])
+def test_each_type_recovers_the_planted_dictionary(planted, sae_type, min_cosine):
+    root, directions = planted
+    stats = train(_cfg(root, sae_type))
+    sae = jax_sae.load(root / "models" / sae_type / "layer0" / "dim128" / "final")
+    cosine = mean_max_cosine(directions, np.asarray(sae.params.W_dec_HD))
+    assert cosine >= min_cosine, f"{sae_type}: mean max cosine {cosine:.3f}"
+    assert stats["final_val"]["fvu"] <= 0.1, stats["final_val"]
+    run = root / "models" / sae_type / "layer0" / "dim128"
+    for name in ("best", "final", "metrics.jsonl", "training_stats.json", "training_curves.png", "density.png"):
+        assert (run / name).exists(), name
+    if sae_type in ("batch_topk", "matryoshka"):
+        l0 = stats["final_val"]["l0"]
+        assert abs(l0 - 6) <= 0.2 * 6, f"inference L0 {l0} is not within 20% of k=6"
+    if sae_type == "matryoshka":
+        x = sparse_data(directions, 4000, active=4, noise=0.05, seed=9)
+        f = np.array(sae.encode(x))
+        f[:, 64:] = 0
+        x_hat = np.asarray(sae.decode(f))
+        fvu_prefix = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+        assert fvu_prefix <= 0.2, f"the first prefix alone explains too little (FVU {fvu_prefix:.3f})"
+
+
+def test_batch_topk_keeps_exactly_k_times_batch():
+    pre = jax.random.normal(jax.random.PRNGKey(0), (64, 512)) + 0.5
+    f, smallest = M.batch_topk(pre, 8)
+    assert int(jnp.sum(f > 0)) == 8 * 64
+    assert float(smallest) == pytest.approx(float(jnp.min(jnp.where(f > 0, f, jnp.inf))))
+    per_row = jnp.sum(f > 0, axis=1)
+    assert int(per_row.max()) > 8 > int(per_row.min()), "the budget is shared across the batch, not per row"
+    g = M.topk_rows(pre, 8)
+    assert (np.asarray(jnp.sum(g > 0, axis=1)) == 8).all()
+
+
+def _tiny_state(cfg, key=0):
+    from jax_sae.step import init_state, make_optimizer
+
+    params = M.init_params(jax.random.PRNGKey(key), cfg, np.zeros(cfg.d_model, np.float32))
+    optimizer = make_optimizer(1e-2, 100, 0.0)
+    return init_state(params, optimizer, 1.0), optimizer
+
+
+def test_decoder_rows_stay_unit_norm_and_gradient_is_projected():
+    from jax_sae.step import StepSettings, compile_train_step
+
+    cfg = SAEConfig(sae_type="topk", d_model=16, hidden_dim=64, top_k=4)
+    state, optimizer = _tiny_state(cfg)
+    step = compile_train_step(optimizer, StepSettings(cfg, 100, 0.0, 1, 1 / 32, 10**6))
+    x = jax.random.normal(jax.random.PRNGKey(1), (128, 16)) * 3 + 1
+    for _ in range(3):
+        state, _ = step(state, x)
+    norms = np.linalg.norm(np.asarray(state.params.W_dec_HD), axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+    W = state.params.W_dec_HD
+    g = M.project_decoder_grad(W, jax.random.normal(jax.random.PRNGKey(2), W.shape))
+    np.testing.assert_allclose(np.asarray(jnp.sum(g * W, axis=1)), 0.0, atol=1e-5)
+
+
+def test_aux_k_is_zero_without_dead_latents_and_positive_with():
+    cfg = SAEConfig(sae_type="topk", d_model=16, hidden_dim=64, top_k=4)
+    params = M.init_params(jax.random.PRNGKey(0), cfg, np.zeros(16, np.float32))
+    x = jax.random.normal(jax.random.PRNGKey(1), (32, 16))
+    f = M.topk_rows(M.pre_activations(params, x), 4)
+    x_hat, pre = M.decode(params, f), M.pre_activations(params, x)
+    none_dead = M.aux_k_loss(params, x, x_hat, pre, jnp.zeros(64, bool), 8)
+    some_dead = M.aux_k_loss(params, x, x_hat, pre, jnp.arange(64) < 20, 8)
+    assert float(none_dead) == 0.0 and float(some_dead) > 0.0
+
+
+def test_b_enc_is_used_by_every_type():
+    for sae_type in ("vanilla", "topk", "batch_topk", "matryoshka"):
+        cfg = SAEConfig(sae_type=sae_type, d_model=8, hidden_dim=32, top_k=4,
+                        group_sizes=(16, 16) if sae_type == "matryoshka" else ())
+        params = M.init_params(jax.random.PRNGKey(0), cfg, np.zeros(8, np.float32))
+        x = jax.random.normal(jax.random.PRNGKey(1), (4, 8))
+        shifted = params.replace(b_enc_H=params.b_enc_H + 0.5)
+        a = M.encode_infer(cfg, params, jnp.float32(0.1), x)
+        b = M.encode_infer(cfg, shifted, jnp.float32(0.1), x)
+        assert not np.allclose(a, b), sae_type
+
+
+def test_validation_holds_out_whole_seeded_samples(planted):
+    root, _ = planted
+    store = open_store(root / "store")
+    split = split_samples(store, val_fraction=0.1, seed=3)
+    assert len(split.val_samples) == round(0.1 * store.n_samples)
+    assert not set(split.val_samples) & set(split.train_samples)
+    assert split.val_samples.max() < store.n_samples - 1 or split.val_samples.min() > 0, "not just the last ones"
+    again = split_samples(store, val_fraction=0.1, seed=3)
+    np.testing.assert_array_equal(split.val_samples, again.val_samples)
+    small = split_samples(store, val_fraction=0.1, seed=3, max_tokens=5000)
+    assert small.train_rows <= 5000 and "subsampled training data" in small.notes[0]
+
+
+def test_api_encodes_any_leading_shape_and_evaluates(planted):
+    root, directions = planted
+    train(_cfg(root, "topk", epochs=2, out=str(root / "api")))
+    sae = jax_sae.load(root / "api" / "topk" / "layer0" / "dim128" / "best")
+    x = sparse_data(directions, 60, active=4, noise=0.05, seed=4).reshape(3, 20, D_MODEL)
+    f = sae.encode(x)
+    assert f.shape == (3, 20, 128) and (np.asarray(jnp.sum(f > 0, axis=-1)) <= 6).all()
+    assert sae.decode(f).shape == x.shape
+    batches = list(sae.encode_batches([x[0], x[1]]))
+    np.testing.assert_allclose(batches[1], np.asarray(f[1]), atol=1e-6)
+    assert SAEConfig.from_json(json.loads(json.dumps(sae.cfg.to_json()))) == sae.cfg
+    store = open_store(root / "store")
+    metrics = jax_sae.evaluate(sae, store, 0, samples=np.arange(10))
+    rows = np.concatenate(list(store.iter_rows(0, 10_000, samples=np.arange(10))))
+    x_hat = np.asarray(sae(rows))
+    fvu = ((rows - x_hat) ** 2).sum() / ((rows - rows.mean(0)) ** 2).sum()
+    assert metrics["fvu"] == pytest.approx(fvu, rel=1e-4)
+    assert metrics["explained_variance"] == pytest.approx(1 - fvu, rel=1e-3)
+    assert set(metrics) >= {"mse", "l0", "dead_fraction", "dense_fraction_1pct", "dense_fraction_10pct", "cosine",
+                            "l2_ratio"}
+
+
+def _train_args(root, out, *extra):
+    return ["jax_sae.train", "--sae_type", "batch_topk", "--layer_idx", "0", "--hidden_dim", "64", "--top_k", "4",
+            "--batch_size", "128", "--epochs", "4", "--lr", "2e-3", "--store", str(root / "store"),
+            "--out", str(out), "--checkpoint_every", "20", "--eval_every", "50", "--max_tokens", "12000",
+            "--no-progress", *extra]
+
+
+def test_sigkill_then_rerun_ends_with_the_same_parameters(planted):
+    root, _ = planted
+    subprocess.run(cli(*_train_args(root, root / "ref")), check=True, capture_output=True)
+    out = root / "killed"
+    proc = subprocess.Popen(cli(*_train_args(root, out)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "batch_topk" / "layer0" / "dim64" / "ckpt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and any(p.name.isdigit() and int(p.name) >= 40 for p in ckpt.iterdir()):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "batch_topk" / "layer0" / "dim64" / "final").exists(), "the kill should land mid-run"
+    rerun = subprocess.run(cli(*_train_args(root, out)), check=True, capture_output=True, text=True)
+    assert "resuming" in rerun.stdout
+    a = jax_sae.load(root / "ref" / "batch_topk" / "layer0" / "dim64" / "final")
+    b = jax_sae.load(out / "batch_topk" / "layer0" / "dim64" / "final")
+    for name in ("W_enc_DH", "b_enc_H", "W_dec_HD", "b_dec_D"):
+        np.testing.assert_array_equal(np.asarray(getattr(a.params, name)), np.asarray(getattr(b.params, name)))
+    assert float(a.threshold) == float(b.threshold)
+
+
+def _error(argv) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    text = str(exc.value.code)
+    assert text.startswith("error: ") and "\n" not in text
+    return text
+
+
+def test_bad_input_gets_one_line_before_any_compute(planted, tmp_path):
+    root, _ = planted
+    base = _train_args(root, tmp_path / "m")[1:]
+    assert "has no layer 5; it holds layers [0]" in _error(base + ["--layer_idx", "5"])
+    assert "--top_k must be in 1..hidden_dim (64), got 65" in _error(base + ["--top_k", "65"])
+    assert "--top_k must be in 1..hidden_dim" in _error(base + ["--top_k", "0"])
+    text = _error(base + ["--sae_type", "matryoshka", "--group_sizes", "16,16"])
+    assert "sum to 32, not hidden_dim 64" in text
+    assert "no activation store" in _error(base + ["--store", str(tmp_path / "none")])
+    assert not (tmp_path / "m").exists()
+
+
+def test_nonfinite_rows_are_reported_and_skipped_on_request(tmp_path):
+    x = sparse_data(planted_dictionary(D_MODEL, N_FEATURES, 0), 4000, active=4, noise=0.05, seed=1)
+    x[[10, 500, 2001]] = np.nan
+    x[7, 3] = np.inf
+    write_store(tmp_path / "store", x)
+    argv = _train_args(tmp_path, tmp_path / "m")[1:] + ["--max_tokens", "4000", "--val_fraction", "0.1"]
+    text = _error(argv)
+    assert "4 non-finite (NaN/Inf) rows" in text and "--skip_nonfinite" in text
+    stats = train(TrainConfig(**{**vars(_ns(argv)), "skip_nonfinite": True}))
+    assert np.isfinite(stats["final_val"]["fvu"]) and "skipping 4 non-finite rows" in stats["notes"]
+
+
+def _ns(argv):
+    from extractor.cli import build_parser
+
+    return build_parser(TrainConfig, "t", "").parse_args(argv)
+
+
+def test_divergence_stops_and_keeps_only_finite_checkpoints(planted, tmp_path):
+    root, _ = planted
+    argv = _train_args(root, tmp_path / "m")[1:] + ["--lr", "1e30", "--checkpoint_every", "1", "--eval_every", "1"]
+    text = _error(argv)
+    assert "training diverged at step" in text and "lower --lr" in text
+    run = tmp_path / "m" / "batch_topk" / "layer0" / "dim64"
+    assert not (run / "final").exists()
+    if (run / "best").exists():
+        assert np.isfinite(np.asarray(jax_sae.load(run / "best").params.W_enc_DH)).all()
+
+
+def test_width_mismatch_is_refused(planted, tmp_path):
+    root, _ = planted
+    train(_cfg(root, "topk", epochs=1, out=str(tmp_path / "m")))
+    sae = jax_sae.load(tmp_path / "m" / "topk" / "layer0" / "dim128" / "final")
+    write_store(tmp_path / "wide", np.ones((200, 48), np.float32))
+    with pytest.raises(ValueError, match="store width 48 does not match the SAE's d_model 32"):
+        jax_sae.evaluate(sae, tmp_path / "wide", 0)
+    with pytest.raises(ValueError, match="input width 48"):
+        sae.encode(np.ones((2, 48), np.float32))
+    with pytest.raises(ConfigError):
+        SAEConfig(sae_type="topk", d_model=8, hidden_dim=16, top_k=17)
+    write_store(tmp_path / "store", np.ones((400, 48), np.float32))
+    train(_cfg(tmp_path, "topk", epochs=1, hidden_dim=32, top_k=4, out=str(tmp_path / "r")))
+    import shutil
+
+    shutil.rmtree(tmp_path / "store")
+    write_store(tmp_path / "store", sparse_data(planted_dictionary(D_MODEL, 8, 0), 400, 2, 0.0, 0))
+    text = _error(["--sae_type", "topk", "--layer_idx", "0", "--hidden_dim", "32", "--top_k", "4", "--batch_size",
+                   "256", "--epochs", "1", "--lr", "4e-3", "--store", str(tmp_path / "store"), "--out",
+                   str(tmp_path / "r"), "--no-progress", "--patience", "0", "--sparsity_coef", "0.5"])
+    assert "has width 48 but the store has 32" in text
