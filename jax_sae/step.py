@@ -46,19 +46,26 @@ class StepSettings:
     dead_tokens: int
 
 
-def make_optimizer(lr: float, total_steps: int, weight_decay: float) -> optax.GradientTransformation:
-    """Clip at global norm 1, then AdamW on a warm-up (min(1000, 10%)) + cosine schedule ending at 1% of lr."""
-    warmup = max(1, min(1000, total_steps // 10))
-    schedule = optax.warmup_cosine_decay_schedule(
+def lr_warmup_steps(total_steps: int) -> int:
+    return max(1, min(1000, total_steps // 10))
+
+
+def sparsity_warmup_steps(total_steps: int) -> int:
+    return max(1, total_steps // 20)
+
+
+def lr_schedule(lr: float, total_steps: int) -> optax.Schedule:
+    """Linear warm-up over min(1000 steps, 10%), then cosine decay to 1% of lr."""
+    warmup = lr_warmup_steps(total_steps)
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1), end_value=lr * 0.01
     )
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
 
 
-def learning_rate(lr: float, total_steps: int, step) -> float:
-    warmup = max(1, min(1000, total_steps // 10))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1), lr * 0.01)
-    return schedule(step)
+def make_optimizer(lr: float, total_steps: int, weight_decay: float) -> optax.GradientTransformation:
+    """Clip at global norm 1, then AdamW on ``lr_schedule``."""
+    return optax.chain(optax.clip_by_global_norm(1.0),
+                       optax.adamw(lr_schedule(lr, total_steps), weight_decay=weight_decay))
 
 
 def init_state(params: M.SAEParams, optimizer: optax.GradientTransformation, input_scale: float) -> TrainState:

@@ -26,7 +26,8 @@ from .checkpoint import CheckpointError, RunCheckpoints, model_tree, save_model
 from .config import ConfigError, SAEConfig, parse_group_sizes
 from .data import DataError, epoch_batches, geometric_median, input_scale, prefetch, scan_rows, split_samples
 from .metrics import evaluate_batches
-from .step import StepSettings, TrainState, compile_train_step, init_state, learning_rate, make_optimizer
+from .step import (StepSettings, TrainState, compile_train_step, init_state, lr_schedule, lr_warmup_steps,
+                   make_optimizer, sparsity_warmup_steps)
 
 
 class TrainError(RuntimeError):
@@ -53,8 +54,8 @@ class TrainConfig:
     """Peak learning rate (warm-up, then cosine decay to 1%)."""
     aux_penalty: float = 1 / 32
     """Weight of the AuxK dead-latent loss (TopK family)."""
-    sparsity_coef: float = 5.0
-    """L1 coefficient (vanilla), warmed up linearly over the first 5% of steps."""
+    sparsity_coef: float = 1.0
+    """L1 coefficient (vanilla; inputs are scaled to E||x|| = sqrt(d)), warmed up over the first 5% of steps."""
     num_samples: int | None = None
     """Use only this many samples (prompts) of the store, chosen at random with --seed."""
     max_tokens: int | None = 100_000_000
@@ -126,6 +127,7 @@ class RunPlan:
     eval_every: int
     checkpoint_every: int
     dead_tokens: int
+    warmup_steps: int
     notes: list[str]
 
 
@@ -137,8 +139,9 @@ def _plan(cfg: TrainConfig, store, train_rows: int) -> RunPlan:
     total = steps_per_epoch * cfg.epochs
     dead = min(cfg.dead_tokens, max(cfg.batch_size, total * cfg.batch_size // 10))
     notes = [] if dead == cfg.dead_tokens else [f"dead-latent window scaled to {dead} tokens for this short run"]
+    warmup = max(lr_warmup_steps(total), sparsity_warmup_steps(total))
     return RunPlan(sae, steps_per_epoch, total, cfg.eval_every or max(1, total // 20),
-                   cfg.checkpoint_every or max(1, total // 10), dead, notes)
+                   cfg.checkpoint_every or max(1, total // 10), dead, warmup, notes)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -190,7 +193,7 @@ def train(cfg: TrainConfig) -> dict:
         print(f"resuming {run_dir} from step {latest}")
     else:
         metrics_path.write_text("")
-    settings = StepSettings(plan.sae, plan.total_steps, cfg.sparsity_coef, max(1, plan.total_steps // 20),
+    settings = StepSettings(plan.sae, plan.total_steps, cfg.sparsity_coef, sparsity_warmup_steps(plan.total_steps),
                             cfg.aux_penalty, plan.dead_tokens)
     step_fn = compile_train_step(optimizer, settings)
 
@@ -208,6 +211,7 @@ def train(cfg: TrainConfig) -> dict:
     with tqdm(total=plan.total_steps, initial=step, desc=f"train {cfg.sae_type}", unit="step",
               disable=not cfg.progress) as bar:
         tick, tick_step = time.time(), step
+        bar.postfix_values = {}
         pending = None
         for epoch in range(int(state.epoch), cfg.epochs):
             if stopped_early:
@@ -228,9 +232,9 @@ def train(cfg: TrainConfig) -> dict:
                 if step % plan.checkpoint_every == 0:
                     checkpoints.save(step, state, meta)
                 if time.time() - tick > 1.0:
+                    bar.postfix_values["tokens/s"] = f"{(step - tick_step) * cfg.batch_size / (time.time() - tick):.0f}"
+                    bar.set_postfix(bar.postfix_values, refresh=False)
                     bar.update(step - bar.n)
-                    bar.set_postfix(tokens_per_s=f"{(step - tick_step) * cfg.batch_size / (time.time() - tick):.0f}",
-                                    refresh=False)
                     tick, tick_step = time.time(), step
                 if stopped_early:
                     print(f"early stop at step {step}: no better validation FVU in {cfg.patience} evaluations")
@@ -282,10 +286,10 @@ def _report(pending, cfg: TrainConfig, plan: RunPlan, metrics_path: Path, bar, r
             f"training diverged at step {step} (loss {host['loss']}); the last good checkpoints are kept in "
             f"{run_dir} (best/, ckpt/); lower --lr and rerun with --overwrite"
         )
-    host["lr"] = float(learning_rate(cfg.lr, plan.total_steps, step - 1))
+    host["lr"] = float(lr_schedule(cfg.lr, plan.total_steps)(step - 1))
     _log(metrics_path, {"step": step, **host})
-    bar.set_postfix(loss=f"{host['loss']:.4g}", fvu=f"{host['fvu']:.3f}", l0=f"{host['l0']:.1f}",
-                    dead=f"{host['dead_fraction']:.2f}", refresh=False)
+    bar.postfix_values.update(loss=f"{host['loss']:.4g}", fvu=f"{host['fvu']:.3f}", l0=f"{host['l0']:.1f}",
+                              dead=f"{host['dead_fraction']:.2f}")
 
 
 def _evaluate(state: TrainState, validate, cfg: TrainConfig, plan: RunPlan, run_dir: Path, metrics_path: Path,
@@ -295,6 +299,8 @@ def _evaluate(state: TrainState, validate, cfg: TrainConfig, plan: RunPlan, run_
         return state, False
     result = acc.result()
     _log(metrics_path, {"step": step, "val": result})
+    if step < plan.warmup_steps:
+        return state, False  # sparsity and lr still warming up: neither a best model nor a reason to stop
     if result["fvu"] < float(state.best_val_fvu):
         save_model(run_dir / "best", plan.sae, model_tree(state.params, state.threshold, state.input_scale),
                    {"step": step, "val": result})
