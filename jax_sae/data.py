@@ -85,7 +85,7 @@ class ScanResult:
 
 
 def scan_rows(store: Store, layer: int, samples: np.ndarray, *, seed: int, sample_size: int = 8192,
-              batch_size: int = 65536, progress: bool = True) -> ScanResult:
+              batch_size: int = 8192, progress: bool = True) -> ScanResult:
     """Count non-finite rows, measure the mean row norm and keep a uniform sample of rows."""
     from tqdm import tqdm
 
