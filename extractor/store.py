@@ -306,6 +306,14 @@ class Store:
         """The sample each global row index belongs to."""
         return np.searchsorted(self.offsets, rows, side="right") - 1
 
+    def row_positions(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sample index, frame index, time in seconds) of global rows; see extractor.capture for
+        how a row's frame accounts for the codebook delay."""
+        rows = np.asarray(rows, dtype=np.int64)
+        samples = self.row_sample_index(rows)
+        frames = rows - self.offsets[samples]
+        return samples, frames, frames / self.meta.frame_rate
+
     def chunk_rows(self, layer: int, stream: str = "cond") -> int:
         return int(self.acts(layer, stream).chunk_layout.read_chunk.shape[0])
 
@@ -408,6 +416,31 @@ class Store:
                 pending -= batch_size
         if pending and not drop_last:
             yield np.concatenate(pending_x), np.concatenate(pending_i)
+
+    def iter_sample_blocks(
+        self, layer: int, max_rows: int, *, samples: np.ndarray | None = None, stream: str = "cond",
+        dtype=np.float32,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (sample indices, rows) for runs of whole consecutive samples of at most ``max_rows``
+        rows in all (a longer sample comes alone). Rows of sample i follow those of sample i - 1."""
+        arr = self.acts(layer, stream)
+        chosen = np.arange(self.n_samples) if samples is None else np.sort(np.asarray(samples, dtype=np.int64))
+        offsets = self.offsets
+        i = 0
+        while i < len(chosen):
+            j = i + 1
+            rows = offsets[chosen[i] + 1] - offsets[chosen[i]]
+            while j < len(chosen) and rows + offsets[chosen[j] + 1] - offsets[chosen[j]] <= max_rows:
+                rows += offsets[chosen[j] + 1] - offsets[chosen[j]]
+                j += 1
+            block = chosen[i:j]
+            contiguous = np.all(np.diff(block) == 1)
+            if contiguous:
+                x = np.asarray(arr[offsets[block[0]] : offsets[block[-1] + 1]].read().result())
+            else:
+                x = np.concatenate([np.asarray(arr[offsets[s] : offsets[s + 1]].read().result()) for s in block])
+            yield block, x.astype(dtype, copy=False)
+            i = j
 
     def counts(self) -> dict:
         """Sizes a user wants at a glance."""

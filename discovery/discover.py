@@ -1,0 +1,132 @@
+"""``python -m discovery.discover``: find, label and align an SAE's features on a store layer.
+
+Writes ``results/features_layer{N}.json`` (the original's format, enriched), a summary beside
+it (``...summary.json``: layer-level alignment numbers and settings) and, with ``--all``,
+compact per-feature statistics for every feature (``...all.npz``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from extractor.store import StoreError, open_store
+
+
+class DiscoverError(ValueError):
+    """Discovery arguments that cannot work."""
+
+
+@dataclass(frozen=True)
+class DiscoverConfig:
+    """Options of ``python -m discovery.discover``."""
+
+    sae_path: str | None = None
+    """SAE checkpoint directory (models/<type>/layer<N>/dim<h>/best)."""
+    store: str = "data/activations"
+    """Activation store."""
+    activation_file: str | None = None
+    """The original's name for --store."""
+    layer_idx: int | None = None
+    """Store layer (default: the layer the SAE was trained on)."""
+    output: str | None = None
+    """Features JSON (default results/features_layer{N}.json)."""
+    min_activation_count: int = 10
+    """Keep features firing on at least this many tokens."""
+    max_activation_count: int = 10_000
+    """... and at most this many (drops overly generic features)."""
+    no_filter: bool = False
+    """Keep every live feature regardless of its activation count."""
+    max_features: int = 10
+    """Features to report, ranked by max activation."""
+    examples: int = 20
+    """Top examples per feature (fewer when fewer samples fire)."""
+    aggregation: Literal["max", "mean", "moments"] = "max"
+    """max/mean: one score per (feature, sample); moments: top tokens with their time."""
+    token_level: bool = False
+    """The original's flag: same as --aggregation moments."""
+    use_llm: bool = False
+    """Label with an LLM (keys from ANTHROPIC_API_KEY / OPENAI_API_KEY)."""
+    llm_api: Literal["anthropic", "openai"] = "anthropic"
+    """LLM provider."""
+    llm_model: str | None = None
+    """LLM model name (default: a current model of the provider)."""
+    llm_concurrency: int = 4
+    """Concurrent LLM calls."""
+    llm_cache: str = "results/.llm_cache"
+    """Directory caching LLM replies by (model, prompt hash)."""
+    min_tag_support: int = 5
+    """Tags need at least this many samples with and without them for alignment."""
+    all: bool = False
+    """Also write statistics of every feature (npz)."""
+    seed: int = 0
+    """Seed of the detection-score negatives."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        if not self.sae_path:
+            raise DiscoverError("--sae_path is required (a best/ or final/ checkpoint directory)")
+        if self.max_features <= 0 or self.examples <= 0:
+            raise DiscoverError("--max_features and --examples must be positive")
+        if self.min_activation_count > self.max_activation_count:
+            raise DiscoverError("--min_activation_count exceeds --max_activation_count")
+
+
+def discover(cfg: DiscoverConfig) -> dict:
+    """Run discovery and write its files; returns the features dict."""
+    import jax_sae
+
+    from .features import FeatureDiscovery
+
+    sae = jax_sae.load(cfg.sae_path)
+    store = open_store(cfg.activation_file or cfg.store)
+    layer = cfg.layer_idx if cfg.layer_idx is not None else sae.cfg.layer
+    aggregation = "moments" if cfg.token_level else cfg.aggregation
+    finder = FeatureDiscovery(sae, progress=cfg.progress)
+    found = finder.run(store, layer, filter_features=not cfg.no_filter, min_activation_count=cfg.min_activation_count,
+                       max_activation_count=cfg.max_activation_count, max_features=cfg.max_features,
+                       aggregation=aggregation, examples=cfg.examples, min_tag_support=cfg.min_tag_support,
+                       seed=cfg.seed)
+    if cfg.use_llm:
+        from .features import apply_llm_labels
+
+        apply_llm_labels(found, store, None, cfg.llm_api, cfg.llm_model, cfg.llm_cache, cfg.llm_concurrency,
+                         cfg.progress)
+    output = Path(cfg.output or f"results/features_layer{layer}.json")
+    FeatureDiscovery.save_features(found.features, output)
+    summary = found.summary | {"sae_path": str(cfg.sae_path), "store": str(store.path), "output": str(output)}
+    output.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if cfg.all:
+        s = found.stats
+        np.savez_compressed(output.with_suffix(".all.npz"), token_count=s.token_count, sample_count=s.sample_count,
+                            max=s.max, mean_when_active=s.sum / np.maximum(s.token_count, 1),
+                            frequency=s.token_count / max(s.n_rows, 1),
+                            top_sample_max=s.top["max"][1], top_sample_max_value=s.top["max"][0],
+                            best_tag_auroc=found.alignment.auroc_TH.max(axis=0) if found.alignment.tags else
+                            np.zeros(0), tags=np.array(found.alignment.tags))
+    align = summary["alignment"]
+    alignment = "no tags with enough support to align" if align["median_best_auroc"] is None else (
+        f"tag alignment over {align['tags']} tags: median best AUROC {align['median_best_auroc']:.3f}, "
+        f"{align['fraction_auroc_ge_0.8']:.1%} of live features at AUROC >= 0.8")
+    print(f"wrote {output}: {len(found.features)} features of {summary['alive_features']} alive; {alignment}")
+    return found.features
+
+
+def main(argv: list[str] | None = None):
+    from extractor.cli import run_main
+    from jax_sae.checkpoint import CheckpointError
+
+    from .llm import LLMError
+
+    return run_main(DiscoverConfig, argv, prog="python -m discovery.discover",
+                    description="Discover, label and align SAE features.", run=discover,
+                    errors=(DiscoverError, StoreError, CheckpointError, LLMError, ValueError))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Feature selection, examples, labels and alignment assembled into the original's JSON format.
+
+``FeatureDiscovery(sae).discover_and_label(store, ...)`` returns
+``{"42": {"label": ..., "top_examples": [{"activation", "prompt", "type", ...}], ...}}``: the
+original's keys, plus frequency, activation statistics, aligned tags with AUROC and AP, the
+label's source, confidence and held-out detection score, and per example the sample index,
+source id, tags and (token level) the row, frame and time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .align import Alignment, align, average_precision, layer_summary
+from .labels import Corpus, Label, detection_score, heuristic_label
+from .stats import PassResult, feature_pass
+
+AGGREGATIONS = ("max", "mean", "moments")
+
+
+@dataclass
+class Discovery:
+    """Everything one discovery run computed; ``features`` is what goes into the JSON."""
+
+    features: dict[str, dict]
+    summary: dict
+    stats: PassResult
+    alignment: Alignment
+    corpus: Corpus = field(repr=False)
+
+
+def select_features(stats: PassResult, *, filter_features: bool, min_count: int, max_count: int,
+                    max_features: int) -> np.ndarray:
+    """Features firing on between min and max tokens (unless unfiltered), ranked by max activation."""
+    alive = stats.token_count > 0
+    keep = alive & ((stats.token_count >= min_count) & (stats.token_count <= max_count) if filter_features else alive)
+    ids = np.flatnonzero(keep)
+    order = np.argsort(-stats.max[ids], kind="stable")
+    return ids[order][:max_features]
+
+
+def _examples(stats: PassResult, store, feature: int, aggregation: str, n: int) -> list[dict]:
+    values, ids = stats.top[aggregation]
+    out = []
+    samples = store.samples
+    for value, ident in zip(values[feature], ids[feature]):
+        if not value > 0 or ident < 0 or len(out) >= n:
+            continue
+        if aggregation == "moments":
+            s, f, t = store.row_positions(np.array([ident]))
+            sample = int(s[0])
+            extra = {"type": "token-level", "row": int(ident), "frame": int(f[0]), "time_seconds": round(float(t[0]), 4)}
+        else:
+            sample, extra = int(ident), {"type": "sample-level", "aggregation": aggregation}
+        meta = samples[sample]
+        out.append({"activation": round(float(value), 6), "prompt": meta.get("prompt", ""), **extra,
+                    "sample_index": sample, "source_id": meta.get("source_id"), "tags": meta.get("tags", [])})
+    return out
+
+
+def _sample_indices(examples: list[dict]) -> list[int]:
+    return list(dict.fromkeys(ex["sample_index"] for ex in examples))
+
+
+def _detection(corpus: Corpus, samples: list[dict], chosen: list[int], rng: np.random.Generator) -> float | None:
+    """Label from half the top samples, judged on the other half against as many random samples."""
+    fit, held = chosen[::2], chosen[1::2]
+    if not fit or not held:
+        return None
+    label = heuristic_label(corpus, fit).text
+    top = set(chosen)
+    pool = np.array([i for i in range(len(samples)) if i not in top])
+    if not len(pool):
+        return None
+    negatives = rng.choice(pool, size=min(len(held), len(pool)), replace=False)
+    return detection_score(label, [samples[i] for i in held], [samples[i] for i in negatives])
+
+
+class FeatureDiscovery:
+    """Discover, label and align an SAE's features on a store (the original's API, streaming)."""
+
+    def __init__(self, sae, progress: bool = True):
+        self.sae = sae
+        self.progress = progress
+
+    def run(self, store, layer: int | None = None, *, filter_features: bool = True, min_activation_count: int = 10,
+            max_activation_count: int = 10_000, max_features: int = 10, aggregation: str = "max",
+            examples: int = 20, min_tag_support: int = 5, seed: int = 0, block_rows: int = 4096) -> Discovery:
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
+        layer = self.sae.cfg.layer if layer is None else layer
+        if layer is None:
+            raise ValueError("the SAE does not record its layer; pass --layer_idx")
+        stats = feature_pass(self.sae, store, layer, examples=examples, block_rows=block_rows, progress=self.progress)
+        samples = store.samples
+        corpus = Corpus.from_samples(samples)
+        scores = stats.sample_mean if aggregation == "mean" else stats.sample_max
+        alignment = align(scores, samples, min_support=min_tag_support)
+        rng = np.random.default_rng(seed)
+        features: dict[str, dict] = {}
+        for feature in select_features(stats, filter_features=filter_features, min_count=min_activation_count,
+                                       max_count=max_activation_count, max_features=max_features):
+            feature = int(feature)
+            top = _examples(stats, store, feature, aggregation, examples)
+            chosen = _sample_indices(top)
+            label = heuristic_label(corpus, chosen)
+            aligned = []
+            for tag, auroc in alignment.best(feature):
+                positive = alignment.presence_NT[:, alignment.tags.index(tag)]
+                aligned.append({"tag": tag, "auroc": round(auroc, 4),
+                                "ap": round(average_precision(scores[:, feature], positive), 4)})
+            features[str(feature)] = {
+                "label": label.text,
+                "top_examples": top,
+                "label_source": label.source,
+                "label_confidence": label.confidence,
+                "label_terms": [[t, round(s, 3)] for t, s in label.terms],
+                "detection_score": _detection(corpus, samples, chosen, rng),
+                "frequency": float(stats.token_count[feature] / max(stats.n_rows, 1)),
+                "activation_count": int(stats.token_count[feature]),
+                "sample_count": int(stats.sample_count[feature]),
+                "max_activation": float(stats.max[feature]),
+                "mean_activation": float(stats.sum[feature] / max(stats.token_count[feature], 1)),
+                "aligned_tags": aligned,
+            }
+        summary = {
+            "layer": layer, "aggregation": aggregation, "rows": stats.n_rows, "samples": stats.n_samples,
+            "hidden_dim": self.sae.cfg.hidden_dim, "sae_type": self.sae.cfg.sae_type,
+            "alive_features": int(np.sum(stats.token_count > 0)), "reported_features": len(features),
+            "alignment": layer_summary(alignment, stats.token_count > 0),
+        }
+        return Discovery(features, summary, stats, alignment, corpus)
+
+    def discover_and_label(self, store, layer: int | None = None, *, use_llm: bool = False,
+                           llm_api: str = "anthropic", llm_model: str | None = None, llm_client=None,
+                           llm_cache_dir: str | Path | None = None, llm_concurrency: int = 4, **kwargs) -> dict:
+        """The original's entry point: returns the features dict (labels by LLM when asked)."""
+        found = self.run(store, layer, **kwargs)
+        if use_llm:
+            apply_llm_labels(found, store, llm_client, llm_api, llm_model, llm_cache_dir, llm_concurrency,
+                             self.progress)
+        return found.features
+
+    @staticmethod
+    def save_features(features: dict, path: str | os.PathLike) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(features, indent=2) + "\n")
+        os.replace(tmp, path)
+
+    @staticmethod
+    def load_features(path: str | os.PathLike) -> dict:
+        return json.loads(Path(path).read_text())
+
+
+def apply_llm_labels(found: Discovery, store, client, api: str, model: str | None, cache_dir, concurrency: int,
+                     progress: bool) -> None:
+    """Replace heuristic labels by LLM ones where the call succeeds; record errors otherwise."""
+    from .llm import LLMClient, ReplyCache, feature_prompt, label_all
+
+    client = client or LLMClient(api, model)
+    samples = store.samples
+    scores = found.stats.sample_max
+    prompts = {}
+    rng = np.random.default_rng(1)
+    for key, info in found.features.items():
+        cold = np.flatnonzero(scores[:, int(key)] <= 0)
+        contrast = [samples[i] for i in rng.choice(cold, size=min(5, len(cold)), replace=False)] if len(cold) else []
+        prompts[int(key)] = feature_prompt(int(key), info["top_examples"][:10], contrast)
+    cache = ReplyCache(cache_dir) if cache_dir else None
+    for feature, reply in label_all(client, prompts, cache, concurrency, progress).items():
+        info = found.features[str(feature)]
+        if reply.label:
+            info.update(label=reply.label, label_source="llm", description=reply.description,
+                        heuristic_label=info["label"])
+        else:
+            info["llm_error"] = reply.error
+
+
+__all__ = ["Discovery", "FeatureDiscovery", "Label", "select_features"]

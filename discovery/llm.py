@@ -1,0 +1,159 @@
+"""LLM labels through the official ``anthropic`` and ``openai`` clients.
+
+Calls run concurrently up to a limit, retry with exponential back-off on rate limits, server
+errors, timeouts and dropped connections, and are cached on disk by (model, prompt hash). A
+feature whose calls fail keeps its heuristic label with the error recorded: a run never loses
+the features it computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+DEFAULT_MODELS = {"anthropic": "claude-sonnet-5-5", "openai": "gpt-5.4-mini"}
+KEY_VARIABLES = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY"}
+
+
+class LLMError(ValueError):
+    """LLM labelling that cannot start (missing package or key)."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A parsed label, or the error that prevented one."""
+
+    label: str | None = None
+    description: str | None = None
+    error: str | None = None
+
+
+def feature_prompt(feature: int, top: Sequence[dict], contrast: Sequence[dict]) -> str:
+    """Top captions with activations and tags, plus low-activation contrast examples."""
+    lines = [
+        "You are labelling one feature of a sparse autoencoder trained on a music generation model.",
+        f"Feature {feature} activates most strongly on music generated from these captions:",
+    ]
+    for ex in top:
+        tags = ", ".join(ex.get("tags", [])) or "none"
+        lines.append(f"- activation {ex['activation']:.3f}: {ex['prompt']} [tags: {tags}]")
+    if contrast:
+        lines.append("It stays near zero on these captions:")
+        for ex in contrast:
+            lines.append(f"- {ex['prompt']}")
+    lines.append(
+        'Reply with JSON only: {"label": "<a musical concept in 2-5 words>", '
+        '"description": "<one sentence on what the feature detects>"}'
+    )
+    return "\n".join(lines)
+
+
+def parse_reply(text: str) -> Reply:
+    match = re.search(r"\{.*\}", text or "", re.S)
+    try:
+        data = json.loads(match.group(0)) if match else None
+    except json.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("label"), str) or not data["label"].strip():
+        return Reply(error=f"malformed reply: {(text or '')[:120]!r}")
+    description = data.get("description")
+    return Reply(label=" ".join(data["label"].split()), description=description if isinstance(description, str) else None)
+
+
+class LLMClient:
+    """One provider's client with retries; ``complete`` returns the reply text."""
+
+    def __init__(self, api: str, model: str | None = None, *, http_client=None, max_retries: int = 5,
+                 timeout: float = 60.0, sleep: Callable[[float], None] = time.sleep):
+        if api not in DEFAULT_MODELS:
+            raise LLMError(f"--llm_api must be anthropic or openai, got {api!r}")
+        key = os.environ.get(KEY_VARIABLES[api])
+        if not key:
+            raise LLMError(f"--use_llm --llm_api {api} needs {KEY_VARIABLES[api]} in the environment")
+        try:
+            module = __import__(api)
+        except ImportError:
+            raise LLMError(f"--llm_api {api} needs the {api} package: pip install -e '.[llm]'") from None
+        self.api, self.model = api, model or DEFAULT_MODELS[api]
+        self.module, self.max_retries, self.sleep = module, max_retries, sleep
+        client_cls = module.Anthropic if api == "anthropic" else module.OpenAI
+        self.client = client_cls(api_key=key, max_retries=0, timeout=timeout, http_client=http_client)
+
+    def _retryable(self, err: Exception) -> bool:
+        m = self.module
+        if isinstance(err, (m.RateLimitError, m.APITimeoutError, m.APIConnectionError)):
+            return True
+        return isinstance(err, m.APIStatusError) and err.status_code >= 500
+
+    def _call(self, prompt: str) -> str:
+        if self.api == "anthropic":
+            msg = self.client.messages.create(model=self.model, max_tokens=300,
+                                              messages=[{"role": "user", "content": prompt}])
+            return "".join(block.text for block in msg.content if getattr(block, "type", "") == "text")
+        reply = self.client.chat.completions.create(model=self.model, max_completion_tokens=1000,
+                                                    messages=[{"role": "user", "content": prompt}])
+        return reply.choices[0].message.content or ""
+
+    def complete(self, prompt: str) -> Reply:
+        for attempt in range(self.max_retries + 1):
+            try:
+                return parse_reply(self._call(prompt))
+            except Exception as err:  # noqa: BLE001 - every failure becomes a recorded error
+                if not self._retryable(err) or attempt == self.max_retries:
+                    return Reply(error=f"{type(err).__name__}: {str(err)[:200]}")
+                self.sleep(min(60.0, 2.0**attempt) * (0.5 + random.random()))
+        return Reply(error="unreachable")
+
+
+class ReplyCache:
+    """Replies on disk, one JSON file per (model, prompt) hash."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+
+    def _path(self, model: str, prompt: str) -> Path:
+        digest = hashlib.sha256((model + "\n" + prompt).encode()).hexdigest()
+        return self.dir / f"{digest}.json"
+
+    def get(self, model: str, prompt: str) -> Reply | None:
+        path = self._path(model, prompt)
+        if path.exists():
+            data = json.loads(path.read_text())
+            return Reply(label=data["label"], description=data.get("description"))
+        return None
+
+    def put(self, model: str, prompt: str, reply: Reply) -> None:
+        if reply.label is None:
+            return  # failures are retried on the next run, not cached
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._path(model, prompt).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"label": reply.label, "description": reply.description}))
+        os.replace(tmp, self._path(model, prompt))
+
+
+def label_all(client: LLMClient, prompts: dict[int, str], cache: ReplyCache | None, concurrency: int = 4,
+              progress: bool = True) -> dict[int, Reply]:
+    """Label every feature's prompt concurrently; cached replies cost nothing."""
+    from tqdm import tqdm
+
+    def one(item):
+        feature, prompt = item
+        if cache is not None and (hit := cache.get(client.model, prompt)) is not None:
+            return feature, hit
+        reply = client.complete(prompt)
+        if cache is not None:
+            cache.put(client.model, prompt, reply)
+        return feature, reply
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        results = list(tqdm(pool.map(one, prompts.items()), total=len(prompts), desc="LLM labels",
+                            disable=not progress))
+    return dict(results)

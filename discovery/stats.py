@@ -1,0 +1,162 @@
+"""One streaming pass over a store layer: per-feature statistics and top examples, in JAX.
+
+State is O(features x examples): nothing of size rows x features is ever materialised beyond
+one block. Blocks hold whole samples so sample-level scores (max and mean over a sample's
+frames) are exact. The only larger output is the sample-level score matrix [samples, features]
+(float16) that tag alignment needs; it grows with samples, not with rows.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax import lax
+
+from jax_sae import model as M
+from jax_sae.api import SAE
+from jax_sae.config import SAEConfig
+
+
+@struct.dataclass
+class FeatureState:
+    """Running per-feature statistics (H features, E examples each)."""
+
+    token_count_H: jax.Array
+    sample_count_H: jax.Array
+    max_H: jax.Array
+    sum_H: jax.Array
+    top_max_HE: jax.Array  # best per-sample max activations
+    top_max_sample_HE: jax.Array
+    top_mean_HE: jax.Array  # best per-sample mean activations
+    top_mean_sample_HE: jax.Array
+    top_token_HE: jax.Array  # best single-token activations
+    top_token_row_HE: jax.Array
+
+
+def init_state(hidden: int, examples: int) -> FeatureState:
+    def neg():  # a fresh buffer per field: the state is donated leaf by leaf
+        return jnp.full((hidden, examples), -jnp.inf, jnp.float32)
+
+    def none():
+        return jnp.full((hidden, examples), -1, jnp.int32)
+
+    return FeatureState(jnp.zeros((hidden,), jnp.int32), jnp.zeros((hidden,), jnp.int32),
+                        jnp.zeros((hidden,), jnp.float32), jnp.zeros((hidden,), jnp.float32),
+                        neg(), none(), neg(), none(), neg(), none())
+
+
+def _merge(vals_HE, ids_HE, new_vals_HN, new_ids_HN, examples: int):
+    """Keep the ``examples`` largest of carried and new candidates, per feature."""
+    vals = jnp.concatenate([vals_HE, new_vals_HN], axis=1)
+    ids = jnp.concatenate([ids_HE, new_ids_HN], axis=1)
+    top, where = lax.top_k(vals, examples)
+    return top, jnp.take_along_axis(ids, where, axis=1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=3)
+def update(cfg: SAEConfig, examples: int, max_samples: int, state: FeatureState, params, threshold, scale,
+           x_RD, segment_R, row_R, sample_S, length_S):
+    """Fold one block of whole samples into the state.
+
+    ``segment_R`` maps each row to its sample's slot in the block (``max_samples`` for padding),
+    ``row_R`` is the global row index (-1 padding), ``sample_S`` the global sample index of each
+    slot (-1 padding) and ``length_S`` its row count. Returns the new state and the block's
+    per-sample (max, mean) scores [S, H].
+    """
+    valid_R = row_R >= 0
+    f_RH = M.encode_infer(cfg, params, threshold, x_RD * scale)
+    f_RH = jnp.where(valid_R[:, None], f_RH, 0.0)
+    smax_SH = jax.ops.segment_max(f_RH, segment_R, num_segments=max_samples + 1)[:max_samples]
+    smax_SH = jnp.where((length_S > 0)[:, None], smax_SH, 0.0)
+    smean_SH = jax.ops.segment_sum(f_RH, segment_R, num_segments=max_samples + 1)[:max_samples]
+    smean_SH = smean_SH / jnp.maximum(length_S, 1)[:, None]
+    slot_ok = (sample_S >= 0)[None, :]
+    hidden = f_RH.shape[1]
+    sample_HS = jnp.broadcast_to(sample_S[None, :], (hidden, max_samples))
+    top_max, top_max_s = _merge(state.top_max_HE, state.top_max_sample_HE,
+                                jnp.where(slot_ok, smax_SH.T, -jnp.inf), sample_HS, examples)
+    top_mean, top_mean_s = _merge(state.top_mean_HE, state.top_mean_sample_HE,
+                                  jnp.where(slot_ok, smean_SH.T, -jnp.inf), sample_HS, examples)
+    block_top, block_where = lax.top_k(jnp.where(valid_R[None, :], f_RH.T, -jnp.inf), examples)
+    top_tok, top_tok_row = _merge(state.top_token_HE, state.top_token_row_HE, block_top,
+                                  row_R[block_where], examples)
+    new = FeatureState(
+        token_count_H=state.token_count_H + jnp.sum(f_RH > 0, axis=0, dtype=jnp.int32),
+        sample_count_H=state.sample_count_H + jnp.sum((smax_SH > 0) & slot_ok.T, axis=0, dtype=jnp.int32),
+        max_H=jnp.maximum(state.max_H, jnp.max(f_RH, axis=0)),
+        sum_H=state.sum_H + jnp.sum(f_RH, axis=0),
+        top_max_HE=top_max, top_max_sample_HE=top_max_s,
+        top_mean_HE=top_mean, top_mean_sample_HE=top_mean_s,
+        top_token_HE=top_tok, top_token_row_HE=top_tok_row,
+    )
+    return new, smax_SH, smean_SH
+
+
+@dataclass
+class PassResult:
+    """Host copies of the final statistics plus the sample-level score matrices."""
+
+    token_count: np.ndarray
+    sample_count: np.ndarray
+    max: np.ndarray
+    sum: np.ndarray
+    top: dict[str, tuple[np.ndarray, np.ndarray]]  # aggregation -> (values [H, E], ids [H, E])
+    sample_max: np.ndarray  # [n_samples, H] float16
+    sample_mean: np.ndarray
+    n_rows: int
+    n_samples: int
+
+
+def _pad_block(samples: np.ndarray, x: np.ndarray, offsets: np.ndarray, block_rows: int, max_samples: int):
+    lengths = (offsets[samples + 1] - offsets[samples]).astype(np.int32)
+    n = len(x)
+    x_pad = np.zeros((block_rows, x.shape[1]), np.float32)
+    x_pad[:n] = x
+    segment = np.full(block_rows, max_samples, np.int32)
+    segment[:n] = np.repeat(np.arange(len(samples), dtype=np.int32), lengths)
+    rows = np.full(block_rows, -1, np.int32)
+    rows[:n] = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in samples])
+    sample_ids = np.full(max_samples, -1, np.int32)
+    sample_ids[: len(samples)] = samples
+    length_pad = np.zeros(max_samples, np.int32)
+    length_pad[: len(samples)] = lengths
+    return x_pad, segment, rows, sample_ids, length_pad
+
+
+def feature_pass(sae: SAE, store, layer: int, *, examples: int = 20, block_rows: int = 4096,
+                 progress: bool = True) -> PassResult:
+    """Stream every sample of ``layer`` through the SAE once."""
+    from tqdm import tqdm
+
+    if store.d_model != sae.cfg.d_model:
+        raise ValueError(f"store width {store.d_model} does not match the SAE's d_model {sae.cfg.d_model}")
+    store.check_layer(layer)
+    offsets = store.offsets
+    longest = int(np.max(offsets[1:] - offsets[:-1])) if store.n_samples else 0
+    block_rows = max(block_rows, longest)
+    max_samples = int(min(store.n_samples, max(1, block_rows // max(1, int(np.min(offsets[1:] - offsets[:-1]))))))
+    hidden = sae.cfg.hidden_dim
+    examples = min(examples, max(1, store.n_samples))
+    state = init_state(hidden, max(examples, 1))
+    sample_max = np.zeros((store.n_samples, hidden), np.float16)
+    sample_mean = np.zeros((store.n_samples, hidden), np.float16)
+    with tqdm(total=store.n_rows, desc=f"discover layer {layer}", unit="row", disable=not progress) as bar:
+        for samples, x in store.iter_sample_blocks(layer, block_rows):
+            padded = _pad_block(samples, x, offsets, block_rows, max_samples)
+            state, smax, smean = update(sae.cfg, examples, max_samples, state, sae.params, sae.threshold,
+                                        sae.input_scale, *map(jnp.asarray, padded))
+            sample_max[samples] = np.asarray(smax[: len(samples)])
+            sample_mean[samples] = np.asarray(smean[: len(samples)])
+            bar.update(len(x))
+    host = jax.device_get(state)
+    return PassResult(
+        token_count=host.token_count_H, sample_count=host.sample_count_H, max=host.max_H, sum=host.sum_H,
+        top={"max": (host.top_max_HE, host.top_max_sample_HE), "mean": (host.top_mean_HE, host.top_mean_sample_HE),
+             "moments": (host.top_token_HE, host.top_token_row_HE)},
+        sample_max=sample_max, sample_mean=sample_mean, n_rows=store.n_rows, n_samples=store.n_samples,
+    )

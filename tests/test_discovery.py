@@ -1,0 +1,142 @@
+"""Discovery: planted concepts are found and named, streaming equals brute force, JSON and LLM paths hold."""
+
+import json
+
+import numpy as np
+import pytest
+
+import jax_sae
+from discovery.align import align, average_precision
+from discovery.discover import main
+from discovery.features import FeatureDiscovery
+from discovery.labels import Corpus, heuristic_label
+from discovery.stats import feature_pass
+from extractor.store import StoreMeta, acts_name, create_store, open_store
+from jax_sae.train import TrainConfig, train
+
+TAGS = ["distorted electric guitar", "piano", "violin", "drums", "synthesizer", "flute"]
+MOODS = ["calm", "happy", "sad", "dark"]
+
+
+def planted_store(path, n_samples=300, d=32, seed=0, lengths=None):
+    """Samples whose captions carry 1-2 instrument tags; each tag adds its own direction to the
+    sample's rows. Captions share MusicCaps-style boilerplate."""
+    rng = np.random.default_rng(seed)
+    directions = rng.normal(size=(len(TAGS), d))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    lengths = lengths if lengths is not None else [40] * n_samples
+    samples, rows = [], []
+    for i in range(n_samples):
+        chosen = sorted(rng.choice(len(TAGS), size=rng.integers(1, 3), replace=False))
+        mood = MOODS[rng.integers(len(MOODS))]
+        caption = (f"The low quality recording features a {mood} song with "
+                   + " and ".join(TAGS[t] for t in chosen) + ". It sounds like a live performance.")
+        x = 0.3 * rng.normal(size=(lengths[i], d))
+        for t in chosen:
+            on = rng.random(lengths[i]) < 0.8
+            x += on[:, None] * rng.uniform(1.0, 2.0, size=(lengths[i], 1)) * directions[t]
+        rows.append(x)
+        samples.append({"index": i, "prompt": caption, "source_id": f"p{i}", "tags": [TAGS[t] for t in chosen] + [mood],
+                        "n_frames": lengths[i]})
+    x = np.concatenate(rows).astype(np.float32)
+    meta = StoreMeta(model="synthetic", layers=(0,), d_model=d, n_codebooks=4, frame_rate=50.0, sampling_rate=32000,
+                     dtype="float32", mode="generate", n_samples=n_samples, n_rows=len(x), n_units=1)
+    store = create_store(path, meta, samples, lengths)
+    store.write_rows(acts_name(0), 0, x)
+    store.commit_unit(0, "shard-0-of-1")
+    return open_store(path), x
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("concepts")
+    store, x = planted_store(root / "store")
+    train(TrainConfig(sae_type="topk", layer_idx=0, hidden_dim=32, top_k=4, batch_size=256, epochs=8, lr=4e-3,
+                      store=str(root / "store"), out=str(root / "models"), progress=False, patience=0))
+    return root, store, jax_sae.load(root / "models" / "topk" / "layer0" / "dim32" / "final"), x
+
+
+def test_each_planted_concept_gets_a_feature_named_after_it(planted):
+    root, store, sae, _ = planted
+    features = FeatureDiscovery(sae, progress=False).discover_and_label(
+        store, filter_features=False, max_features=32, examples=20)
+    for tag in TAGS:
+        named = [k for k, f in features.items() if f["label"] == tag]
+        assert named, f"no feature labelled {tag!r}: {sorted(f['label'] for f in features.values())}"
+        best = max(features[k]["aligned_tags"][0]["auroc"] for k in named
+                   if features[k]["aligned_tags"][0]["tag"] == tag)
+        assert best >= 0.95, f"{tag}: best AUROC {best}"
+    assert all(f["label"] != "recording" and "quality" not in f["label"] for f in features.values())
+
+
+def test_streaming_statistics_equal_brute_force(tmp_path, planted):
+    _, _, sae, _ = planted
+    rng = np.random.default_rng(3)
+    lengths = [int(n) for n in rng.integers(5, 60, size=40)]
+    store, x = planted_store(tmp_path / "s", n_samples=40, lengths=lengths, seed=4)
+    result = feature_pass(sae, store, 0, examples=5, block_rows=64, progress=False)
+    f = np.asarray(sae.encode(x))
+    np.testing.assert_array_equal(result.token_count, (f > 0).sum(0))
+    np.testing.assert_allclose(result.max, f.max(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.sum, f.sum(0), rtol=1e-4, atol=1e-4)
+    offsets = store.offsets
+    smax = np.stack([f[offsets[i]:offsets[i + 1]].max(0) for i in range(40)])
+    smean = np.stack([f[offsets[i]:offsets[i + 1]].mean(0) for i in range(40)])
+    np.testing.assert_allclose(result.sample_max, smax, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(result.sample_mean, smean, rtol=2e-3, atol=2e-3)
+    np.testing.assert_array_equal(result.sample_count, (smax > 0).sum(0))
+    for h in range(f.shape[1]):
+        want = np.sort(smax[:, h])[::-1][:5]
+        np.testing.assert_allclose(result.top["max"][0][h], want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(result.top["moments"][0][h], np.sort(f[:, h])[::-1][:5], rtol=1e-5, atol=1e-6)
+        rows = result.top["moments"][1][h]
+        np.testing.assert_allclose(f[rows, h], result.top["moments"][0][h], rtol=1e-5, atol=1e-6)
+
+
+def test_auroc_matches_pairwise_definition():
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.random((60, 3)), 1)  # many ties
+    samples = [{"tags": ["a"] if rng.random() < 0.4 else ["b"]} for _ in range(60)]
+    result = align(scores, samples, min_support=5)
+    pos = np.array(["a" in s["tags"] for s in samples])
+    for h in range(3):
+        p, n = scores[pos, h], scores[~pos, h]
+        pairwise = ((p[:, None] > n[None, :]).sum() + 0.5 * (p[:, None] == n[None, :]).sum()) / (len(p) * len(n))
+        assert result.auroc_TH[result.tags.index("a"), h] == pytest.approx(pairwise)
+    assert average_precision(np.array([3.0, 2.0, 1.0]), np.array([True, False, True])) == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_heuristic_label_sees_past_boilerplate():
+    base = "The low quality recording features a song with {}. The recording is noisy."
+    samples = [{"prompt": base.format("distorted electric guitar" if i < 10 else other), "tags": []}
+               for i, other in enumerate(["mellow piano", "soft strings", "a flute"] * 10)]
+    corpus = Corpus.from_samples(samples)
+    assert heuristic_label(corpus, list(range(10))).text == "distorted electric guitar"
+
+
+def test_moments_examples_carry_time_and_json_round_trips(planted, tmp_path):
+    root, store, sae, _ = planted
+    out = tmp_path / "features_layer0.json"
+    main(["--sae_path", str(root / "models" / "topk" / "layer0" / "dim32" / "best"), "--store", str(root / "store"),
+          "--output", str(out), "--aggregation", "moments", "--no_filter", "--max_features", "3", "--examples", "4",
+          "--all", "--no-progress"])
+    features = FeatureDiscovery.load_features(out)
+    assert len(features) == 3
+    for key, info in features.items():
+        assert int(key) >= 0 and {"label", "top_examples"} <= set(info)
+        ex = info["top_examples"][0]
+        assert ex["type"] == "token-level" and ex["time_seconds"] == pytest.approx(ex["frame"] / 50.0)
+        sample = store.samples[ex["sample_index"]]
+        assert ex["prompt"] == sample["prompt"] and store.offsets[ex["sample_index"]] + ex["frame"] == ex["row"]
+    assert json.loads(json.dumps(features)) == features
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert summary["alignment"]["median_best_auroc"] > 0.5
+    assert np.load(out.with_suffix(".all.npz"))["token_count"].shape == (32,)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    for argv, message in [([], "--sae_path is required"),
+                          (["--sae_path", str(tmp_path)], "is not a finished sae-music-jax checkpoint")]:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert message in str(exc.value.code) and "\n" not in str(exc.value.code)
