@@ -67,17 +67,21 @@ def _sample_indices(examples: list[dict]) -> list[int]:
     return list(dict.fromkeys(ex["sample_index"] for ex in examples))
 
 
-def _detection(corpus: Corpus, samples: list[dict], chosen: list[int], rng: np.random.Generator) -> float | None:
-    """Label from half the top samples, judged on the other half against as many random samples."""
+def _held_out(chosen: list[int], n_samples: int, rng: np.random.Generator):
+    """Split top samples into (fit, held-out) halves and draw as many random non-top negatives."""
     fit, held = chosen[::2], chosen[1::2]
-    if not fit or not held:
+    pool = np.setdiff1d(np.arange(n_samples), chosen)
+    if not fit or not held or not len(pool):
         return None
+    return fit, held, [int(i) for i in rng.choice(pool, size=min(len(held), len(pool)), replace=False)]
+
+
+def _detection(corpus: Corpus, samples: list[dict], split) -> float | None:
+    """Offline judge: a label made from the fit half must tell held-out top samples from random ones."""
+    if split is None:
+        return None
+    fit, held, negatives = split
     label = heuristic_label(corpus, fit).text
-    top = set(chosen)
-    pool = np.array([i for i in range(len(samples)) if i not in top])
-    if not len(pool):
-        return None
-    negatives = rng.choice(pool, size=min(len(held), len(pool)), replace=False)
     return detection_score(label, [samples[i] for i in held], [samples[i] for i in negatives])
 
 
@@ -120,7 +124,7 @@ class FeatureDiscovery:
                 "label_source": label.source,
                 "label_confidence": label.confidence,
                 "label_terms": [[t, round(s, 3)] for t, s in label.terms],
-                "detection_score": _detection(corpus, samples, chosen, rng),
+                "detection_score": _detection(corpus, samples, _held_out(chosen, len(samples), rng)),
                 "frequency": float(stats.token_count[feature] / max(stats.n_rows, 1)),
                 "activation_count": int(stats.token_count[feature]),
                 "sample_count": int(stats.sample_count[feature]),
@@ -181,6 +185,34 @@ def apply_llm_labels(found: Discovery, store, client, api: str, model: str | Non
                         heuristic_label=info["label"])
         else:
             info["llm_error"] = reply.error
+    _llm_detection(found, samples, client, cache, concurrency, progress)
 
 
-__all__ = ["Discovery", "FeatureDiscovery", "Label", "select_features"]
+def _llm_detection(found: Discovery, samples: list[dict], client, cache, concurrency: int, progress: bool) -> None:
+    """LLM judge: does the feature's label pick its held-out top captions out of random ones?"""
+    from .llm import Reply, judge_prompt, label_all, parse_judgement
+
+    rng = np.random.default_rng(2)
+    jobs = {}
+    for key, info in found.features.items():
+        split = _held_out(_sample_indices(info["top_examples"]), len(samples), rng)
+        if split is not None:
+            _, held, negatives = split
+            order = [(i, True) for i in held] + [(i, False) for i in negatives]
+            order = [order[j] for j in rng.permutation(len(order))]
+            jobs[int(key)] = (order, judge_prompt(info["label"], [samples[i].get("prompt", "") for i, _ in order]))
+
+    def parse(text):
+        answers = parse_judgement(text)
+        return Reply(label=json.dumps(answers)) if answers is not None else Reply(error="malformed judgement")
+
+    prompts = {key: prompt for key, (_, prompt) in jobs.items()}
+    for key, reply in label_all(client, prompts, cache, concurrency, progress, parse=parse, desc="LLM judge").items():
+        order = jobs[key][0]
+        answers = json.loads(reply.label) if reply.label else None
+        if answers is None or len(answers) != len(order):
+            found.features[str(key)]["llm_judge_error"] = reply.error or "judgement of the wrong length"
+            continue
+        pos = [a for a, (_, top) in zip(answers, order) if top]
+        neg = [1 - a for a, (_, top) in zip(answers, order) if not top]
+        found.features[str(key)]["detection_score_llm"] = round(float(np.mean(pos) + np.mean(neg)) / 2, 4)

@@ -56,12 +56,33 @@ def feature_prompt(feature: int, top: Sequence[dict], contrast: Sequence[dict]) 
     return "\n".join(lines)
 
 
-def parse_reply(text: str) -> Reply:
+def judge_prompt(label: str, captions: Sequence[str]) -> str:
+    """Ask which captions a label describes (the LLM judge of a label's detection score)."""
+    lines = [f'A feature of a music model was labelled "{label}". For each caption below, answer 1 if the '
+             "label describes the music it asks for, else 0."]
+    lines += [f"{i + 1}. {c}" for i, c in enumerate(captions)]
+    lines.append(f'Reply with JSON only: {{"answers": [<{len(captions)} values, 0 or 1, in order>]}}')
+    return "\n".join(lines)
+
+
+def _json_object(text: str):
     match = re.search(r"\{.*\}", text or "", re.S)
     try:
-        data = json.loads(match.group(0)) if match else None
+        return json.loads(match.group(0)) if match else None
     except json.JSONDecodeError:
-        data = None
+        return None
+
+
+def parse_judgement(text: str) -> list[int] | None:
+    data = _json_object(text)
+    answers = data.get("answers") if isinstance(data, dict) else None
+    if not isinstance(answers, list) or any(a not in (0, 1) for a in answers):
+        return None
+    return [int(a) for a in answers]
+
+
+def parse_reply(text: str) -> Reply:
+    data = _json_object(text)
     if not isinstance(data, dict) or not isinstance(data.get("label"), str) or not data["label"].strip():
         return Reply(error=f"malformed reply: {(text or '')[:120]!r}")
     description = data.get("description")
@@ -102,10 +123,10 @@ class LLMClient:
                                                     messages=[{"role": "user", "content": prompt}])
         return reply.choices[0].message.content or ""
 
-    def complete(self, prompt: str) -> Reply:
+    def complete(self, prompt: str, parse: Callable[[str], Reply] = parse_reply) -> Reply:
         for attempt in range(self.max_retries + 1):
             try:
-                return parse_reply(self._call(prompt))
+                return parse(self._call(prompt))
             except Exception as err:  # noqa: BLE001 - every failure becomes a recorded error
                 if not self._retryable(err) or attempt == self.max_retries:
                     return Reply(error=f"{type(err).__name__}: {str(err)[:200]}")
@@ -140,20 +161,21 @@ class ReplyCache:
 
 
 def label_all(client: LLMClient, prompts: dict[int, str], cache: ReplyCache | None, concurrency: int = 4,
-              progress: bool = True) -> dict[int, Reply]:
-    """Label every feature's prompt concurrently; cached replies cost nothing."""
+              progress: bool = True, parse: Callable[[str], Reply] = parse_reply,
+              desc: str = "LLM labels") -> dict[int, Reply]:
+    """Run every feature's prompt concurrently; cached replies cost nothing."""
     from tqdm import tqdm
 
     def one(item):
         feature, prompt = item
         if cache is not None and (hit := cache.get(client.model, prompt)) is not None:
             return feature, hit
-        reply = client.complete(prompt)
+        reply = client.complete(prompt, parse)
         if cache is not None:
             cache.put(client.model, prompt, reply)
         return feature, reply
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        results = list(tqdm(pool.map(one, prompts.items()), total=len(prompts), desc="LLM labels",
+        results = list(tqdm(pool.map(one, prompts.items()), total=len(prompts), desc=desc,
                             disable=not progress))
     return dict(results)

@@ -90,7 +90,8 @@ def test_failed_features_keep_their_heuristic_label(monkeypatch, tmp_path):
     client, _ = _client("openai", monkeypatch, [(500, "")])
 
     class Found:
-        features = {"3": {"label": "piano", "top_examples": [{"activation": 1.0, "prompt": "a piano", "tags": []}]}}
+        features = {"3": {"label": "piano", "top_examples": [{"activation": 1.0, "prompt": "a piano", "tags": [],
+                                                              "sample_index": 0}]}}
 
         class stats:
             import numpy as np
@@ -113,3 +114,32 @@ def test_prompt_shows_activations_tags_and_contrast():
     text = feature_prompt(7, [{"activation": 2.5, "prompt": "loud drums", "tags": ["drums"]}],
                           [{"prompt": "quiet flute"}])
     assert "activation 2.500: loud drums [tags: drums]" in text and "quiet flute" in text and "JSON" in text
+
+
+def test_llm_judge_scores_labels_on_held_out_captions(monkeypatch):
+    """A judge that answers 1 exactly for captions naming the label gives a perfect detection score."""
+    import re
+
+    import numpy as np
+
+    from discovery.features import _llm_detection
+
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+
+    def handler(request):
+        prompt = json.loads(request.content)["messages"][0]["content"]
+        label = re.search(r'labelled "([^"]+)"', prompt).group(1)
+        captions = re.findall(r"^\d+\. (.*)$", prompt, re.M)
+        answers = [int(label in c) for c in captions]
+        return httpx.Response(200, json=_body("openai", json.dumps({"answers": answers})))
+
+    client = LLMClient("openai", http_client=httpx.Client(transport=httpx.MockTransport(handler)),
+                       sleep=lambda _s: None)
+    samples = [{"prompt": f"a {'drums' if i < 10 else 'flute'} song {i}", "tags": []} for i in range(40)]
+
+    class Found:
+        features = {"1": {"label": "drums", "top_examples": [{"sample_index": i} for i in range(10)]}}
+
+    _llm_detection(Found, samples, client, None, 2, False)
+    assert Found.features["1"]["detection_score_llm"] == 1.0
+    assert np.isfinite(Found.features["1"]["detection_score_llm"])
