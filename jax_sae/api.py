@@ -39,6 +39,18 @@ class SAE:
 
     @classmethod
     def load(cls, path: str | Path) -> "SAE":
+        """A JAX checkpoint directory, a torch-format ``.pt`` export or a SAELens directory."""
+        from extractor.saelens import is_saelens_dir
+
+        path = Path(path)
+        if path.is_file():
+            from extractor.torch_sae import read_torch_export  # torch only for the torch format
+
+            config, arrays = read_torch_export(path)
+            cfg = SAEConfig.from_json(config)
+            return cls(cfg, _params(arrays), config["threshold"], config["input_scale"], {"format": "torch"})
+        if is_saelens_dir(path):
+            return _from_saelens(path)
         cfg, tree, info = load_model_tree(path)
         return cls(cfg, params_from_tree(tree), tree["threshold"], tree["input_scale"], info)
 
@@ -68,8 +80,36 @@ class SAE:
             yield np.asarray(self.encode(x))
 
 
+def _params(arrays: dict) -> M.SAEParams:
+    return M.SAEParams(W_enc_DH=jnp.asarray(arrays["W_enc"]), b_enc_H=jnp.asarray(arrays["b_enc"]),
+                       W_dec_HD=jnp.asarray(arrays["W_dec"]), b_dec_D=jnp.asarray(arrays["b_dec"]))
+
+
+def _from_saelens(path: Path) -> SAE:
+    """SAELens weights act on raw activations (scale folded): input scale 1; JumpReLU keeps its
+    per-feature threshold."""
+    from extractor.saelens import SAEFormatError, read_saelens_export
+
+    cfg_json, arrays = read_saelens_export(path)
+    sae_type = {"standard": "vanilla", "topk": "topk", "jumprelu": "batch_topk"}.get(cfg_json.get("architecture"))
+    if sae_type is None:
+        raise SAEFormatError(f"SAELens architecture {cfg_json.get('architecture')!r} is not supported")
+    ours = cfg_json.get("metadata", {}).get("sae_music_jax", {})
+    if sae_type == "batch_topk" and ours.get("sae_type") == "matryoshka":
+        sae_type = "matryoshka"
+    hidden = int(cfg_json["d_sae"])
+    cfg = SAEConfig(sae_type=sae_type, d_model=int(cfg_json["d_in"]), hidden_dim=hidden,
+                    top_k=int(cfg_json.get("k") or min(64, hidden)),
+                    group_sizes=tuple(ours.get("group_sizes") or ()) if sae_type == "matryoshka" else (),
+                    layer=cfg_json.get("metadata", {}).get("hook_layer"),
+                    model=cfg_json.get("metadata", {}).get("model_name"), store=ours.get("store"))
+    threshold = arrays.get("threshold", np.zeros((), np.float32))
+    return SAE(cfg, _params(arrays), threshold, 1.0, {"format": "saelens"})
+
+
 def load(path: str | Path) -> SAE:
-    """Load an SAE from a model checkpoint directory (``best/`` or ``final/``)."""
+    """Load an SAE: a model checkpoint directory (``best/``, ``final/``), a torch ``.pt`` export,
+    or a SAELens directory."""
     return SAE.load(path)
 
 
