@@ -1,0 +1,65 @@
+"""Spliced-in evaluation and steering on tiny-random."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from extractor.extract import ExtractConfig, extract
+from extractor.torch_sae import save_torch_export
+
+D = 64  # tiny-random's decoder width
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("torchside")
+    (root / "p.txt").write_text("a slow sad jazz piano\nfast energetic rock drums\ncalm folk guitar\nhip hop beat\n")
+    extract(ExtractConfig(model="tiny-random", layers="2", prompt_file=str(root / "p.txt"), batch_size=4,
+                          duration=0.6, out=str(root / "store"), device="cpu", dtype="float32", top_k=50))
+    return root
+
+
+def _sae(path, kind):
+    if kind == "exact":  # relu(x + 100) - 100 == x: a lossless SAE
+        arrays = {"W_enc": np.eye(D), "b_enc": np.zeros(D), "W_dec": np.eye(D), "b_dec": np.full(D, -100.0)}
+        config = {"sae_type": "vanilla", "d_model": D, "hidden_dim": D}
+    else:
+        rng = np.random.default_rng(0)
+        W = rng.normal(size=(256, D))
+        W /= np.linalg.norm(W, axis=1, keepdims=True)
+        arrays = {"W_enc": W.T, "b_enc": np.zeros(256), "W_dec": W, "b_dec": np.zeros(D)}
+        config = {"sae_type": "topk", "d_model": D, "hidden_dim": 256, "top_k": 4}
+    save_torch_export(path, {**config, "layer": 2, "model": "tiny-random", "threshold": 0.0, "input_scale": 1.0,
+                             "top_k": config.get("top_k", 4), "group_sizes": []}, arrays)
+    return path
+
+
+def test_spliced_evaluation_recovers_all_with_an_exact_sae_and_less_with_a_random_one(store):
+    from extractor.evaluate import main
+
+    results = {}
+    for kind in ("exact", "random"):
+        out = store / f"{kind}.json"
+        main(["--model", "tiny-random", "--sae", str(_sae(store / f"{kind}.pt", kind)), "--store",
+              str(store / "store"), "--out", str(out), "--device", "cpu", "--batch_size", "3", "--no-progress"])
+        results[kind] = json.loads(out.read_text())
+    exact, rand = results["exact"]["overall"], results["random"]["overall"]
+    assert exact["loss_recovered_zero"] == pytest.approx(1.0, abs=1e-3)
+    assert exact["loss_recovered_mean"] == pytest.approx(1.0, abs=1e-2)
+    assert exact["kl_sae"] < 1e-6 and exact["ce_sae"] == pytest.approx(exact["ce_clean"], abs=1e-5)
+    assert rand["loss_recovered_zero"] < 0.9 and rand["kl_sae"] > 1e-3
+    assert len(results["exact"]["per_codebook"]) == 4 and results["exact"]["predictions"] > 0
+
+
+def test_width_mismatch_is_refused(store, tmp_path):
+    from extractor.evaluate import main
+
+    arrays = {"W_enc": np.eye(8), "b_enc": np.zeros(8), "W_dec": np.eye(8), "b_dec": np.zeros(8)}
+    save_torch_export(tmp_path / "narrow.pt", {"sae_type": "vanilla", "d_model": 8, "hidden_dim": 8, "layer": 2,
+                                               "threshold": 0.0, "input_scale": 1.0}, arrays)
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", "tiny-random", "--sae", str(tmp_path / "narrow.pt"), "--store", str(store / "store"),
+              "--out", str(tmp_path / "e.json"), "--device", "cpu"])
+    assert "the SAE is 8 wide but layer 2 of tiny-random is 64" in str(exc.value.code)
