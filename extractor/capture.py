@@ -21,10 +21,12 @@ from .models import LoadedModel
 
 @dataclass
 class CapturedBatch:
-    """Activations per stream and layer, [B, n_frames, d_model] each, and codes [B, n_frames, K]."""
+    """Activations per stream and layer, [B, n_frames, d_model] each, codes [B, n_frames, K] and,
+    from generate mode, the decoded audio [B, channels, samples]."""
 
     acts: dict[str, dict[int, np.ndarray]]
     codes: np.ndarray
+    audio: np.ndarray | None = None
 
 
 def _as_tensor(output) -> torch.Tensor:
@@ -106,7 +108,7 @@ def generate_batch(
     inputs = tokenize(loaded, texts)
     torch.manual_seed(seed)
     with capture_layers(loaded, layers) as calls, _capture_codes(loaded) as codes_seen:
-        loaded.model.generate(
+        audio = loaded.model.generate(
             **inputs,
             do_sample=True,
             guidance_scale=guidance_scale if guidance_scale and guidance_scale > 1 else None,
@@ -129,7 +131,7 @@ def generate_batch(
     codes = codes_seen[-1][0].permute(0, 2, 1)  # [1, B, K, T] -> [B, T, K]
     if codes.shape[1] != n_frames:
         raise RuntimeError(f"generate() returned {codes.shape[1]} frames, expected {n_frames}")
-    return CapturedBatch(acts=acts, codes=codes.cpu().numpy().astype(np.int32))
+    return CapturedBatch(acts=acts, codes=codes.cpu().numpy().astype(np.int32), audio=audio.float().cpu().numpy())
 
 
 def delayed_input_ids(codes: torch.Tensor, pad_token_id: int) -> torch.Tensor:

@@ -63,3 +63,29 @@ def test_width_mismatch_is_refused(store, tmp_path):
         main(["--model", "tiny-random", "--sae", str(tmp_path / "narrow.pt"), "--store", str(store / "store"),
               "--out", str(tmp_path / "e.json"), "--device", "cpu"])
     assert "the SAE is 8 wide but layer 2 of tiny-random is 64" in str(exc.value.code)
+
+
+def test_steering_raises_the_feature_and_the_control_does_not(store, tmp_path):
+    from extractor.steer import main
+
+    sae = _sae(tmp_path / "random.pt", "random")
+    main(["--model", "tiny-random", "--sae", str(sae), "--feature", "5", "--strength", "3", "--prompt",
+          "calm folk guitar", "--duration", "0.6", "--out", str(tmp_path / "steer"), "--device", "cpu",
+          "--top_k", "50", "--start", "0.2"])
+    report = json.loads((tmp_path / "steer" / "steer.json").read_text())
+    runs = report["runs"]
+    assert runs["steered"]["feature_mean_activation"] > runs["unsteered"]["feature_mean_activation"] + 0.5
+    assert abs(runs["control"]["feature_mean_activation"] - runs["unsteered"]["feature_mean_activation"]) < \
+        0.25 * (runs["steered"]["feature_mean_activation"] - runs["unsteered"]["feature_mean_activation"])
+    for name in ("steered", "unsteered", "control"):
+        assert (tmp_path / "steer" / f"{name}.wav").stat().st_size > 1000
+    assert report["window_seconds"] == [0.2, 0.6]
+
+
+def test_steering_rejects_a_feature_out_of_range(store, tmp_path):
+    from extractor.steer import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", "tiny-random", "--sae", str(_sae(tmp_path / "r.pt", "random")), "--feature", "256",
+              "--out", str(tmp_path / "s"), "--device", "cpu"])
+    assert "feature 256 is out of range: the SAE has 256 features (0-255)" in str(exc.value.code)
