@@ -1,0 +1,81 @@
+"""The report renders for a tiny run and loads cleanly in headless Chromium."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import jax_sae  # noqa: F401  (JAX side loads first, as in the CLI)
+from discovery.discover import main as discover
+from discovery.report import main as report
+from jax_sae.train import TrainConfig, train
+
+from .test_discovery import planted_store
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+DRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    planted_store(root / "store", n_samples=60)
+    train(TrainConfig(sae_type="topk", layer_idx=0, hidden_dim=32, top_k=4, batch_size=256, epochs=2, lr=4e-3,
+                      store=str(root / "store"), out=str(root / "models"), progress=False, patience=0))
+    features = root / "results" / "features_layer0.json"
+    discover(["--sae_path", str(root / "models/topk/layer0/dim32/best"), "--store", str(root / "store"),
+              "--output", str(features), "--no_filter", "--max_features", "3", "--examples", "4", "--all",
+              "--no-progress"])
+    report(["--features", str(features), "--out", str(root / "report"), "--model", "tiny-random", "--examples", "2",
+            "--window", "0.5", "--device", "cpu", "--no-progress"])
+    return root / "report"
+
+
+def test_report_files_are_complete_and_relative(rendered):
+    index = (rendered / "index.html").read_text()
+    pages = sorted(rendered.glob("f*.html"))
+    assert len(pages) == 3 and all(f"href='{p.name}'" in index for p in pages)
+    for page in pages:
+        text = page.read_text()
+        assert text.count("<audio") == 2 and text.count("plots/") == 2
+        assert "file://" not in text and str(rendered) not in text, "paths must be relative"
+    assert len(list((rendered / "audio").glob("*.wav"))) == 6 and (rendered / "density.png").exists()
+
+
+def test_report_loads_in_headless_chromium(rendered):
+    if not CHROMIUM or not DRIVER:
+        pytest.skip("Chromium and chromedriver are not installed (apt-get install chromium chromium-driver; "
+                    "./test.sh installs them when CI=true)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e .[dev])")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--autoplay-policy=no-user-gesture-required"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    check = """
+    const done = arguments[arguments.length - 1];
+    const audios = [...document.querySelectorAll('audio')];
+    const started = Date.now();
+    (function poll() {
+      const pending = audios.filter(a => a.readyState < 1 && !a.error);
+      if (pending.length && Date.now() - started < 15000) { setTimeout(poll, 100); return; }
+      done({images: [...document.images].map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0]),
+            audios: audios.map(a => [a.getAttribute('src'), a.readyState >= 1 && !a.error, a.duration])});
+    })();"""
+    try:
+        driver.set_script_timeout(30)
+        for page in [rendered / "index.html", *sorted(rendered.glob("f*.html"))]:
+            driver.get(Path(page).as_uri())
+            result = driver.execute_async_script(check)
+            assert result["images"] and all(ok for _, ok in result["images"]), result["images"]
+            assert all(ok and duration > 0 for _, ok, duration in result["audios"]), result["audios"]
+            if page.name == "index.html":
+                driver.find_elements("css selector", "th")[2].click()  # sorting runs without errors
+            errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+            assert not errors, errors
+    finally:
+        driver.quit()
