@@ -79,3 +79,23 @@ def test_report_loads_in_headless_chromium(rendered):
             assert not errors, errors
     finally:
         driver.quit()
+
+
+@pytest.mark.slow
+def test_pipeline_runs_end_to_end_and_skips_finished_stages(tmp_path):
+    from launch.pipeline import main as pipeline
+
+    argv = ["--out", str(tmp_path / "demo"), "--duration", "0.4", "--epochs", "2", "--train_batch_size", "128",
+            "--max_features", "3", "--device", "cpu", "--hidden_dim", "64", "--top_k", "4"]
+    index = pipeline(argv)
+    assert index.exists()
+    before = {p: p.stat().st_mtime for p in (tmp_path / "demo").rglob("*.json") if p.name != "pipeline.json"}
+    pipeline(argv)
+    assert {p: p.stat().st_mtime for p in before} == before, "a rerun redoes nothing"
+
+
+def test_pipeline_rejects_unknown_stages():
+    from launch.pipeline import PipelineConfig, PipelineError
+
+    with pytest.raises(PipelineError, match="unknown stage"):
+        PipelineConfig(stages="extract,listen")
