@@ -23,7 +23,8 @@ class CheckpointError(ValueError):
 
 
 def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    """Shapes, dtypes and shardings of ``tree``: restoring lands each array where it will be used."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
 def model_tree(params: M.SAEParams, threshold, input_scale) -> dict:

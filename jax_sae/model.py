@@ -68,37 +68,13 @@ def topk_rows(pre_BH: jax.Array, k: int) -> jax.Array:
     return _scatter_rows(pre_BH.shape, idx_BK, jax.nn.relu(vals_BK))
 
 
-def batch_topk(pre_BH: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """Keep the k * B largest positive activations of the whole batch.
-
-    Returns the codes and the smallest kept activation (for the inference threshold).
-    """
-    batch, hidden = pre_BH.shape
-    flat = jax.nn.relu(pre_BH).reshape(-1)
-    vals, idx = lax.top_k(flat, k * batch)
-    f_BH = jnp.zeros_like(flat).at[idx].set(vals).reshape(batch, hidden)
-    positive = vals > 0
-    smallest = jnp.where(positive.any(), jnp.min(jnp.where(positive, vals, jnp.inf)), 0.0)
-    return f_BH, smallest
-
-
 def jumprelu(pre_BH: jax.Array, threshold: jax.Array) -> jax.Array:
     return jnp.where(pre_BH > threshold, pre_BH, 0.0)
 
 
-def encode_train(cfg: SAEConfig, params: SAEParams, x_BD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Training-time codes: (f, pre, smallest kept activation or 0)."""
-    pre_BH = pre_activations(params, x_BD)
-    if cfg.sae_type == "vanilla":
-        return jax.nn.relu(pre_BH), pre_BH, jnp.float32(0.0)
-    if cfg.sae_type == "topk":
-        return topk_rows(pre_BH, cfg.top_k), pre_BH, jnp.float32(0.0)
-    f_BH, smallest = batch_topk(pre_BH, cfg.top_k)
-    return f_BH, pre_BH, smallest
-
-
 def encode_infer(cfg: SAEConfig, params: SAEParams, threshold: jax.Array, x_BD: jax.Array) -> jax.Array:
-    """Inference codes: per-row top-k for TopK, a JumpReLU threshold for the BatchTopK family."""
+    """Inference codes: per-row top-k for TopK, a JumpReLU threshold for the BatchTopK family.
+    (Training codes are made per shard in ``forward``.)"""
     pre_BH = pre_activations(params, x_BD)
     if cfg.sae_type == "vanilla":
         return jax.nn.relu(pre_BH)
@@ -110,39 +86,6 @@ def encode_infer(cfg: SAEConfig, params: SAEParams, threshold: jax.Array, x_BD: 
 def update_threshold(threshold: jax.Array, smallest: jax.Array, step: jax.Array) -> jax.Array:
     """Running average of the smallest kept activation; the first step takes it as is."""
     return jnp.where(step == 0, smallest, THRESHOLD_DECAY * threshold + (1 - THRESHOLD_DECAY) * smallest)
-
-
-def reconstruction_loss(x_BD: jax.Array, x_hat_BD: jax.Array) -> jax.Array:
-    """Mean over the batch of the squared error summed over the model dimension."""
-    return jnp.mean(jnp.sum((x_BD - x_hat_BD) ** 2, axis=-1))
-
-
-def matryoshka_loss(cfg: SAEConfig, params: SAEParams, x_BD: jax.Array, f_BH: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mean reconstruction loss over the nested prefixes; returns (loss, full reconstruction)."""
-    partial_BD = params.b_dec_D + jnp.zeros_like(x_BD)
-    losses = []
-    start = 0
-    for end in cfg.prefix_ends:
-        partial_BD = partial_BD + f_BH[:, start:end] @ params.W_dec_HD[start:end]
-        losses.append(reconstruction_loss(x_BD, partial_BD))
-        start = end
-    return jnp.mean(jnp.stack(losses)), partial_BD
-
-
-def aux_k_loss(
-    params: SAEParams, x_BD: jax.Array, x_hat_BD: jax.Array, pre_BH: jax.Array, dead_H: jax.Array, k_aux: int
-) -> jax.Array:
-    """AuxK: reconstruct the detached residual from the top dead latents, normalised by the
-    residual's variance; zero when nothing is dead."""
-    residual_BD = lax.stop_gradient(x_BD - x_hat_BD)
-    dead_pre_BH = jnp.where(dead_H, pre_BH, -jnp.inf)
-    vals_BK, idx_BK = lax.top_k(dead_pre_BH, k_aux)
-    vals_BK = jnp.where(jnp.isfinite(vals_BK), jax.nn.relu(vals_BK), 0.0)
-    f_aux_BH = _scatter_rows(pre_BH.shape, idx_BK, vals_BK)
-    e_hat_BD = f_aux_BH @ params.W_dec_HD
-    err = jnp.sum((residual_BD - e_hat_BD) ** 2)
-    var = jnp.sum((residual_BD - residual_BD.mean(axis=0)) ** 2)
-    return jnp.where(dead_H.any(), err / jnp.maximum(var, 1e-12), 0.0)
 
 
 def project_decoder_grad(W_dec_HD: jax.Array, grad_HD: jax.Array) -> jax.Array:

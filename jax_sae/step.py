@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from . import model as M
-from .config import SAEConfig
+from . import sharding as S
+from .forward import LossSettings, sharded_loss
 
 # Counters saturate here instead of overflowing int32.
 _COUNTER_CAP = 1 << 30
@@ -32,18 +34,6 @@ class TrainState:
     batch_in_epoch: jax.Array
     best_val_fvu: jax.Array
     evals_since_best: jax.Array
-
-
-@dataclass(frozen=True)
-class StepSettings:
-    """Static hyperparameters the compiled step closes over."""
-
-    sae: SAEConfig
-    total_steps: int
-    sparsity_coef: float
-    sparsity_warmup_steps: int
-    aux_penalty: float
-    dead_tokens: int
 
 
 def lr_warmup_steps(total_steps: int) -> int:
@@ -84,71 +74,30 @@ def init_state(params: M.SAEParams, optimizer: optax.GradientTransformation, inp
     )
 
 
-def _loss(params: M.SAEParams, state: TrainState, x_BD: jax.Array, s: StepSettings):
-    cfg = s.sae
-    f_BH, pre_BH, smallest = M.encode_train(cfg, params, x_BD)
-    aux = {"smallest": smallest, "f_BH": f_BH}
-    if cfg.sae_type == "matryoshka":
-        recon, x_hat_BD = M.matryoshka_loss(cfg, params, x_BD, f_BH)
-    else:
-        x_hat_BD = M.decode(params, f_BH)
-        recon = M.reconstruction_loss(x_BD, x_hat_BD)
-    loss = recon
-    if cfg.sae_type == "vanilla":
-        l1 = jnp.mean(jnp.sum(f_BH * jnp.linalg.norm(params.W_dec_HD, axis=1), axis=-1))
-        warm = jnp.minimum(1.0, (state.step + 1) / max(1, s.sparsity_warmup_steps))
-        loss = loss + s.sparsity_coef * warm * l1
-        aux["l1"] = l1
-    else:
-        dead_H = state.tokens_since_fired_H >= s.dead_tokens
-        k_aux = min(cfg.d_model // 2, cfg.hidden_dim)
-        aux_loss = M.aux_k_loss(params, x_BD, x_hat_BD, pre_BH, dead_H, k_aux)
-        loss = loss + s.aux_penalty * aux_loss
-        aux["aux_loss"] = aux_loss
-    aux["recon"] = recon
-    aux["x_hat_BD"] = x_hat_BD
-    return loss, aux
-
-
-def train_step(state: TrainState, x_BD: jax.Array, *, optimizer, settings: StepSettings):
+def train_step(state: TrainState, x_BD: jax.Array, *, optimizer, loss_fn, dead_tokens: int, uses_threshold: bool):
     """Scale the raw batch, take one optimizer step, keep the decoder unit-norm, update the
     dead-latent counters and the inference threshold. Pure: returns (state, metrics)."""
     x_BD = x_BD.astype(jnp.float32) * state.input_scale
-    (loss, aux), grads = jax.value_and_grad(_loss, has_aux=True)(state.params, state, x_BD, settings)
+    (loss, (metrics, fired_H)), grads = jax.value_and_grad(
+        lambda p: loss_fn(p, state.tokens_since_fired_H, state.step, x_BD), has_aux=True)(state.params)
     grads = grads.replace(W_dec_HD=M.project_decoder_grad(state.params.W_dec_HD, grads.W_dec_HD))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = M.normalize_decoder(optax.apply_updates(state.params, updates))
-
-    f_BH = aux["f_BH"]
-    fired_H = jnp.any(f_BH > 0, axis=0)
-    batch = x_BD.shape[0]
-    counters = jnp.where(fired_H, 0, jnp.minimum(state.tokens_since_fired_H + batch, _COUNTER_CAP))
-    threshold = state.threshold
-    if settings.sae.uses_threshold:
-        threshold = M.update_threshold(state.threshold, aux["smallest"], state.step)
-    x_hat_BD = aux["x_hat_BD"]
-    total_var = jnp.sum((x_BD - x_BD.mean(axis=0)) ** 2)
-    metrics = {
-        "loss": loss,
-        "recon": aux["recon"],
-        "fvu": jnp.sum((x_BD - x_hat_BD) ** 2) / jnp.maximum(total_var, 1e-12),
-        "l0": jnp.mean(jnp.sum(f_BH > 0, axis=-1)),
-        "dead_fraction": jnp.mean(counters >= settings.dead_tokens),
-        "aux_loss": aux.get("aux_loss", jnp.float32(0.0)),
-        "l1": aux.get("l1", jnp.float32(0.0)),
-        "threshold": threshold,
-    }
-    new_state = state.replace(
-        step=state.step + 1,
-        params=params,
-        opt_state=opt_state,
-        threshold=threshold,
-        tokens_since_fired_H=counters,
-        batch_in_epoch=state.batch_in_epoch + 1,
-    )
-    return new_state, metrics
+    counters = jnp.where(fired_H, 0, jnp.minimum(state.tokens_since_fired_H + x_BD.shape[0], _COUNTER_CAP))
+    threshold = M.update_threshold(state.threshold, metrics["smallest"], state.step) if uses_threshold \
+        else state.threshold
+    out = {k: v for k, v in metrics.items() if k != "smallest"}
+    out.update(loss=loss, dead_fraction=jnp.mean(counters >= dead_tokens), threshold=threshold)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, threshold=threshold,
+                              tokens_since_fired_H=counters, batch_in_epoch=state.batch_in_epoch + 1)
+    return new_state, out
 
 
-def compile_train_step(optimizer, settings: StepSettings):
-    """The step jitted once, with the state donated."""
-    return jax.jit(functools.partial(train_step, optimizer=optimizer, settings=settings), donate_argnums=0)
+def compile_train_step(optimizer, settings: LossSettings, mesh, state: TrainState, global_batch: int):
+    """The step jitted once for this mesh, with explicit shardings and the state donated."""
+    state_shardings = S.shardings(state, mesh)
+    step = functools.partial(train_step, optimizer=optimizer, loss_fn=sharded_loss(settings, mesh, global_batch),
+                             dead_tokens=settings.dead_tokens, uses_threshold=settings.sae.uses_threshold)
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(step, in_shardings=(state_shardings, NamedSharding(mesh, S.BATCH)),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)

@@ -18,6 +18,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from extractor.store import StoreError, open_store
 
@@ -26,8 +27,10 @@ from .checkpoint import CheckpointError, RunCheckpoints, model_tree, save_model
 from .config import ConfigError, SAEConfig, parse_group_sizes
 from .data import DataError, epoch_batches, geometric_median, input_scale, prefetch, scan_rows, split_samples
 from .metrics import evaluate_batches
-from .step import (StepSettings, TrainState, compile_train_step, init_state, lr_schedule, lr_warmup_steps,
-                   make_optimizer, sparsity_warmup_steps)
+from .forward import LossSettings
+from .sharding import BATCH, check_divisible, make_mesh, shardings
+from .step import (TrainState, compile_train_step, init_state, lr_schedule, lr_warmup_steps, make_optimizer,
+                   sparsity_warmup_steps)
 
 
 class TrainError(RuntimeError):
@@ -86,6 +89,10 @@ class TrainConfig:
     """Skip NaN/Inf rows of the store instead of stopping."""
     overwrite: bool = False
     """Discard an existing run with other settings in the run directory."""
+    mesh_data: int = 0
+    """Devices on the data axis (0: all devices not on the model axis)."""
+    mesh_model: int = 1
+    """Devices on the model axis (latents are split across them)."""
     progress: bool = True
     """Show progress bars."""
 
@@ -114,7 +121,8 @@ class TrainConfig:
 
     def resume_key(self) -> dict:
         """The settings a resumed run must share with the run it continues."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("progress", "overwrite")}
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("progress", "overwrite", "mesh_data", "mesh_model")}
 
 
 @dataclass
@@ -178,10 +186,12 @@ def train(cfg: TrainConfig) -> dict:
     for note in notes:
         print(note)
 
+    mesh = make_mesh(cfg.mesh_data or None, cfg.mesh_model)
+    check_divisible(mesh, cfg.batch_size, cfg.hidden_dim)
     scale = input_scale(scan.mean_norm, store.d_model)
     optimizer = make_optimizer(cfg.lr, plan.total_steps, cfg.weight_decay)
     params = M.init_params(jax.random.PRNGKey(cfg.seed), plan.sae, geometric_median(scan.sample_BD * scale))
-    state = init_state(params, optimizer, scale)
+    state = jax.device_put(init_state(params, optimizer, scale), shardings(init_state(params, optimizer, scale), mesh))
 
     run_dir = cfg.run_dir()
     checkpoints = _open_run(cfg, run_dir, store.d_model)
@@ -193,9 +203,13 @@ def train(cfg: TrainConfig) -> dict:
         print(f"resuming {run_dir} from step {latest}")
     else:
         metrics_path.write_text("")
-    settings = StepSettings(plan.sae, plan.total_steps, cfg.sparsity_coef, sparsity_warmup_steps(plan.total_steps),
-                            cfg.aux_penalty, plan.dead_tokens)
-    step_fn = compile_train_step(optimizer, settings)
+    settings = LossSettings(plan.sae, cfg.sparsity_coef, sparsity_warmup_steps(plan.total_steps), cfg.aux_penalty,
+                            plan.dead_tokens)
+    step_fn = compile_train_step(optimizer, settings, mesh, state, cfg.batch_size)
+    batch_sharding = NamedSharding(mesh, BATCH)
+
+    def put_batch(x):
+        return jax.device_put(x, batch_sharding)
 
     def validate(st: TrainState):
         if not len(split.val_samples):
@@ -218,7 +232,7 @@ def train(cfg: TrainConfig) -> dict:
                 break
             batches = prefetch(epoch_batches(store, cfg.layer_idx, split.train_samples, cfg.batch_size, seed=cfg.seed,
                                              epoch=epoch, skip=int(state.batch_in_epoch),
-                                             exclude_rows=scan.nonfinite_rows), transform=jnp.asarray)
+                                             exclude_rows=scan.nonfinite_rows), transform=put_batch)
             for x in batches:
                 state, metrics = step_fn(state, x)
                 step += 1

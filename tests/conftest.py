@@ -8,6 +8,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("SAE_MUSIC_CACHE", str(REPO / ".cache" / "test-models"))
+# Four CPU devices for the multi-device tests (set before JAX is imported anywhere).
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 MUSICCAPS_CSV = Path(os.environ.get("MUSICCAPS_CSV", REPO.parent / "shared" / "data" / "musiccaps-public.csv"))
 
 

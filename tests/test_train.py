@@ -65,14 +65,25 @@ def test_each_type_recovers_the_planted_dictionary(planted, sae_type, min_cosine
 
 
 def test_batch_topk_keeps_exactly_k_times_batch():
+    from jax_sae.select import top_mask
+
     pre = jax.random.normal(jax.random.PRNGKey(0), (64, 512)) + 0.5
-    f, smallest = M.batch_topk(pre, 8)
-    assert int(jnp.sum(f > 0)) == 8 * 64
-    assert float(smallest) == pytest.approx(float(jnp.min(jnp.where(f > 0, f, jnp.inf))))
-    per_row = jnp.sum(f > 0, axis=1)
+    mask, tau = top_mask(pre, 8 * 64, (), row_wise=False)
+    assert int(jnp.sum(mask)) == 8 * 64
+    assert float(tau) == float(jnp.sort(pre.reshape(-1))[-8 * 64]), "the threshold is the kB-th largest value"
+    per_row = jnp.sum(mask, axis=1)
     assert int(per_row.max()) > 8 > int(per_row.min()), "the budget is shared across the batch, not per row"
-    g = M.topk_rows(pre, 8)
-    assert (np.asarray(jnp.sum(g > 0, axis=1)) == 8).all()
+    rows, _ = top_mask(pre, 8, (), row_wise=True)
+    assert (np.asarray(jnp.sum(rows, axis=1)) == 8).all()
+    ties = jnp.round(jnp.abs(pre) * 2) / 2  # many exact ties at the threshold
+    assert int(jnp.sum(top_mask(ties, 300, (), row_wise=False)[0])) == 300
+
+
+def _loss_fn(cfg, dead_tokens=10**6, batch=128):
+    from jax_sae.forward import LossSettings, sharded_loss
+    from jax_sae.sharding import make_mesh
+
+    return sharded_loss(LossSettings(cfg, 0.0, 1, 1 / 32, dead_tokens), make_mesh(1, 1), batch)
 
 
 def _tiny_state(cfg, key=0):
@@ -83,12 +94,23 @@ def _tiny_state(cfg, key=0):
     return init_state(params, optimizer, 1.0), optimizer
 
 
+def test_training_codes_keep_exactly_k_per_batch_and_per_row():
+    x = jax.random.normal(jax.random.PRNGKey(1), (128, 16)) * 3 + 1
+    for sae_type, expected in (("batch_topk", 4 * 128), ("topk", 4 * 128)):
+        cfg = SAEConfig(sae_type=sae_type, d_model=16, hidden_dim=64, top_k=4)
+        state, _ = _tiny_state(cfg)
+        _, (metrics, _) = _loss_fn(cfg)(state.params, state.tokens_since_fired_H, state.step, x)
+        assert float(metrics["l0"]) * 128 == expected
+
+
 def test_decoder_rows_stay_unit_norm_and_gradient_is_projected():
-    from jax_sae.step import StepSettings, compile_train_step
+    from jax_sae.forward import LossSettings
+    from jax_sae.sharding import make_mesh
+    from jax_sae.step import compile_train_step
 
     cfg = SAEConfig(sae_type="topk", d_model=16, hidden_dim=64, top_k=4)
     state, optimizer = _tiny_state(cfg)
-    step = compile_train_step(optimizer, StepSettings(cfg, 100, 0.0, 1, 1 / 32, 10**6))
+    step = compile_train_step(optimizer, LossSettings(cfg, 0.0, 1, 1 / 32, 10**6), make_mesh(1, 1), state, 128)
     x = jax.random.normal(jax.random.PRNGKey(1), (128, 16)) * 3 + 1
     for _ in range(3):
         state, _ = step(state, x)
@@ -101,13 +123,12 @@ def test_decoder_rows_stay_unit_norm_and_gradient_is_projected():
 
 def test_aux_k_is_zero_without_dead_latents_and_positive_with():
     cfg = SAEConfig(sae_type="topk", d_model=16, hidden_dim=64, top_k=4)
-    params = M.init_params(jax.random.PRNGKey(0), cfg, np.zeros(16, np.float32))
-    x = jax.random.normal(jax.random.PRNGKey(1), (32, 16))
-    f = M.topk_rows(M.pre_activations(params, x), 4)
-    x_hat, pre = M.decode(params, f), M.pre_activations(params, x)
-    none_dead = M.aux_k_loss(params, x, x_hat, pre, jnp.zeros(64, bool), 8)
-    some_dead = M.aux_k_loss(params, x, x_hat, pre, jnp.arange(64) < 20, 8)
-    assert float(none_dead) == 0.0 and float(some_dead) > 0.0
+    state, _ = _tiny_state(cfg)
+    x = jax.random.normal(jax.random.PRNGKey(1), (128, 16))
+    loss = _loss_fn(cfg, dead_tokens=100)
+    _, (none_dead, _) = loss(state.params, jnp.zeros(64, jnp.int32), state.step, x)
+    _, (some_dead, _) = loss(state.params, jnp.where(jnp.arange(64) < 20, 1000, 0), state.step, x)
+    assert float(none_dead["aux_loss"]) == 0.0 and float(some_dead["aux_loss"]) > 0.0
 
 
 def test_b_enc_is_used_by_every_type():
