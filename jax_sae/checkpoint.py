@@ -44,24 +44,38 @@ def abstract_model_tree(cfg: SAEConfig) -> dict:
     }
 
 
+@jax.jit
+def _finite(leaves) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+
+
 def all_finite(tree) -> bool:
-    return bool(all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(tree)))
+    """Whether every float in ``tree`` is finite (works on sharded, multi-host arrays)."""
+    return bool(_finite(jax.tree.leaves(tree)))
 
 
 def save_model(path: str | Path, cfg: SAEConfig, tree: dict, info: dict) -> None:
-    """Write a model checkpoint; a non-finite tree is refused so no checkpoint is ever poisoned."""
+    """Write a model checkpoint (host arrays) atomically; a non-finite tree is refused so no
+    checkpoint is ever poisoned. Every process calls it; process 0 writes the files."""
+    from .distributed import barrier, is_primary
+
     if not all_finite(tree):
         raise CheckpointError(f"refusing to save non-finite parameters to {path}")
-    path = Path(path)
+    tree = jax.tree.map(lambda leaf: np.asarray(jax.device_get(leaf)), tree)  # host copies, written once
+    path = Path(path).absolute()
     tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if is_primary():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(f"save-model-start-{path.name}")
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save((tmp / "state").absolute(), tree)
+    checkpointer.save(tmp / "state", tree)
     checkpointer.wait_until_finished()
-    (tmp / "config.json").write_text(json.dumps({"sae": cfg.to_json(), **info}, indent=2, default=float) + "\n")
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    if is_primary():
+        (tmp / "config.json").write_text(json.dumps({"sae": cfg.to_json(), **info}, indent=2, default=float) + "\n")
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    barrier(f"save-model-end-{path.name}")
 
 
 def read_config(path: str | Path) -> tuple[SAEConfig, dict]:

@@ -26,8 +26,9 @@ from . import model as M
 from .checkpoint import CheckpointError, RunCheckpoints, model_tree, save_model
 from .config import ConfigError, SAEConfig, parse_group_sizes
 from .data import DataError, epoch_batches, geometric_median, input_scale, prefetch, scan_rows, split_samples
-from .metrics import evaluate_batches
+from .distributed import barrier, global_batch, initialize, is_primary, to_host
 from .forward import LossSettings
+from .metrics import evaluate_batches
 from .sharding import BATCH, check_divisible, make_mesh, shardings
 from .step import (TrainState, compile_train_step, init_state, lr_schedule, lr_warmup_steps, make_optimizer,
                    sparsity_warmup_steps)
@@ -93,6 +94,12 @@ class TrainConfig:
     """Devices on the data axis (0: all devices not on the model axis)."""
     mesh_model: int = 1
     """Devices on the model axis (latents are split across them)."""
+    coordinator_address: str | None = None
+    """host:port of process 0 for a multi-process run (SLURM and TPU pods are detected without it)."""
+    num_processes: int | None = None
+    """Processes in a multi-process run."""
+    process_id: int | None = None
+    """This process's index in a multi-process run."""
     progress: bool = True
     """Show progress bars."""
 
@@ -122,7 +129,8 @@ class TrainConfig:
     def resume_key(self) -> dict:
         """The settings a resumed run must share with the run it continues."""
         return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("progress", "overwrite", "mesh_data", "mesh_model")}
+                if k not in ("progress", "overwrite", "mesh_data", "mesh_model", "coordinator_address",
+                             "num_processes", "process_id")}
 
 
 @dataclass
@@ -159,6 +167,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _log(path: Path, record: dict) -> None:
+    if not is_primary():
+        return
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -168,6 +178,8 @@ def train(cfg: TrainConfig) -> dict:
     from tqdm import tqdm
 
     started = time.time()
+    initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    primary = is_primary()
     store = open_store(cfg.store)
     store.check_layer(cfg.layer_idx)
     split = split_samples(store, val_fraction=cfg.val_fraction, seed=cfg.seed, num_samples=cfg.num_samples,
@@ -183,7 +195,7 @@ def train(cfg: TrainConfig) -> dict:
         )
     plan = _plan(cfg, store, split.train_rows - len(scan.nonfinite_rows))
     notes = list(split.notes) + plan.notes + ([f"skipping {len(bad)} non-finite rows"] if len(bad) else [])
-    for note in notes:
+    for note in notes if primary else ():
         print(note)
 
     mesh = make_mesh(cfg.mesh_data or None, cfg.mesh_model)
@@ -191,7 +203,9 @@ def train(cfg: TrainConfig) -> dict:
     scale = input_scale(scan.mean_norm, store.d_model)
     optimizer = make_optimizer(cfg.lr, plan.total_steps, cfg.weight_decay)
     params = M.init_params(jax.random.PRNGKey(cfg.seed), plan.sae, geometric_median(scan.sample_BD * scale))
-    state = jax.device_put(init_state(params, optimizer, scale), shardings(init_state(params, optimizer, scale), mesh))
+    state = init_state(params, optimizer, scale)
+    state_shardings = shardings(state, mesh)
+    state = jax.device_put(state, state_shardings)
 
     run_dir = cfg.run_dir()
     checkpoints = _open_run(cfg, run_dir, store.d_model)
@@ -199,9 +213,10 @@ def train(cfg: TrainConfig) -> dict:
     latest = checkpoints.latest_step()
     if latest is not None:
         state, meta = checkpoints.restore(latest, state)
-        _truncate_metrics(metrics_path, latest)
-        print(f"resuming {run_dir} from step {latest}")
-    else:
+        if primary:
+            _truncate_metrics(metrics_path, latest)
+            print(f"resuming {run_dir} from step {latest}")
+    elif primary:
         metrics_path.write_text("")
     settings = LossSettings(plan.sae, cfg.sparsity_coef, sparsity_warmup_steps(plan.total_steps), cfg.aux_penalty,
                             plan.dead_tokens)
@@ -209,7 +224,7 @@ def train(cfg: TrainConfig) -> dict:
     batch_sharding = NamedSharding(mesh, BATCH)
 
     def put_batch(x):
-        return jax.device_put(x, batch_sharding)
+        return global_batch(x, batch_sharding)
 
     def validate(st: TrainState):
         if not len(split.val_samples):
@@ -217,13 +232,14 @@ def train(cfg: TrainConfig) -> dict:
         batches = store.iter_rows(cfg.layer_idx, cfg.batch_size, samples=split.val_samples) if not len(val_bad) else \
             (x for x, _ in store.iter_rows_indexed(cfg.layer_idx, cfg.batch_size, samples=split.val_samples,
                                                    exclude_rows=val_bad))
-        return evaluate_batches(plan.sae, st.params, st.threshold, st.input_scale, batches)
+        host = to_host((st.params, st.threshold, st.input_scale))
+        return evaluate_batches(plan.sae, *jax.tree.map(jnp.asarray, host), batches)
 
     meta = {"resume_key": cfg.resume_key(), "d_model": store.d_model}
     stopped_early = False
     step = int(state.step)
     with tqdm(total=plan.total_steps, initial=step, desc=f"train {cfg.sae_type}", unit="step",
-              disable=not cfg.progress) as bar:
+              disable=not (cfg.progress and primary)) as bar:
         tick, tick_step = time.time(), step
         bar.postfix_values = {}
         pending = None
@@ -243,6 +259,7 @@ def train(cfg: TrainConfig) -> dict:
                     _report(pending, cfg, plan, metrics_path, bar, run_dir)
                     pending = None
                     state, stopped_early = _evaluate(state, validate, cfg, plan, run_dir, metrics_path, step)
+                    state = jax.device_put(state, state_shardings)  # host-made scalars back onto the mesh
                 if step % plan.checkpoint_every == 0:
                     checkpoints.save(step, state, meta)
                 if time.time() - tick > 1.0:
@@ -251,10 +268,12 @@ def train(cfg: TrainConfig) -> dict:
                     bar.update(step - bar.n)
                     tick, tick_step = time.time(), step
                 if stopped_early:
-                    print(f"early stop at step {step}: no better validation FVU in {cfg.patience} evaluations")
+                    if primary:
+                        print(f"early stop at step {step}: no better validation FVU in {cfg.patience} evaluations")
                     break
             else:
-                state = state.replace(epoch=state.epoch + 1, batch_in_epoch=jnp.int32(0))
+                state = jax.device_put(state.replace(epoch=state.epoch + 1, batch_in_epoch=jnp.int32(0)),
+                                       state_shardings)
         if pending is not None:
             _report(pending, cfg, plan, metrics_path, bar, run_dir)
         bar.update(step - bar.n)
@@ -286,9 +305,11 @@ def _open_run(cfg: TrainConfig, run_dir: Path, d_model: int) -> RunCheckpoints:
                     f"{run_dir} holds a run with other settings; pass --overwrite to replace it or choose another --out"
                 )
         checkpoints.close()
-    if run_dir.exists() and cfg.overwrite:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_primary():
+        if run_dir.exists() and cfg.overwrite:
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier("open-run")
     return RunCheckpoints(ckpt)
 
 
@@ -316,7 +337,7 @@ def _evaluate(state: TrainState, validate, cfg: TrainConfig, plan: RunPlan, run_
     if step < plan.warmup_steps:
         return state, False  # sparsity and lr still warming up: neither a best model nor a reason to stop
     if result["fvu"] < float(state.best_val_fvu):
-        save_model(run_dir / "best", plan.sae, model_tree(state.params, state.threshold, state.input_scale),
+        save_model(run_dir / "best", plan.sae, model_tree(*to_host((state.params, state.threshold, state.input_scale))),
                    {"step": step, "val": result})
         state = state.replace(best_val_fvu=jnp.float32(result["fvu"]), evals_since_best=jnp.int32(0))
     else:
@@ -327,13 +348,15 @@ def _evaluate(state: TrainState, validate, cfg: TrainConfig, plan: RunPlan, run_
 def _finish(cfg, plan, store, state, validate, run_dir, split, notes, seconds) -> dict:
     from .plots import plot_density, plot_training_curves
 
-    tree = model_tree(state.params, state.threshold, state.input_scale)
+    tree = model_tree(*to_host((state.params, state.threshold, state.input_scale)))
     acc = validate(state)
     final_val = acc.result() if acc is not None else None
     save_model(run_dir / "final", plan.sae, tree, {"step": int(state.step), "val": final_val})
     if not (run_dir / "best").exists():
         save_model(run_dir / "best", plan.sae, tree, {"step": int(state.step), "val": final_val})
     best = json.loads((run_dir / "best" / "config.json").read_text())
+    if not is_primary():
+        return {"final_val": final_val, "best_val": best.get("val")}
     stats = {
         "config": dataclasses.asdict(cfg),
         "sae": plan.sae.to_json(),

@@ -76,3 +76,46 @@ def test_sharded_selection_is_exact_and_never_gathers_activations():
         dtype, dims = re.search(r"= (\w+)\[([\d,]*)\]", line).groups()
         size = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
         assert dtype == "s32" and size <= 64, line.strip()[:120]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_train_the_same_sae_as_one(tmp_path):
+    """2 processes x 2 CPU devices (gloo collectives on localhost) == 1 process x 4 devices."""
+    import os
+    import subprocess
+
+    import jax_sae
+
+    from .conftest import cli
+    from .synthetic import write_store
+
+    write_store(tmp_path / "store", sparse_data(planted_dictionary(16, 32, 0), 6000, active=3, noise=0.05, seed=0))
+    args = ["jax_sae.train", "--sae_type", "batch_topk", "--layer_idx", "0", "--hidden_dim", "64", "--top_k", "4",
+            "--batch_size", "128", "--epochs", "2", "--lr", "3e-3", "--store", str(tmp_path / "store"),
+            "--mesh_data", "4", "--checkpoint_every", "10", "--no-progress"]
+
+    def env(devices):
+        return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+    subprocess.run(cli(*args, "--out", str(tmp_path / "one")), env=env(4), check=True, capture_output=True)
+    port = _free_port()
+    procs = [subprocess.Popen(cli(*args, "--out", str(tmp_path / "two"), "--coordinator_address",
+                                  f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)),
+                              env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    one = jax_sae.load(tmp_path / "one" / "batch_topk" / "layer0" / "dim64" / "final")
+    two = jax_sae.load(tmp_path / "two" / "batch_topk" / "layer0" / "dim64" / "final")
+    for name in ("W_enc_DH", "b_enc_H", "W_dec_HD", "b_dec_D"):
+        np.testing.assert_allclose(np.asarray(getattr(two.params, name)), np.asarray(getattr(one.params, name)),
+                                   atol=1e-5)
+    assert float(two.threshold) == pytest.approx(float(one.threshold), abs=1e-5)
