@@ -72,7 +72,9 @@ def _create(root: Path, cfg: StoreBenchConfig):
         n_units=-(-cfg.n_samples // cfg.batch_samples),
     )
     samples = [{"index": i, "prompt": f"p{i}", "n_frames": cfg.frames} for i in range(cfg.n_samples)]
-    return create_store(root / "store", meta, samples, [cfg.frames] * cfg.n_samples)
+    # As extraction does: chunks aligned to its equal-sized write units.
+    return create_store(root / "store", meta, samples, [cfg.frames] * cfg.n_samples,
+                        unit_rows=cfg.batch_samples * cfg.frames)
 
 
 def _batches(cfg: StoreBenchConfig, rows_per_batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -181,7 +183,7 @@ def _in_fresh_process(fn, *args):
 def _aligned_rows(cfg: StoreBenchConfig) -> int:
     from extractor.store import chunk_rows_for
 
-    return chunk_rows_for(cfg.d_model * np.dtype(cfg.dtype).itemsize)
+    return chunk_rows_for(cfg.d_model * np.dtype(cfg.dtype).itemsize, cfg.batch_samples * cfg.frames)
 
 
 def _nosync_array(store):

@@ -16,10 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from jax_sae import model as M
 from jax_sae.api import SAE
 from jax_sae.config import SAEConfig
+from jax_sae.sharding import DATA, make_mesh
 
 
 @struct.dataclass
@@ -58,38 +60,51 @@ def _merge(vals_HE, ids_HE, new_vals_HN, new_ids_HN, examples: int):
     return top, jnp.take_along_axis(ids, where, axis=1)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=3)
-def update(cfg: SAEConfig, examples: int, max_samples: int, state: FeatureState, params, threshold, scale,
+def _block_stats(cfg: SAEConfig, examples: int, max_samples: int, params, threshold, scale, x_RD, segment_R, row_R,
+                 length_S):
+    """One device's rows of a block -> statistics merged across the data axis (replicated)."""
+    valid_R = row_R >= 0
+    f_RH = M.encode_infer(cfg, params, threshold, x_RD * scale)
+    f_RH = jnp.where(valid_R[:, None], f_RH, 0.0)
+    smax_SH = lax.pmax(jax.ops.segment_max(f_RH, segment_R, num_segments=max_samples + 1)[:max_samples], DATA)
+    smax_SH = jnp.where((length_S > 0)[:, None], jnp.maximum(smax_SH, 0.0), 0.0)
+    ssum_SH = lax.psum(jax.ops.segment_sum(f_RH, segment_R, num_segments=max_samples + 1)[:max_samples], DATA)
+    local_top, where = lax.top_k(jnp.where(valid_R[None, :], f_RH.T, -jnp.inf), examples)
+    candidates = lax.all_gather(local_top, DATA, axis=1, tiled=True)  # [H, devices * E] candidates
+    candidate_rows = lax.all_gather(row_R[where], DATA, axis=1, tiled=True)
+    top, pick = lax.top_k(candidates, examples)
+    return (lax.psum(jnp.sum(f_RH > 0, axis=0, dtype=jnp.int32), DATA), lax.psum(jnp.sum(f_RH, axis=0), DATA),
+            lax.pmax(jnp.max(f_RH, axis=0), DATA), smax_SH, ssum_SH / jnp.maximum(length_S, 1)[:, None],
+            top, jnp.take_along_axis(candidate_rows, pick, axis=1))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=4)
+def update(cfg: SAEConfig, examples: int, max_samples: int, mesh, state: FeatureState, params, threshold, scale,
            x_RD, segment_R, row_R, sample_S, length_S):
-    """Fold one block of whole samples into the state.
+    """Fold one block of whole samples into the state; rows are split over the mesh's data axis.
 
     ``segment_R`` maps each row to its sample's slot in the block (``max_samples`` for padding),
     ``row_R`` is the global row index (-1 padding), ``sample_S`` the global sample index of each
     slot (-1 padding) and ``length_S`` its row count. Returns the new state and the block's
     per-sample (max, mean) scores [S, H].
     """
-    valid_R = row_R >= 0
-    f_RH = M.encode_infer(cfg, params, threshold, x_RD * scale)
-    f_RH = jnp.where(valid_R[:, None], f_RH, 0.0)
-    smax_SH = jax.ops.segment_max(f_RH, segment_R, num_segments=max_samples + 1)[:max_samples]
-    smax_SH = jnp.where((length_S > 0)[:, None], smax_SH, 0.0)
-    smean_SH = jax.ops.segment_sum(f_RH, segment_R, num_segments=max_samples + 1)[:max_samples]
-    smean_SH = smean_SH / jnp.maximum(length_S, 1)[:, None]
+    stats = jax.shard_map(functools.partial(_block_stats, cfg, examples, max_samples), mesh=mesh,
+                          in_specs=(P(), P(), P(), P(DATA), P(DATA), P(DATA), P()), out_specs=(P(),) * 7,
+                          check_vma=False)  # every output comes out of a psum/pmax/all_gather: replicated
+    token_count, total, peak, smax_SH, smean_SH, block_top, block_rows = stats(
+        params, threshold, scale, x_RD, segment_R, row_R, length_S)
     slot_ok = (sample_S >= 0)[None, :]
-    hidden = f_RH.shape[1]
-    sample_HS = jnp.broadcast_to(sample_S[None, :], (hidden, max_samples))
+    sample_HS = jnp.broadcast_to(sample_S[None, :], (smax_SH.shape[1], max_samples))
     top_max, top_max_s = _merge(state.top_max_HE, state.top_max_sample_HE,
                                 jnp.where(slot_ok, smax_SH.T, -jnp.inf), sample_HS, examples)
     top_mean, top_mean_s = _merge(state.top_mean_HE, state.top_mean_sample_HE,
                                   jnp.where(slot_ok, smean_SH.T, -jnp.inf), sample_HS, examples)
-    block_top, block_where = lax.top_k(jnp.where(valid_R[None, :], f_RH.T, -jnp.inf), examples)
-    top_tok, top_tok_row = _merge(state.top_token_HE, state.top_token_row_HE, block_top,
-                                  row_R[block_where], examples)
+    top_tok, top_tok_row = _merge(state.top_token_HE, state.top_token_row_HE, block_top, block_rows, examples)
     new = FeatureState(
-        token_count_H=state.token_count_H + jnp.sum(f_RH > 0, axis=0, dtype=jnp.int32),
+        token_count_H=state.token_count_H + token_count,
         sample_count_H=state.sample_count_H + jnp.sum((smax_SH > 0) & slot_ok.T, axis=0, dtype=jnp.int32),
-        max_H=jnp.maximum(state.max_H, jnp.max(f_RH, axis=0)),
-        sum_H=state.sum_H + jnp.sum(f_RH, axis=0),
+        max_H=jnp.maximum(state.max_H, peak),
+        sum_H=state.sum_H + total,
         top_max_HE=top_max, top_max_sample_HE=top_max_s,
         top_mean_HE=top_mean, top_mean_sample_HE=top_mean_s,
         top_token_HE=top_tok, top_token_row_HE=top_tok_row,
@@ -129,9 +144,12 @@ def _pad_block(samples: np.ndarray, x: np.ndarray, offsets: np.ndarray, block_ro
 
 
 def feature_pass(sae: SAE, store, layer: int, *, examples: int = 20, block_rows: int = 4096,
-                 progress: bool = True) -> PassResult:
-    """Stream every sample of ``layer`` through the SAE once."""
+                 progress: bool = True, devices: int | None = None) -> PassResult:
+    """Stream every sample of ``layer`` through the SAE once, rows split over ``devices``
+    (default: all local devices)."""
     from tqdm import tqdm
+
+    mesh = make_mesh(devices or jax.local_device_count(), 1)
 
     if store.d_model != sae.cfg.d_model:
         raise ValueError(f"store width {store.d_model} does not match the SAE's d_model {sae.cfg.d_model}")
@@ -139,6 +157,7 @@ def feature_pass(sae: SAE, store, layer: int, *, examples: int = 20, block_rows:
     offsets = store.offsets
     longest = int(np.max(offsets[1:] - offsets[:-1])) if store.n_samples else 0
     block_rows = max(block_rows, longest)
+    block_rows = -(-block_rows // mesh.size) * mesh.size  # rows split evenly over the devices
     max_samples = int(min(store.n_samples, max(1, block_rows // max(1, int(np.min(offsets[1:] - offsets[:-1]))))))
     hidden = sae.cfg.hidden_dim
     examples = min(examples, max(1, store.n_samples))
@@ -148,7 +167,7 @@ def feature_pass(sae: SAE, store, layer: int, *, examples: int = 20, block_rows:
     with tqdm(total=store.n_rows, desc=f"discover layer {layer}", unit="row", disable=not progress) as bar:
         for samples, x in store.iter_sample_blocks(layer, block_rows):
             padded = _pad_block(samples, x, offsets, block_rows, max_samples)
-            state, smax, smean = update(sae.cfg, examples, max_samples, state, sae.params, sae.threshold,
+            state, smax, smean = update(sae.cfg, examples, max_samples, mesh, state, sae.params, sae.threshold,
                                         sae.input_scale, *map(jnp.asarray, padded))
             sample_max[samples] = np.asarray(smax[: len(samples)])
             sample_mean[samples] = np.asarray(smean[: len(samples)])

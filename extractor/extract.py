@@ -264,7 +264,9 @@ def open_or_create(cfg: ExtractConfig, meta: StoreMeta, plan: Plan) -> Store:
     free = shutil.disk_usage(out.parent).free
     if need > free:
         raise StoreError(f"the store needs ~{need / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free at {out.parent}")
-    return create_store(out, meta, plan.samples, plan.n_frames, plan.codes)
+    equal = len(set(plan.n_frames)) == 1
+    unit_rows = cfg.batch_size * plan.n_frames[0] if equal and len(plan.n_frames) >= cfg.batch_size else None
+    return create_store(out, meta, plan.samples, plan.n_frames, plan.codes, unit_rows=unit_rows)
 
 
 def _run_unit(cfg: ExtractConfig, loaded, store: Store, unit: int, layers: Sequence[int]) -> int:

@@ -102,9 +102,13 @@ def _spec(path: Path, shape: Sequence[int], dtype: str, chunk_rows: int) -> dict
     }
 
 
-def chunk_rows_for(row_bytes: int) -> int:
-    """Rows per chunk so that a chunk holds about TARGET_CHUNK_BYTES (a power of two)."""
+def chunk_rows_for(row_bytes: int, unit_rows: int | None = None) -> int:
+    """Rows per chunk so that a chunk holds about TARGET_CHUNK_BYTES: a whole number of write
+    units when every unit has ``unit_rows`` rows (writes then never straddle chunks), else a
+    power of two."""
     rows = max(1, TARGET_CHUNK_BYTES // max(1, row_bytes))
+    if unit_rows:
+        return unit_rows * max(1, round(rows / unit_rows))
     return 1 << (rows.bit_length() - 1)
 
 
@@ -129,11 +133,13 @@ def create_store(
     samples: Sequence[dict],
     n_frames: Sequence[int],
     codes: np.ndarray | None = None,
+    unit_rows: int | None = None,
 ) -> "Store":
     """Create a store with its whole plan, atomically: it appears complete or not at all.
 
     ``samples`` are the per-sample records; ``n_frames`` their row counts. ``codes`` (optional,
     [n_rows, n_codebooks]) is written at creation when already known (teacher forcing).
+    ``unit_rows``: rows per write unit when all units are equal, to align chunks with writes.
     Several processes may race to create the same store: one wins, the others open it.
     """
     path = Path(path)
@@ -147,13 +153,14 @@ def create_store(
     try:
         n_rows = meta.n_rows
         _open_new(tmp / "offsets", [len(offsets)], "int64", len(offsets)).write(offsets).result()
-        code_rows = chunk_rows_for(4 * meta.n_codebooks) * 4
-        codes_arr = _open_new(tmp / "codes", [n_rows, meta.n_codebooks], "int32", code_rows)
+        # Codes and frames share the activations' row chunking: a unit's write touches the same
+        # few chunks in every array instead of rewriting one huge codes chunk.
+        chunk = chunk_rows_for(meta.d_model * _itemsize(meta.dtype), unit_rows)
+        codes_arr = _open_new(tmp / "codes", [n_rows, meta.n_codebooks], "int32", chunk)
         if codes is not None:
             codes_arr.write(np.asarray(codes, dtype=np.int32)).result()
         frames = np.concatenate([np.arange(n, dtype=np.int32) for n in n_frames]) if n_rows else np.zeros(0, np.int32)
-        _open_new(tmp / "frames", [n_rows], "int32", code_rows).write(frames).result()
-        chunk = chunk_rows_for(meta.d_model * _itemsize(meta.dtype))
+        _open_new(tmp / "frames", [n_rows], "int32", chunk).write(frames).result()
         for stream in meta.streams:
             for layer in meta.layers:
                 (tmp / acts_name(layer, stream)).parent.mkdir(parents=True, exist_ok=True)

@@ -69,12 +69,18 @@ def test_each_planted_concept_gets_a_feature_named_after_it(planted):
     assert all(f["label"] != "recording" and "quality" not in f["label"] for f in features.values())
 
 
-def test_streaming_statistics_equal_brute_force(tmp_path, planted):
+@pytest.mark.parametrize("devices", [1, 4])
+def test_streaming_statistics_equal_brute_force(tmp_path, planted, devices):
+    """Also on 4 devices: rows split over them, statistics and top examples merged by collectives."""
+    import jax
+
+    if jax.local_device_count() < devices:
+        pytest.skip(f"needs {devices} devices")
     _, _, sae, _ = planted
     rng = np.random.default_rng(3)
     lengths = [int(n) for n in rng.integers(5, 60, size=40)]
     store, x = planted_store(tmp_path / "s", n_samples=40, lengths=lengths, seed=4)
-    result = feature_pass(sae, store, 0, examples=5, block_rows=64, progress=False)
+    result = feature_pass(sae, store, 0, examples=5, block_rows=64, progress=False, devices=devices)
     f = np.asarray(sae.encode(x))
     np.testing.assert_array_equal(result.token_count, (f > 0).sum(0))
     np.testing.assert_allclose(result.max, f.max(0), rtol=1e-5, atol=1e-6)
