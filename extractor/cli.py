@@ -54,7 +54,7 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
             continue
         tp = _unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        kwargs: dict = {"default": default, "help": docs.get(f.name, " ")}
+        kwargs: dict = {"default": default, "help": docs.get(f.name, " ").replace("%", "%%")}
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) is Literal:

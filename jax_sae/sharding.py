@@ -7,7 +7,6 @@ dead-latent counters and the optimizer moments); b_dec and scalars are replicate
 from __future__ import annotations
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -41,7 +40,7 @@ def _leaf_spec(path, leaf) -> P:
     names = [getattr(k, "name", None) for k in path]
     for name in reversed(names):
         if name in FIELD_SPECS:
-            return FIELD_SPECS[name] if np.ndim(leaf) else P()
+            return FIELD_SPECS[name] if len(getattr(leaf, "shape", ())) else P()
     return P()
 
 

@@ -100,6 +100,10 @@ class TrainConfig:
     """Processes in a multi-process run."""
     process_id: int | None = None
     """This process's index in a multi-process run."""
+    compile_only: bool = False
+    """Compile the train step for this config and mesh, print its memory analysis, and exit."""
+    d_model: int | None = None
+    """Input width for --compile_only without a store."""
     progress: bool = True
     """Show progress bars."""
 
@@ -130,7 +134,7 @@ class TrainConfig:
         """The settings a resumed run must share with the run it continues."""
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in ("progress", "overwrite", "mesh_data", "mesh_model", "coordinator_address",
-                             "num_processes", "process_id")}
+                             "num_processes", "process_id", "compile_only", "d_model")}
 
 
 @dataclass
@@ -179,6 +183,10 @@ def train(cfg: TrainConfig) -> dict:
 
     started = time.time()
     initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    if cfg.compile_only:
+        from .compile_report import compile_report
+
+        return compile_report(cfg)
     primary = is_primary()
     store = open_store(cfg.store)
     store.check_layer(cfg.layer_idx)

@@ -1,0 +1,64 @@
+"""``python -m jax_sae.train --compile_only``: will this configuration fit this accelerator?
+
+Compiles the real train step for the config and mesh from abstract shapes (no parameter is
+allocated, so a dictionary far larger than this machine compiles fine) and prints XLA's
+memory analysis per device and the step's FLOPs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from . import model as M
+from .config import ConfigError
+from .forward import LossSettings
+from .sharding import BATCH, check_divisible, make_mesh, shardings
+from .step import compile_train_step, init_state, make_optimizer
+
+_GIB = 1024**3
+
+
+def compile_report(cfg) -> dict:
+    d_model = cfg.d_model
+    if d_model is None:
+        from extractor.store import open_store
+
+        d_model = open_store(cfg.store).d_model
+    if d_model <= 0:
+        raise ConfigError(f"--d_model must be positive, got {d_model}")
+    sae = cfg.sae_config(d_model)
+    mesh = make_mesh(cfg.mesh_data or None, cfg.mesh_model)
+    check_divisible(mesh, cfg.batch_size, cfg.hidden_dim)
+    optimizer = make_optimizer(cfg.lr, 1000, cfg.weight_decay)
+    abstract = jax.eval_shape(lambda: init_state(
+        M.init_params(jax.random.PRNGKey(0), sae, jnp.zeros(d_model)), optimizer, 1.0))
+    state_shardings = shardings(abstract, mesh)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                            state_shardings)
+    batch = jax.ShapeDtypeStruct((cfg.batch_size, d_model), jnp.float32, sharding=NamedSharding(mesh, BATCH))
+    settings = LossSettings(sae, cfg.sparsity_coef, 50, cfg.aux_penalty, cfg.dead_tokens)
+    compiled = compile_train_step(optimizer, settings, mesh, abstract, cfg.batch_size).lower(abstract, batch).compile()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+              "generated_code_size_in_bytes")
+    report = {f: int(getattr(memory, f, 0) or 0) for f in fields}
+    report["peak_estimate_bytes"] = (report["argument_size_in_bytes"] + report["output_size_in_bytes"]
+                                     - report["alias_size_in_bytes"] + report["temp_size_in_bytes"])
+    report["flops_per_step"] = float((cost or {}).get("flops", float("nan")))
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+    report.update(mesh=dict(mesh.shape), devices=[str(d) for d in mesh.devices.flat], parameters=params,
+                  sae=sae.to_json(), batch_size=cfg.batch_size)
+    print(f"compiled {sae.sae_type} d={d_model} h={cfg.hidden_dim} k={cfg.top_k} batch={cfg.batch_size} on a "
+          f"{mesh.shape['data']}x{mesh.shape['model']} mesh ({mesh.devices.flat[0].platform}): "
+          f"{params / 1e6:.1f} M parameters")
+    print("per device (XLA memory analysis):")
+    for f in fields:
+        print(f"  {f.replace('_in_bytes', '').replace('_', ' '):<22} {report[f] / _GIB:10.3f} GiB")
+    print(f"  {'peak estimate':<22} {report['peak_estimate_bytes'] / _GIB:10.3f} GiB  (arguments + outputs - aliased + temporaries)")
+    print(f"  flops per step          {report['flops_per_step']:.3e}")
+    return report
