@@ -35,7 +35,8 @@ def planted(tmp_path_factory):
 def _cfg(root, sae_type, **kw):
     base = dict(sae_type=sae_type, layer_idx=0, hidden_dim=128, top_k=6, batch_size=256, epochs=15, lr=4e-3,
                 store=str(root / "store"), out=str(root / "models"), progress=False, patience=0,
-                sparsity_coef=0.5, group_sizes="64,64" if sae_type == "matryoshka" else None)
+                sparsity_coef=0.5, group_sizes="64,64" if sae_type == "matryoshka" else None,
+                mesh_data=1)  # one device: the mesh equivalence tests cover the sharded paths
     base.update(kw)
     return TrainConfig(**base)
 
@@ -83,7 +84,7 @@ def _loss_fn(cfg, dead_tokens=10**6, batch=128):
     from jax_sae.forward import LossSettings, sharded_loss
     from jax_sae.sharding import make_mesh
 
-    return sharded_loss(LossSettings(cfg, 0.0, 1, 1 / 32, dead_tokens), make_mesh(1, 1), batch)
+    return jax.jit(sharded_loss(LossSettings(cfg, 0.0, 1, 1 / 32, dead_tokens), make_mesh(1, 1), batch))
 
 
 def _tiny_state(cfg, key=0):
