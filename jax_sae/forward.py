@@ -45,7 +45,9 @@ def _group_ids(cfg: SAEConfig, hidden_local: int) -> jax.Array:
 
 def _shard_loss(params: SAEParams, counters_H, step, x_BD, *, s: LossSettings, global_batch: int):
     cfg = s.sae
-    pre_BH = (x_BD - params.b_dec_D) @ params.W_enc_DH + params.b_enc_H
+    # (x - b_dec) W_enc written as x W_enc - b_dec W_enc: the data term needs no input gradient,
+    # so b_dec's gradient is a vector-matrix product instead of a [B, h] x [h, d] GEMM.
+    pre_BH = x_BD @ params.W_enc_DH + (params.b_enc_H - params.b_dec_D @ params.W_enc_DH)
     act_BH = jax.nn.relu(pre_BH)
     smallest = jnp.float32(0.0)
     if cfg.sae_type == "vanilla":
@@ -54,7 +56,8 @@ def _shard_loss(params: SAEParams, counters_H, step, x_BD, *, s: LossSettings, g
         mask, _ = top_mask(lax.stop_gradient(pre_BH), cfg.top_k, (S.MODEL,), row_wise=True)
         f_BH = jnp.where(mask, act_BH, 0.0)
     else:
-        mask, smallest = top_mask(lax.stop_gradient(pre_BH), cfg.top_k * global_batch, BOTH, row_wise=False)
+        mask, smallest = top_mask(lax.stop_gradient(pre_BH), cfg.top_k * global_batch, BOTH, row_wise=False,
+                                  row_candidates=2 * cfg.top_k)
         f_BH = jnp.where(mask, act_BH, 0.0)
 
     def per_data_mean(value):
@@ -99,15 +102,20 @@ def _aux_k(params, x_BD, x_hat_BD, act_BH, counters_H, s: LossSettings, global_b
     cfg = s.sae
     dead_H = counters_H >= s.dead_tokens
     any_dead = lax.psum(jnp.sum(dead_H), S.MODEL) > 0
-    dead_act_BH = jnp.where(dead_H, act_BH, 0.0)
-    mask, _ = top_mask(lax.stop_gradient(dead_act_BH), min(cfg.d_model // 2, cfg.hidden_dim), (S.MODEL,),
-                       row_wise=True)
-    e_hat_BD = lax.psum(jnp.where(mask, dead_act_BH, 0.0) @ params.W_dec_HD, S.MODEL)
-    residual_BD = x_BD - x_hat_BD
-    err = lax.psum(jnp.sum((residual_BD - e_hat_BD) ** 2), S.DATA)
-    mean_D = lax.psum(jnp.sum(residual_BD, axis=0), S.DATA) / global_batch
-    var = lax.psum(jnp.sum((residual_BD - mean_D) ** 2), S.DATA)
-    return jnp.where(any_dead, err / jnp.maximum(var, 1e-12), 0.0)
+
+    def loss():
+        dead_act_BH = jnp.where(dead_H, act_BH, 0.0)
+        mask, _ = top_mask(lax.stop_gradient(dead_act_BH), min(cfg.d_model // 2, cfg.hidden_dim), (S.MODEL,),
+                           row_wise=True)
+        e_hat_BD = lax.psum(jnp.where(mask, dead_act_BH, 0.0) @ params.W_dec_HD, S.MODEL)
+        residual_BD = x_BD - x_hat_BD
+        err = lax.psum(jnp.sum((residual_BD - e_hat_BD) ** 2), S.DATA)
+        mean_D = lax.psum(jnp.sum(residual_BD, axis=0), S.DATA) / global_batch
+        var = lax.psum(jnp.sum((residual_BD - mean_D) ** 2), S.DATA)
+        return err / jnp.maximum(var, 1e-12)
+
+    # Skipped entirely while no latent is dead (the common case once training has settled).
+    return lax.cond(any_dead, loss, lambda: jnp.float32(0.0))
 
 
 def sharded_loss(settings: LossSettings, mesh: Mesh, global_batch: int):

@@ -1,9 +1,11 @@
-"""Exact top-k selection without sorting, across shards.
+"""Exact top-k selection across shards, without sorting B*h values.
 
-The k-th largest of non-negative float32 values is found by bisection on their bit patterns
-(for non-negative floats, integer order of the bits is numeric order): 31 rounds of "how many
-values are >= mid?", each a compare-and-count plus one scalar all-reduce across shards. No
-candidate values are gathered, nothing of size [B, h] leaves its device. Values equal to the
+Over a whole batch (BatchTopK), the k-th largest of non-negative float32 values is found by
+bisection on their bit patterns (for non-negative floats, integer order of the bits is numeric
+order): 31 rounds of "how many values are >= mid?", each a compare-and-count plus one scalar
+all-reduce across shards. It runs over each row's few top candidates and is checked exact
+(else it reruns over everything); no activation value crosses devices. Per row (TopK), each
+shard's top-k values are gathered and merged: k values per row per shard. Values equal to the
 threshold are kept in a fixed order (shard, then position) until exactly k are kept.
 """
 
@@ -61,11 +63,40 @@ def _shard_offset(local_count, axes: Sequence[str]):
     return offset
 
 
-def top_mask(values: jax.Array, k, axes: Sequence[str], row_wise: bool) -> tuple[jax.Array, jax.Array]:
+def _row_kth_bits(values: jax.Array, k: int, axes: Sequence[str]) -> jax.Array:
+    """Per-row k-th largest: each shard's top-k candidates, merged across ``axes``."""
+    local = lax.top_k(values, min(k, values.shape[-1]))[0]
+    for axis in axes:
+        local = lax.all_gather(local, axis, axis=local.ndim - 1, tiled=True)
+    return lax.bitcast_convert_type(lax.top_k(local, k)[0][..., k - 1], jnp.int32)
+
+
+def _batch_kth_bits(values: jax.Array, bits: jax.Array, k, axes: Sequence[str], row_candidates: int) -> jax.Array:
+    """Batch-wide k-th largest. Bisection runs over each row's top ``row_candidates`` only; if any
+    row may hold more values above the result than it offered, the exact full bisection reruns."""
+    width = values.shape[-1]
+    if row_candidates >= width:
+        return kth_largest_bits(bits, k, axes, row_wise=False)
+    candidates = lax.top_k(values, row_candidates)[0]
+    cand_bits = lax.bitcast_convert_type(candidates, jnp.int32)
+    tau = kth_largest_bits(cand_bits, k, axes, row_wise=False)
+    # Every value above tau is a candidate unless a row's smallest candidate reaches tau.
+    spill = _psum(jnp.sum(cand_bits[..., -1] >= tau), axes)
+    return lax.cond(spill == 0, lambda: tau, lambda: kth_largest_bits(bits, k, axes, row_wise=False))
+
+
+def top_mask(values: jax.Array, k, axes: Sequence[str], row_wise: bool,
+             row_candidates: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Mask of the k largest positive ``values`` (per row, or over the whole array) across the
-    shards along ``axes``; returns (mask, k-th largest value)."""
-    bits = lax.bitcast_convert_type(jnp.maximum(values, 0.0).astype(jnp.float32), jnp.int32)
-    tau = kth_largest_bits(bits, k, axes, row_wise)
+    shards along ``axes``; returns (mask, k-th largest value). Per row, each shard's top-k is
+    merged; over the whole array, a count bisection on each row's top ``row_candidates`` (all
+    values when None), verified exact."""
+    values = jnp.maximum(values, 0.0).astype(jnp.float32)
+    bits = lax.bitcast_convert_type(values, jnp.int32)
+    if row_wise:
+        tau = _row_kth_bits(values, k, axes)
+    else:
+        tau = _batch_kth_bits(values, bits, k, axes, row_candidates or values.shape[-1])
     tau_b = tau[..., None] if row_wise else tau
     above = bits > tau_b
     tied = (bits == tau_b) & (tau_b > 0)

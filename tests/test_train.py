@@ -78,6 +78,9 @@ def test_batch_topk_keeps_exactly_k_times_batch():
     assert (np.asarray(jnp.sum(rows, axis=1)) == 8).all()
     ties = jnp.round(jnp.abs(pre) * 2) / 2  # many exact ties at the threshold
     assert int(jnp.sum(top_mask(ties, 300, (), row_wise=False)[0])) == 300
+    for values in (pre, pre.at[0].add(100.0)):  # the second: row 0 alone exceeds its 16 candidates
+        fast, tau = top_mask(values, 8 * 64, (), row_wise=False, row_candidates=16)
+        assert int(jnp.sum(fast)) == 8 * 64 and float(tau) == float(jnp.sort(values.reshape(-1))[-8 * 64])
 
 
 def _loss_fn(cfg, dead_tokens=10**6, batch=128):

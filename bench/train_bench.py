@@ -1,0 +1,163 @@
+"""``python -m bench.train_bench``: SAE train-step throughput, ours against a PyTorch reference
+and against the encoder-GEMM bound, measured in the same run.
+
+- ours: ``jax_sae.step.compile_train_step`` on a 1x1 mesh (the trainer's exact step).
+- reference: the same math written as the original does it in PyTorch: dense encode, dense
+  decode, ``torch.topk`` (per row, or over the flattened batch for BatchTopK/Matryoshka),
+  AdamW, gradient clipping, decoder-gradient projection and renormalisation.
+- bound: tokens/s if the step cost only its encoder forward (2*d*h FLOPs per token) at the
+  float32 GEMM rate measured here (``jnp.dot`` of the same [B, d] x [d, h] shapes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from .common import report, summarize, target
+
+SETTINGS = {
+    "medium": dict(d=1536, h=6144, k=64, batch=4096),
+    "wide": dict(d=1024, h=32768, k=32, batch=2048),
+}
+TYPES = ("topk", "batch_topk", "matryoshka", "vanilla")
+
+
+def _data(d: int, batch: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(batch, d)).astype(np.float32)
+
+
+def _time_steps(step, state, x, steps: int):
+    """Median seconds per step after one warm-up (compilation) step."""
+    state = step(state, x)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state = step(state, x)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def ours(sae_type: str, d: int, h: int, k: int, batch: int, steps: int):
+    import jax
+
+    from jax_sae import model as M
+    from jax_sae.config import SAEConfig, default_group_sizes
+    from jax_sae.forward import LossSettings
+    from jax_sae.sharding import make_mesh, shardings
+    from jax_sae.step import compile_train_step, init_state, make_optimizer
+
+    cfg = SAEConfig(sae_type=sae_type, d_model=d, hidden_dim=h, top_k=k,
+                    group_sizes=default_group_sizes(h) if sae_type == "matryoshka" else ())
+    mesh = make_mesh(1, 1)
+    optimizer = make_optimizer(1e-4, 1000, 0.0)
+    state = init_state(M.init_params(jax.random.PRNGKey(0), cfg, np.zeros(d, np.float32)), optimizer, 1.0)
+    state = jax.device_put(state, shardings(state, mesh))
+    step_fn = compile_train_step(optimizer, LossSettings(cfg, 1.0, 50, 1 / 32, 10**7), mesh, state, batch)
+    x = jax.device_put(_data(d, batch))
+
+    def step(st, x):
+        st, metrics = step_fn(st, x)
+        jax.block_until_ready(st.params)
+        return st
+
+    return _time_steps(step, state, x, steps)
+
+
+def reference(sae_type: str, d: int, h: int, k: int, batch: int, steps: int):
+    import torch
+
+    torch.manual_seed(0)
+    W_dec = torch.randn(h, d)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    params = {"W_enc": W_dec.T.clone().requires_grad_(), "b_enc": torch.zeros(h, requires_grad=True),
+              "W_dec": W_dec.requires_grad_(), "b_dec": torch.zeros(d, requires_grad=True)}
+    opt = torch.optim.AdamW(params.values(), lr=1e-4, weight_decay=0.0)
+    x = torch.from_numpy(_data(d, batch))
+    groups = np.cumsum([h // 16, h // 16, h // 8, h // 4, h - h // 16 * 2 - h // 8 - h // 4])
+
+    def step(_state, x):
+        p = params
+        pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+        if sae_type == "vanilla":
+            f = torch.relu(pre)
+        elif sae_type == "topk":
+            vals, idx = torch.topk(pre, k, dim=-1)
+            f = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+        else:
+            vals, idx = torch.topk(torch.relu(pre).flatten(), k * batch)
+            f = torch.zeros_like(pre).flatten().scatter(0, idx, vals).reshape(pre.shape)
+        if sae_type == "matryoshka":
+            losses = [((x - (f[:, :m] @ p["W_dec"][:m] + p["b_dec"])) ** 2).sum(-1).mean() for m in groups]
+            loss = torch.stack(losses).mean()
+        else:
+            loss = ((x - (f @ p["W_dec"] + p["b_dec"])) ** 2).sum(-1).mean()
+            if sae_type == "vanilla":
+                loss = loss + (f * p["W_dec"].norm(dim=1)).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            g, w = p["W_dec"].grad, p["W_dec"]
+            g -= (g * w).sum(1, keepdim=True) * w
+            torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+            opt.step()
+            p["W_dec"] /= p["W_dec"].norm(dim=1, keepdim=True)
+        return None
+
+    return _time_steps(step, None, x, steps)
+
+
+def gemm_rate(d: int, h: int, batch: int, repeats: int = 5) -> list[float]:
+    """Measured float32 GEMM rate (FLOP/s) for the encoder's shapes, in JAX."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.asarray(_data(d, batch))
+    b = jnp.asarray(np.random.default_rng(1).normal(size=(d, h)).astype(np.float32))
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dot(a, b).block_until_ready()
+        rates.append(2 * batch * d * h / (time.perf_counter() - t0))
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.train_bench", description=__doc__)
+    parser.add_argument("--settings", default="medium,wide", help="comma-separated: " + ", ".join(SETTINGS))
+    parser.add_argument("--types", default=",".join(TYPES), help="SAE types to measure")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement (after a warm-up)")
+    args = parser.parse_args()
+    figures, derived, targets = {}, {}, []
+    for name in args.settings.split(","):
+        s = SETTINGS[name]
+        d, h, k, batch = s["d"], s["h"], s["k"], s["batch"]
+        rate = summarize(gemm_rate(d, h, batch), "FLOP/s")
+        figures[f"{name}: float32 GEMM rate"] = summarize([r / 1e9 for r in rate["values"]], "GF/s")
+        bound = rate["median"] / (2 * d * h)
+        derived[f"{name}: encoder-GEMM bound (tokens/s)"] = bound
+        for sae_type in args.types.split(","):
+            print(f"[{name}] {sae_type} (d={d}, h={h}, k={k}, batch={batch})", flush=True)
+            for impl, fn in (("ours", ours), ("pytorch", reference)):
+                times = fn(sae_type, d, h, k, batch, args.steps)
+                figures[f"{name} {sae_type}: {impl}"] = summarize([batch / t for t in times], "tok/s")
+            ours_tps = figures[f"{name} {sae_type}: ours"]["median"]
+            torch_tps = figures[f"{name} {sae_type}: pytorch"]["median"]
+            derived[f"{name} {sae_type}: ours / pytorch"] = ours_tps / torch_tps
+            derived[f"{name} {sae_type}: ours / bound"] = ours_tps / bound
+            if sae_type in ("topk", "batch_topk"):
+                targets.append(target(f"{name} {sae_type} vs pytorch", ours_tps / torch_tps, ">= 1.5x",
+                                      ours_tps / torch_tps >= 1.5))
+                targets.append(target(f"{name} {sae_type} vs bound", ours_tps / bound, ">= 0.5",
+                                      ours_tps / bound >= 0.5))
+    report("train_bench", figures, params=vars(args) | {"settings": {k: SETTINGS[k] for k in args.settings.split(",")}},
+           derived=derived, targets=targets)
+
+
+if __name__ == "__main__":
+    main()
