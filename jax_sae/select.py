@@ -100,13 +100,22 @@ def top_mask(values: jax.Array, k, axes: Sequence[str], row_wise: bool,
     tau_b = tau[..., None] if row_wise else tau
     above = bits > tau_b
     tied = (bits == tau_b) & (tau_b > 0)
-    n_above = _psum(jnp.sum(above, axis=-1) if row_wise else jnp.sum(above), axes)
-    room = k - n_above  # tied values still to keep
-    flat_tied = tied if row_wise else tied.reshape(-1)
-    rank = jnp.cumsum(flat_tied, axis=-1) - flat_tied  # rank among local ties, in position order
-    local = jnp.sum(flat_tied, axis=-1)
-    if axes:
-        rank = rank + (_shard_offset(local, axes)[..., None] if row_wise else _shard_offset(local, axes))
-    keep_tied = flat_tied & (rank < (room[..., None] if row_wise else room))
-    mask = above | (keep_tied if row_wise else keep_tied.reshape(tied.shape))
+
+    def count(m):
+        return _psum(jnp.sum(m, axis=-1) if row_wise else jnp.sum(m), axes)
+
+    room = k - count(above)  # tied values still to keep
+
+    def ranked():
+        flat_tied = tied if row_wise else tied.reshape(-1)
+        rank = jnp.cumsum(flat_tied, axis=-1) - flat_tied  # rank among local ties, in position order
+        local = jnp.sum(flat_tied, axis=-1)
+        if axes:
+            rank = rank + (_shard_offset(local, axes)[..., None] if row_wise else _shard_offset(local, axes))
+        keep = flat_tied & (rank < (room[..., None] if row_wise else room))
+        return above | (keep if row_wise else keep.reshape(tied.shape))
+
+    # Usually every tie fits (a single value sits at the threshold): no ranking pass needed.
+    fits = jnp.all(count(tied) <= room)
+    mask = lax.cond(fits, lambda: above | tied, ranked)
     return mask, lax.bitcast_convert_type(tau, jnp.float32)
