@@ -36,6 +36,16 @@ class LossSettings:
     dead_tokens: int
 
 
+def _group_parts(cfg: SAEConfig, f_BH, W_dec_HD, model_shards: int):
+    """Each Matryoshka group's share of the reconstruction from this shard's latents. Unsplit
+    latents take static slices (one decoder GEMM in all); split ones mask by group."""
+    if model_shards == 1:
+        starts = (0,) + cfg.prefix_ends[:-1]
+        return [f_BH[:, a:b] @ W_dec_HD[a:b] for a, b in zip(starts, cfg.prefix_ends)]
+    groups = _group_ids(cfg, f_BH.shape[1])
+    return [jnp.where(groups == g, f_BH, 0.0) @ W_dec_HD for g in range(len(cfg.group_sizes))]
+
+
 def _group_ids(cfg: SAEConfig, hidden_local: int) -> jax.Array:
     """Matryoshka group of each local latent (latents are split over model in contiguous blocks)."""
     first = lax.axis_index(S.MODEL) * hidden_local
@@ -43,7 +53,8 @@ def _group_ids(cfg: SAEConfig, hidden_local: int) -> jax.Array:
     return jnp.sum(index[:, None] >= jnp.asarray(cfg.prefix_ends)[None, :-1], axis=1)
 
 
-def _shard_loss(params: SAEParams, counters_H, step, x_BD, *, s: LossSettings, global_batch: int):
+def _shard_loss(params: SAEParams, counters_H, step, x_BD, *, s: LossSettings, global_batch: int,
+                model_shards: int):
     cfg = s.sae
     # (x - b_dec) W_enc written as x W_enc - b_dec W_enc: the data term needs no input gradient,
     # so b_dec's gradient is a vector-matrix product instead of a [B, h] x [h, d] GEMM.
@@ -64,11 +75,9 @@ def _shard_loss(params: SAEParams, counters_H, step, x_BD, *, s: LossSettings, g
         return lax.psum(value, S.DATA) / global_batch
 
     if cfg.sae_type == "matryoshka":
-        groups = _group_ids(cfg, f_BH.shape[1])
         x_hat_BD = params.b_dec_D + jnp.zeros_like(x_BD)
         prefix_losses = []
-        for g in range(len(cfg.group_sizes)):
-            part = jnp.where(groups == g, f_BH, 0.0) @ params.W_dec_HD
+        for part in _group_parts(cfg, f_BH, params.W_dec_HD, model_shards):
             x_hat_BD = x_hat_BD + lax.psum(part, S.MODEL)
             prefix_losses.append(per_data_mean(jnp.sum((x_BD - x_hat_BD) ** 2)))
         recon = jnp.mean(jnp.stack(prefix_losses))
@@ -123,7 +132,8 @@ def sharded_loss(settings: LossSettings, mesh: Mesh, global_batch: int):
     param_specs = SAEParams(*(S.FIELD_SPECS[f] for f in ("W_enc_DH", "b_enc_H", "W_dec_HD", "b_dec_D")))
 
     def local(params, counters_H, step, x_BD):
-        return _shard_loss(params, counters_H, step, x_BD, s=settings, global_batch=global_batch)
+        return _shard_loss(params, counters_H, step, x_BD, s=settings, global_batch=global_batch,
+                           model_shards=mesh.shape[S.MODEL])
 
     metric_specs = {k: P() for k in ("recon", "aux_loss", "l1", "fvu", "l0", "smallest")}
     return jax.shard_map(local, mesh=mesh, in_specs=(param_specs, P(S.MODEL), P(), S.BATCH),
