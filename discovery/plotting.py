@@ -6,19 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from jax_sae.plots import pyplot
 
 
 def plot_activation(curve: np.ndarray, frame_rate: float, path: Path, offset_seconds: float) -> None:
     """A feature's activation over a clip; x is seconds into the clip, as the audio player counts."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 1.6))
     t = np.arange(len(curve)) / frame_rate
     ax.fill_between(t, curve, step="post", alpha=0.35)
@@ -29,18 +22,4 @@ def plot_activation(curve: np.ndarray, frame_rate: float, path: Path, offset_sec
     ax.tick_params(labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def plot_density_from_counts(frequency: np.ndarray, path: Path) -> None:
-    plt = _pyplot()
-    alive = frequency[frequency > 0]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    if len(alive):
-        ax.hist(np.log10(alive), bins=50)
-    ax.set_xlabel("log10 feature density")
-    ax.set_ylabel("features")
-    ax.set_title(f"{len(alive)} alive, {int(np.sum(frequency == 0))} dead of {len(frequency)}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
     plt.close(fig)

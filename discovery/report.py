@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from extractor.store import StoreError, open_store
+from jax_sae.plots import plot_density
 
-from .plotting import plot_activation, plot_density_from_counts
+from .plotting import plot_activation
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
 table{border-collapse:collapse;width:100%}th,td{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left}
@@ -165,7 +166,7 @@ def _write_index(out: Path, features: dict, summary: dict, metrics: dict, sae_pa
         density = "<h2>Feature density</h2><img src='density.png' alt='feature density histogram'>"
     elif features_path.with_suffix(".all.npz").exists():
         counts = np.load(features_path.with_suffix(".all.npz"))["frequency"]
-        plot_density_from_counts(counts, out / "density.png")
+        plot_density(counts, out / "density.png")
         density = "<h2>Feature density</h2><img src='density.png' alt='feature density histogram'>"
     align = summary.get("alignment", {})
     shown = {**metrics, "median best tag AUROC": align.get("median_best_auroc"),

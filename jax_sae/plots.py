@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (PNG files, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,7 +19,7 @@ def _pyplot():
 
 def plot_training_curves(records: list[dict], path: Path, title: str = "") -> None:
     """Loss, FVU (train and validation), L0, dead fraction and learning rate against step."""
-    plt = _pyplot()
+    plt = pyplot()
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val" in r]
     panels = [("loss", "loss", True), ("fvu", "FVU", True), ("l0", "L0", False),
@@ -41,8 +42,9 @@ def plot_training_curves(records: list[dict], path: Path, title: str = "") -> No
 
 
 def plot_density(density_H: np.ndarray, path: Path) -> None:
-    """Histogram of log10 feature density (fraction of tokens each latent fires on); dead ones counted apart."""
-    plt = _pyplot()
+    """Histogram of log10 feature density (fraction of tokens each latent fires on); dead ones
+    are counted in the title, not drawn."""
+    plt = pyplot()
     alive = density_H[density_H > 0]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     if len(alive):
