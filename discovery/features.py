@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .align import Alignment, align, average_precision, layer_summary
-from .labels import Corpus, Label, detection_score, heuristic_label
+from .labels import Corpus, detection_score, heuristic_label
 from .stats import PassResult, feature_pass
 
 AGGREGATIONS = ("max", "mean", "moments")

@@ -2,7 +2,6 @@
 
 import re
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -72,7 +71,7 @@ def test_sharded_selection_is_exact_and_moves_only_counts_and_candidates():
     collectives = [line for line in fn.lower(x).compile().as_text().splitlines()
                    if re.search(r"= \S+ (all-gather|all-reduce|all-to-all|collective-permute)\(", line)]
     assert collectives, "the selection must communicate"
-    local_rows, local_latents, k = 32, 64, 4
+    local_rows, k = 32, 4
     for line in collectives:
         dtype, dims = re.search(r"= (\w+)\[([\d,]*)\]", line).groups()
         size = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from extractor.extract import ExtractConfig, extract
 from extractor.torch_sae import save_torch_export
