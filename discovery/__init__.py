@@ -1,7 +1,7 @@
 """Feature discovery in JAX: a streaming pass over the store, labels, tag alignment and reports.
 Never imports torch; heavy modules load on first use."""
 
-from importlib import import_module
+from extractor.lazy import lazy_getattr
 
 __all__ = ["DiscoverConfig", "FeatureDiscovery", "discover"]
 
@@ -11,8 +11,4 @@ _LOCATIONS = {
     "FeatureDiscovery": "discovery.features",
 }
 
-
-def __getattr__(name: str):
-    if name in _LOCATIONS:
-        return getattr(import_module(_LOCATIONS[name]), name)
-    raise AttributeError(f"module 'discovery' has no attribute {name!r}")
+__getattr__ = lazy_getattr("discovery", _LOCATIONS)

@@ -4,7 +4,7 @@ Importing this package is light: ``extractor.store`` and ``extractor.prompts`` n
 and the torch-backed names below are imported on first use.
 """
 
-from importlib import import_module
+from .lazy import lazy_getattr
 
 __all__ = [
     "ExtractConfig",
@@ -28,8 +28,4 @@ _LOCATIONS = {
     "open_store": "extractor.store",
 }
 
-
-def __getattr__(name: str):
-    if name in _LOCATIONS:
-        return getattr(import_module(_LOCATIONS[name]), name)
-    raise AttributeError(f"module 'extractor' has no attribute {name!r}")
+__getattr__ = lazy_getattr("extractor", _LOCATIONS)

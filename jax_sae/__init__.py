@@ -1,7 +1,7 @@
 """JAX side of sae-music-jax: Flax SAEs (vanilla, TopK, BatchTopK, Matryoshka), training,
 checkpoints and evaluation. Never imports torch; heavy modules load on first use."""
 
-from importlib import import_module
+from extractor.lazy import lazy_getattr
 
 __all__ = ["SAE", "SAEConfig", "TrainConfig", "evaluate", "load", "train"]
 
@@ -14,8 +14,4 @@ _LOCATIONS = {
     "train": "jax_sae.train",
 }
 
-
-def __getattr__(name: str):
-    if name in _LOCATIONS:
-        return getattr(import_module(_LOCATIONS[name]), name)
-    raise AttributeError(f"module 'jax_sae' has no attribute {name!r}")
+__getattr__ = lazy_getattr("jax_sae", _LOCATIONS)
