@@ -100,7 +100,8 @@ class FeatureDiscovery:
         layer = self.sae.cfg.layer if layer is None else layer
         if layer is None:
             raise ValueError("the SAE does not record its layer; pass --layer_idx")
-        stats = feature_pass(self.sae, store, layer, examples=examples, block_rows=block_rows, progress=self.progress)
+        stats = feature_pass(self.sae, store, layer, examples=examples, block_rows=block_rows, progress=self.progress,
+                             token_examples=aggregation == "moments")
         samples = store.samples
         corpus = Corpus.from_samples(samples)
         scores = stats.sample_mean if aggregation == "mean" else stats.sample_max

@@ -60,8 +60,8 @@ def _merge(vals_HE, ids_HE, new_vals_HN, new_ids_HN, examples: int):
     return top, jnp.take_along_axis(ids, where, axis=1)
 
 
-def _block_stats(cfg: SAEConfig, examples: int, max_samples: int, params, threshold, scale, x_RD, segment_R, row_R,
-                 length_S):
+def _block_stats(cfg: SAEConfig, examples: int, max_samples: int, token_examples: bool, params, threshold, scale,
+                 x_RD, segment_R, row_R, length_S):
     """One device's rows of a block -> statistics merged across the data axis (replicated)."""
     valid_R = row_R >= 0
     f_RH = M.encode_infer(cfg, params, threshold, x_RD * scale)
@@ -69,18 +69,23 @@ def _block_stats(cfg: SAEConfig, examples: int, max_samples: int, params, thresh
     smax_SH = lax.pmax(jax.ops.segment_max(f_RH, segment_R, num_segments=max_samples + 1)[:max_samples], DATA)
     smax_SH = jnp.where((length_S > 0)[:, None], jnp.maximum(smax_SH, 0.0), 0.0)
     ssum_SH = lax.psum(jax.ops.segment_sum(f_RH, segment_R, num_segments=max_samples + 1)[:max_samples], DATA)
-    local_top, where = lax.top_k(jnp.where(valid_R[None, :], f_RH.T, -jnp.inf), examples)
-    candidates = lax.all_gather(local_top, DATA, axis=1, tiled=True)  # [H, devices * E] candidates
-    candidate_rows = lax.all_gather(row_R[where], DATA, axis=1, tiled=True)
-    top, pick = lax.top_k(candidates, examples)
+    if token_examples:  # the top single tokens ("moments"); the costliest statistic, so on request
+        local_top, where = lax.top_k(jnp.where(valid_R[None, :], f_RH.T, -jnp.inf), examples)
+        candidates = lax.all_gather(local_top, DATA, axis=1, tiled=True)  # [H, devices * E] candidates
+        candidate_rows = lax.all_gather(row_R[where], DATA, axis=1, tiled=True)
+        top, pick = lax.top_k(candidates, examples)
+        top_rows = jnp.take_along_axis(candidate_rows, pick, axis=1)
+    else:
+        top = jnp.full((f_RH.shape[1], examples), -jnp.inf, jnp.float32)
+        top_rows = jnp.full((f_RH.shape[1], examples), -1, jnp.int32)
     return (lax.psum(jnp.sum(f_RH > 0, axis=0, dtype=jnp.int32), DATA), lax.psum(jnp.sum(f_RH, axis=0), DATA),
             lax.pmax(jnp.max(f_RH, axis=0), DATA), smax_SH, ssum_SH / jnp.maximum(length_S, 1)[:, None],
-            top, jnp.take_along_axis(candidate_rows, pick, axis=1))
+            top, top_rows)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=4)
-def update(cfg: SAEConfig, examples: int, max_samples: int, mesh, state: FeatureState, params, threshold, scale,
-           x_RD, segment_R, row_R, sample_S, length_S):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=5)
+def update(cfg: SAEConfig, examples: int, max_samples: int, mesh, token_examples: bool, state: FeatureState, params,
+           threshold, scale, x_RD, segment_R, row_R, sample_S, length_S):
     """Fold one block of whole samples into the state; rows are split over the mesh's data axis.
 
     ``segment_R`` maps each row to its sample's slot in the block (``max_samples`` for padding),
@@ -88,7 +93,7 @@ def update(cfg: SAEConfig, examples: int, max_samples: int, mesh, state: Feature
     slot (-1 padding) and ``length_S`` its row count. Returns the new state and the block's
     per-sample (max, mean) scores [S, H].
     """
-    stats = jax.shard_map(functools.partial(_block_stats, cfg, examples, max_samples), mesh=mesh,
+    stats = jax.shard_map(functools.partial(_block_stats, cfg, examples, max_samples, token_examples), mesh=mesh,
                           in_specs=(P(), P(), P(), P(DATA), P(DATA), P(DATA), P()), out_specs=(P(),) * 7,
                           check_vma=False)  # every output comes out of a psum/pmax/all_gather: replicated
     token_count, total, peak, smax_SH, smean_SH, block_top, block_rows = stats(
@@ -144,9 +149,10 @@ def _pad_block(samples: np.ndarray, x: np.ndarray, offsets: np.ndarray, block_ro
 
 
 def feature_pass(sae: SAE, store, layer: int, *, examples: int = 20, block_rows: int = 4096,
-                 progress: bool = True, devices: int | None = None) -> PassResult:
+                 progress: bool = True, devices: int | None = None, token_examples: bool = True) -> PassResult:
     """Stream every sample of ``layer`` through the SAE once, rows split over ``devices``
-    (default: all local devices)."""
+    (default: all local devices). ``token_examples=False`` skips the top single tokens (the
+    "moments" examples), the pass's costliest statistic, when they are not wanted."""
     from tqdm import tqdm
 
     mesh = make_mesh(devices or jax.local_device_count(), 1)
@@ -167,8 +173,8 @@ def feature_pass(sae: SAE, store, layer: int, *, examples: int = 20, block_rows:
     with tqdm(total=store.n_rows, desc=f"discover layer {layer}", unit="row", disable=not progress) as bar:
         for samples, x in store.iter_sample_blocks(layer, block_rows):
             padded = _pad_block(samples, x, offsets, block_rows, max_samples)
-            state, smax, smean = update(sae.cfg, examples, max_samples, mesh, state, sae.params, sae.threshold,
-                                        sae.input_scale, *map(jnp.asarray, padded))
+            state, smax, smean = update(sae.cfg, examples, max_samples, mesh, token_examples, state, sae.params,
+                                        sae.threshold, sae.input_scale, *map(jnp.asarray, padded))
             sample_max[samples] = np.asarray(smax[: len(samples)])
             sample_mean[samples] = np.asarray(smean[: len(samples)])
             bar.update(len(x))

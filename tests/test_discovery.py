@@ -97,6 +97,12 @@ def test_streaming_statistics_equal_brute_force(tmp_path, planted, devices):
         np.testing.assert_allclose(result.top["moments"][0][h], np.sort(f[:, h])[::-1][:5], rtol=1e-5, atol=1e-6)
         rows = result.top["moments"][1][h]
         np.testing.assert_allclose(f[rows, h], result.top["moments"][0][h], rtol=1e-5, atol=1e-6)
+    lean = feature_pass(sae, store, 0, examples=5, block_rows=64, progress=False, devices=devices,
+                        token_examples=False)
+    np.testing.assert_array_equal(lean.token_count, result.token_count)
+    np.testing.assert_array_equal(lean.sample_max, result.sample_max)
+    np.testing.assert_array_equal(lean.top["max"][1], result.top["max"][1])
+    assert (lean.top["moments"][1] == -1).all(), "no token examples unless asked for"
 
 
 def test_auroc_matches_pairwise_definition():
