@@ -5,11 +5,18 @@ of the latents. Reconstructions are summed over the model axis, losses over the 
 TopK / BatchTopK select exactly with ``select.top_mask`` (counts all-reduced, never a gather
 of activations). On a 1x1 mesh every collective is the identity, so one code path serves one
 device and a pod.
+
+The step takes gradients from ``shard_loss_and_grads``: for TopK, BatchTopK and Matryoshka at
+widths where it pays (``backward="auto"``), the reconstruction and its gradient come from
+``sparse`` (k rows per token, no [B, h] backward); otherwise from autodiff of the dense loss.
+Both give the same selection and the same gradients up to float rounding.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +27,8 @@ from jax.sharding import PartitionSpec as P
 from . import sharding as S
 from .config import SAEConfig
 from .model import SAEParams
-from .select import top_mask
+from .select import top_candidates, top_candidates_batch, top_mask
+from .sparse import Active, Tuning, recon_and_grads, tuning_for
 
 BOTH = (S.DATA, S.MODEL)
 
@@ -34,6 +42,11 @@ class LossSettings:
     sparsity_warmup_steps: int
     aux_penalty: float
     dead_tokens: int
+    backward: Literal["auto", "sparse", "dense"] = "auto"
+
+    def batch_candidates(self) -> int:
+        """Per-row candidates for the batch-wide selection (BatchTopK, Matryoshka)."""
+        return 2 * self.sae.top_k
 
 
 def _group_parts(cfg: SAEConfig, f_BH, W_dec_HD, model_shards: int):
@@ -53,22 +66,36 @@ def _group_ids(cfg: SAEConfig, hidden_local: int) -> jax.Array:
     return jnp.sum(index[:, None] >= jnp.asarray(cfg.prefix_ends)[None, :-1], axis=1)
 
 
-def _shard_loss(params: SAEParams, counters_H, step, x_BD, *, s: LossSettings, global_batch: int,
-                model_shards: int):
-    cfg = s.sae
+class Main(NamedTuple):
+    """The reconstruction term's value and what the rest of the step needs from it."""
+
+    recon: jax.Array
+    l1: jax.Array
+    x_hat_BD: jax.Array
+    fired_H: jax.Array  # this shard's latents that fired on this shard's tokens
+    l0: jax.Array
+    smallest: jax.Array
+
+
+def _pre(params: SAEParams, x_BD):
     # (x - b_dec) W_enc written as x W_enc - b_dec W_enc: the data term needs no input gradient,
     # so b_dec's gradient is a vector-matrix product instead of a [B, h] x [h, d] GEMM.
-    pre_BH = x_BD @ params.W_enc_DH + (params.b_enc_H - params.b_dec_D @ params.W_enc_DH)
-    act_BH = jax.nn.relu(pre_BH)
+    return x_BD @ params.W_enc_DH + (params.b_enc_H - params.b_dec_D @ params.W_enc_DH)
+
+
+def _dense_main(params: SAEParams, step, x_BD, *, s: LossSettings, global_batch: int, model_shards: int):
+    """Reconstruction loss (plus L1 for Vanilla) by dense matmuls, for autodiff."""
+    cfg = s.sae
+    act_BH = jax.nn.relu(_pre(params, x_BD))
     smallest = jnp.float32(0.0)
     if cfg.sae_type == "vanilla":
         f_BH = act_BH
     elif cfg.sae_type == "topk":
-        mask, _ = top_mask(lax.stop_gradient(pre_BH), cfg.top_k, (S.MODEL,), row_wise=True)
+        mask, _ = top_mask(lax.stop_gradient(act_BH), cfg.top_k, (S.MODEL,), row_wise=True)
         f_BH = jnp.where(mask, act_BH, 0.0)
     else:
-        mask, smallest = top_mask(lax.stop_gradient(pre_BH), cfg.top_k * global_batch, BOTH, row_wise=False,
-                                  row_candidates=2 * cfg.top_k)
+        mask, smallest = top_mask(lax.stop_gradient(act_BH), cfg.top_k * global_batch, BOTH, row_wise=False,
+                                  row_candidates=s.batch_candidates())
         f_BH = jnp.where(mask, act_BH, 0.0)
 
     def per_data_mean(value):
@@ -84,57 +111,179 @@ def _shard_loss(params: SAEParams, counters_H, step, x_BD, *, s: LossSettings, g
     else:
         x_hat_BD = lax.psum(f_BH @ params.W_dec_HD, S.MODEL) + params.b_dec_D
         recon = per_data_mean(jnp.sum((x_BD - x_hat_BD) ** 2))
-    loss = recon
-    l1 = aux_loss = jnp.float32(0.0)
+    loss, l1 = recon, jnp.float32(0.0)
     if cfg.sae_type == "vanilla":
         l1 = lax.psum(jnp.sum(f_BH * jnp.linalg.norm(params.W_dec_HD, axis=1)), BOTH) / global_batch
         loss = loss + s.sparsity_coef * jnp.minimum(1.0, (step + 1) / s.sparsity_warmup_steps) * l1
-    else:
-        aux_loss = _aux_k(params, x_BD, lax.stop_gradient(x_hat_BD), act_BH, counters_H, s, global_batch)
-        loss = loss + s.aux_penalty * aux_loss
+    l0 = lax.psum(jnp.sum(f_BH > 0), BOTH) / global_batch
+    return loss, Main(recon, l1, x_hat_BD, jnp.any(f_BH > 0, axis=0), l0, smallest)
+
+
+def use_sparse(s: LossSettings, hidden_local: int, tuning: Tuning) -> bool:
+    """Whether this step takes the sparse reconstruction and backward."""
+    if s.sae.sae_type == "vanilla" or s.backward == "dense":
+        return False
+    candidates = s.sae.top_k if s.sae.sae_type == "topk" else s.batch_candidates()
+    return s.backward == "sparse" or hidden_local >= tuning.min_ratio * candidates
+
+
+def _sparse_part(params: SAEParams, x_BD, cand, *, cfg: SAEConfig, global_batch: int, tuning: Tuning):
+    """Reconstruction and gradients of one candidate list (rows without kept values must have
+    x = b_dec there, so they add nothing), plus what the metrics need."""
+    hidden_local = params.b_enc_H.shape[0]
+    val_BC = jnp.where(cand.keep_BC, cand.val_BC, 0.0)
+    groups = _group_ids(cfg, hidden_local)[cand.idx_BC] if cfg.sae_type == "matryoshka" else None
+    result = recon_and_grads(params, x_BD, Active(cand.idx_BC, val_BC, groups),
+                             groups=len(cfg.group_sizes) if groups is not None else 1,
+                             global_batch=global_batch, tuning=tuning)
+    kept = val_BC > 0
+    fired_H = jnp.zeros((hidden_local,), bool).at[cand.idx_BC].max(kept)
+    return result, fired_H, jnp.sum(kept)
+
+
+def _sparse_main(params: SAEParams, step, x_BD, *, s: LossSettings, global_batch: int, model_shards: int,
+                 tuning: Tuning):
+    """(Main, grads, fallback): the sparse path; for the batch-wide selection, the dense one
+    when it does not fit the candidate lists (counted in the ``dense_fallback`` metric)."""
+    cfg = s.sae
+    part = functools.partial(_sparse_part, cfg=cfg, global_batch=global_batch, tuning=tuning)
+    pre_BH = _pre(params, x_BD)
+    if cfg.sae_type == "topk":
+        result, fired_H, kept = part(params, x_BD, top_candidates(pre_BH, cfg.top_k, (S.MODEL,)))
+        l0 = lax.psum(kept, BOTH) / global_batch
+        return Main(result.recon, jnp.float32(0.0), result.x_hat_BD, fired_H, l0, jnp.float32(0.0)), \
+            result.grads, jnp.float32(0.0)
+
+    B = x_BD.shape[0]
+    cand = top_candidates_batch(pre_BH, cfg.top_k * global_batch, BOTH, s.batch_candidates(),
+                                overflow_rows=max(1, B // 16), overflow_candidates=8 * s.batch_candidates(),
+                                latent_axes=(S.MODEL,))
+
+    def sparse():
+        # Overflow rows are left out of the main list (x = b_dec there) and done with their own.
+        x_main_BD = x_BD.at[cand.rows_R].set(params.b_dec_D, mode="drop")
+        main, fired_H, kept = part(params, x_main_BD, cand.main)
+
+        def with_wide():
+            used_R = (cand.rows_R < B)[:, None]
+            x_R = jnp.where(used_R, x_BD[jnp.minimum(cand.rows_R, B - 1)], params.b_dec_D)
+            wide, fired_wide_H, kept_wide = part(params, x_R, cand.wide)
+            x_hat_BD = main.x_hat_BD.at[cand.rows_R].set(wide.x_hat_BD, mode="drop")
+            grads = jax.tree.map(jnp.add, main.grads, wide.grads)
+            return main.recon + wide.recon, x_hat_BD, grads, fired_H | fired_wide_H, kept + kept_wide
+
+        without = lambda: (main.recon, main.x_hat_BD, main.grads, fired_H, kept)  # noqa: E731
+        any_wide = lax.psum(jnp.sum(cand.rows_R < B), S.DATA) > 0  # rows_R is the same across model
+        recon, x_hat_BD, grads, fired_H, kept = lax.cond(any_wide, with_wide, without)
+        l0 = lax.psum(kept, BOTH) / global_batch
+        return Main(recon, jnp.float32(0.0), x_hat_BD, fired_H, l0, cand.kth), grads
+
+    def dense():
+        (_, main), grads = jax.value_and_grad(_dense_main, has_aux=True)(
+            params, step, x_BD, s=s, global_batch=global_batch, model_shards=model_shards)
+        return main, grads
+
+    return lax.cond(cand.complete, sparse, dense) + (1.0 - cand.complete.astype(jnp.float32),)
+
+
+def _aux_loss(params: SAEParams, x_BD, x_hat_BD, dead_H, s: LossSettings, global_batch: int):
+    """AuxK: the detached residual reconstructed from the top min(d/2, dead) dead latents,
+    normalised by the residual's variance."""
+    cfg = s.sae
+    dead_act_BH = jnp.where(dead_H, jax.nn.relu(_pre(params, x_BD)), 0.0)
+    mask, _ = top_mask(lax.stop_gradient(dead_act_BH), min(cfg.d_model // 2, cfg.hidden_dim), (S.MODEL,),
+                       row_wise=True)
+    e_hat_BD = lax.psum(jnp.where(mask, dead_act_BH, 0.0) @ params.W_dec_HD, S.MODEL)
+    residual_BD = x_BD - x_hat_BD
+    err = lax.psum(jnp.sum((residual_BD - e_hat_BD) ** 2), S.DATA)
+    mean_D = lax.psum(jnp.sum(residual_BD, axis=0), S.DATA) / global_batch
+    var = lax.psum(jnp.sum((residual_BD - mean_D) ** 2), S.DATA)
+    return err / jnp.maximum(var, 1e-12)
+
+
+def _any_dead(counters_H, s: LossSettings):
+    dead_H = counters_H >= s.dead_tokens
+    return dead_H, lax.psum(jnp.sum(dead_H), S.MODEL) > 0
+
+
+def _metrics(main: Main, aux_loss, x_BD, global_batch: int, **extra):
     x_mean_D = lax.psum(jnp.sum(x_BD, axis=0), S.DATA) / global_batch
     total_var = lax.psum(jnp.sum((x_BD - x_mean_D) ** 2), S.DATA)
-    err = lax.psum(jnp.sum((x_BD - x_hat_BD) ** 2), S.DATA)
-    fired_H = lax.psum(jnp.any(f_BH > 0, axis=0).astype(jnp.int32), S.DATA) > 0
-    metrics = {
-        "recon": recon, "aux_loss": aux_loss, "l1": l1,
-        "fvu": err / jnp.maximum(total_var, 1e-12),
-        "l0": lax.psum(jnp.sum(f_BH > 0), BOTH) / global_batch,
-        "smallest": smallest,
-    }
-    return loss, (metrics, fired_H)
+    err = lax.psum(jnp.sum((x_BD - main.x_hat_BD) ** 2), S.DATA)
+    fired_H = lax.psum(main.fired_H.astype(jnp.int32), S.DATA) > 0
+    metrics = {"recon": main.recon, "aux_loss": aux_loss, "l1": main.l1,
+               "fvu": err / jnp.maximum(total_var, 1e-12), "l0": main.l0, "smallest": main.smallest, **extra}
+    return metrics, fired_H
 
 
-def _aux_k(params, x_BD, x_hat_BD, act_BH, counters_H, s: LossSettings, global_batch: int):
-    """AuxK: the detached residual reconstructed from the top min(d/2, dead) dead latents,
-    normalised by the residual's variance; zero when nothing is dead."""
+def _shard_loss(params: SAEParams, counters_H, step, x_BD, *, s: LossSettings, global_batch: int,
+                model_shards: int):
+    """The whole loss, differentiable: reconstruction (+ L1) + AuxK while latents are dead."""
+    loss, main = _dense_main(params, step, x_BD, s=s, global_batch=global_batch, model_shards=model_shards)
+    aux_loss = jnp.float32(0.0)
+    if s.sae.sae_type != "vanilla":
+        dead_H, any_dead = _any_dead(counters_H, s)
+        x_hat_BD = lax.stop_gradient(main.x_hat_BD)
+        aux_loss = lax.cond(any_dead, lambda: _aux_loss(params, x_BD, x_hat_BD, dead_H, s, global_batch),
+                            lambda: jnp.float32(0.0))
+        loss = loss + s.aux_penalty * aux_loss
+    return loss, _metrics(main, aux_loss, x_BD, global_batch)
+
+
+def _shard_loss_and_grads(params: SAEParams, counters_H, step, x_BD, *, s: LossSettings, global_batch: int,
+                          model_shards: int, tuning: Tuning):
+    """(loss, grads, metrics, fired_H). AuxK's dense gradient is computed only while some
+    latent is dead (inside a ``cond``), so it costs nothing in the common case."""
     cfg = s.sae
-    dead_H = counters_H >= s.dead_tokens
-    any_dead = lax.psum(jnp.sum(dead_H), S.MODEL) > 0
+    kwargs = dict(s=s, global_batch=global_batch, model_shards=model_shards)
+    fallback = jnp.float32(0.0)
+    if use_sparse(s, params.b_enc_H.shape[0], tuning):
+        main, grads, fallback = _sparse_main(params, step, x_BD, tuning=tuning, **kwargs)
+        loss = main.recon
+    else:
+        (loss, main), grads = jax.value_and_grad(_dense_main, has_aux=True)(params, step, x_BD, **kwargs)
+    aux_loss = jnp.float32(0.0)
+    if cfg.sae_type != "vanilla":
+        dead_H, any_dead = _any_dead(counters_H, s)
+        x_hat_BD = lax.stop_gradient(main.x_hat_BD)
 
-    def loss():
-        dead_act_BH = jnp.where(dead_H, act_BH, 0.0)
-        mask, _ = top_mask(lax.stop_gradient(dead_act_BH), min(cfg.d_model // 2, cfg.hidden_dim), (S.MODEL,),
-                           row_wise=True)
-        e_hat_BD = lax.psum(jnp.where(mask, dead_act_BH, 0.0) @ params.W_dec_HD, S.MODEL)
-        residual_BD = x_BD - x_hat_BD
-        err = lax.psum(jnp.sum((residual_BD - e_hat_BD) ** 2), S.DATA)
-        mean_D = lax.psum(jnp.sum(residual_BD, axis=0), S.DATA) / global_batch
-        var = lax.psum(jnp.sum((residual_BD - mean_D) ** 2), S.DATA)
-        return err / jnp.maximum(var, 1e-12)
+        def with_aux(grads):
+            aux, aux_grads = jax.value_and_grad(_aux_loss)(params, x_BD, x_hat_BD, dead_H, s, global_batch)
+            return aux, jax.tree.map(lambda g, a: g + s.aux_penalty * a, grads, aux_grads)
 
-    # Skipped entirely while no latent is dead (the common case once training has settled).
-    return lax.cond(any_dead, loss, lambda: jnp.float32(0.0))
+        aux_loss, grads = lax.cond(any_dead, with_aux, lambda g: (jnp.float32(0.0), g), grads)
+        loss = loss + s.aux_penalty * aux_loss
+    metrics, fired_H = _metrics(main, aux_loss, x_BD, global_batch, dense_fallback=fallback)
+    return loss, grads, metrics, fired_H
+
+
+def _param_specs() -> SAEParams:
+    return SAEParams(*(S.FIELD_SPECS[f] for f in ("W_enc_DH", "b_enc_H", "W_dec_HD", "b_dec_D")))
+
+
+METRICS = ("recon", "aux_loss", "l1", "fvu", "l0", "smallest")
 
 
 def sharded_loss(settings: LossSettings, mesh: Mesh, global_batch: int):
-    """``loss(params, counters, step, x) -> (loss, (metrics, fired_H))`` over the mesh."""
-    param_specs = SAEParams(*(S.FIELD_SPECS[f] for f in ("W_enc_DH", "b_enc_H", "W_dec_HD", "b_dec_D")))
+    """``loss(params, counters, step, x) -> (loss, (metrics, fired_H))`` over the mesh (dense,
+    differentiable: the reference the sparse gradients are tested against)."""
 
     def local(params, counters_H, step, x_BD):
         return _shard_loss(params, counters_H, step, x_BD, s=settings, global_batch=global_batch,
                            model_shards=mesh.shape[S.MODEL])
 
-    metric_specs = {k: P() for k in ("recon", "aux_loss", "l1", "fvu", "l0", "smallest")}
-    return jax.shard_map(local, mesh=mesh, in_specs=(param_specs, P(S.MODEL), P(), S.BATCH),
-                         out_specs=(P(), (metric_specs, P(S.MODEL))))
+    return jax.shard_map(local, mesh=mesh, in_specs=(_param_specs(), P(S.MODEL), P(), S.BATCH),
+                         out_specs=(P(), ({k: P() for k in METRICS}, P(S.MODEL))))
+
+
+def sharded_loss_and_grads(settings: LossSettings, mesh: Mesh, global_batch: int):
+    """``fn(params, counters, step, x) -> (loss, grads, metrics, fired_H)`` over the mesh."""
+    tuning = tuning_for(mesh.devices.flat[0].platform)
+
+    def local(params, counters_H, step, x_BD):
+        return _shard_loss_and_grads(params, counters_H, step, x_BD, s=settings, global_batch=global_batch,
+                                     model_shards=mesh.shape[S.MODEL], tuning=tuning)
+
+    metric_specs = {k: P() for k in METRICS + ("dense_fallback",)}
+    return jax.shard_map(local, mesh=mesh, in_specs=(_param_specs(), P(S.MODEL), P(), S.BATCH),
+                         out_specs=(P(), _param_specs(), metric_specs, P(S.MODEL)))

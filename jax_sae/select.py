@@ -11,7 +11,7 @@ threshold are kept in a fixed order (shard, then position) until exactly k are k
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +65,11 @@ def _shard_offset(local_count, axes: Sequence[str]):
 
 def _row_kth_bits(values: jax.Array, k: int, axes: Sequence[str]) -> jax.Array:
     """Per-row k-th largest: each shard's top-k candidates, merged across ``axes``."""
-    local = lax.top_k(values, min(k, values.shape[-1]))[0]
+    return _merge_row_kth(lax.top_k(values, min(k, values.shape[-1]))[0], k, axes)
+
+
+def _merge_row_kth(local: jax.Array, k: int, axes: Sequence[str]) -> jax.Array:
+    """Bits of the per-row k-th largest, given each shard's top values in descending order."""
     for axis in axes:
         local = lax.all_gather(local, axis, axis=local.ndim - 1, tiled=True)
     return lax.bitcast_convert_type(lax.top_k(local, k)[0][..., k - 1], jnp.int32)
@@ -85,18 +89,8 @@ def _batch_kth_bits(values: jax.Array, bits: jax.Array, k, axes: Sequence[str], 
     return lax.cond(spill == 0, lambda: tau, lambda: kth_largest_bits(bits, k, axes, row_wise=False))
 
 
-def top_mask(values: jax.Array, k, axes: Sequence[str], row_wise: bool,
-             row_candidates: int | None = None) -> tuple[jax.Array, jax.Array]:
-    """Mask of the k largest positive ``values`` (per row, or over the whole array) across the
-    shards along ``axes``; returns (mask, k-th largest value). Per row, each shard's top-k is
-    merged; over the whole array, a count bisection on each row's top ``row_candidates`` (all
-    values when None), verified exact."""
-    values = jnp.maximum(values, 0.0).astype(jnp.float32)
-    bits = lax.bitcast_convert_type(values, jnp.int32)
-    if row_wise:
-        tau = _row_kth_bits(values, k, axes)
-    else:
-        tau = _batch_kth_bits(values, bits, k, axes, row_candidates or values.shape[-1])
+def _keep(bits: jax.Array, tau: jax.Array, k, axes: Sequence[str], row_wise: bool) -> jax.Array:
+    """Values above the threshold, plus tied values in (shard, position) order until k are kept."""
     tau_b = tau[..., None] if row_wise else tau
     above = bits > tau_b
     tied = (bits == tau_b) & (tau_b > 0)
@@ -117,5 +111,93 @@ def top_mask(values: jax.Array, k, axes: Sequence[str], row_wise: bool,
 
     # Usually every tie fits (a single value sits at the threshold): no ranking pass needed.
     fits = jnp.all(count(tied) <= room)
-    mask = lax.cond(fits, lambda: above | tied, ranked)
-    return mask, lax.bitcast_convert_type(tau, jnp.float32)
+    return lax.cond(fits, lambda: above | tied, ranked)
+
+
+def top_mask(values: jax.Array, k, axes: Sequence[str], row_wise: bool,
+             row_candidates: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Mask of the k largest positive ``values`` (per row, or over the whole array) across the
+    shards along ``axes``; returns (mask, k-th largest value). Per row, each shard's top-k is
+    merged; over the whole array, a count bisection on each row's top ``row_candidates`` (all
+    values when None), verified exact."""
+    values = jnp.maximum(values, 0.0).astype(jnp.float32)
+    bits = lax.bitcast_convert_type(values, jnp.int32)
+    if row_wise:
+        tau = _row_kth_bits(values, k, axes)
+    else:
+        tau = _batch_kth_bits(values, bits, k, axes, row_candidates or values.shape[-1])
+    return _keep(bits, tau, k, axes, row_wise), lax.bitcast_convert_type(tau, jnp.float32)
+
+
+class Candidates(NamedTuple):
+    """Each row's top candidates: latent index, value (ReLU'd), whether it is kept, and
+    whether the candidates hold every kept value (else the caller must use ``top_mask``)."""
+
+    idx_BC: jax.Array
+    val_BC: jax.Array
+    keep_BC: jax.Array
+    kth: jax.Array
+    complete: jax.Array
+
+
+def top_candidates(values: jax.Array, k: int, axes: Sequence[str]) -> Candidates:
+    """Per-row top-k in sparse form ([B, k]): the kept set of ``top_mask(row_wise=True)``, ties
+    ranked in the same order (equal candidates come in position order)."""
+    width = min(k, values.shape[-1])
+    val_BC, idx_BC = lax.top_k(values, width)
+    val_BC = jnp.maximum(val_BC, 0.0)  # only positive values are kept
+    bits = lax.bitcast_convert_type(val_BC, jnp.int32)
+    tau = _merge_row_kth(val_BC, k, axes)
+    keep = _keep(bits, tau, k, axes, row_wise=True)
+    return Candidates(idx_BC, val_BC, keep, lax.bitcast_convert_type(tau, jnp.float32), jnp.bool_(True))
+
+
+class BatchCandidates(NamedTuple):
+    """A batch-wide selection in sparse form: C candidates for every row, and C2 for the rows
+    (``rows_R``; B marks an unused slot) whose C candidates may not hold all their kept values.
+    Those rows' entries in ``main`` are not kept; ``complete`` says whether all is exact."""
+
+    main: Candidates
+    rows_R: jax.Array
+    wide: Candidates
+    kth: jax.Array
+    complete: jax.Array
+
+
+def top_candidates_batch(values: jax.Array, k, axes: Sequence[str], row_candidates: int, overflow_rows: int,
+                         overflow_candidates: int, latent_axes: Sequence[str] = ()) -> BatchCandidates:
+    """The kept set of ``top_mask(row_wise=False)`` in sparse form. The threshold is bisected
+    over each row's top ``row_candidates``; rows that may hold more values above it (a heavy
+    token) get ``overflow_candidates`` instead, up to ``overflow_rows`` such rows per shard,
+    and the bisection reruns over both lists. Not complete when more rows overflow, or a
+    wide row is still not wide enough. Ties: main rows first, then overflow rows. A row
+    overflows on every shard of ``latent_axes`` (those splitting the latents) if it does on one,
+    so all of a row's partial reconstructions come from the same list."""
+    B, H = values.shape
+    C, C2 = min(row_candidates, H), min(overflow_candidates, H)
+    val_BC, idx_BC = lax.top_k(values, C)
+    val_BC = jnp.maximum(val_BC, 0.0)
+    bits_BC = lax.bitcast_convert_type(val_BC, jnp.int32)
+    first = kth_largest_bits(bits_BC, k, axes, row_wise=False)
+    last_B = bits_BC[:, -1]
+    suspect_B = (last_B >= first) & (last_B > 0) if C < H else jnp.zeros((B,), bool)
+    suspect_B = _psum(suspect_B.astype(jnp.int32), latent_axes) > 0
+    row_axes = [a for a in axes if a not in latent_axes]  # suspect_B is the same across latent_axes
+    rows_R = jnp.nonzero(suspect_B, size=overflow_rows, fill_value=B)[0]
+    used_R = rows_R < B
+    wide_val, wide_idx = lax.top_k(values[jnp.minimum(rows_R, B - 1)], C2)
+    wide_val = jnp.where(used_R[:, None], jnp.maximum(wide_val, 0.0), 0.0)
+    wide_bits = lax.bitcast_convert_type(wide_val, jnp.int32)
+    bits_BC = jnp.where(suspect_B[:, None], 0, bits_BC)
+    all_bits = jnp.concatenate([bits_BC.reshape(-1), wide_bits.reshape(-1)])
+    # Without overflow rows the first threshold stands (the wide list is all zeros).
+    any_suspect = _psum(jnp.sum(suspect_B).astype(jnp.int32), row_axes) > 0
+    tau = lax.cond(any_suspect, lambda: kth_largest_bits(all_bits, k, axes, row_wise=False), lambda: first)
+    keep = _keep(all_bits, tau, k, axes, row_wise=False)
+    fits = _psum((jnp.sum(suspect_B) > overflow_rows).astype(jnp.int32), row_axes) == 0
+    still = (wide_bits[:, -1] >= tau) & (wide_bits[:, -1] > 0) & (C2 < H)
+    complete = fits & (_psum(jnp.sum(still), axes) == 0)
+    kth = lax.bitcast_convert_type(tau, jnp.float32)
+    main = Candidates(idx_BC, val_BC, keep[: B * C].reshape(B, C), kth, complete)
+    wide = Candidates(wide_idx, wide_val, keep[B * C:].reshape(-1, C2), kth, complete)
+    return BatchCandidates(main, rows_R, wide, kth, complete)

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from . import model as M
 from . import sharding as S
-from .forward import LossSettings, sharded_loss
+from .forward import LossSettings, sharded_loss_and_grads
 
 # Counters saturate here instead of overflowing int32.
 _COUNTER_CAP = 1 << 30
@@ -74,12 +74,11 @@ def init_state(params: M.SAEParams, optimizer: optax.GradientTransformation, inp
     )
 
 
-def train_step(state: TrainState, x_BD: jax.Array, *, optimizer, loss_fn, dead_tokens: int, uses_threshold: bool):
+def train_step(state: TrainState, x_BD: jax.Array, *, optimizer, grads_fn, dead_tokens: int, uses_threshold: bool):
     """Scale the raw batch, take one optimizer step, keep the decoder unit-norm, update the
     dead-latent counters and the inference threshold. Pure: returns (state, metrics)."""
     x_BD = x_BD.astype(jnp.float32) * state.input_scale
-    (loss, (metrics, fired_H)), grads = jax.value_and_grad(
-        lambda p: loss_fn(p, state.tokens_since_fired_H, state.step, x_BD), has_aux=True)(state.params)
+    loss, grads, metrics, fired_H = grads_fn(state.params, state.tokens_since_fired_H, state.step, x_BD)
     grads = grads.replace(W_dec_HD=M.project_decoder_grad(state.params.W_dec_HD, grads.W_dec_HD))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = M.normalize_decoder(optax.apply_updates(state.params, updates))
@@ -96,7 +95,7 @@ def train_step(state: TrainState, x_BD: jax.Array, *, optimizer, loss_fn, dead_t
 def compile_train_step(optimizer, settings: LossSettings, mesh, state: TrainState, global_batch: int):
     """The step jitted once for this mesh, with explicit shardings and the state donated."""
     state_shardings = S.shardings(state, mesh)
-    step = functools.partial(train_step, optimizer=optimizer, loss_fn=sharded_loss(settings, mesh, global_batch),
+    step = functools.partial(train_step, optimizer=optimizer, grads_fn=sharded_loss_and_grads(settings, mesh, global_batch),
                              dead_tokens=settings.dead_tokens, uses_threshold=settings.sae.uses_threshold)
     replicated = NamedSharding(mesh, P())
     return jax.jit(step, in_shardings=(state_shardings, NamedSharding(mesh, S.BATCH)),
