@@ -1,7 +1,9 @@
 """``python -m bench.train_bench``: SAE train-step throughput, ours against a PyTorch reference
 and against the encoder-GEMM bound, measured in the same run.
 
-- ours: ``jax_sae.step.compile_train_step`` on a 1x1 mesh (the trainer's exact step).
+- ours: ``jax_sae.step.compile_train_step`` on a 1x1 mesh (the trainer's exact step, with
+  ``--backward auto``: the sparse reconstruction and backward at these widths), and the same
+  step with the dense backward forced ("ours dense").
 - reference: the same math written as the original does it in PyTorch: dense encode, dense
   decode, ``torch.topk`` (per row, or over the flattened batch for BatchTopK/Matryoshka),
   AdamW, gradient clipping, decoder-gradient projection and renormalisation.
@@ -41,7 +43,8 @@ def _time_steps(step, state, x, steps: int):
     return times
 
 
-def ours(sae_type: str, d: int, h: int, k: int, batch: int, steps: int):
+def ours(sae_type: str, d: int, h: int, k: int, batch: int, steps: int, backward: str = "auto",
+         compute_dtype: str = "float32"):
     import jax
 
     from jax_sae import model as M
@@ -56,7 +59,8 @@ def ours(sae_type: str, d: int, h: int, k: int, batch: int, steps: int):
     optimizer = make_optimizer(1e-4, 1000, 0.0)
     state = init_state(M.init_params(jax.random.PRNGKey(0), cfg, np.zeros(d, np.float32)), optimizer, 1.0)
     state = jax.device_put(state, shardings(state, mesh))
-    step_fn = compile_train_step(optimizer, LossSettings(cfg, 1.0, 50, 1 / 32, 10**7), mesh, state, batch)
+    settings = LossSettings(cfg, 1.0, 50, 1 / 32, 10**7, backward, compute_dtype)
+    step_fn = compile_train_step(optimizer, settings, mesh, state, batch)
     x = jax.device_put(_data(d, batch))
 
     def step(st, x):
@@ -65,6 +69,17 @@ def ours(sae_type: str, d: int, h: int, k: int, batch: int, steps: int):
         return st
 
     return _time_steps(step, state, x, steps)
+
+
+def _path(sae_type: str, d: int, h: int, k: int) -> str:
+    """Which backward ``--backward auto`` takes for this shape on this machine."""
+    from jax_sae.config import SAEConfig
+    from jax_sae.forward import LossSettings, use_sparse
+    from jax_sae.sparse import tuning_for
+
+    settings = LossSettings(SAEConfig(sae_type=sae_type, d_model=d, hidden_dim=h, top_k=k,
+                                      group_sizes=(h,) if sae_type == "matryoshka" else ()), 1.0, 50, 1 / 32, 10**7)
+    return "sparse" if use_sparse(settings, h, tuning_for("cpu")) else "dense"
 
 
 def reference(sae_type: str, d: int, h: int, k: int, batch: int, steps: int):
@@ -132,6 +147,8 @@ def main() -> None:
     parser.add_argument("--settings", default="medium,wide", help="comma-separated: " + ", ".join(SETTINGS))
     parser.add_argument("--types", default=",".join(TYPES), help="SAE types to measure")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement (after a warm-up)")
+    parser.add_argument("--no-dense", dest="dense", action="store_false",
+                        help="skip timing our step with the dense backward forced (--backward dense)")
     args = parser.parse_args()
     figures, derived, targets = {}, {}, []
     for name in args.settings.split(","):
@@ -143,13 +160,20 @@ def main() -> None:
         derived[f"{name}: encoder-GEMM bound (tokens/s)"] = bound
         for sae_type in args.types.split(","):
             print(f"[{name}] {sae_type} (d={d}, h={h}, k={k}, batch={batch})", flush=True)
-            for impl, fn in (("ours", ours), ("pytorch", reference)):
+            runs = [("ours", lambda *a: ours(*a, backward="auto"))]
+            if args.dense:
+                runs.append(("ours dense", lambda *a: ours(*a, backward="dense")))
+            runs.append(("pytorch", reference))
+            for impl, fn in runs:
                 times = fn(sae_type, d, h, k, batch, args.steps)
                 figures[f"{name} {sae_type}: {impl}"] = summarize([batch / t for t in times], "tok/s")
             ours_tps = figures[f"{name} {sae_type}: ours"]["median"]
             torch_tps = figures[f"{name} {sae_type}: pytorch"]["median"]
+            derived[f"{name} {sae_type}: ours path"] = _path(sae_type, d, h, k)
             derived[f"{name} {sae_type}: ours / pytorch"] = ours_tps / torch_tps
             derived[f"{name} {sae_type}: ours / bound"] = ours_tps / bound
+            if args.dense:
+                derived[f"{name} {sae_type}: ours / ours dense"] = ours_tps / figures[f"{name} {sae_type}: ours dense"]["median"]
             if sae_type in ("topk", "batch_topk"):
                 targets.append(target(f"{name} {sae_type} vs pytorch", ours_tps / torch_tps, ">= 1.5x",
                                       ours_tps / torch_tps >= 1.5))

@@ -39,7 +39,8 @@ def compile_report(cfg) -> dict:
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                             state_shardings)
     batch = jax.ShapeDtypeStruct((cfg.batch_size, d_model), jnp.float32, sharding=NamedSharding(mesh, BATCH))
-    settings = LossSettings(sae, cfg.sparsity_coef, 50, cfg.aux_penalty, cfg.dead_tokens)
+    settings = LossSettings(sae, cfg.sparsity_coef, 50, cfg.aux_penalty, cfg.dead_tokens, cfg.backward,
+                            cfg.compute_dtype)
     compiled = compile_train_step(optimizer, settings, mesh, abstract, cfg.batch_size).lower(abstract, batch).compile()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()

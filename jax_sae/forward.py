@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 from . import sharding as S
 from .config import SAEConfig
 from .model import SAEParams
-from .select import top_candidates, top_candidates_batch, top_mask
+from .select import batch_candidates, top_candidates, top_mask, with_overflow_rows
 from .sparse import Active, Tuning, recon_and_grads, tuning_for
 
 BOTH = (S.DATA, S.MODEL)
@@ -43,20 +43,28 @@ class LossSettings:
     aux_penalty: float
     dead_tokens: int
     backward: Literal["auto", "sparse", "dense"] = "auto"
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def batch_candidates(self) -> int:
         """Per-row candidates for the batch-wide selection (BatchTopK, Matryoshka)."""
         return 2 * self.sae.top_k
 
 
-def _group_parts(cfg: SAEConfig, f_BH, W_dec_HD, model_shards: int):
+def _mm(a, b, dtype: str):
+    """a @ b with inputs in ``dtype`` (bfloat16 on accelerators) and float32 accumulation."""
+    if dtype == "float32":
+        return a @ b
+    return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _group_parts(cfg: SAEConfig, f_BH, W_dec_HD, model_shards: int, dtype: str):
     """Each Matryoshka group's share of the reconstruction from this shard's latents. Unsplit
     latents take static slices (one decoder GEMM in all); split ones mask by group."""
     if model_shards == 1:
         starts = (0,) + cfg.prefix_ends[:-1]
-        return [f_BH[:, a:b] @ W_dec_HD[a:b] for a, b in zip(starts, cfg.prefix_ends)]
+        return [_mm(f_BH[:, a:b], W_dec_HD[a:b], dtype) for a, b in zip(starts, cfg.prefix_ends)]
     groups = _group_ids(cfg, f_BH.shape[1])
-    return [jnp.where(groups == g, f_BH, 0.0) @ W_dec_HD for g in range(len(cfg.group_sizes))]
+    return [_mm(jnp.where(groups == g, f_BH, 0.0), W_dec_HD, dtype) for g in range(len(cfg.group_sizes))]
 
 
 def _group_ids(cfg: SAEConfig, hidden_local: int) -> jax.Array:
@@ -77,16 +85,34 @@ class Main(NamedTuple):
     smallest: jax.Array
 
 
-def _pre(params: SAEParams, x_BD):
+def _pre(params: SAEParams, x_BD, dtype: str):
     # (x - b_dec) W_enc written as x W_enc - b_dec W_enc: the data term needs no input gradient,
     # so b_dec's gradient is a vector-matrix product instead of a [B, h] x [h, d] GEMM.
-    return x_BD @ params.W_enc_DH + (params.b_enc_H - params.b_dec_D @ params.W_enc_DH)
+    return _mm(x_BD, params.W_enc_DH, dtype) + (params.b_enc_H - params.b_dec_D @ params.W_enc_DH)
+
+
+def _dense_recon(params: SAEParams, x_BD, f_BH, *, cfg: SAEConfig, global_batch: int, model_shards: int,
+                 dtype: str):
+    """Reconstruction loss of codes ``f_BH`` (mean over Matryoshka prefixes) and the reconstruction."""
+
+    def per_data_mean(value):
+        return lax.psum(value, S.DATA) / global_batch
+
+    if cfg.sae_type == "matryoshka":
+        x_hat_BD = params.b_dec_D + jnp.zeros_like(x_BD)
+        prefix_losses = []
+        for part in _group_parts(cfg, f_BH, params.W_dec_HD, model_shards, dtype):
+            x_hat_BD = x_hat_BD + lax.psum(part, S.MODEL)
+            prefix_losses.append(per_data_mean(jnp.sum((x_BD - x_hat_BD) ** 2)))
+        return jnp.mean(jnp.stack(prefix_losses)), x_hat_BD
+    x_hat_BD = lax.psum(_mm(f_BH, params.W_dec_HD, dtype), S.MODEL) + params.b_dec_D
+    return per_data_mean(jnp.sum((x_BD - x_hat_BD) ** 2)), x_hat_BD
 
 
 def _dense_main(params: SAEParams, step, x_BD, *, s: LossSettings, global_batch: int, model_shards: int):
     """Reconstruction loss (plus L1 for Vanilla) by dense matmuls, for autodiff."""
     cfg = s.sae
-    act_BH = jax.nn.relu(_pre(params, x_BD))
+    act_BH = jax.nn.relu(_pre(params, x_BD, s.compute_dtype))
     smallest = jnp.float32(0.0)
     if cfg.sae_type == "vanilla":
         f_BH = act_BH
@@ -98,19 +124,8 @@ def _dense_main(params: SAEParams, step, x_BD, *, s: LossSettings, global_batch:
                                   row_candidates=s.batch_candidates())
         f_BH = jnp.where(mask, act_BH, 0.0)
 
-    def per_data_mean(value):
-        return lax.psum(value, S.DATA) / global_batch
-
-    if cfg.sae_type == "matryoshka":
-        x_hat_BD = params.b_dec_D + jnp.zeros_like(x_BD)
-        prefix_losses = []
-        for part in _group_parts(cfg, f_BH, params.W_dec_HD, model_shards):
-            x_hat_BD = x_hat_BD + lax.psum(part, S.MODEL)
-            prefix_losses.append(per_data_mean(jnp.sum((x_BD - x_hat_BD) ** 2)))
-        recon = jnp.mean(jnp.stack(prefix_losses))
-    else:
-        x_hat_BD = lax.psum(f_BH @ params.W_dec_HD, S.MODEL) + params.b_dec_D
-        recon = per_data_mean(jnp.sum((x_BD - x_hat_BD) ** 2))
+    recon, x_hat_BD = _dense_recon(params, x_BD, f_BH, cfg=cfg, global_batch=global_batch, model_shards=model_shards,
+                                   dtype=s.compute_dtype)
     loss, l1 = recon, jnp.float32(0.0)
     if cfg.sae_type == "vanilla":
         l1 = lax.psum(jnp.sum(f_BH * jnp.linalg.norm(params.W_dec_HD, axis=1)), BOTH) / global_batch
@@ -123,8 +138,7 @@ def use_sparse(s: LossSettings, hidden_local: int, tuning: Tuning) -> bool:
     """Whether this step takes the sparse reconstruction and backward."""
     if s.sae.sae_type == "vanilla" or s.backward == "dense":
         return False
-    candidates = s.sae.top_k if s.sae.sae_type == "topk" else s.batch_candidates()
-    return s.backward == "sparse" or hidden_local >= tuning.min_ratio * candidates
+    return s.backward == "sparse" or hidden_local >= tuning.min_ratio * s.sae.top_k
 
 
 def _sparse_part(params: SAEParams, x_BD, cand, *, cfg: SAEConfig, global_batch: int, tuning: Tuning):
@@ -141,13 +155,20 @@ def _sparse_part(params: SAEParams, x_BD, cand, *, cfg: SAEConfig, global_batch:
     return result, fired_H, jnp.sum(kept)
 
 
+def _overflow_tiers(batch_local: int) -> tuple[int, ...]:
+    """Static numbers of overflow rows per shard the step is compiled for (a few, then many)."""
+    return tuple(sorted({max(1, batch_local // 32), max(1, batch_local // 4)}))
+
+
 def _sparse_main(params: SAEParams, step, x_BD, *, s: LossSettings, global_batch: int, model_shards: int,
                  tuning: Tuning):
-    """(Main, grads, fallback): the sparse path; for the batch-wide selection, the dense one
-    when it does not fit the candidate lists (counted in the ``dense_fallback`` metric)."""
+    """(Main, grads, fallback): the sparse path. For the batch-wide selection, rows whose
+    candidates may not hold all their kept latents (heavy tokens) are done densely, as a block
+    of R rows (R from ``_overflow_tiers``); beyond the largest tier the whole step is dense
+    (counted in the ``dense_fallback`` metric)."""
     cfg = s.sae
     part = functools.partial(_sparse_part, cfg=cfg, global_batch=global_batch, tuning=tuning)
-    pre_BH = _pre(params, x_BD)
+    pre_BH = _pre(params, x_BD, s.compute_dtype)
     if cfg.sae_type == "topk":
         result, fired_H, kept = part(params, x_BD, top_candidates(pre_BH, cfg.top_k, (S.MODEL,)))
         l0 = lax.psum(kept, BOTH) / global_batch
@@ -155,45 +176,61 @@ def _sparse_main(params: SAEParams, step, x_BD, *, s: LossSettings, global_batch
             result.grads, jnp.float32(0.0)
 
     B = x_BD.shape[0]
-    cand = top_candidates_batch(pre_BH, cfg.top_k * global_batch, BOTH, s.batch_candidates(),
-                                overflow_rows=max(1, B // 16), overflow_candidates=8 * s.batch_candidates(),
-                                latent_axes=(S.MODEL,))
+    k_total = cfg.top_k * global_batch
+    first = batch_candidates(pre_BH, k_total, BOTH, s.batch_candidates(), latent_axes=(S.MODEL,))
 
-    def sparse():
-        # Overflow rows are left out of the main list (x = b_dec there) and done with their own.
-        x_main_BD = x_BD.at[cand.rows_R].set(params.b_dec_D, mode="drop")
-        main, fired_H, kept = part(params, x_main_BD, cand.main)
-
-        def with_wide():
-            used_R = (cand.rows_R < B)[:, None]
-            x_R = jnp.where(used_R, x_BD[jnp.minimum(cand.rows_R, B - 1)], params.b_dec_D)
-            wide, fired_wide_H, kept_wide = part(params, x_R, cand.wide)
-            x_hat_BD = main.x_hat_BD.at[cand.rows_R].set(wide.x_hat_BD, mode="drop")
-            grads = jax.tree.map(jnp.add, main.grads, wide.grads)
-            return main.recon + wide.recon, x_hat_BD, grads, fired_H | fired_wide_H, kept + kept_wide
-
-        without = lambda: (main.recon, main.x_hat_BD, main.grads, fired_H, kept)  # noqa: E731
-        any_wide = lax.psum(jnp.sum(cand.rows_R < B), S.DATA) > 0  # rows_R is the same across model
-        recon, x_hat_BD, grads, fired_H, kept = lax.cond(any_wide, with_wide, without)
+    def finish(recon, x_hat_BD, grads, fired_H, kept, kth):
         l0 = lax.psum(kept, BOTH) / global_batch
-        return Main(recon, jnp.float32(0.0), x_hat_BD, fired_H, l0, cand.kth), grads
+        return Main(recon, jnp.float32(0.0), x_hat_BD, fired_H, l0, kth), grads
+
+    def no_overflow():
+        main, fired_H, kept = part(params, x_BD, first.select(k_total, BOTH))
+        return finish(main.recon, main.x_hat_BD, main.grads, fired_H, kept, first.kth)
+
+    def overflow(rows: int):
+        def run():
+            sel = with_overflow_rows(pre_BH, first, k_total, BOTH, rows)
+            used_R = (sel.rows_R < B)[:, None]
+            # Overflow rows leave the main list (x = b_dec there adds nothing) for a dense block.
+            main, fired_H, kept = part(params, x_BD.at[sel.rows_R].set(params.b_dec_D, mode="drop"), sel.main)
+            x_RD = jnp.where(used_R, x_BD[jnp.minimum(sel.rows_R, B - 1)], params.b_dec_D)
+
+            def rows_loss(p):
+                f_RH = jnp.where(sel.keep_RH, jax.nn.relu(_pre(p, x_RD, s.compute_dtype)), 0.0)
+                return _dense_recon(p, x_RD, f_RH, cfg=cfg, global_batch=global_batch, model_shards=model_shards,
+                                    dtype=s.compute_dtype)
+
+            (recon_R, x_hat_RD), grads_R = jax.value_and_grad(rows_loss, has_aux=True)(params)
+            x_hat_BD = main.x_hat_BD.at[sel.rows_R].set(x_hat_RD, mode="drop")
+            grads = jax.tree.map(jnp.add, main.grads, grads_R)
+            return finish(main.recon + recon_R, x_hat_BD, grads, fired_H | jnp.any(sel.keep_RH, axis=0),
+                          kept + jnp.sum(sel.keep_RH), sel.kth)
+
+        return run
 
     def dense():
         (_, main), grads = jax.value_and_grad(_dense_main, has_aux=True)(
             params, step, x_BD, s=s, global_batch=global_batch, model_shards=model_shards)
         return main, grads
 
-    return lax.cond(cand.complete, sparse, dense) + (1.0 - cand.complete.astype(jnp.float32),)
+    tiers = _overflow_tiers(B)
+    # The same branch on every shard: the largest overflow count of any shard picks it.
+    count = lax.pmax(first.overflow_count, S.DATA)
+    branch = jnp.where(count == 0, 0, len(tiers) + 1)
+    for i, rows in reversed(list(enumerate(tiers))):
+        branch = jnp.where((count > 0) & (count <= rows), i + 1, branch)
+    main, grads = lax.switch(branch, [no_overflow] + [overflow(r) for r in tiers] + [dense])
+    return main, grads, (branch == len(tiers) + 1).astype(jnp.float32)
 
 
 def _aux_loss(params: SAEParams, x_BD, x_hat_BD, dead_H, s: LossSettings, global_batch: int):
     """AuxK: the detached residual reconstructed from the top min(d/2, dead) dead latents,
     normalised by the residual's variance."""
     cfg = s.sae
-    dead_act_BH = jnp.where(dead_H, jax.nn.relu(_pre(params, x_BD)), 0.0)
+    dead_act_BH = jnp.where(dead_H, jax.nn.relu(_pre(params, x_BD, s.compute_dtype)), 0.0)
     mask, _ = top_mask(lax.stop_gradient(dead_act_BH), min(cfg.d_model // 2, cfg.hidden_dim), (S.MODEL,),
                        row_wise=True)
-    e_hat_BD = lax.psum(jnp.where(mask, dead_act_BH, 0.0) @ params.W_dec_HD, S.MODEL)
+    e_hat_BD = lax.psum(_mm(jnp.where(mask, dead_act_BH, 0.0), params.W_dec_HD, s.compute_dtype), S.MODEL)
     residual_BD = x_BD - x_hat_BD
     err = lax.psum(jnp.sum((residual_BD - e_hat_BD) ** 2), S.DATA)
     mean_D = lax.psum(jnp.sum(residual_BD, axis=0), S.DATA) / global_batch

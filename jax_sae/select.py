@@ -153,51 +153,65 @@ def top_candidates(values: jax.Array, k: int, axes: Sequence[str]) -> Candidates
 
 
 class BatchCandidates(NamedTuple):
-    """A batch-wide selection in sparse form: C candidates for every row, and C2 for the rows
-    (``rows_R``; B marks an unused slot) whose C candidates may not hold all their kept values.
-    Those rows' entries in ``main`` are not kept; ``complete`` says whether all is exact."""
+    """First stage of a batch-wide selection in sparse form: each row's top C candidates and
+    the threshold bisected over them. Rows whose C-th candidate reaches it (heavy tokens) may
+    hold more kept values than they offered: ``overflow_B`` marks them, the same on every
+    shard of the latent axes, and ``overflow_count`` counts them on this shard."""
+
+    idx_BC: jax.Array
+    val_BC: jax.Array
+    kth: jax.Array
+    overflow_B: jax.Array
+    overflow_count: jax.Array
+
+    def select(self, k, axes: Sequence[str]) -> Candidates:
+        """The exact selection when no row of any shard overflows."""
+        bits = lax.bitcast_convert_type(self.val_BC, jnp.int32)
+        tau = lax.bitcast_convert_type(self.kth, jnp.int32)
+        return Candidates(self.idx_BC, self.val_BC, _keep(bits, tau, k, axes, row_wise=False), self.kth,
+                          jnp.bool_(True))
+
+
+def batch_candidates(values: jax.Array, k, axes: Sequence[str], row_candidates: int,
+                     latent_axes: Sequence[str] = ()) -> BatchCandidates:
+    """Each row's top ``row_candidates`` of ``values`` (ReLU'd) and the k-th largest of them
+    over the batch and ``axes``, bisected on their bits."""
+    B, H = values.shape
+    C = min(row_candidates, H)
+    val_BC, idx_BC = lax.top_k(values, C)
+    val_BC = jnp.maximum(val_BC, 0.0)
+    bits = lax.bitcast_convert_type(val_BC, jnp.int32)
+    tau = kth_largest_bits(bits, k, axes, row_wise=False)
+    last_B = bits[:, -1]
+    overflow_B = (last_B >= tau) & (last_B > 0) & (C < H)
+    overflow_B = _psum(overflow_B.astype(jnp.int32), latent_axes) > 0
+    return BatchCandidates(idx_BC, val_BC, lax.bitcast_convert_type(tau, jnp.float32), overflow_B,
+                           jnp.sum(overflow_B).astype(jnp.int32))
+
+
+class OverflowSelection(NamedTuple):
+    """The exact batch-wide selection with heavy rows taken out of the candidate lists:
+    ``main`` for the other rows, and a dense [R, H] mask for rows ``rows_R`` (B: unused)."""
 
     main: Candidates
     rows_R: jax.Array
-    wide: Candidates
+    keep_RH: jax.Array
     kth: jax.Array
-    complete: jax.Array
 
 
-def top_candidates_batch(values: jax.Array, k, axes: Sequence[str], row_candidates: int, overflow_rows: int,
-                         overflow_candidates: int, latent_axes: Sequence[str] = ()) -> BatchCandidates:
-    """The kept set of ``top_mask(row_wise=False)`` in sparse form. The threshold is bisected
-    over each row's top ``row_candidates``; rows that may hold more values above it (a heavy
-    token) get ``overflow_candidates`` instead, up to ``overflow_rows`` such rows per shard,
-    and the bisection reruns over both lists. Not complete when more rows overflow, or a
-    wide row is still not wide enough. Ties: main rows first, then overflow rows. A row
-    overflows on every shard of ``latent_axes`` (those splitting the latents) if it does on one,
-    so all of a row's partial reconstructions come from the same list."""
-    B, H = values.shape
-    C, C2 = min(row_candidates, H), min(overflow_candidates, H)
-    val_BC, idx_BC = lax.top_k(values, C)
-    val_BC = jnp.maximum(val_BC, 0.0)
-    bits_BC = lax.bitcast_convert_type(val_BC, jnp.int32)
-    first = kth_largest_bits(bits_BC, k, axes, row_wise=False)
-    last_B = bits_BC[:, -1]
-    suspect_B = (last_B >= first) & (last_B > 0) if C < H else jnp.zeros((B,), bool)
-    suspect_B = _psum(suspect_B.astype(jnp.int32), latent_axes) > 0
-    row_axes = [a for a in axes if a not in latent_axes]  # suspect_B is the same across latent_axes
-    rows_R = jnp.nonzero(suspect_B, size=overflow_rows, fill_value=B)[0]
+def with_overflow_rows(values: jax.Array, first: BatchCandidates, k, axes: Sequence[str],
+                       rows: int) -> OverflowSelection:
+    """Re-bisect the threshold over the other rows' candidates plus the overflow rows' whole
+    rows (at most ``rows`` of them per shard; the caller checks ``first.overflow_count``).
+    Exact; ties are kept in the order main rows, then overflow rows."""
+    B, C = first.idx_BC.shape
+    rows_R = jnp.nonzero(first.overflow_B, size=rows, fill_value=B)[0]
     used_R = rows_R < B
-    wide_val, wide_idx = lax.top_k(values[jnp.minimum(rows_R, B - 1)], C2)
-    wide_val = jnp.where(used_R[:, None], jnp.maximum(wide_val, 0.0), 0.0)
-    wide_bits = lax.bitcast_convert_type(wide_val, jnp.int32)
-    bits_BC = jnp.where(suspect_B[:, None], 0, bits_BC)
-    all_bits = jnp.concatenate([bits_BC.reshape(-1), wide_bits.reshape(-1)])
-    # Without overflow rows the first threshold stands (the wide list is all zeros).
-    any_suspect = _psum(jnp.sum(suspect_B).astype(jnp.int32), row_axes) > 0
-    tau = lax.cond(any_suspect, lambda: kth_largest_bits(all_bits, k, axes, row_wise=False), lambda: first)
+    values_RH = jnp.where(used_R[:, None], jnp.maximum(values[jnp.minimum(rows_R, B - 1)], 0.0), 0.0)
+    main_bits = jnp.where(first.overflow_B[:, None], 0, lax.bitcast_convert_type(first.val_BC, jnp.int32))
+    all_bits = jnp.concatenate([main_bits.reshape(-1), lax.bitcast_convert_type(values_RH, jnp.int32).reshape(-1)])
+    tau = kth_largest_bits(all_bits, k, axes, row_wise=False)
     keep = _keep(all_bits, tau, k, axes, row_wise=False)
-    fits = _psum((jnp.sum(suspect_B) > overflow_rows).astype(jnp.int32), row_axes) == 0
-    still = (wide_bits[:, -1] >= tau) & (wide_bits[:, -1] > 0) & (C2 < H)
-    complete = fits & (_psum(jnp.sum(still), axes) == 0)
     kth = lax.bitcast_convert_type(tau, jnp.float32)
-    main = Candidates(idx_BC, val_BC, keep[: B * C].reshape(B, C), kth, complete)
-    wide = Candidates(wide_idx, wide_val, keep[B * C:].reshape(-1, C2), kth, complete)
-    return BatchCandidates(main, rows_R, wide, kth, complete)
+    main = Candidates(first.idx_BC, first.val_BC, keep[: B * C].reshape(B, C), kth, jnp.bool_(True))
+    return OverflowSelection(main, rows_R, keep[B * C:].reshape(rows, -1), kth)

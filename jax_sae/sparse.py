@@ -45,18 +45,19 @@ class Tuning:
 
     block_bytes: int
     chunk_bytes: int
-    # Sparse wins when h >= min_ratio * C: the dense alternative costs ~3 GEMMs of O(h*d) per
-    # token, the sparse one ~4 memory-bound passes of O(C*d).
+    # Sparse wins when h >= min_ratio * k: the dense alternative costs ~3 more GEMMs of O(h*d)
+    # per token, the sparse one a few memory-bound passes over the k used rows of O(d).
     min_ratio: int
 
 
 def tuning_for(platform: str) -> Tuning:
     if platform == "cpu":
-        # Measured on a 2-core CPU (bench/train_bench.py): sparse wins from h/C of about 16.
-        return Tuning(block_bytes=3 << 20, chunk_bytes=12 << 20, min_ratio=24)
-    # Accelerators: dense GEMMs are ~100x faster than gathers per byte; an estimate, measured
-    # by bench/gpu_check.sh (which times both paths).
-    return Tuning(block_bytes=1 << 30, chunk_bytes=4 << 30, min_ratio=128)
+        # Measured on a 2-core CPU (d=1024, B=2048, k=32): dense is faster at h/k = 32,
+        # sparse at h/k = 64, for TopK and BatchTopK alike.
+        return Tuning(block_bytes=3 << 20, chunk_bytes=12 << 20, min_ratio=48)
+    # Accelerators run dense GEMMs far faster per byte moved than gathers: an estimate, to be
+    # replaced by what bench/gpu_check.sh measures (it times both paths).
+    return Tuning(block_bytes=1 << 30, chunk_bytes=4 << 30, min_ratio=256)
 
 
 def _divisor_at_most(n: int, limit: int) -> int:
@@ -139,9 +140,10 @@ def recon_and_grads(params: SAEParams, x_BD: jax.Array, active: Active, *, group
     scale = 2.0 / (global_batch * groups)
     block = _divisor_at_most(B, tuning.block_bytes // (4 * C * D))
     group_BC = active.group_BC if active.group_BC is not None else jnp.zeros_like(active.idx_BC)
-    # Unkept candidates (value 0) read the row's first candidate instead of their own: a row
-    # already in cache, so the gather moves only the rows that are used.
-    gather_BC = jnp.where(active.val_BC > 0, active.idx_BC, active.idx_BC[:, :1])
+    # Unkept candidates (value 0) all read decoder row 0 instead of their own: a row that stays
+    # in cache, so the gather moves only the rows that are used. (Not the row's first
+    # candidate: slicing top_k's indices stops XLA from using its TopK kernel - a full sort.)
+    gather_BC = jnp.where(active.val_BC > 0, active.idx_BC, 0)
     blocked = [a.reshape((B // block, block) + a.shape[1:]) for a in (active.val_BC, gather_BC, group_BC, x_BD)]
     x_hat, d_parts, d_val, sq = lax.map(_decode_block(params.W_dec_HD, params.b_dec_D, groups, scale), blocked)
     x_hat_BD, d_parts_BGD, d_val_BC = x_hat.reshape(B, D), d_parts.reshape(B, groups, D), d_val.reshape(B, C)

@@ -104,6 +104,11 @@ class TrainConfig:
     """Compile the train step for this config and mesh, print its memory analysis, and exit."""
     d_model: int | None = None
     """Input width for --compile_only without a store."""
+    backward: Literal["auto", "sparse", "dense"] = "auto"
+    """TopK family: sparse reconstruction and backward (k decoder rows per token), dense
+    matmuls, or auto (sparse when the latents per device are wide enough for it to pay)."""
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Input dtype of the encoder/decoder matmuls (accumulation and parameters stay float32); bfloat16 is for GPUs and TPUs."""
     progress: bool = True
     """Show progress bars."""
 
@@ -134,7 +139,8 @@ class TrainConfig:
         """The settings a resumed run must share with the run it continues."""
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in ("progress", "overwrite", "mesh_data", "mesh_model", "coordinator_address",
-                             "num_processes", "process_id", "compile_only", "d_model")}
+                             "num_processes", "process_id", "compile_only", "d_model", "backward",
+                             "compute_dtype")}
 
 
 @dataclass
@@ -227,7 +233,7 @@ def train(cfg: TrainConfig) -> dict:
     elif primary:
         metrics_path.write_text("")
     settings = LossSettings(plan.sae, cfg.sparsity_coef, sparsity_warmup_steps(plan.total_steps), cfg.aux_penalty,
-                            plan.dead_tokens)
+                            plan.dead_tokens, cfg.backward, cfg.compute_dtype)
     step_fn = compile_train_step(optimizer, settings, mesh, state, cfg.batch_size)
     batch_sharding = NamedSharding(mesh, BATCH)
 
