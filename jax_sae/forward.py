@@ -223,19 +223,46 @@ def _sparse_main(params: SAEParams, step, x_BD, *, s: LossSettings, global_batch
     return main, grads, (branch == len(tiers) + 1).astype(jnp.float32)
 
 
-def _aux_loss(params: SAEParams, x_BD, x_hat_BD, dead_H, s: LossSettings, global_batch: int):
+def _aux_loss(params: SAEParams, x_BD, x_hat_BD, dead_H, s: LossSettings, global_batch: int,
+              cap: int | None = None):
     """AuxK: the detached residual reconstructed from the top min(d/2, dead) dead latents,
-    normalised by the residual's variance."""
+    normalised by the residual's variance. With ``cap``, only the (at most ``cap`` per shard)
+    dead latents' columns enter the matmuls, instead of all h."""
     cfg = s.sae
-    dead_act_BH = jnp.where(dead_H, jax.nn.relu(_pre(params, x_BD, s.compute_dtype)), 0.0)
-    mask, _ = top_mask(lax.stop_gradient(dead_act_BH), min(cfg.d_model // 2, cfg.hidden_dim), (S.MODEL,),
-                       row_wise=True)
-    e_hat_BD = lax.psum(_mm(jnp.where(mask, dead_act_BH, 0.0), params.W_dec_HD, s.compute_dtype), S.MODEL)
+    k = min(cfg.d_model // 2, cfg.hidden_dim)
+    if cap is None:
+        act_BN = jnp.where(dead_H, jax.nn.relu(_pre(params, x_BD, s.compute_dtype)), 0.0)
+        W_dec_ND = params.W_dec_HD
+    else:
+        idx_N = jnp.nonzero(dead_H, size=cap, fill_value=0)[0]
+        used_N = jnp.arange(cap) < jnp.sum(dead_H)
+        few = SAEParams(params.W_enc_DH[:, idx_N], params.b_enc_H[idx_N], params.W_dec_HD[idx_N], params.b_dec_D)
+        act_BN = jnp.where(used_N, jax.nn.relu(_pre(few, x_BD, s.compute_dtype)), 0.0)
+        W_dec_ND = few.W_dec_HD
+        k = min(k, cap * lax.axis_size(S.MODEL))
+    if k >= act_BN.shape[1] * lax.axis_size(S.MODEL):
+        code_BN = act_BN  # every dead latent fits: no selection
+    else:
+        mask, _ = top_mask(lax.stop_gradient(act_BN), k, (S.MODEL,), row_wise=True)
+        code_BN = jnp.where(mask, act_BN, 0.0)
+    e_hat_BD = lax.psum(_mm(code_BN, W_dec_ND, s.compute_dtype), S.MODEL)
     residual_BD = x_BD - x_hat_BD
     err = lax.psum(jnp.sum((residual_BD - e_hat_BD) ** 2), S.DATA)
     mean_D = lax.psum(jnp.sum(residual_BD, axis=0), S.DATA) / global_batch
     var = lax.psum(jnp.sum((residual_BD - mean_D) ** 2), S.DATA)
     return err / jnp.maximum(var, 1e-12)
+
+
+def _aux_value_and_grad(params: SAEParams, x_BD, x_hat_BD, dead_H, s: LossSettings, global_batch: int):
+    """AuxK and its gradient; through the dead latents' columns alone while few are dead (at
+    most h/8 per shard), else through all h."""
+    cap = max(1, dead_H.shape[0] // 8)
+    few = lax.pmax(jnp.sum(dead_H), S.MODEL) <= cap
+
+    def run(cap):
+        return lambda: jax.value_and_grad(_aux_loss)(params, x_BD, x_hat_BD, dead_H, s, global_batch, cap)
+
+    return lax.cond(few, run(cap), run(None))
 
 
 def _any_dead(counters_H, s: LossSettings):
@@ -285,7 +312,7 @@ def _shard_loss_and_grads(params: SAEParams, counters_H, step, x_BD, *, s: LossS
         x_hat_BD = lax.stop_gradient(main.x_hat_BD)
 
         def with_aux(grads):
-            aux, aux_grads = jax.value_and_grad(_aux_loss)(params, x_BD, x_hat_BD, dead_H, s, global_batch)
+            aux, aux_grads = _aux_value_and_grad(params, x_BD, x_hat_BD, dead_H, s, global_batch)
             return aux, jax.tree.map(lambda g, a: g + s.aux_penalty * a, grads, aux_grads)
 
         aux_loss, grads = lax.cond(any_dead, with_aux, lambda g: (jnp.float32(0.0), g), grads)

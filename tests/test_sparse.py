@@ -30,8 +30,8 @@ def _setup(sae_type, d=16, h=128, k=4, batch=64, heavy_rows=0):
     return cfg, params, x
 
 
-def _compare(cfg, params, x, mesh, dead_tokens):
-    counters = jnp.where(jnp.arange(cfg.hidden_dim) % 3 == 0, 5, 0).astype(jnp.int32)
+def _compare(cfg, params, x, mesh, dead_tokens, dead_every=3):
+    counters = jnp.where(jnp.arange(cfg.hidden_dim) % dead_every == 0, 5, 0).astype(jnp.int32)
     settings = LossSettings(cfg, 0.0, 1, 1 / 32, dead_tokens, backward="sparse")
     batch = x.shape[0]
     (loss, (metrics, fired)), grads = jax.jit(jax.value_and_grad(sharded_loss(settings, mesh, batch), has_aux=True))(
@@ -57,6 +57,14 @@ def test_sparse_gradients_equal_autodiff_of_the_dense_loss(sae_type, mesh_shape,
     assert float(metrics["dense_fallback"]) == 0.0
     # AuxK (added inside a cond) is on only while latents are dead.
     assert float(metrics["aux_loss"]) > 0 if dead_tokens == 1 else float(metrics["aux_loss"]) == 0
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1), (1, 4)])
+def test_aux_k_through_the_few_dead_latents_alone_equals_the_dense_aux_k(mesh_shape):
+    # 1 in 16 latents dead: at most h/8 per shard, so AuxK's matmuls use only their columns.
+    cfg, params, x = _setup("topk")
+    metrics = _compare(cfg, params, x, make_mesh(*mesh_shape), 1, dead_every=16)
+    assert float(metrics["aux_loss"]) > 0
 
 
 def test_heavy_tokens_overflow_their_candidates_and_the_selection_stays_exact():
