@@ -31,6 +31,9 @@ from .select import batch_candidates, top_candidates, top_mask, with_overflow_ro
 from .sparse import Active, Tuning, recon_and_grads, tuning_for
 
 BOTH = (S.DATA, S.MODEL)
+# AuxK's matmuls use only the dead latents' columns while at most this fraction of a shard's
+# latents is dead (else all h; bench.aux_bench sets 0 to compare).
+AUX_FEW_DEAD = 1 / 8
 
 
 @dataclass(frozen=True)
@@ -255,8 +258,8 @@ def _aux_loss(params: SAEParams, x_BD, x_hat_BD, dead_H, s: LossSettings, global
 
 def _aux_value_and_grad(params: SAEParams, x_BD, x_hat_BD, dead_H, s: LossSettings, global_batch: int):
     """AuxK and its gradient; through the dead latents' columns alone while few are dead (at
-    most h/8 per shard), else through all h."""
-    cap = max(1, dead_H.shape[0] // 8)
+    most ``AUX_FEW_DEAD`` of a shard's latents), else through all h."""
+    cap = max(1, int(dead_H.shape[0] * AUX_FEW_DEAD))
     few = lax.pmax(jnp.sum(dead_H), S.MODEL) <= cap
 
     def run(cap):

@@ -7,6 +7,10 @@ all-reduce across shards. It runs over each row's few top candidates and is chec
 (else it reruns over everything); no activation value crosses devices. Per row (TopK), each
 shard's top-k values are gathered and merged: k values per row per shard. Values equal to the
 threshold are kept in a fixed order (shard, then position) until exactly k are kept.
+
+The sparse step takes the same selections as per-row candidate lists: ``top_candidates`` (per
+row), ``batch_candidates`` then ``with_overflow_rows`` (over the batch, with heavy rows taken
+out whole).
 """
 
 from __future__ import annotations
@@ -130,14 +134,11 @@ def top_mask(values: jax.Array, k, axes: Sequence[str], row_wise: bool,
 
 
 class Candidates(NamedTuple):
-    """Each row's top candidates: latent index, value (ReLU'd), whether it is kept, and
-    whether the candidates hold every kept value (else the caller must use ``top_mask``)."""
+    """Each row's top candidates: latent index, value (ReLU'd), whether it is kept."""
 
     idx_BC: jax.Array
     val_BC: jax.Array
     keep_BC: jax.Array
-    kth: jax.Array
-    complete: jax.Array
 
 
 def top_candidates(values: jax.Array, k: int, axes: Sequence[str]) -> Candidates:
@@ -149,7 +150,7 @@ def top_candidates(values: jax.Array, k: int, axes: Sequence[str]) -> Candidates
     bits = lax.bitcast_convert_type(val_BC, jnp.int32)
     tau = _merge_row_kth(val_BC, k, axes)
     keep = _keep(bits, tau, k, axes, row_wise=True)
-    return Candidates(idx_BC, val_BC, keep, lax.bitcast_convert_type(tau, jnp.float32), jnp.bool_(True))
+    return Candidates(idx_BC, val_BC, keep)
 
 
 class BatchCandidates(NamedTuple):
@@ -168,8 +169,7 @@ class BatchCandidates(NamedTuple):
         """The exact selection when no row of any shard overflows."""
         bits = lax.bitcast_convert_type(self.val_BC, jnp.int32)
         tau = lax.bitcast_convert_type(self.kth, jnp.int32)
-        return Candidates(self.idx_BC, self.val_BC, _keep(bits, tau, k, axes, row_wise=False), self.kth,
-                          jnp.bool_(True))
+        return Candidates(self.idx_BC, self.val_BC, _keep(bits, tau, k, axes, row_wise=False))
 
 
 def batch_candidates(values: jax.Array, k, axes: Sequence[str], row_candidates: int,
@@ -213,5 +213,5 @@ def with_overflow_rows(values: jax.Array, first: BatchCandidates, k, axes: Seque
     tau = kth_largest_bits(all_bits, k, axes, row_wise=False)
     keep = _keep(all_bits, tau, k, axes, row_wise=False)
     kth = lax.bitcast_convert_type(tau, jnp.float32)
-    main = Candidates(first.idx_BC, first.val_BC, keep[: B * C].reshape(B, C), kth, jnp.bool_(True))
+    main = Candidates(first.idx_BC, first.val_BC, keep[: B * C].reshape(B, C))
     return OverflowSelection(main, rows_R, keep[B * C:].reshape(rows, -1), kth)
