@@ -146,7 +146,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.train_bench", description=__doc__)
     parser.add_argument("--settings", default="medium,wide", help="comma-separated: " + ", ".join(SETTINGS))
     parser.add_argument("--types", default=",".join(TYPES), help="SAE types to measure")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement (after a warm-up)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement (after a warm-up)")
     parser.add_argument("--no-dense", dest="dense", action="store_false",
                         help="skip timing our step with the dense backward forced (--backward dense)")
     args = parser.parse_args()
