@@ -1,6 +1,6 @@
 """``python -m bench.aux_bench``: the train step's cost while some latents are dead (AuxK on),
-with AuxK through the dead latents' columns alone (the trainer's default while at most h/8 are
-dead) and through all h (``forward.AUX_FEW_DEAD = 0``), in the same run. Dead latents are made
+with AuxK through the dead latents' columns alone (the trainer's default while at most h/2 are
+dead) and through all h (``forward.AUX_FEW_DEAD = ()``), in the same run. Dead latents are made
 by a very negative encoder bias, so they stay dead."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--h", type=int, default=6144)
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--dead", default="0,0.05", help="fractions of dead latents")
+    parser.add_argument("--dead", default="0,0.05,0.3", help="fractions of dead latents")
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     from jax_sae import forward
@@ -58,8 +58,8 @@ def main() -> None:
     figures, derived = {}, {}
     default = forward.AUX_FEW_DEAD
     for dead in (float(v) for v in args.dead.split(",")):
-        for label, few in (("dead columns only", default), ("all columns", 0.0)):
-            if dead == 0 and few == 0.0:
+        for label, few in (("dead columns only", default), ("all columns", ())):
+            if dead == 0 and not few:
                 continue  # AuxK is off without dead latents: nothing to compare
             forward.AUX_FEW_DEAD = few
             times, measured = step_times(args.sae_type, args.d, args.h, args.k, args.batch, dead, args.steps)

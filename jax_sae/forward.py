@@ -31,9 +31,9 @@ from .select import batch_candidates, top_candidates, top_mask, with_overflow_ro
 from .sparse import Active, Tuning, recon_and_grads, tuning_for
 
 BOTH = (S.DATA, S.MODEL)
-# AuxK's matmuls use only the dead latents' columns while at most this fraction of a shard's
-# latents is dead (else all h; bench.aux_bench sets 0 to compare).
-AUX_FEW_DEAD = 1 / 8
+# AuxK's matmuls use only the dead latents' columns while at most one of these fractions of a
+# shard's latents is dead (compiled per fraction), else all h (bench.aux_bench sets () to compare).
+AUX_FEW_DEAD = (1 / 8, 1 / 2)
 
 
 @dataclass(frozen=True)
@@ -257,15 +257,19 @@ def _aux_loss(params: SAEParams, x_BD, x_hat_BD, dead_H, s: LossSettings, global
 
 
 def _aux_value_and_grad(params: SAEParams, x_BD, x_hat_BD, dead_H, s: LossSettings, global_batch: int):
-    """AuxK and its gradient; through the dead latents' columns alone while few are dead (at
-    most ``AUX_FEW_DEAD`` of a shard's latents), else through all h."""
-    cap = max(1, int(dead_H.shape[0] * AUX_FEW_DEAD))
-    few = lax.pmax(jnp.sum(dead_H), S.MODEL) <= cap
+    """AuxK and its gradient, through the dead latents' columns alone while at most a fraction
+    ``AUX_FEW_DEAD`` of a shard's latents are dead (the smallest that fits), else through all h."""
+    hidden = dead_H.shape[0]
+    caps = sorted({c for c in (int(hidden * f) for f in AUX_FEW_DEAD) if 0 < c < hidden})
+    count = lax.pmax(jnp.sum(dead_H), S.MODEL)
+    branch = jnp.int32(len(caps))  # all h
+    for i, cap in reversed(list(enumerate(caps))):
+        branch = jnp.where(count <= cap, i, branch)
 
     def run(cap):
         return lambda: jax.value_and_grad(_aux_loss)(params, x_BD, x_hat_BD, dead_H, s, global_batch, cap)
 
-    return lax.cond(few, run(cap), run(None))
+    return lax.switch(branch, [run(c) for c in caps] + [run(None)])
 
 
 def _any_dead(counters_H, s: LossSettings):

@@ -59,11 +59,12 @@ def test_sparse_gradients_equal_autodiff_of_the_dense_loss(sae_type, mesh_shape,
     assert float(metrics["aux_loss"]) > 0 if dead_tokens == 1 else float(metrics["aux_loss"]) == 0
 
 
-@pytest.mark.parametrize("mesh_shape", [(1, 1), (1, 4)])
-def test_aux_k_through_the_few_dead_latents_alone_equals_the_dense_aux_k(mesh_shape):
-    # 1 in 16 latents dead: at most h/8 per shard, so AuxK's matmuls use only their columns.
+@pytest.mark.parametrize("mesh_shape, dead_every", [((1, 1), 16), ((1, 4), 16), ((1, 4), 3), ((1, 1), 1)])
+def test_aux_k_through_the_dead_latents_alone_equals_the_dense_aux_k(mesh_shape, dead_every):
+    # 1 in 16 dead: at most h/8 per shard; 1 in 3: at most h/2 (AuxK's matmuls use only the
+    # dead latents' columns); all dead: through all h.
     cfg, params, x = _setup("topk")
-    metrics = _compare(cfg, params, x, make_mesh(*mesh_shape), 1, dead_every=16)
+    metrics = _compare(cfg, params, x, make_mesh(*mesh_shape), 1, dead_every=dead_every)
     assert float(metrics["aux_loss"]) > 0
 
 
