@@ -161,12 +161,13 @@ def _ours(sae_path: str, store_path: str, warm_path: str, cfg: DiscoveryBenchCon
     sae = jax_sae.load(sae_path)
     store, warm = open_store(store_path), open_store(warm_path)
     start = time.perf_counter()
-    feature_pass(sae, warm, LAYER, examples=cfg.examples, block_rows=cfg.block_rows, devices=1, progress=False)
+    feature_pass(sae, warm, LAYER, examples=cfg.examples, block_rows=cfg.block_rows, devices=1, progress=False,
+                 token_examples=False)
     warm_s = time.perf_counter() - start
     rss_before = peak_rss_mib()
     start = time.perf_counter()
     stats = feature_pass(sae, store, LAYER, examples=cfg.examples, block_rows=cfg.block_rows, devices=1,
-                         progress=False)
+                         progress=False, token_examples=False)  # as discover does for --aggregation max
     selected = select_features(stats, filter_features=True, min_count=cfg.min_activation_count,
                                max_count=cfg.max_activation_count, max_features=cfg.max_features)
     seconds = time.perf_counter() - start
@@ -217,7 +218,8 @@ def _split(sae, store, cfg: DiscoveryBenchConfig) -> dict:
     def run_update():
         state = init_state(sae.cfg.hidden_dim, examples)
         for b in blocks:
-            state, smax, smean = update(sae.cfg, examples, max_samples, mesh, state, params, threshold, scale, *b)
+            state, smax, smean = update(sae.cfg, examples, max_samples, mesh, False, state, params, threshold, scale,
+                                        *b)
             np.asarray(smax), np.asarray(smean)  # feature_pass copies these to the host every block
         jax.block_until_ready(state)
 
