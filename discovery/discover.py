@@ -79,10 +79,15 @@ class DiscoverConfig:
 
 def discover(cfg: DiscoverConfig) -> dict:
     """Run discovery and write its files; returns the features dict."""
+    import jax
+
     import jax_sae
+    from jax_sae.runtime import announce
+    from jax_sae.sharding import make_mesh
 
     from .features import FeatureDiscovery
 
+    runtime = announce(make_mesh(jax.local_device_count(), 1), "discover")  # the mesh feature_pass builds
     sae = jax_sae.load(cfg.sae_path)
     store = open_store(cfg.activation_file or cfg.store)
     layer = cfg.layer_idx if cfg.layer_idx is not None else sae.cfg.layer
@@ -99,7 +104,8 @@ def discover(cfg: DiscoverConfig) -> dict:
                          cfg.progress)
     output = Path(cfg.output or f"results/features_layer{layer}.json")
     FeatureDiscovery.save_features(found.features, output)
-    summary = found.summary | {"sae_path": str(cfg.sae_path), "store": str(store.path), "output": str(output)}
+    summary = found.summary | {"sae_path": str(cfg.sae_path), "store": str(store.path), "output": str(output),
+                               "runtime": runtime}
     output.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if cfg.all:
         s = found.stats

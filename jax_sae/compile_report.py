@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding
 from . import model as M
 from .config import ConfigError
 from .forward import LossSettings
+from .runtime import announce
 from .sharding import BATCH, check_divisible, make_mesh, shardings
 from .step import compile_train_step, init_state, make_optimizer
 
@@ -22,6 +23,9 @@ _GIB = 1024**3
 
 
 def compile_report(cfg) -> dict:
+    mesh = make_mesh(cfg.mesh_data or None, cfg.mesh_model)
+    check_divisible(mesh, cfg.batch_size, cfg.hidden_dim)
+    runtime = announce(mesh, "train --compile_only")
     d_model = cfg.d_model
     if d_model is None:
         from extractor.store import open_store
@@ -30,8 +34,6 @@ def compile_report(cfg) -> dict:
     if d_model <= 0:
         raise ConfigError(f"--d_model must be positive, got {d_model}")
     sae = cfg.sae_config(d_model)
-    mesh = make_mesh(cfg.mesh_data or None, cfg.mesh_model)
-    check_divisible(mesh, cfg.batch_size, cfg.hidden_dim)
     optimizer = make_optimizer(cfg.lr, 1000, cfg.weight_decay)
     abstract = jax.eval_shape(lambda: init_state(
         M.init_params(jax.random.PRNGKey(0), sae, jnp.zeros(d_model)), optimizer, 1.0))
@@ -53,7 +55,7 @@ def compile_report(cfg) -> dict:
     report["flops_per_step"] = float((cost or {}).get("flops", float("nan")))
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     report.update(mesh=dict(mesh.shape), devices=[str(d) for d in mesh.devices.flat], parameters=params,
-                  sae=sae.to_json(), batch_size=cfg.batch_size)
+                  sae=sae.to_json(), batch_size=cfg.batch_size, runtime=runtime)
     print(f"compiled {sae.sae_type} d={d_model} h={cfg.hidden_dim} k={cfg.top_k} batch={cfg.batch_size} on a "
           f"{mesh.shape['data']}x{mesh.shape['model']} mesh ({mesh.devices.flat[0].platform}): "
           f"{params / 1e6:.1f} M parameters")

@@ -29,6 +29,7 @@ from .data import DataError, epoch_batches, geometric_median, input_scale, prefe
 from .distributed import barrier, global_batch, initialize, is_primary, to_host
 from .forward import LossSettings
 from .metrics import evaluate_batches
+from .runtime import announce, check_platform
 from .sharding import BATCH, check_divisible, make_mesh, shardings
 from .step import (TrainState, compile_train_step, init_state, lr_schedule, lr_warmup_steps, make_optimizer,
                    sparsity_warmup_steps)
@@ -189,11 +190,15 @@ def train(cfg: TrainConfig) -> dict:
 
     started = time.time()
     initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    check_platform("train")
     if cfg.compile_only:
         from .compile_report import compile_report
 
         return compile_report(cfg)
     primary = is_primary()
+    mesh = make_mesh(cfg.mesh_data or None, cfg.mesh_model)
+    check_divisible(mesh, cfg.batch_size, cfg.hidden_dim)
+    runtime = announce(mesh, "train")
     store = open_store(cfg.store)
     store.check_layer(cfg.layer_idx)
     split = split_samples(store, val_fraction=cfg.val_fraction, seed=cfg.seed, num_samples=cfg.num_samples,
@@ -212,8 +217,6 @@ def train(cfg: TrainConfig) -> dict:
     for note in notes if primary else ():
         print(note)
 
-    mesh = make_mesh(cfg.mesh_data or None, cfg.mesh_model)
-    check_divisible(mesh, cfg.batch_size, cfg.hidden_dim)
     scale = input_scale(scan.mean_norm, store.d_model)
     optimizer = make_optimizer(cfg.lr, plan.total_steps, cfg.weight_decay)
     params = M.init_params(jax.random.PRNGKey(cfg.seed), plan.sae, geometric_median(scan.sample_BD * scale))
@@ -293,7 +296,7 @@ def train(cfg: TrainConfig) -> dict:
         bar.update(step - bar.n)
     checkpoints.save(step, state, meta | {"finished": True})
     checkpoints.close()
-    return _finish(cfg, plan, store, state, validate, run_dir, split, notes, time.time() - started)
+    return _finish(cfg, plan, store, state, validate, run_dir, split, notes, runtime, time.time() - started)
 
 
 def _open_run(cfg: TrainConfig, run_dir: Path, d_model: int) -> RunCheckpoints:
@@ -359,7 +362,7 @@ def _evaluate(state: TrainState, validate, cfg: TrainConfig, plan: RunPlan, run_
     return state, cfg.patience > 0 and int(state.evals_since_best) >= cfg.patience
 
 
-def _finish(cfg, plan, store, state, validate, run_dir, split, notes, seconds) -> dict:
+def _finish(cfg, plan, store, state, validate, run_dir, split, notes, runtime, seconds) -> dict:
     from .plots import plot_density, plot_training_curves
 
     tree = model_tree(*to_host((state.params, state.threshold, state.input_scale)))
@@ -387,6 +390,7 @@ def _finish(cfg, plan, store, state, validate, run_dir, split, notes, seconds) -
         "best_val": best.get("val"),
         "best_step": best.get("step"),
         "notes": notes,
+        "runtime": runtime,
         "seconds": seconds,
     }
     (run_dir / "training_stats.json").write_text(json.dumps(stats, indent=2) + "\n")

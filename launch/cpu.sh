@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export JAX_PLATFORMS=cpu
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${CPU_DEVICES:-1}"
-exec "${PYTHON:-.venv/bin/python}" -m launch "$@"
+exec "${PYTHON:-.venv/bin/python}" -m launch --platform cpu "$@"

@@ -1,4 +1,4 @@
-"""Every entry point answers --help, through python -m launch and the CPU launcher."""
+"""Every entry point answers --help, through python -m launch and every launcher, without an accelerator."""
 
 import subprocess
 import sys
@@ -28,6 +28,7 @@ def test_cpu_launcher_compiles_a_sharded_step_and_reports_memory():
         capture_output=True, text=True, env={"CPU_DEVICES": "4", "PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
         cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("jax: cpu, 4 devices (cpu), mesh data=2 model=2\n")
     assert "2x2 mesh" in result.stdout and "peak estimate" in result.stdout and "temp size" in result.stdout
 
 

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -126,7 +127,7 @@ def test_heuristic_label_sees_past_boilerplate():
     assert heuristic_label(corpus, list(range(10))).text == "distorted electric guitar"
 
 
-def test_moments_examples_carry_time_and_json_round_trips(planted, tmp_path):
+def test_moments_examples_carry_time_and_json_round_trips(planted, tmp_path, capsys):
     root, store, sae, _ = planted
     out = tmp_path / "features_layer0.json"
     main(["--sae_path", str(root / "models" / "topk" / "layer0" / "dim32" / "best"), "--store", str(root / "store"),
@@ -143,6 +144,10 @@ def test_moments_examples_carry_time_and_json_round_trips(planted, tmp_path):
     assert json.loads(json.dumps(features)) == features
     summary = json.loads(out.with_suffix(".summary.json").read_text())
     assert summary["alignment"]["median_best_auroc"] > 0.5
+    n = jax.local_device_count()  # discovery splits rows over every local device, and says so
+    assert f"jax: cpu, {n} devices (cpu), mesh data={n} model=1" in capsys.readouterr().out.splitlines()
+    assert summary["runtime"] == {"platform": "cpu", "device_count": n, "local_device_count": n,
+                                  "device_kinds": ["cpu"], "process_count": 1, "mesh": {"data": n, "model": 1}}
     assert np.load(out.with_suffix(".all.npz"))["token_count"].shape == (32,)
 
 

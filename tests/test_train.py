@@ -44,7 +44,7 @@ def _cfg(root, sae_type, **kw):
 @pytest.mark.parametrize("sae_type, min_cosine, backward", [
     ("topk", 0.9, "auto"), ("batch_topk", 0.9, "auto"), ("matryoshka", 0.9, "auto"), ("vanilla", 0.8, "auto"),
     ("batch_topk", 0.9, "sparse")])  # auto is dense at this width; the sparse path trains as well
-def test_each_type_recovers_the_planted_dictionary(planted, sae_type, min_cosine, backward):
+def test_each_type_recovers_the_planted_dictionary(planted, sae_type, min_cosine, backward, capsys):
     root, directions = planted
     cfg = _cfg(root, sae_type, backward=backward, out=str(root / ("models" if backward == "auto" else backward)))
     stats = train(cfg)
@@ -55,6 +55,11 @@ def test_each_type_recovers_the_planted_dictionary(planted, sae_type, min_cosine
     assert stats["final_val"]["fvu"] <= 0.1, stats["final_val"]
     for name in ("best", "final", "metrics.jsonl", "training_stats.json", "training_curves.png", "density.png"):
         assert (run / name).exists(), name
+    recorded = json.loads((run / "training_stats.json").read_text())["runtime"]
+    assert recorded == {"platform": "cpu", "device_count": jax.device_count(), "device_kinds": ["cpu"],
+                        "local_device_count": jax.local_device_count(), "process_count": 1,
+                        "mesh": {"data": 1, "model": 1}}
+    assert f"jax: cpu, {jax.device_count()} devices (cpu), mesh data=1 model=1" in capsys.readouterr().out
     if sae_type in ("batch_topk", "matryoshka"):
         l0 = stats["final_val"]["l0"]
         assert abs(l0 - 6) <= 0.2 * 6, f"inference L0 {l0} is not within 20% of k=6"
