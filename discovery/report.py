@@ -3,7 +3,8 @@
 ``index.html`` lists every reported feature (sortable) with the layer's summary and density
 histogram; ``f{N}.html`` shows each feature's top examples with an audio player and, under it,
 the feature's activation over the clip's seconds. Audio is decoded from the stored codes by
-the torch side (``extractor.render``, imported only here, lazily). All paths are relative.
+the torch side (``extractor.render``, imported only here, lazily; a JAX-only install gets one line
+saying so, or ``--no-audio``). All paths are relative.
 """
 
 from __future__ import annotations
@@ -96,9 +97,25 @@ def _summary_metrics(sae_path: Path, eval_path: str | None) -> dict:
     return metrics
 
 
+def _audio_renderer():
+    """``extractor.render`` (torch and transformers); a MissingExtraError on a JAX-only install."""
+    from jax_sae.export import missing_extract
+
+    try:
+        import transformers  # noqa: F401 - rendering loads the model with it; checked before any work
+        from extractor import render
+    except ModuleNotFoundError as err:
+        if err.name not in ("torch", "transformers"):
+            raise
+        raise missing_extract("the report's audio needs PyTorch and transformers (EnCodec decodes the stored codes)",
+                              "--no-audio builds the report without sound") from None
+    return render
+
+
 def build_report(cfg: ReportConfig) -> Path:
     import jax_sae
 
+    render = _audio_renderer() if cfg.audio else None
     features_path = Path(cfg.features)
     if not features_path.exists():
         raise ReportError(f"no features file at {features_path}; run python -m discovery.discover first")
@@ -124,10 +141,9 @@ def build_report(cfg: ReportConfig) -> Path:
             first, last = (0, len(curve)) if cfg.full_clips else (max(0, peak - half), min(len(curve), peak + half))
             stem = f"f{feature}_e{i}"
             plot_activation(curve[first:last], rate, out / "plots" / f"{stem}.png", first / rate)
-            if cfg.audio:
-                from extractor.render import AudioRequest
-
-                requests.append(AudioRequest(ex["sample_index"], first, last, str(out / "audio" / f"{stem}.wav")))
+            if render is not None:
+                wav = str(out / "audio" / f"{stem}.wav")
+                requests.append(render.AudioRequest(ex["sample_index"], first, last, wav))
             player = f"<audio controls preload='metadata' src='audio/{stem}.wav'></audio>" if cfg.audio else ""
             blocks.append(
                 f"<div class='ex'><b>#{i + 1}</b> activation {ex['activation']:.3f} "
@@ -136,9 +152,7 @@ def build_report(cfg: ReportConfig) -> Path:
                 f"{player}<img src='plots/{stem}.png' alt='activation of feature {feature} over time'></div>")
         pages[feature] = blocks
     if requests:
-        from extractor.render import render_windows  # torch only when there is audio to decode
-
-        render_windows(cfg.model or store.meta.model, store, requests, cfg.device, cfg.progress)
+        render.render_windows(cfg.model or store.meta.model, store, requests, cfg.device, cfg.progress)
     _write_pages(out, features, pages, layer)
     _write_index(out, features, summary, _summary_metrics(Path(sae_path), cfg.eval), Path(sae_path), features_path,
                  layer)
@@ -192,10 +206,14 @@ def _write_index(out: Path, features: dict, summary: dict, metrics: dict, sae_pa
 def main(argv: list[str] | None = None):
     from extractor.cli import run_main
     from jax_sae.checkpoint import CheckpointError
+    from jax_sae.export import MissingExtraError, exit_missing_extra
 
-    return run_main(ReportConfig, argv, prog="python -m discovery.report",
-                    description="Build a static HTML report of discovered features.", run=build_report,
-                    errors=(ReportError, StoreError, CheckpointError, ValueError))
+    try:
+        return run_main(ReportConfig, argv, prog="python -m discovery.report",
+                        description="Build a static HTML report of discovered features.", run=build_report,
+                        errors=(ReportError, StoreError, CheckpointError, ValueError))
+    except MissingExtraError as err:
+        exit_missing_extra(err)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,15 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
+
+try:
+    import torch
+    from torch import nn
+except ModuleNotFoundError as err:  # a JAX-only install (SAE_MUSIC_JAX_ONLY=1) leaves torch out
+    if err.name != "torch":
+        raise
+    raise ModuleNotFoundError("the torch SAE needs PyTorch, which this install left out: pip install -e '.[extract]' "
+                              "(or rerun scripts/install.sh without SAE_MUSIC_JAX_ONLY)", name="torch") from None
 
 from .saelens import SAEFormatError, read_saelens_export
 

@@ -3,15 +3,17 @@
 Parameters only. Each tensor is written from a declared table (its source, whether it is
 transposed, its expected shape); the dataset input scale is kept apart in the torch format
 and folded into the weights for SAELens. Writing a ``.pt`` file needs torch, which the torch
-side (``extractor.torch_sae``) owns and this module imports only when asked for that format.
+side (``extractor.torch_sae``) owns and this module imports only when asked for that format; on a
+JAX-only install (no ``extract`` extra) that format is refused with one line and exit status 2.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 import numpy as np
 
@@ -30,6 +32,22 @@ SAELENS_ARCHITECTURE = {"vanilla": "standard", "topk": "topk", "batch_topk": "ju
 
 class ExportError(ValueError):
     """An export that cannot be made."""
+
+
+class MissingExtraError(RuntimeError):
+    """A step needs packages this install left out; the message names the extra that brings them."""
+
+
+def missing_extract(need: str, instead: str) -> MissingExtraError:
+    """The error for a step that needs the torch side (``need``) on a JAX-only install."""
+    return MissingExtraError(f"{need}, which this JAX-only install left out: pip install -e '.[extract]' (or rerun "
+                             f"scripts/install.sh without SAE_MUSIC_JAX_ONLY); {instead}")
+
+
+def exit_missing_extra(err: MissingExtraError) -> NoReturn:
+    """How an entry point ends on a MissingExtraError: one line, exit status 2, no traceback."""
+    print(f"error: {err}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 @dataclass(frozen=True)
@@ -114,7 +132,19 @@ def write_saelens(path: Path, cfg: SAEConfig, tree: dict, info: dict) -> None:
     (path / "cfg.json").write_text(json.dumps(sae_cfg, indent=2) + "\n")
 
 
+def _torch_writer():
+    """``save_torch_export`` of the torch side; a MissingExtraError where torch is not installed."""
+    try:
+        from extractor.torch_sae import save_torch_export
+    except ModuleNotFoundError as err:
+        if err.name != "torch":
+            raise
+        raise missing_extract("the torch export format needs PyTorch", "--format saelens needs no torch") from None
+    return save_torch_export
+
+
 def export(cfg: ExportConfig) -> Path:
+    save_torch_export = _torch_writer() if cfg.format == "torch" else None  # before any work
     try:
         sae_cfg, tree, info = load_model_tree(cfg.checkpoint)
     except CheckpointError:
@@ -123,9 +153,7 @@ def export(cfg: ExportConfig) -> Path:
         raise CheckpointError(f"cannot read checkpoint {cfg.checkpoint} ({type(err).__name__}); it is corrupt or "
                               "unfinished: export best/ or final/ of a finished run") from None
     out = Path(cfg.out)
-    if cfg.format == "torch":
-        from extractor.torch_sae import save_torch_export
-
+    if save_torch_export is not None:
         save_torch_export(out, torch_config(sae_cfg, tree, info), exported_arrays(sae_cfg, tree))
     else:
         write_saelens(out, sae_cfg, tree, info)
@@ -137,9 +165,12 @@ def export(cfg: ExportConfig) -> Path:
 def main(argv: list[str] | None = None):
     from extractor.cli import run_main
 
-    return run_main(ExportConfig, argv, prog="python -m jax_sae.export",
-                    description="Export a trained SAE to the torch or SAELens format.", run=export,
-                    errors=(ExportError, CheckpointError))
+    try:
+        return run_main(ExportConfig, argv, prog="python -m jax_sae.export",
+                        description="Export a trained SAE to the torch or SAELens format.", run=export,
+                        errors=(ExportError, CheckpointError))
+    except MissingExtraError as err:
+        exit_missing_extra(err)
 
 
 if __name__ == "__main__":
