@@ -12,14 +12,14 @@ are split by timers wrapped around ``model.generate`` and ``store.write_rows`` a
 hooks on the text encoder and EnCodec's decoder; what capture spends outside ``generate()`` and
 the writes is tokenizing, stacking the per-step hook outputs and converting them to numpy.
 
-Models: ``tiny-random`` and ``small-random``, a MusicGen with musicgen-small's dimensions and
-seeded random weights, built here once and loaded through ``extractor.models.load_model``.
+Models: ``tiny-random`` and ``random:musicgen-small``, a MusicGen with musicgen-small's dimensions
+and seeded random weights (``extractor.families``), built once and loaded through
+``extractor.models.load_model``.
 """
 
 from __future__ import annotations
 
 import gc
-import os
 import shutil
 import tempfile
 import time
@@ -32,8 +32,7 @@ import numpy as np
 from .common import report, summarize, target, timed
 
 NAME = "extract_bench"
-SMALL_RANDOM = "small-random"
-SMALL_RANDOM_VERSION = 1
+SMALL_RANDOM = "random:musicgen-small"
 OVERHEAD_TARGET = 0.10
 SPEEDUP_TARGET = 10.0
 
@@ -43,7 +42,7 @@ class ExtractBenchConfig:
     """Options of ``python -m bench.extract_bench``."""
 
     models: str = f"tiny-random,{SMALL_RANDOM}"
-    """Comma-separated models: tiny-random, small-random (musicgen-small dims, random weights)."""
+    """Comma-separated models: tiny-random, random:musicgen-small (musicgen-small dims, random weights)."""
     n_frames: int = 100
     """Audio frames per prompt (100 = 2 s at 50 frames/s)."""
     batch: int = 4
@@ -51,7 +50,7 @@ class ExtractBenchConfig:
     repeats: int = 7
     """Timed plain/capture pairs for tiny-random (a run is ~0.4 s and noisy, so more of them)."""
     small_repeats: int = 3
-    """Timed plain/capture pairs for small-random (each pair is two full generations)."""
+    """Timed plain/capture pairs for random:musicgen-small (each pair is two full generations)."""
     teacher_repeats: int = 5
     """Timed teacher-forced runs per model."""
     guidance_scale: float = 3.0
@@ -77,59 +76,6 @@ class ExtractBenchConfig:
     @property
     def model_names(self) -> list[str]:
         return [m.strip() for m in self.models.split(",") if m.strip()]
-
-
-def build_small_random(path: Path) -> Path:
-    """Save a MusicGen with musicgen-small's decoder and EnCodec and a T5-base-sized text encoder
-    (smaller vocabulary), seeded random weights, and tiny-random's processor."""
-    import torch
-    import transformers
-    from transformers import (
-        AutoProcessor,
-        EncodecConfig,
-        MusicgenConfig,
-        MusicgenDecoderConfig,
-        MusicgenForConditionalGeneration,
-        T5Config,
-    )
-
-    from extractor.models import tiny_random_dir
-
-    transformers.logging.set_verbosity_error()  # pad/bos id == vocab size is MusicGen's design, not an error
-    processor = AutoProcessor.from_pretrained(tiny_random_dir())
-    text = T5Config(vocab_size=max(4096, len(processor.tokenizer)), d_model=768, d_kv=64, d_ff=3072,
-                    num_layers=12, num_heads=12, feed_forward_proj="relu")
-    # facebook/encodec_32khz, as in transformers' EnCodec conversion script.
-    audio = EncodecConfig(sampling_rate=32000, audio_channels=1, upsampling_ratios=[8, 5, 4, 4],
-                          target_bandwidths=[2.2], num_filters=64, hidden_size=128, codebook_size=2048,
-                          num_lstm_layers=2, use_causal_conv=False, use_conv_shortcut=False, normalize=False)
-    decoder = MusicgenDecoderConfig(vocab_size=2048, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                    ffn_dim=4096, num_codebooks=4, max_position_embeddings=2048,
-                                    pad_token_id=2048, bos_token_id=2048, decoder_start_token_id=2048)
-    if audio.num_quantizers != decoder.num_codebooks or audio.frame_rate != 50:
-        raise RuntimeError(f"EnCodec recipe: {audio.num_quantizers} codebooks at {audio.frame_rate} Hz, not 4 at 50")
-    torch.manual_seed(0)
-    model = MusicgenForConditionalGeneration(MusicgenConfig(text_encoder=text, audio_encoder=audio, decoder=decoder))
-    model.generation_config.update(do_sample=True, guidance_scale=3.0, top_k=250, max_length=1500)
-    tmp = path.with_name(path.name + f".building-{os.getpid()}")
-    model.eval().save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    if path.exists():
-        shutil.rmtree(tmp)  # another process built it first
-    else:
-        os.replace(tmp, path)
-    return path
-
-
-def small_random_dir() -> Path:
-    from extractor.models import cache_dir
-
-    path = cache_dir() / f"bench-musicgen-small-random-v{SMALL_RANDOM_VERSION}"
-    if not (path / "config.json").exists():
-        print(f"building {SMALL_RANDOM} into {path} (once)", flush=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        build_small_random(path)
-    return path
 
 
 @contextmanager
@@ -193,12 +139,12 @@ def _plain(loaded, texts, cfg: ExtractBenchConfig, n_frames: int) -> dict:
     """Plain sampling with the arguments and seed generate_batch uses, measured."""
     import torch
 
-    from extractor.capture import tokenize
+    from extractor.capture import model_inputs
 
     n_positions = n_frames + loaded.info.num_codebooks - 1
 
     def run():
-        inputs = tokenize(loaded, texts)
+        inputs = model_inputs(loaded, texts)
         torch.manual_seed(cfg.seed)
         with torch.no_grad():
             loaded.model.generate(**inputs, do_sample=True, guidance_scale=cfg.guidance_scale, top_k=cfg.top_k,
@@ -285,8 +231,7 @@ def _runs(cfg: ExtractBenchConfig, loaded, model: str, layer: int, repeats: int,
 def _bench_model(cfg: ExtractBenchConfig, model: str, figures: dict, derived: dict, targets: list) -> None:
     from extractor.models import load_model
 
-    source = str(small_random_dir()) if model == SMALL_RANDOM else model
-    loaded, load_s = timed(load_model, source, "cpu", "float32")
+    loaded, load_s = timed(load_model, model, "cpu", "float32")
     layer = loaded.info.num_layers // 2
     repeats = cfg.small_repeats if model == SMALL_RANDOM else cfg.repeats
     print(f"\n[{model}] loaded in {load_s:.1f} s: {loaded.info.num_layers} layers, d_model {loaded.info.d_model}; "

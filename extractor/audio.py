@@ -41,8 +41,9 @@ def _read_wav(path: Path) -> tuple[np.ndarray, int]:
     return data.reshape(-1, channels), rate
 
 
-def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
-    """Read an audio file as float32 mono in [-1, 1]; returns (waveform, sampling_rate)."""
+def read_audio(path: str | Path, channels: int = 1) -> tuple[np.ndarray, int]:
+    """Read an audio file as float32 in [-1, 1]; returns (waveform, sampling_rate): mono [samples]
+    (the channels' mean) for ``channels=1``, else [channels, samples] (a mono file repeated)."""
     path = Path(path)
     try:
         if path.suffix.lower() == ".wav":
@@ -59,24 +60,28 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
         raise AudioError(f"{path}: unreadable audio ({type(err).__name__}: {err})") from None
     if data.size == 0:
         raise AudioError(f"{path}: no audio samples")
-    return data.mean(axis=1).astype(np.float32), int(rate)
+    if channels == 1:
+        return data.mean(axis=1).astype(np.float32), int(rate)
+    picked = [data[:, min(c, data.shape[1] - 1)] for c in range(channels)]
+    return np.stack(picked).astype(np.float32), int(rate)
 
 
 def resample(waveform: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """Polyphase resampling to ``target`` Hz."""
+    """Polyphase resampling to ``target`` Hz along the last axis."""
     if rate == target:
         return waveform
     from scipy.signal import resample_poly
 
     ratio = Fraction(target, rate).limit_denominator(1000)
-    return resample_poly(waveform, ratio.numerator, ratio.denominator).astype(np.float32)
+    return resample_poly(waveform, ratio.numerator, ratio.denominator, axis=-1).astype(np.float32)
 
 
 def write_wav(path: str | Path, waveform: np.ndarray, rate: int) -> None:
-    """Write mono float audio as 16-bit PCM WAV."""
-    pcm = (np.clip(np.asarray(waveform, dtype=np.float32).reshape(-1), -1.0, 1.0) * 32767.0).astype("<i2")
+    """Write float audio, mono [samples] or [channels, samples], as 16-bit PCM WAV."""
+    frames = np.atleast_2d(np.asarray(waveform, dtype=np.float32)).T  # [samples, channels], interleaved on write
+    pcm = (np.clip(frames, -1.0, 1.0) * 32767.0).astype("<i2")
     with wave.open(str(path), "wb") as f:
-        f.setnchannels(1)
+        f.setnchannels(pcm.shape[1])
         f.setsampwidth(2)
         f.setframerate(int(rate))
         f.writeframes(pcm.tobytes())

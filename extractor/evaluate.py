@@ -3,7 +3,7 @@
 Over a store's codes (teacher forced, conditional stream), the decoder layer's output is
 replaced by (a) itself, (b) the SAE reconstruction, (c) zeros, (d) its mean over the store.
 For each, the cross-entropy of the next codes is measured per codebook (position p predicts
-codebook k of frame p - k under the delay pattern; positions before a codebook starts are
+codebook k of frame p - delay_k under the delay pattern; positions before a codebook starts are
 skipped), with KL(clean || SAE) and
 
     loss recovered = (CE_ablation - CE_sae) / (CE_ablation - CE_clean)
@@ -14,14 +14,13 @@ for zero and mean ablation: 1 means the SAE loses nothing, 0 means it is as bad 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .capture import delayed_input_ids, tokenize
+from .capture import layer_hook, model_inputs, padded_input_ids
 from .models import ModelError, load_model
 from .saelens import SAEFormatError
 from .store import StoreError, open_store
@@ -62,23 +61,6 @@ class EvaluateConfig:
             raise ValueError("--batch_size must be positive")
 
 
-@contextmanager
-def replace_output(block, replacement):
-    """Swap a decoder block's output for ``replacement(hidden) -> hidden`` (None: leave it)."""
-    def hook(_module, _inputs, output):
-        if replacement is None:
-            return None
-        hidden = output if torch.is_tensor(output) else output[0]
-        new = replacement(hidden).to(hidden.dtype)
-        return new if torch.is_tensor(output) else (new, *output[1:])
-
-    handle = block.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def _layer_mean(store, layer: int, d_model: int) -> np.ndarray:
     total, count = np.zeros(d_model, np.float64), 0
     for x in store.iter_rows(layer, 8192):
@@ -87,12 +69,13 @@ def _layer_mean(store, layer: int, d_model: int) -> np.ndarray:
     return (total / max(count, 1)).astype(np.float32)
 
 
-def _targets(codes: np.ndarray, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Target code and validity for every (codebook, position): position p predicts frame p - k."""
+def _targets(codes: np.ndarray, n: int, delays: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Target code and validity for every (codebook, position): position p predicts frame p - delay_k."""
+    k = len(delays)
     target = np.zeros((k, n), np.int64)
     valid = np.zeros((k, n), bool)
-    for book in range(k):
-        frames = np.arange(n) - book
+    for book, delay in enumerate(delays):
+        frames = np.arange(n) - delay
         ok = (frames >= 0) & (frames < len(codes))
         target[book, ok] = codes[frames[ok], book]
         valid[book, ok] = True
@@ -144,28 +127,27 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     else:
         mean, mean_source = _clean_mean(loaded, store, layer, cfg), "clean pass"
     mean = mean.to(loaded.device)
-    replacements = {"clean": None, "sae": lambda h: sae(h.float()), "zero": lambda h: torch.zeros_like(h),
+    replacements = {"clean": lambda h: None, "sae": lambda h: sae(h.float()), "zero": lambda h: torch.zeros_like(h),
                     "mean": lambda h: mean.expand_as(h)}
     k = loaded.info.num_codebooks
     sums = _Sums(k)
     n_samples = min(store.n_samples, cfg.max_samples or store.n_samples)
-    block = loaded.layer(layer)
     for lo in tqdm(range(0, n_samples, cfg.batch_size), desc="spliced evaluation", disable=not cfg.progress):
         idx = range(lo, min(n_samples, lo + cfg.batch_size))
         codes = [store.sample_codes(i) for i in idx]
         n = max(len(c) for c in codes)
-        padded = np.zeros((len(codes), n, k), np.int64)
-        for i, c in enumerate(codes):
-            padded[i, : len(c)] = c
-        ids = delayed_input_ids(torch.from_numpy(padded).to(loaded.device), loaded.info.pad_token_id)
-        inputs = tokenize(loaded, [store.samples[i]["prompt"] for i in idx])
+        ids = padded_input_ids(loaded, codes)
+        inputs = model_inputs(loaded, [store.samples[i]["prompt"] for i in idx],
+                              [store.samples[i].get("melody_chroma") for i in idx],
+                              store.meta.generation.get("text_length"))
         logprobs = {}
         for mode, replacement in replacements.items():
-            with replace_output(block, replacement):
+            with layer_hook(loaded, layer, lambda hidden, _start, replacement=replacement: replacement(hidden)):
                 logits = loaded.model(**inputs, decoder_input_ids=ids).logits.float()
-            logprobs[mode] = torch.log_softmax(logits.reshape(len(codes), k, n, -1), dim=-1)
+            # melody checkpoints also return logits for their conditioning positions, in front
+            logprobs[mode] = torch.log_softmax(logits.reshape(len(codes), k, -1, logits.shape[-1])[:, :, -n:], dim=-1)
         for i, c in enumerate(codes):
-            target, valid = _targets(c, len(c), k)
+            target, valid = _targets(c, len(c), loaded.info.delays)
             t = torch.from_numpy(target).to(loaded.device)
             v = torch.from_numpy(valid).to(loaded.device)
             for mode in MODES:
@@ -196,7 +178,9 @@ def _clean_mean(loaded, store, layer: int, cfg: EvaluateConfig) -> torch.Tensor:
     for lo in range(0, n_samples, cfg.batch_size):
         idx = range(lo, min(n_samples, lo + cfg.batch_size))
         acts = teacher_forced_batch(loaded, [store.samples[i]["prompt"] for i in idx],
-                                    [store.sample_codes(i) for i in idx], [layer])[layer]
+                                    [store.sample_codes(i) for i in idx], [layer],
+                                    [store.samples[i].get("melody_chroma") for i in idx],
+                                    store.meta.generation.get("text_length"))[layer]
         rows = np.concatenate(acts)
         total = rows.sum(0) if total is None else total + rows.sum(0)
         count += len(rows)

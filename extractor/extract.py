@@ -30,7 +30,8 @@ class ExtractConfig:
     """Options of ``python -m extractor.extract``."""
 
     model: str = "facebook/musicgen-small"
-    """Hub name (facebook/musicgen-small|medium|large|melody), a local directory, or tiny-random."""
+    """Hub name (facebook/musicgen-{small,medium,large,melody,melody-large,stereo-*}), a local directory,
+    tiny-random[-melody|-stereo|-stereo-melody], or random:FAMILY[:LAYERS]."""
     layers: str = "12"
     """Decoder layers to capture: 12 | 6,12,18 | 0-5,10 | all."""
     prompt_file: str = "data/musiccaps_prompts_quick_test.txt"
@@ -64,7 +65,9 @@ class ExtractConfig:
     codes_from: str | None = None
     """teacher_forced: an existing store whose codes and prompts to re-run."""
     audio_dir: str | None = None
-    """teacher_forced: a directory of audio files to encode with the model's EnCodec."""
+    """Audio files (name.txt beside name.wav is its text). teacher_forced: encoded with the model's EnCodec
+    (melody checkpoints: each file is also its own melody condition); generate: the melody condition of each
+    generation (melody checkpoints only)."""
     max_prompts: int | None = None
     """Use only the first N prompts."""
     overwrite: bool = False
@@ -85,8 +88,8 @@ class ExtractConfig:
                 raise ExtractError("--mode teacher_forced needs exactly one of --codes_from STORE or --audio_dir DIR")
             if self.keep_uncond:
                 raise ExtractError("--keep_uncond applies to generate mode only")
-        elif self.codes_from or self.audio_dir:
-            raise ExtractError("--codes_from/--audio_dir need --mode teacher_forced")
+        elif self.codes_from:
+            raise ExtractError("--codes_from needs --mode teacher_forced")
         if self.dtype not in STORE_DTYPES:
             raise ExtractError(f"--dtype must be one of {STORE_DTYPES}")
 
@@ -133,35 +136,42 @@ class Plan:
     n_frames: list[int]
     codes: np.ndarray | None  # known up front in teacher-forced mode
     skipped: list[str]
+    text_length: int | None = None  # melody checkpoints: every batch's text is padded to this many tokens
 
 
-def _plan_generate(cfg: ExtractConfig, frame_rate: float) -> Plan:
-    from .prompts import load_prompt_file
-
-    prompts = load_prompt_file(cfg.prompt_file if cfg.prompt_file else BUNDLED)
-    prompts = prompts[: cfg.max_prompts] if cfg.max_prompts else prompts
+def _plan_generate(cfg: ExtractConfig, loaded) -> Plan:
+    frame_rate = loaded.info.frame_rate
     n = int(round(cfg.duration * frame_rate))
     if n < 1:
         raise ExtractError(f"--duration {cfg.duration} s is shorter than one frame (1/{frame_rate} s)")
+    if cfg.audio_dir:  # melody checkpoints: each file's caption is the prompt, the file its melody
+        files, _, skipped = _read_audio_dir(cfg, loaded, encode=False)
+        conditions = [{k: v for k, v in f.items() if k != "n_frames"} for f in files]
+    else:
+        from .prompts import load_prompt_file
+
+        prompts = load_prompt_file(cfg.prompt_file if cfg.prompt_file else BUNDLED)
+        prompts = prompts[: cfg.max_prompts] if cfg.max_prompts else prompts
+        conditions = [{"prompt": p.text, "source_id": p.source_id, "tags": list(p.tags)} for p in prompts]
+        skipped = []
     samples = [
-        {
-            "index": i,
-            "prompt": p.text,
-            "source_id": p.source_id,
-            "tags": list(p.tags),
-            "unit": i // cfg.batch_size,
-            "seed": cfg.seed + i // cfg.batch_size,
-            "n_frames": n,
-        }
-        for i, p in enumerate(prompts)
+        {"index": i, **condition, "unit": i // cfg.batch_size, "seed": cfg.seed + i // cfg.batch_size, "n_frames": n}
+        for i, condition in enumerate(conditions)
     ]
-    return Plan(samples=samples, n_frames=[n] * len(samples), codes=None, skipped=[])
+    return Plan(samples=samples, n_frames=[n] * len(samples), codes=None, skipped=skipped)
 
 
-def _plan_from_store(cfg: ExtractConfig) -> Plan:
+def _plan_from_store(cfg: ExtractConfig, model_config) -> Plan:
     source = Store(cfg.codes_from)
     source.require_complete()
+    codebooks = model_config.decoder.num_codebooks
+    if source.meta.n_codebooks != codebooks:
+        raise ExtractError(f"--codes_from {cfg.codes_from} holds {source.meta.n_codebooks} codebooks but {cfg.model} "
+                           f"has {codebooks}: re-run it with the model it was made with ({source.meta.model})")
     samples = source.samples[: cfg.max_prompts] if cfg.max_prompts else source.samples
+    if model_config.model_type != "musicgen_melody" and any(s.get("melody_chroma") for s in samples):
+        raise ExtractError(f"--codes_from {cfg.codes_from} was made with melody conditions, which {cfg.model} does "
+                           f"not take: re-run it with a melody checkpoint ({source.meta.model})")
     n_frames = [int(s["n_frames"]) for s in samples]
     n_rows = int(source.offsets[len(samples)])
     codes = np.asarray(source.array("codes")[:n_rows].read().result())
@@ -169,10 +179,13 @@ def _plan_from_store(cfg: ExtractConfig) -> Plan:
     for i, s in enumerate(samples):
         rec = {k: v for k, v in s.items() if k not in ("unit", "index")}
         out.append({"index": i, **rec, "unit": i // cfg.batch_size})
-    return Plan(samples=out, n_frames=n_frames, codes=codes, skipped=[])
+    return Plan(samples=out, n_frames=n_frames, codes=codes, skipped=[],
+                text_length=source.meta.generation.get("text_length"))
 
 
-def _plan_from_audio(cfg: ExtractConfig, loaded) -> Plan:
+def _read_audio_dir(cfg: ExtractConfig, loaded, encode: bool) -> tuple[list[dict], list[np.ndarray], list[str]]:
+    """The readable files of ``--audio_dir`` as (conditions, codes if ``encode``, skipped reasons). A
+    condition holds the caption (``name.txt``), the file and, for melody checkpoints, its chroma."""
     from tqdm import tqdm
 
     from .audio import AudioError, list_audio_files, read_audio, resample
@@ -182,32 +195,40 @@ def _plan_from_audio(cfg: ExtractConfig, loaded) -> Plan:
     files = files[: cfg.max_prompts] if cfg.max_prompts else files
     if not files:
         raise ExtractError(f"--audio_dir {cfg.audio_dir} holds no audio files (.wav, .flac, .ogg, .mp3)")
-    samples, n_frames, codes, skipped = [], [], [], []
-    for path in tqdm(files, desc="encoding audio", unit="file"):
+    info = loaded.info
+    conditions, codes, skipped = [], [], []
+    for path in tqdm(files, desc="encoding audio" if encode else "reading melodies", unit="file"):
         try:
-            wave, rate = read_audio(path)
+            wave, rate = read_audio(path, channels=info.audio_channels)
         except AudioError as err:
             skipped.append(str(err))
             continue
-        c = encode_audio(loaded, resample(wave, rate, loaded.info.sampling_rate), loaded.info.sampling_rate)
+        wave = resample(wave, rate, info.sampling_rate)
         caption_file = path.with_suffix(".txt")
         text = " ".join(caption_file.read_text().split()) if caption_file.exists() else ""
-        i = len(samples)
-        samples.append(
-            {"index": i, "prompt": text, "source_id": path.name, "tags": [], "unit": i // cfg.batch_size,
-             "seed": None, "n_frames": len(c), "audio_path": str(path)}
-        )
-        n_frames.append(len(c))
-        codes.append(c)
-    if not samples:
+        condition = {"prompt": text, "source_id": path.name, "tags": [], "audio_path": str(path)}
+        if info.melody:
+            condition["melody_chroma"] = loaded.chroma.chroma(np.atleast_2d(wave).mean(axis=0)).tolist()
+        if encode:
+            codes.append(encode_audio(loaded, wave, info.sampling_rate))
+            condition["n_frames"] = len(codes[-1])
+        conditions.append(condition)
+    if not conditions:
         raise ExtractError(f"no readable audio in {cfg.audio_dir}: " + "; ".join(skipped[:3]))
-    return Plan(samples=samples, n_frames=n_frames, codes=np.concatenate(codes), skipped=skipped)
+    return conditions, codes, skipped
+
+
+def _plan_from_audio(cfg: ExtractConfig, loaded) -> Plan:
+    conditions, codes, skipped = _read_audio_dir(cfg, loaded, encode=True)
+    samples = [{"index": i, **c, "unit": i // cfg.batch_size, "seed": None} for i, c in enumerate(conditions)]
+    return Plan(samples=samples, n_frames=[len(c) for c in codes], codes=np.concatenate(codes), skipped=skipped)
 
 
 def _plan_digest(plan: Plan) -> str:
     h = hashlib.sha256()
     for s in plan.samples:
-        h.update(json.dumps([s["prompt"], s.get("source_id"), s["n_frames"]]).encode())
+        melody = [s["melody_chroma"]] if s.get("melody_chroma") is not None else []
+        h.update(json.dumps([s["prompt"], s.get("source_id"), s["n_frames"], *melody]).encode())
     if plan.codes is not None:
         h.update(np.ascontiguousarray(plan.codes).tobytes())
     return h.hexdigest()[:16]
@@ -224,6 +245,13 @@ def _store_meta(cfg: ExtractConfig, info, layers: Sequence[int], plan: Plan) -> 
             duration=cfg.duration, guidance_scale=cfg.guidance_scale, top_k=cfg.top_k,
             temperature=cfg.temperature, seed=cfg.seed, model_dtype=cfg.model_dtype,
         )
+    # Only for the families that have them, so that mono stores keep their settings (and resume).
+    if info.audio_channels != 1:
+        generation["audio_channels"] = info.audio_channels
+    if info.melody:
+        melodies = sum(s.get("melody_chroma") is not None for s in plan.samples)
+        generation["melody_condition"] = f"{melodies} of {len(plan.samples)} samples (per-sample melody_chroma)"
+        generation["text_length"] = plan.text_length
     n_units = -(-len(plan.samples) // cfg.batch_size)
     return StoreMeta(
         model=cfg.model, layers=tuple(layers), d_model=info.d_model, n_codebooks=info.num_codebooks,
@@ -276,11 +304,13 @@ def _run_unit(cfg: ExtractConfig, loaded, store: Store, unit: int, layers: Seque
     lo = unit * cfg.batch_size
     samples = store.samples[lo : lo + cfg.batch_size]
     texts = [s["prompt"] for s in samples]
+    melodies = [s.get("melody_chroma") for s in samples]
     row0, row1 = int(store.offsets[lo]), int(store.offsets[lo + len(samples)])
     if cfg.mode == "generate":
         batch = generate_batch(
             loaded, texts, int(samples[0]["n_frames"]), layers, guidance_scale=cfg.guidance_scale,
             top_k=cfg.top_k, temperature=cfg.temperature, seed=cfg.seed + unit, keep_uncond=cfg.keep_uncond,
+            melodies=melodies, pad_to=store.meta.generation.get("text_length"),
         )
         for stream, per_layer in batch.acts.items():
             for layer, acts in per_layer.items():
@@ -290,7 +320,8 @@ def _run_unit(cfg: ExtractConfig, loaded, store: Store, unit: int, layers: Seque
         codes = np.asarray(store.array("codes")[row0:row1].read().result())
         bounds = store.offsets[lo : lo + len(samples) + 1] - row0
         per_sample = [codes[bounds[i] : bounds[i + 1]] for i in range(len(samples))]
-        acts = teacher_forced_batch(loaded, texts, per_sample, layers)
+        acts = teacher_forced_batch(loaded, texts, per_sample, layers, melodies,
+                                    store.meta.generation.get("text_length"))
         for layer, rows in acts.items():
             store.write_rows(acts_name(layer), row0, np.concatenate(rows))
     return row1 - row0
@@ -300,23 +331,31 @@ def extract(cfg: ExtractConfig) -> Store:
     """Run (or resume) an extraction and return the store."""
     from tqdm import tqdm
 
-    from .models import load_model
+    from .models import load_config, load_model
 
     shard_index, shard_count = parse_shard(cfg.shard)
     started = time.time()
     plan = None
-    if cfg.mode == "generate":
+    model_config = load_config(cfg.model)  # the configuration alone: checks before loading any weights
+    if cfg.mode == "generate" and cfg.audio_dir and model_config.model_type != "musicgen_melody":
+        raise ExtractError(f"--audio_dir in generate mode gives the melody condition, which {cfg.model} does not "
+                           "take: use a melody checkpoint (facebook/musicgen-melody...) or --mode teacher_forced")
+    if cfg.mode == "generate" and not cfg.audio_dir:
         from .prompts import load_prompt_file
 
         load_prompt_file(cfg.prompt_file)  # fail on a bad prompt file before loading a model
     elif cfg.codes_from:
-        plan = _plan_from_store(cfg)
+        plan = _plan_from_store(cfg, model_config)
     loaded = load_model(cfg.model, cfg.device, cfg.model_dtype)
     layers = parse_layers(cfg.layers, loaded.info.num_layers, cfg.model)
     if cfg.mode == "generate":
-        plan = _plan_generate(cfg, loaded.info.frame_rate)
+        plan = _plan_generate(cfg, loaded)
     elif cfg.audio_dir:
         plan = _plan_from_audio(cfg, loaded)
+    if loaded.info.melody and plan.text_length is None:
+        from .capture import text_length
+
+        plan.text_length = text_length(loaded, [s["prompt"] for s in plan.samples])
     meta = _store_meta(cfg, loaded.info, layers, plan)
     store = open_or_create(cfg, meta, plan)
     done = store.committed_units()

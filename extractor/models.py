@@ -1,24 +1,29 @@
-"""Loading MusicGen (hub name, local directory, or the offline ``tiny-random`` model)."""
+"""Loading MusicGen: every released family (extractor.families) by hub name or local directory,
+and offline random builds of them (``tiny-random*`` toys, ``random:FAMILY[:LAYERS]`` at real widths)."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-HUB_MODELS = (
-    "facebook/musicgen-small",
-    "facebook/musicgen-medium",
-    "facebook/musicgen-large",
-    "facebook/musicgen-melody",
-)
+from .families import SUPPORTED, FamilyError, build_random, codebook_delays, family_of, get_family
+
 TINY_RANDOM = "tiny-random"
+# Toy builds of the structurally different families (tiny-random itself is the mono one).
+TOY_MODELS = {
+    TINY_RANDOM: "musicgen-small",
+    "tiny-random-melody": "musicgen-melody",
+    "tiny-random-stereo": "musicgen-stereo-small",
+    "tiny-random-stereo-melody": "musicgen-stereo-melody",
+}
+RANDOM_PREFIX = "random:"
 TINY_RANDOM_SEED = 0
-# Bump when the tiny model's recipe changes so stale caches are rebuilt, not reused.
+# Bump when a random build's recipe changes so stale caches are rebuilt, not reused.
 TINY_RANDOM_VERSION = 1
+MODEL_CLASSES = {"musicgen": "MusicgenForConditionalGeneration",
+                 "musicgen_melody": "MusicgenMelodyForConditionalGeneration"}
 
 
 class ModelError(ValueError):
@@ -30,28 +35,49 @@ class ModelInfo:
     """What extraction needs to know about a loaded MusicGen."""
 
     name: str
+    family: str
+    """The released family the architecture matches (extractor.families), or 'custom ...'."""
     num_layers: int
     d_model: int
     num_codebooks: int
+    audio_channels: int
+    """1, or 2 for stereo: two EnCodec streams whose codebooks the decoder interleaves."""
+    melody: bool
+    """Melody checkpoints prepend chroma and text to the decoder's inputs."""
+    chroma_length: int
     frame_rate: float
     sampling_rate: int
     pad_token_id: int
-    hop_length: int
+
+    @property
+    def delays(self) -> tuple[int, ...]:
+        """Each decoder codebook's delay in positions."""
+        return codebook_delays(self.num_codebooks, self.audio_channels)
+
+    @property
+    def max_delay(self) -> int:
+        return max(self.delays)
 
 
 @dataclass
 class LoadedModel:
-    """A MusicGen with its processor, device and dtype."""
+    """A MusicGen with its tokenizer, melody feature settings (melody checkpoints), device and dtype."""
 
     model: Any
-    processor: Any
+    tokenizer: Any
     info: ModelInfo
     device: Any
     dtype: Any
+    chroma: Any = None
+
+    @property
+    def decoder(self):
+        """The decoder stack whose forward pre-hook sees each call's conditioning and cache."""
+        return self.model.decoder.model.decoder
 
     def layer(self, index: int):
         """The decoder block whose output is the residual stream after block ``index``."""
-        return self.model.decoder.model.decoder.layers[index]
+        return self.decoder.layers[index]
 
 
 def cache_dir() -> Path:
@@ -85,23 +111,7 @@ def resolve_dtype(dtype: str, device):
         raise ModelError(f"unknown model dtype {dtype!r}; use auto, float16, bfloat16 or float32") from None
 
 
-def _tiny_vocab() -> list[tuple[str, float]]:
-    """A small sentencepiece-style vocabulary: words of our prompts, then single characters."""
-    from .prompts import bundled_prompts
-
-    words: list[str] = []
-    for prompt in bundled_prompts():
-        for word in prompt.text.lower().replace(",", " ").replace(".", " ").split():
-            if word not in words:
-                words.append(word)
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces += [("\u2581" + w, -2.0 - i * 1e-3) for i, w in enumerate(words)]
-    chars = string.ascii_letters + string.digits + string.punctuation
-    pieces += [("\u2581", -8.0)] + [(c, -10.0) for c in chars]
-    return pieces
-
-
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """Its per-weight progress bars and token-id warnings only add noise to our own progress."""
     import transformers
 
@@ -109,130 +119,127 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def build_tiny_random(path: str | os.PathLike) -> Path:
-    """Build a real MusicGen with small dims and seeded random weights, save it with
-    ``save_pretrained`` (model and processor) and return its directory.
+def _built(directory: Path, build) -> Path:
+    """A cached random build, made on first use."""
+    if not (directory / "config.json").exists():
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        print(f"building {directory.name} into {directory.parent} (once)", flush=True)
+        build(directory)
+    return directory
 
-    EnCodec runs at 32 kHz with hop 640 (50 frames/s) and 4 codebooks, like musicgen-small.
-    """
-    import torch
-    from transformers import (
-        EncodecConfig,
-        EncodecFeatureExtractor,
-        MusicgenConfig,
-        MusicgenDecoderConfig,
-        MusicgenForConditionalGeneration,
-        MusicgenProcessor,
-        T5Config,
-        T5Tokenizer,
-    )
 
-    _quiet_transformers()
-    path = Path(path)
-    tokenizer = T5Tokenizer(vocab=_tiny_vocab(), extra_ids=0)
-    text = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
-    codebook_size = 64
-    # num_quantizers = bandwidth / (frame_rate * log2(codebook_size)) must equal num_codebooks.
-    audio = EncodecConfig(
-        sampling_rate=32000,
-        audio_channels=1,
-        num_filters=4,
-        codebook_size=codebook_size,
-        codebook_dim=16,
-        hidden_size=16,
-        upsampling_ratios=[8, 5, 4, 4],
-        target_bandwidths=[1.2],
-        num_lstm_layers=1,
-        num_residual_layers=1,
-        normalize=False,
-    )
-    decoder = MusicgenDecoderConfig(
-        vocab_size=codebook_size,
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        ffn_dim=128,
-        num_codebooks=4,
-        max_position_embeddings=4096,
-        pad_token_id=codebook_size,
-        bos_token_id=codebook_size,
-        decoder_start_token_id=codebook_size,
-    )
-    config = MusicgenConfig(text_encoder=text, audio_encoder=audio, decoder=decoder)
-    if audio.num_quantizers != decoder.num_codebooks:
-        raise ModelError("tiny-random recipe is inconsistent: EnCodec quantizers != decoder codebooks")
-    torch.manual_seed(TINY_RANDOM_SEED)
-    model = MusicgenForConditionalGeneration(config).eval()
-    # A wider init than the default 0.02 so activations and sampled codes are not degenerate.
-    with torch.no_grad():
-        for param in model.decoder.parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.1)
-    model.generation_config.do_sample = True
-    model.generation_config.guidance_scale = 3.0
-    model.generation_config.top_k = 50
-    model.generation_config.max_new_tokens = 256
-    feature_extractor = EncodecFeatureExtractor(feature_size=1, sampling_rate=32000, padding_value=0.0)
-    processor = MusicgenProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer)
-    tmp = path.with_name(path.name + f".building-{os.getpid()}")
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
+def tiny_random_dir(name: str = TINY_RANDOM) -> Path:
+    """The cached toy build of a family (``tiny-random``, ``tiny-random-melody``, ...), built on first use."""
+    family = TOY_MODELS[name]
+    return _built(cache_dir() / f"{name}-v{TINY_RANDOM_VERSION}",
+                  lambda path: build_random(family, path, size="toy", seed=TINY_RANDOM_SEED))
+
+
+def random_model_dir(name: str) -> Path:
+    """``random:FAMILY[:LAYERS]``: the family at its released widths with seeded random weights
+    (all its layers, or LAYERS of them), built once into the cache."""
+    parts = name[len(RANDOM_PREFIX):].split(":")
     try:
-        os.rename(tmp, path)
-    except OSError:
-        if not (path / "config.json").exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)  # another process built it first
-    return path
+        family = get_family(parts[0])
+        layers = int(parts[1]) if len(parts) > 1 else family.num_layers
+        if len(parts) > 2 or not 1 <= layers <= family.num_layers:
+            raise ValueError
+    except FamilyError as err:
+        raise ModelError(str(err)) from None
+    except ValueError:
+        raise ModelError(f"model {name!r}: use random:FAMILY or random:FAMILY:LAYERS with 1 <= LAYERS <= the "
+                         "family's layers, e.g. random:musicgen-small:2") from None
+    return _built(cache_dir() / f"random-{family.name}-L{layers}-v{TINY_RANDOM_VERSION}",
+                  lambda path: build_random(family, path, size="real", num_layers=layers, seed=TINY_RANDOM_SEED))
 
 
-def tiny_random_dir() -> Path:
-    """The cached tiny-random model directory, built on first use."""
-    path = cache_dir() / f"tiny-random-v{TINY_RANDOM_VERSION}"
-    if not (path / "config.json").exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        build_tiny_random(path)
-    return path
+def model_source(name: str) -> Path | str:
+    """The directory or hub name that ``from_pretrained`` loads for ``--model name``."""
+    if name in TOY_MODELS:
+        return tiny_random_dir(name)
+    if name.startswith(RANDOM_PREFIX):
+        return random_model_dir(name)
+    if not Path(name).exists() and "/" not in name:
+        raise ModelError(f"unknown model {name!r}: give a hub name (facebook/{{{SUPPORTED}}}), a local directory, "
+                         f"{', '.join(TOY_MODELS)}, or random:FAMILY[:LAYERS]")
+    return name
 
 
 def model_info(name: str, model) -> ModelInfo:
-    audio = model.config.audio_encoder
-    decoder = model.config.decoder
-    hop = 1
-    for ratio in audio.upsampling_ratios:
-        hop *= ratio
+    config = model.config
+    audio, decoder = config.audio_encoder, config.decoder
+    melody = config.model_type == "musicgen_melody"
+    pad = model.generation_config.pad_token_id
     return ModelInfo(
         name=name,
+        family=family_of(decoder, melody),
         num_layers=decoder.num_hidden_layers,
         d_model=decoder.hidden_size,
         num_codebooks=decoder.num_codebooks,
+        audio_channels=int(getattr(decoder, "audio_channels", 1)),
+        melody=melody,
+        chroma_length=int(getattr(config, "chroma_length", 0)) if melody else 0,
         frame_rate=float(audio.frame_rate),
         sampling_rate=int(audio.sampling_rate),
-        pad_token_id=int(model.generation_config.pad_token_id if model.generation_config.pad_token_id is not None else decoder.pad_token_id),
-        hop_length=hop,
+        pad_token_id=int(pad if pad is not None else decoder.pad_token_id),
     )
 
 
+def _check_supported(name: str, config) -> str:
+    """The model class for a configuration, or one line naming what is supported."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_CLASSES:
+        raise ModelError(f"{name} is a {model_type!r} model, not MusicGen; supported: the MusicGen families "
+                         f"({SUPPORTED}) and random builds of them")
+    decoder, audio = config.decoder, config.audio_encoder
+    channels = getattr(decoder, "audio_channels", 1)
+    if channels not in (1, 2) or audio.num_quantizers * channels != decoder.num_codebooks:
+        raise ModelError(f"{name}: {decoder.num_codebooks} decoder codebooks for {channels} audio channel(s) of "
+                         f"{audio.num_quantizers} EnCodec codebooks is not a MusicGen layout this code handles; "
+                         f"supported: {SUPPORTED}")
+    return MODEL_CLASSES[model_type]
+
+
+def load_config(name: str):
+    """The model's configuration alone (cheap: no weights), after resolving ``name``."""
+    from transformers import AutoConfig
+
+    source = model_source(name)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"cannot load model {name!r} ({str(err).splitlines()[0]}); check the name, your network, "
+            f"or pass a local directory"
+        ) from None
+    _check_supported(name, config)
+    return config
+
+
 def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load a MusicGen by hub name, local directory, or ``tiny-random``."""
+    """Load any MusicGen family by hub name, local directory, toy name or ``random:FAMILY[:LAYERS]``."""
+    import transformers
+
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    source = tiny_random_dir() if name == TINY_RANDOM else name
-    if name != TINY_RANDOM and not Path(name).exists() and "/" not in name:
-        raise ModelError(
-            f"unknown model {name!r}: give a hub name ({', '.join(HUB_MODELS)}), a local directory, or {TINY_RANDOM}"
-        )
-    from transformers import AutoProcessor, MusicgenForConditionalGeneration
-
-    _quiet_transformers()
-
+    quiet_transformers()
+    config = load_config(name)
+    source = model_source(name)
+    model_cls = getattr(transformers, _check_supported(name, config))
     try:
-        model = MusicgenForConditionalGeneration.from_pretrained(source, dtype=torch_dtype)
-        processor = AutoProcessor.from_pretrained(source)
+        model = model_cls.from_pretrained(source, dtype=torch_dtype)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     except OSError as err:
         raise ModelError(
             f"cannot load model {name!r} ({str(err).splitlines()[0]}); check the name, your network, "
             f"or pass a local directory"
         ) from None
     model = model.to(dev).eval()
-    return LoadedModel(model=model, processor=processor, info=model_info(name, model), device=dev, dtype=torch_dtype)
+    info = model_info(name, model)
+    chroma = None
+    if info.melody:
+        from .melody import ChromaExtractor
+
+        chroma = ChromaExtractor.from_pretrained(source)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, device=dev, dtype=torch_dtype, chroma=chroma)
+

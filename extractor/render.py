@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from .audio import write_wav
+from .capture import decode_codes
 from .models import load_model
 from .store import Store
 
@@ -31,7 +31,7 @@ class AudioRequest:
 @torch.no_grad()
 def render_windows(model: str, store: Store, requests: Sequence[AudioRequest], device: str = "auto",
                    progress: bool = True) -> list[Path]:
-    """Write one WAV per request at the model's sampling rate; returns the paths."""
+    """Write one WAV per request (stereo for stereo checkpoints) at the model's sampling rate; returns the paths."""
     from tqdm import tqdm
 
     if not requests:
@@ -42,11 +42,9 @@ def render_windows(model: str, store: Store, requests: Sequence[AudioRequest], d
                          f"{loaded.info.num_codebooks}; pass the model the store was made with")
     written = []
     for req in tqdm(requests, desc="decoding audio", unit="clip", disable=not progress):
-        codes = store.sample_codes(req.sample)[req.first:req.last]  # [T, K]
-        ids = torch.from_numpy(np.ascontiguousarray(codes.T)).long()[None, None].to(loaded.device)
-        audio = loaded.model.audio_encoder.decode(ids, [None]).audio_values[0, 0]
+        audio = decode_codes(loaded, store.sample_codes(req.sample)[req.first:req.last])
         path = Path(req.path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_wav(path, audio.float().cpu().numpy(), loaded.info.sampling_rate)
+        write_wav(path, audio, loaded.info.sampling_rate)
         written.append(path)
     return written

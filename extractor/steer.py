@@ -10,7 +10,6 @@ writes a WAV; ``steer.json`` holds feature j's activation at the layer in each r
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from .audio import write_wav
-from .capture import generate_batch
+from .capture import generate_batch, layer_hook
 from .models import ModelError, load_model
 from .saelens import SAEFormatError
 from .torch_sae import TorchSAE
@@ -77,30 +76,16 @@ class SteerConfig:
             raise ValueError("--end must be after --start")
 
 
-@contextmanager
 def add_to_layer(loaded, layer: int, delta_fn, first_pos: int, last_pos: int, rows: slice):
-    """Add ``delta_fn(hidden)`` to the block's output at positions [first_pos, last_pos) on ``rows``."""
-    position = {"start": 0}
-
-    def track(_module, _args, kwargs):
-        cache = kwargs.get("cache") or kwargs.get("past_key_values")
-        position["start"] = cache.get_seq_length() if cache is not None else 0
-
-    def hook(_module, _inputs, output):
-        hidden = output if torch.is_tensor(output) else output[0]
-        pos = position["start"] + torch.arange(hidden.shape[1], device=hidden.device)
+    """Add ``delta_fn(hidden)`` to the block's output at decoder positions [first_pos, last_pos) on ``rows``."""
+    def steer_positions(hidden, start):
+        pos = start + torch.arange(hidden.shape[1], device=hidden.device)
         window = ((pos >= first_pos) & (pos < last_pos)).to(hidden.dtype)[None, :, None]
         new = hidden.clone()
         new[rows] = hidden[rows] + window * delta_fn(hidden[rows].float()).to(hidden.dtype)
-        return new if torch.is_tensor(output) else (new, *output[1:])
+        return new
 
-    handles = [loaded.model.decoder.model.decoder.register_forward_pre_hook(track, with_kwargs=True),
-               loaded.layer(layer).register_forward_hook(hook)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return layer_hook(loaded, layer, steer_positions)
 
 
 def _run(loaded, cfg: SteerConfig, layer: int, n_frames: int):
@@ -163,7 +148,7 @@ def steer(cfg: SteerConfig) -> dict:
               "seed": cfg.seed, "window_seconds": [cfg.start, min(last, n_frames) / rate], "streams": cfg.streams,
               "delta_norm": float(delta.norm()), "runs": {}}
     for name, batch in (("unsteered", plain), ("steered", steered), ("control", controlled)):
-        write_wav(out / f"{name}.wav", batch.audio[0, 0], loaded.info.sampling_rate)
+        write_wav(out / f"{name}.wav", batch.audio[0], loaded.info.sampling_rate)
         f = feature_acts(batch)[window]
         report["runs"][name] = {"wav": f"{name}.wav", "feature_mean_activation": float(f.mean()),
                                 "feature_max_activation": float(f.max()), "feature_active_fraction": float((f > 0).mean())}

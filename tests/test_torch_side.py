@@ -20,17 +20,19 @@ def store(tmp_path_factory):
     return root
 
 
-def _sae(path, kind):
+def _sae(path, kind, d=D, layer=2, model="tiny-random"):
+    """An exported SAE of width ``d``: 'exact' reconstructs its input bit for bit, 'random' is a TopK on
+    random unit directions."""
     if kind == "exact":  # relu(x + 100) - 100 == x: a lossless SAE
-        arrays = {"W_enc": np.eye(D), "b_enc": np.zeros(D), "W_dec": np.eye(D), "b_dec": np.full(D, -100.0)}
-        config = {"sae_type": "vanilla", "d_model": D, "hidden_dim": D}
+        arrays = {"W_enc": np.eye(d), "b_enc": np.zeros(d), "W_dec": np.eye(d), "b_dec": np.full(d, -100.0)}
+        config = {"sae_type": "vanilla", "d_model": d, "hidden_dim": d}
     else:
         rng = np.random.default_rng(0)
-        W = rng.normal(size=(256, D))
+        W = rng.normal(size=(256, d))
         W /= np.linalg.norm(W, axis=1, keepdims=True)
-        arrays = {"W_enc": W.T, "b_enc": np.zeros(256), "W_dec": W, "b_dec": np.zeros(D)}
-        config = {"sae_type": "topk", "d_model": D, "hidden_dim": 256, "top_k": 4}
-    save_torch_export(path, {**config, "layer": 2, "model": "tiny-random", "threshold": 0.0, "input_scale": 1.0,
+        arrays = {"W_enc": W.T, "b_enc": np.zeros(256), "W_dec": W, "b_dec": np.zeros(d)}
+        config = {"sae_type": "topk", "d_model": d, "hidden_dim": 256, "top_k": 4}
+    save_torch_export(path, {**config, "layer": layer, "model": model, "threshold": 0.0, "input_scale": 1.0,
                              "top_k": config.get("top_k", 4), "group_sizes": []}, arrays)
     return path
 
