@@ -26,6 +26,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -64,6 +65,10 @@ class ExtractBenchConfig:
     2-thread runs of the same generation intermittently took 1.6-3x longer (BENCHMARKS.md)."""
     quick: bool = False
     """Two pairs and two teacher-forced runs per model, to check the script runs."""
+    device: str = "cpu"
+    """cpu | cuda (bench/gpu_check.sh measures on the GPU)."""
+    model_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Compute dtype of the model (float16 on a GPU, as extraction's auto picks there)."""
 
     def __post_init__(self) -> None:
         sizes = (self.n_frames, self.batch, self.repeats, self.small_repeats, self.teacher_repeats)
@@ -141,7 +146,7 @@ def _plain(loaded, texts, cfg: ExtractBenchConfig, n_frames: int) -> dict:
 
     from extractor.capture import model_inputs
 
-    n_positions = n_frames + loaded.info.num_codebooks - 1
+    n_positions = n_frames + loaded.info.max_delay
 
     def run():
         inputs = model_inputs(loaded, texts)
@@ -149,6 +154,8 @@ def _plain(loaded, texts, cfg: ExtractBenchConfig, n_frames: int) -> dict:
         with torch.no_grad():
             loaded.model.generate(**inputs, do_sample=True, guidance_scale=cfg.guidance_scale, top_k=cfg.top_k,
                                   temperature=1.0, max_new_tokens=n_positions, min_new_tokens=n_positions)
+        if loaded.device.type == "cuda":
+            torch.cuda.synchronize()
 
     return _measured(run, loaded)
 
@@ -159,11 +166,11 @@ def _stores(cfg: ExtractBenchConfig, loaded, model: str, layer: int, root: Path)
 
     gen_cfg = ExtractConfig(
         model=model, layers=str(layer), prompt_file="bundled", batch_size=cfg.batch,
-        duration=cfg.n_frames / loaded.info.frame_rate, out=str(root / "generate"), device="cpu", mode="generate",
+        duration=cfg.n_frames / loaded.info.frame_rate, out=str(root / "generate"), device=cfg.device, mode="generate",
         guidance_scale=cfg.guidance_scale, top_k=cfg.top_k, temperature=1.0, seed=cfg.seed, dtype="float16",
-        model_dtype="float32", max_prompts=cfg.batch,
+        model_dtype=cfg.model_dtype, max_prompts=cfg.batch,
     )
-    plan = _plan_generate(gen_cfg, loaded.info.frame_rate)
+    plan = _plan_generate(gen_cfg, loaded)
     store = open_or_create(gen_cfg, _store_meta(gen_cfg, loaded.info, (layer,), plan), plan)
     return gen_cfg, store
 
@@ -172,7 +179,7 @@ def _teacher_store(gen_cfg, loaded, layer: int, root: Path):
     from extractor.extract import _plan_from_store, _store_meta, open_or_create
 
     tf_cfg = replace(gen_cfg, mode="teacher_forced", codes_from=gen_cfg.out, out=str(root / "teacher"))
-    plan = _plan_from_store(tf_cfg)
+    plan = _plan_from_store(tf_cfg, loaded.model.config)
     return tf_cfg, open_or_create(tf_cfg, _store_meta(tf_cfg, loaded.info, (layer,), plan), plan)
 
 
@@ -231,7 +238,7 @@ def _runs(cfg: ExtractBenchConfig, loaded, model: str, layer: int, repeats: int,
 def _bench_model(cfg: ExtractBenchConfig, model: str, figures: dict, derived: dict, targets: list) -> None:
     from extractor.models import load_model
 
-    loaded, load_s = timed(load_model, model, "cpu", "float32")
+    loaded, load_s = timed(load_model, model, cfg.device, cfg.model_dtype)
     layer = loaded.info.num_layers // 2
     repeats = cfg.small_repeats if model == SMALL_RANDOM else cfg.repeats
     print(f"\n[{model}] loaded in {load_s:.1f} s: {loaded.info.num_layers} layers, d_model {loaded.info.d_model}; "
@@ -293,7 +300,7 @@ def run(cfg: ExtractBenchConfig) -> dict:
         _bench_model(cfg, model, figures, derived, targets)
     derived["bench wall seconds"] = time.perf_counter() - start
     params = {**cfg.__dict__, "torch_threads": torch.get_num_threads(), "store_dtype": "float16",
-              "model_dtype": "float32", "device": "cpu", "layer": "num_layers // 2"}
+              "layer": "num_layers // 2"}
     return report(NAME, figures, params=params, derived=derived, targets=targets)
 
 

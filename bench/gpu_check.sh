@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
-# The accelerator check (issue 8): the GPU-marked tests, then the train-step benchmark at
-# d=2048, h=65536, k=64, batch 8192 in float32 and bfloat16 (bench/gpu_bench.py). Sized for
-# under 8 minutes on one GPU. Uses the machine's own Python (jax with CUDA, flax, optax,
-# orbax, tensorstore, pytest) with this checkout on PYTHONPATH: nothing is installed.
-# Results: bench/results/gpu_bench.json, also copied to $OUT when that is set.
+# The accelerator check, one command, under 8 minutes on one GPU: GPU tests, the train step at
+# d=2048, h=65536 (f32/bf16), capture overhead of extraction on CUDA in float16 with a
+# musicgen-small-sized random model, and the whole pipeline with JAX on the GPU, with where each
+# stage ran (bench/gpu_check.py). Uses the machine's own Python (jax with CUDA, torch,
+# transformers, flax, optax, orbax, tensorstore, pytest) with this checkout on PYTHONPATH:
+# nothing is installed. Results: bench/results/gpu_check.json, also copied to $OUT when set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-"$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
-timeout 180 "$PY" -m pytest -q -p no:cacheprovider -o addopts="--strict-markers" -m gpu tests || echo "GPU TESTS FAILED"
-timeout 360 "$PY" -m bench.gpu_bench "$@"
-if [ -n "${OUT:-}" ]; then cp bench/results/gpu_bench.json "$OUT/"; fi
+status=0
+"${PYTHON:-python3}" -m bench.gpu_check "$@" || status=$?
+if [ -n "${OUT:-}" ] && [ -f bench/results/gpu_check.json ]; then cp bench/results/gpu_check.json "$OUT/"; fi
+exit "$status"

@@ -12,7 +12,6 @@ import pytest
 
 from extractor.extract import ExtractConfig, extract, main
 from extractor.families import FAMILIES
-from extractor.store import open_store
 
 from .test_torch_side import _sae
 

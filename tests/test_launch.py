@@ -3,6 +3,7 @@ line naming the fix, and gpu.sh extract runs and waits for one process per GPU. 
 discover print and record their platform, devices and mesh is checked where they already run:
 tests/test_train.py, tests/test_discovery.py.)"""
 
+import json
 import os
 import shutil
 import stat
@@ -135,3 +136,19 @@ def test_the_line_names_the_processes_of_a_multi_process_run(monkeypatch):
     line = runtime.describe(mesh).line
     assert line == f"jax: cpu, {jax.device_count()} devices (cpu) in 2 processes, mesh data=2 model=1"
 
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_part_at_toy_size_on_the_cpu(tmp_path):
+    """bench/gpu_check.sh --quick --allow_cpu: every part ok, and the pipeline says where train and discover ran."""
+    out = tmp_path / "gpu_check.json"
+    result = subprocess.run(["bash", "bench/gpu_check.sh", "--quick", "--allow_cpu", "--out", str(out)],
+                            capture_output=True, text=True, cwd=REPO, timeout=900,
+                            env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stdout[-3000:]
+    check = json.loads(out.read_text())
+    for part in ("gpu_tests", "train_step", "extract", "pipeline"):
+        assert check[part]["status"] == "ok", part
+    assert check["pipeline"]["where"]["train"]["platform"] == "cpu"
+    assert check["pipeline"]["where"]["discover"]["platform"] == "cpu"
+    assert check["extract"]["results"] is not None
