@@ -225,7 +225,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     quiet_transformers()
     config = load_config(name)
     source = model_source(name)
-    model_cls = getattr(transformers, _check_supported(name, config))
+    model_cls = getattr(transformers, MODEL_CLASSES[config.model_type])
     try:
         model = model_cls.from_pretrained(source, dtype=torch_dtype)
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
