@@ -9,24 +9,23 @@ skipped), with KL(clean || SAE) and
     loss recovered = (CE_ablation - CE_sae) / (CE_ablation - CE_clean)
 
 for zero and mean ablation: 1 means the SAE loses nothing, 0 means it is as bad as ablation.
+Where an ablation costs about nothing, loss recovered is undefined: null, with a note
+(``extractor.eval_file`` owns the file).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from .capture import layer_hook, model_inputs, padded_input_ids
+from .eval_file import MODES, summarize_losses, write_eval
 from .models import ModelError, load_model
 from .saelens import SAEFormatError
 from .store import StoreError, open_store
 from .torch_sae import TorchSAE
-
-MODES = ("clean", "sae", "zero", "mean")
 
 
 @dataclass(frozen=True)
@@ -61,6 +60,19 @@ class EvaluateConfig:
             raise ValueError("--batch_size must be positive")
 
 
+def checked_layer(sae: TorchSAE, layer: int | None, loaded, model: str) -> int:
+    """The decoder layer to splice ``sae`` into: ``layer``, else the SAE's own; checked against the model."""
+    if layer is None:
+        layer = sae.config.get("layer", sae.config.get("metadata", {}).get("hook_layer"))
+    if layer is None or not 0 <= int(layer) < loaded.info.num_layers:
+        raise ValueError(f"layer {layer} is not a decoder layer of {model} (0-{loaded.info.num_layers - 1}); "
+                         "pass --layer")
+    layer = int(layer)
+    if sae.d_model != loaded.info.d_model:
+        raise ValueError(f"the SAE is {sae.d_model} wide but layer {layer} of {model} is {loaded.info.d_model}")
+    return layer
+
+
 def _layer_mean(store, layer: int, d_model: int) -> np.ndarray:
     total, count = np.zeros(d_model, np.float64), 0
     for x in store.iter_rows(layer, 8192):
@@ -83,24 +95,66 @@ def _targets(codes: np.ndarray, n: int, delays: tuple[int, ...]) -> tuple[np.nda
 
 
 class _Sums:
+    """Summed cross-entropy per mode and codebook, summed KL and prediction counts."""
+
     def __init__(self, k: int):
         self.ce = {m: np.zeros(k) for m in MODES}
         self.kl = np.zeros(k)
         self.count = np.zeros(k)
 
-    def result(self) -> dict:
-        def summary(ce: dict, kl: float) -> dict:
-            out = {f"ce_{m}": float(ce[m]) for m in MODES} | {"kl_sae": float(kl)}
-            for ablation in ("zero", "mean"):
-                gap = ce[ablation] - ce["clean"]
-                out[f"loss_recovered_{ablation}"] = float((ce[ablation] - ce["sae"]) / gap) if abs(gap) > 1e-12 else None
-            return out
+    def add_sample(self, logprobs: dict[str, torch.Tensor], codes: np.ndarray, delays: tuple[int, ...]) -> None:
+        """Add one sample: ``logprobs[mode]`` is [codebooks, positions, vocab], ``codes`` its [frames, codebooks]."""
+        n = len(codes)
+        target, valid = _targets(codes, n, delays)
+        device = logprobs["clean"].device
+        t = torch.from_numpy(target).to(device)
+        v = torch.from_numpy(valid).to(device)
+        for mode in MODES:
+            nll = -logprobs[mode][:, :n].gather(-1, t[..., None])[..., 0]
+            self.ce[mode] += (nll * v).sum(-1).cpu().numpy()
+        clean, spliced = logprobs["clean"][:, :n], logprobs["sae"][:, :n]
+        kl = (clean.exp() * (clean - spliced)).sum(-1)
+        self.kl += (kl * v).sum(-1).cpu().numpy()
+        self.count += v.sum(-1).cpu().numpy()
 
+    def result(self) -> dict:
         n = np.maximum(self.count, 1)
-        per_book = [summary({m: self.ce[m][b] / n[b] for m in MODES}, self.kl[b] / n[b]) for b in range(len(n))]
+        per_book = [summarize_losses({m: self.ce[m][b] / n[b] for m in MODES}, self.kl[b] / n[b])
+                    for b in range(len(n))]
         total = max(self.count.sum(), 1)
-        overall = summary({m: self.ce[m].sum() / total for m in MODES}, self.kl.sum() / total)
+        overall = summarize_losses({m: self.ce[m].sum() / total for m in MODES}, self.kl.sum() / total)
         return {"overall": overall, "per_codebook": per_book, "predictions": int(self.count.sum())}
+
+
+def _replacements(sae: TorchSAE, mean: torch.Tensor) -> dict:
+    """What each mode puts in place of the layer's output (None: leave it)."""
+    return {"clean": lambda h: None, "sae": lambda h: sae(h.float()), "zero": lambda h: torch.zeros_like(h),
+            "mean": lambda h: mean.expand_as(h)}
+
+
+def _spliced_logprobs(loaded, store, layer: int, replacements: dict, idx: range, codes: list) -> dict:
+    """Per mode, next-code log-probabilities [samples, codebooks, positions, vocab] of samples ``idx``."""
+    k, n = loaded.info.num_codebooks, max(len(c) for c in codes)
+    ids = padded_input_ids(loaded, codes)
+    inputs = model_inputs(loaded, [store.samples[i]["prompt"] for i in idx],
+                          [store.samples[i].get("melody_chroma") for i in idx],
+                          store.meta.generation.get("text_length"))
+    logprobs = {}
+    for mode, replacement in replacements.items():
+        with layer_hook(loaded, layer, lambda hidden, _start, replacement=replacement: replacement(hidden)):
+            logits = loaded.model(**inputs, decoder_input_ids=ids).logits.float()
+        # melody checkpoints also return logits for their conditioning positions, in front
+        logprobs[mode] = torch.log_softmax(logits.reshape(len(codes), k, -1, logits.shape[-1])[:, :, -n:], dim=-1)
+    return logprobs
+
+
+def _ablation_mean(loaded, store, layer: int, cfg: "EvaluateConfig") -> tuple[torch.Tensor, str]:
+    """The layer's mean output, on the model's device, and where it came from."""
+    if layer in store.layers:
+        mean, source = torch.from_numpy(_layer_mean(store, layer, loaded.info.d_model)), "store"
+    else:
+        mean, source = _clean_mean(loaded, store, layer, cfg), "clean pass"
+    return mean.to(loaded.device), source
 
 
 @torch.no_grad()
@@ -110,63 +164,35 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     sae = TorchSAE.from_pretrained(cfg.sae)
     store = open_store(cfg.store)
     loaded = load_model(cfg.model, cfg.device, cfg.model_dtype)
-    layer = cfg.layer if cfg.layer is not None else (sae.config.get("layer") or sae.config.get("metadata", {}).get(
-        "hook_layer"))
-    if layer is None or not 0 <= int(layer) < loaded.info.num_layers:
-        raise ValueError(f"layer {layer} is not a decoder layer of {cfg.model} (0-{loaded.info.num_layers - 1}); "
-                         "pass --layer")
-    layer = int(layer)
-    if sae.d_model != loaded.info.d_model:
-        raise ValueError(f"the SAE is {sae.d_model} wide but layer {layer} of {cfg.model} is {loaded.info.d_model}")
+    layer = checked_layer(sae, cfg.layer, loaded, cfg.model)
     if store.meta.n_codebooks != loaded.info.num_codebooks:
         raise StoreError(f"store {store.path} has {store.meta.n_codebooks} codebooks, {cfg.model} has "
                          f"{loaded.info.num_codebooks}: it was made with another model")
     sae = sae.to(loaded.device)
-    if layer in store.layers:
-        mean, mean_source = torch.from_numpy(_layer_mean(store, layer, loaded.info.d_model)), "store"
-    else:
-        mean, mean_source = _clean_mean(loaded, store, layer, cfg), "clean pass"
-    mean = mean.to(loaded.device)
-    replacements = {"clean": lambda h: None, "sae": lambda h: sae(h.float()), "zero": lambda h: torch.zeros_like(h),
-                    "mean": lambda h: mean.expand_as(h)}
-    k = loaded.info.num_codebooks
-    sums = _Sums(k)
+    mean, mean_source = _ablation_mean(loaded, store, layer, cfg)
+    replacements = _replacements(sae, mean)
+    sums = _Sums(loaded.info.num_codebooks)
     n_samples = min(store.n_samples, cfg.max_samples or store.n_samples)
     for lo in tqdm(range(0, n_samples, cfg.batch_size), desc="spliced evaluation", disable=not cfg.progress):
         idx = range(lo, min(n_samples, lo + cfg.batch_size))
         codes = [store.sample_codes(i) for i in idx]
-        n = max(len(c) for c in codes)
-        ids = padded_input_ids(loaded, codes)
-        inputs = model_inputs(loaded, [store.samples[i]["prompt"] for i in idx],
-                              [store.samples[i].get("melody_chroma") for i in idx],
-                              store.meta.generation.get("text_length"))
-        logprobs = {}
-        for mode, replacement in replacements.items():
-            with layer_hook(loaded, layer, lambda hidden, _start, replacement=replacement: replacement(hidden)):
-                logits = loaded.model(**inputs, decoder_input_ids=ids).logits.float()
-            # melody checkpoints also return logits for their conditioning positions, in front
-            logprobs[mode] = torch.log_softmax(logits.reshape(len(codes), k, -1, logits.shape[-1])[:, :, -n:], dim=-1)
+        logprobs = _spliced_logprobs(loaded, store, layer, replacements, idx, codes)
         for i, c in enumerate(codes):
-            target, valid = _targets(c, len(c), loaded.info.delays)
-            t = torch.from_numpy(target).to(loaded.device)
-            v = torch.from_numpy(valid).to(loaded.device)
-            for mode in MODES:
-                lp = logprobs[mode][i, :, : len(c)]
-                nll = -lp.gather(-1, t[..., None])[..., 0]
-                sums.ce[mode] += (nll * v).sum(-1).cpu().numpy()
-            clean, spliced = logprobs["clean"][i, :, : len(c)], logprobs["sae"][i, :, : len(c)]
-            kl = (clean.exp() * (clean - spliced)).sum(-1)
-            sums.kl += (kl * v).sum(-1).cpu().numpy()
-            sums.count += v.sum(-1).cpu().numpy()
+            sums.add_sample({mode: lp[i] for mode, lp in logprobs.items()}, c, loaded.info.delays)
     result = {"model": cfg.model, "sae": str(cfg.sae), "store": str(store.path), "layer": layer,
               "samples": n_samples, "stream": "cond", "mean_ablation_from": mean_source, **sums.result()}
-    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(cfg.out).write_text(json.dumps(result, indent=2) + "\n")
-    o = result["overall"]
-    print(f"{cfg.out}: CE clean {o['ce_clean']:.4f}, SAE {o['ce_sae']:.4f}, zero {o['ce_zero']:.4f}, mean "
-          f"{o['ce_mean']:.4f}; loss recovered {o['loss_recovered_zero']:.3f} (zero), "
-          f"{o['loss_recovered_mean']:.3f} (mean); KL {o['kl_sae']:.4f}")
+    write_eval(cfg.out, result)
+    print(_summary_line(cfg.out, result["overall"]))
     return result
+
+
+def _summary_line(out: str, overall: dict) -> str:
+    def figure(name: str, digits: int) -> str:
+        return "undefined" if overall[name] is None else f"{overall[name]:.{digits}f}"
+
+    return (f"{out}: CE clean {figure('ce_clean', 4)}, SAE {figure('ce_sae', 4)}, zero {figure('ce_zero', 4)}, "
+            f"mean {figure('ce_mean', 4)}; loss recovered {figure('loss_recovered_zero', 3)} (zero), "
+            f"{figure('loss_recovered_mean', 3)} (mean); KL {figure('kl_sae', 4)}")
 
 
 def _clean_mean(loaded, store, layer: int, cfg: EvaluateConfig) -> torch.Tensor:
