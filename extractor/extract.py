@@ -135,7 +135,6 @@ class Plan:
     samples: list[dict]
     n_frames: list[int]
     codes: np.ndarray | None  # known up front in teacher-forced mode
-    skipped: list[str]
     text_length: int | None = None  # melody checkpoints: every batch's text is padded to this many tokens
 
 
@@ -145,7 +144,7 @@ def _plan_generate(cfg: ExtractConfig, loaded) -> Plan:
     if n < 1:
         raise ExtractError(f"--duration {cfg.duration} s is shorter than one frame (1/{frame_rate} s)")
     if cfg.audio_dir:  # melody checkpoints: each file's caption is the prompt, the file its melody
-        files, _, skipped = _read_audio_dir(cfg, loaded, encode=False)
+        files, _ = _read_audio_dir(cfg, loaded, encode=False)
         conditions = [{k: v for k, v in f.items() if k != "n_frames"} for f in files]
     else:
         from .prompts import load_prompt_file
@@ -153,12 +152,11 @@ def _plan_generate(cfg: ExtractConfig, loaded) -> Plan:
         prompts = load_prompt_file(cfg.prompt_file if cfg.prompt_file else BUNDLED)
         prompts = prompts[: cfg.max_prompts] if cfg.max_prompts else prompts
         conditions = [{"prompt": p.text, "source_id": p.source_id, "tags": list(p.tags)} for p in prompts]
-        skipped = []
     samples = [
         {"index": i, **condition, "unit": i // cfg.batch_size, "seed": cfg.seed + i // cfg.batch_size, "n_frames": n}
         for i, condition in enumerate(conditions)
     ]
-    return Plan(samples=samples, n_frames=[n] * len(samples), codes=None, skipped=skipped)
+    return Plan(samples=samples, n_frames=[n] * len(samples), codes=None)
 
 
 def _plan_from_store(cfg: ExtractConfig, model_config) -> Plan:
@@ -179,16 +177,17 @@ def _plan_from_store(cfg: ExtractConfig, model_config) -> Plan:
     for i, s in enumerate(samples):
         rec = {k: v for k, v in s.items() if k not in ("unit", "index")}
         out.append({"index": i, **rec, "unit": i // cfg.batch_size})
-    return Plan(samples=out, n_frames=n_frames, codes=codes, skipped=[],
+    return Plan(samples=out, n_frames=n_frames, codes=codes,
                 text_length=source.meta.generation.get("text_length"))
 
 
-def _read_audio_dir(cfg: ExtractConfig, loaded, encode: bool) -> tuple[list[dict], list[np.ndarray], list[str]]:
-    """The readable files of ``--audio_dir`` as (conditions, codes if ``encode``, skipped reasons). A
-    condition holds the caption (``name.txt``), the file and, for melody checkpoints, its chroma."""
+def _read_audio_dir(cfg: ExtractConfig, loaded, encode: bool) -> tuple[list[dict], list[np.ndarray]]:
+    """The files of ``--audio_dir`` as (conditions, codes if ``encode``); an unreadable file stops the run
+    with an AudioError naming it. A condition holds the caption (``name.txt``), the file and, for melody
+    checkpoints, its chroma."""
     from tqdm import tqdm
 
-    from .audio import AudioError, list_audio_files, read_audio, resample
+    from .audio import list_audio_files, read_audio, resample
     from .capture import encode_audio
 
     files = list_audio_files(cfg.audio_dir)
@@ -196,13 +195,9 @@ def _read_audio_dir(cfg: ExtractConfig, loaded, encode: bool) -> tuple[list[dict
     if not files:
         raise ExtractError(f"--audio_dir {cfg.audio_dir} holds no audio files (.wav, .flac, .ogg, .mp3)")
     info = loaded.info
-    conditions, codes, skipped = [], [], []
+    conditions, codes = [], []
     for path in tqdm(files, desc="encoding audio" if encode else "reading melodies", unit="file"):
-        try:
-            wave, rate = read_audio(path, channels=info.audio_channels)
-        except AudioError as err:
-            skipped.append(str(err))
-            continue
+        wave, rate = read_audio(path, channels=info.audio_channels)
         wave = resample(wave, rate, info.sampling_rate)
         caption_file = path.with_suffix(".txt")
         text = " ".join(caption_file.read_text().split()) if caption_file.exists() else ""
@@ -213,15 +208,13 @@ def _read_audio_dir(cfg: ExtractConfig, loaded, encode: bool) -> tuple[list[dict
             codes.append(encode_audio(loaded, wave, info.sampling_rate))
             condition["n_frames"] = len(codes[-1])
         conditions.append(condition)
-    if not conditions:
-        raise ExtractError(f"no readable audio in {cfg.audio_dir}: " + "; ".join(skipped[:3]))
-    return conditions, codes, skipped
+    return conditions, codes
 
 
 def _plan_from_audio(cfg: ExtractConfig, loaded) -> Plan:
-    conditions, codes, skipped = _read_audio_dir(cfg, loaded, encode=True)
+    conditions, codes = _read_audio_dir(cfg, loaded, encode=True)
     samples = [{"index": i, **c, "unit": i // cfg.batch_size, "seed": None} for i, c in enumerate(conditions)]
-    return Plan(samples=samples, n_frames=[len(c) for c in codes], codes=np.concatenate(codes), skipped=skipped)
+    return Plan(samples=samples, n_frames=[len(c) for c in codes], codes=np.concatenate(codes))
 
 
 def _plan_digest(plan: Plan) -> str:
@@ -371,11 +364,11 @@ def extract(cfg: ExtractConfig) -> Store:
             store.commit_unit(unit, shard_name)
             bar.update(min(cfg.batch_size, meta.n_samples - unit * cfg.batch_size))
             bar.set_postfix(rows_per_s=f"{rows_done / max(1e-9, time.time() - started):.0f}")
-    _summary(store, plan, rows_done, time.time() - started)
+    _summary(store, rows_done, time.time() - started)
     return store
 
 
-def _summary(store: Store, plan: Plan, rows_done: int, seconds: float) -> None:
+def _summary(store: Store, rows_done: int, seconds: float) -> None:
     size = sum(f.stat().st_size for f in store.path.rglob("*") if f.is_file())
     state = "complete" if store.complete else f"{len(store.committed_units())}/{store.meta.n_units} batches (other shards pending)"
     print(
@@ -383,8 +376,6 @@ def _summary(store: Store, plan: Plan, rows_done: int, seconds: float) -> None:
         f"(layers {','.join(map(str, store.layers))}), {size / 1e9:.3f} GB on disk, {state}; "
         f"this run wrote {rows_done} rows in {seconds:.1f} s"
     )
-    for reason in plan.skipped:
-        print(f"skipped: {reason}")
 
 
 def main(argv: list[str] | None = None):
