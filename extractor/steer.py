@@ -9,7 +9,6 @@ writes a WAV; ``steer.json`` holds feature j's activation at the layer in each r
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,6 +18,8 @@ import torch
 
 from .audio import write_wav
 from .capture import generate_batch, layer_hook
+from .evaluate import checked_layer
+from .files import write_json
 from .models import ModelError, load_model
 from .saelens import SAEFormatError
 from .torch_sae import TorchSAE
@@ -93,66 +94,74 @@ def _run(loaded, cfg: SteerConfig, layer: int, n_frames: int):
                           top_k=cfg.top_k, temperature=cfg.temperature, seed=cfg.seed)
 
 
+def _window_frames(cfg: SteerConfig, rate: float) -> tuple[int, int, int]:
+    """Frames to generate, and the first and (exclusive) last frame to steer."""
+    n_frames = max(1, int(round(cfg.duration * rate)))
+    first = int(round(cfg.start * rate))
+    last = int(round(cfg.end * rate)) if cfg.end is not None else 10**9
+    return n_frames, first, last
+
+
+def _control_delta(delta: torch.Tensor, seed: int) -> torch.Tensor:
+    """A seeded random direction with the norm of ``delta``."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    control = torch.randn(delta.shape, generator=generator).to(delta.device)
+    return control / control.norm() * delta.norm()
+
+
+def _steer_fn(cfg: SteerConfig, sae: TorchSAE, direction: torch.Tensor, delta: torch.Tensor):
+    """What the steered run adds to the layer's output: ``delta``, or with ``--clamp`` what sets the
+    feature to the clamp value."""
+    if cfg.clamp is not None:
+        return lambda h: (cfg.clamp - sae.encode(h)[..., cfg.feature:cfg.feature + 1]) * direction
+    return lambda h: delta.expand_as(h)
+
+
+def _write_runs(out: Path, report: dict, runs: dict, feature_acts, window: slice, sampling_rate: int) -> None:
+    """Each run's WAV and its feature activation figures (into ``report``), then steer.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, batch in runs.items():
+        write_wav(out / f"{name}.wav", batch.audio[0], sampling_rate)
+        f = feature_acts(batch)[window]
+        report["runs"][name] = {"wav": f"{name}.wav", "feature_mean_activation": float(f.mean()),
+                                "feature_max_activation": float(f.max()), "feature_active_fraction": float((f > 0).mean())}
+    write_json(out / "steer.json", report)
+
+
 @torch.no_grad()
 def steer(cfg: SteerConfig) -> dict:
     sae = TorchSAE.from_pretrained(cfg.sae)
     direction = sae.feature_direction(cfg.feature)  # checks the index first
     loaded = load_model(cfg.model, cfg.device, cfg.model_dtype)
-    layer = cfg.layer if cfg.layer is not None else sae.config.get("layer",
-                                                                    sae.config.get("metadata", {}).get("hook_layer"))
-    if layer is None or not 0 <= int(layer) < loaded.info.num_layers:
-        raise ValueError(f"layer {layer} is not a decoder layer of {cfg.model}; pass --layer")
-    layer = int(layer)
-    if sae.d_model != loaded.info.d_model:
-        raise ValueError(f"the SAE is {sae.d_model} wide but layer {layer} of {cfg.model} is {loaded.info.d_model}")
+    layer = checked_layer(sae, cfg.layer, loaded, cfg.model)
     sae = sae.to(loaded.device)
     direction = direction.to(loaded.device)
     rate = loaded.info.frame_rate
-    n_frames = max(1, int(round(cfg.duration * rate)))
-    first = int(round(cfg.start * rate))
-    last = int(round(cfg.end * rate)) if cfg.end is not None else 10**9
-    guided = cfg.guidance_scale > 1
-    rows = slice(None) if cfg.streams == "both" or not guided else slice(0, 1)
+    n_frames, first, last = _window_frames(cfg, rate)
+    rows = slice(None) if cfg.streams == "both" or not cfg.guidance_scale > 1 else slice(0, 1)
 
     def feature_acts(batch) -> np.ndarray:
         acts = torch.from_numpy(batch.acts["cond"][layer][0]).to(loaded.device)
         return sae.encode(acts)[:, cfg.feature].cpu().numpy()
 
     plain = _run(loaded, cfg, layer, n_frames)
-    plain_f = feature_acts(plain)
-    max_act = cfg.max_activation if cfg.max_activation is not None else float(plain_f.max())
+    max_act = cfg.max_activation if cfg.max_activation is not None else float(feature_acts(plain).max())
     if not max_act > 0:  # the feature is silent on this prompt: use the SAE's typical strong activation
         max_act = float(sae.encode(torch.from_numpy(plain.acts["cond"][layer][0]).to(loaded.device)).max())
     delta = cfg.strength * max_act * direction
-    generator = torch.Generator().manual_seed(cfg.seed + 1)
-    control = torch.randn(direction.shape, generator=generator).to(loaded.device)
-    control = control / control.norm() * delta.norm()
-
-    if cfg.clamp is not None:
-        def steer_fn(h):
-            return (cfg.clamp - sae.encode(h)[..., cfg.feature:cfg.feature + 1]) * direction
-    else:
-        def steer_fn(h):
-            return delta.expand_as(h)
-
-    with add_to_layer(loaded, layer, steer_fn, first, last, rows):
+    control = _control_delta(delta, cfg.seed)
+    with add_to_layer(loaded, layer, _steer_fn(cfg, sae, direction, delta), first, last, rows):
         steered = _run(loaded, cfg, layer, n_frames)
     with add_to_layer(loaded, layer, lambda h: control.expand_as(h), first, last, rows):
         controlled = _run(loaded, cfg, layer, n_frames)
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    window = slice(first, min(last, n_frames))
     report = {"model": cfg.model, "sae": str(cfg.sae), "layer": layer, "feature": cfg.feature,
               "strength": cfg.strength, "clamp": cfg.clamp, "max_activation": max_act, "prompt": cfg.prompt,
               "seed": cfg.seed, "window_seconds": [cfg.start, min(last, n_frames) / rate], "streams": cfg.streams,
               "delta_norm": float(delta.norm()), "runs": {}}
-    for name, batch in (("unsteered", plain), ("steered", steered), ("control", controlled)):
-        write_wav(out / f"{name}.wav", batch.audio[0], loaded.info.sampling_rate)
-        f = feature_acts(batch)[window]
-        report["runs"][name] = {"wav": f"{name}.wav", "feature_mean_activation": float(f.mean()),
-                                "feature_max_activation": float(f.max()), "feature_active_fraction": float((f > 0).mean())}
-    (out / "steer.json").write_text(json.dumps(report, indent=2) + "\n")
+    _write_runs(out, report, {"unsteered": plain, "steered": steered, "control": controlled}, feature_acts,
+                slice(first, min(last, n_frames)), loaded.info.sampling_rate)
     runs = report["runs"]
     print(f"{out}: feature {cfg.feature} mean activation unsteered {runs['unsteered']['feature_mean_activation']:.3f}, "
           f"steered {runs['steered']['feature_mean_activation']:.3f}, control "
