@@ -1,5 +1,6 @@
 """Command lines built from frozen config dataclasses: one flag per field, the field's
-docstring as its help, ``Literal`` fields as choices. Shared by every entry point."""
+docstring as its help, ``Literal`` fields as choices, optional fields that also take ``none``,
+tuple fields as lists. Shared by every entry point (torch-free; the JAX side uses it too)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import sys
 import textwrap
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Literal, TypeVar
+from typing import Literal, TypeVar
 
 T = TypeVar("T")
 
@@ -34,37 +36,94 @@ def field_docs(cls: type) -> dict[str, str]:
     }
 
 
-def _unwrap_optional(tp):
+def _unwrap_optional(tp) -> tuple[object, bool]:
+    """``X | None`` -> (X, True); anything else -> (tp, False)."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) == 1:
-            return args[0]
-    return tp
+            return args[0], True
+    return tp, False
+
+
+def _scalar(tp, name: str) -> dict:
+    """argparse ``type``/``choices`` for one value of type ``tp``."""
+    if typing.get_origin(tp) is Literal:
+        choices = typing.get_args(tp)
+        return {"type": type(choices[0]), "choices": choices}
+    if tp in (int, float, str, Path):
+        return {"type": tp}
+    raise TypeError(f"config field {name} has a type the CLI cannot parse: {tp}")
+
+
+def _none_or(convert: Callable) -> Callable:
+    """Accepts ``none`` as well, so an optional setting with a default can be switched off."""
+
+    def parse(text: str):
+        return None if text.strip().lower() == "none" else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in its errors
+    return parse
+
+
+class _SplitCommas(argparse.Action):
+    """``--sizes 1 2 3`` and ``--sizes 1,2,3`` both give (1, 2, 3)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        convert, choices = self.const
+        items = [part for value in values for part in value.split(",") if part.strip()]
+        try:
+            parsed = tuple(convert(item.strip()) for item in items)
+        except ValueError:
+            parser.error(f"{option_string}: {' '.join(values)!r} is not a list of {convert.__name__} values")
+        bad = [item for item in parsed if choices is not None and item not in choices]
+        if bad:
+            parser.error(f"{option_string}: {bad[0]!r} is not one of {', '.join(map(str, choices))}")
+        setattr(namespace, self.dest, parsed)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults as they are typed: a list as ``a,b,c``, an empty one as ``none``."""
+
+    def _get_help_string(self, action):
+        if isinstance(action, _SplitCommas):
+            return f"{action.help} (default: {','.join(map(str, action.default)) or 'none'})"
+        return super()._get_help_string(action)
+
+
+def _argument(name: str, hint, default) -> dict:
+    """argparse keyword arguments for one field of type ``hint``."""
+    tp, optional = _unwrap_optional(hint)
+    if tp is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(tp) is tuple:
+        item = typing.get_args(tp)[0]
+        scalar = _scalar(item, name)
+        return {"nargs": "+", "action": _SplitCommas, "const": (scalar["type"], scalar.get("choices")),
+                "metavar": name.upper()}
+    kwargs = _scalar(tp, name)
+    if optional:
+        kwargs["type"] = _none_or(kwargs["type"])
+        kwargs["metavar"] = f"{name.upper()}|none" if default is not None else name.upper()
+    return kwargs
 
 
 def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one ``--field`` per dataclass field of ``cls``."""
+    """An argparse parser with one ``--field`` per dataclass field of ``cls``: bools as
+    ``--x/--no-x``, ``Literal`` as choices, ``X | None`` also accepting ``none``, and
+    ``tuple[X, ...]`` as a list (space- or comma-separated)."""
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog=prog, description=description, formatter_class=_HelpFormatter
     )
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
-        tp = _unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        kwargs: dict = {"default": default, "help": docs.get(f.name, " ").replace("%", "%%")}
-        if tp is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(tp) is Literal:
-            choices = typing.get_args(tp)
-            kwargs.update(choices=choices, type=type(choices[0]))
-        elif tp in (int, float, str, Path):
-            kwargs["type"] = tp
-        else:
-            raise TypeError(f"config field {f.name} has a type the CLI cannot parse: {tp}")
-        parser.add_argument(f"--{f.name}", **kwargs)
+        help_text = docs.get(f.name, " ").replace("%", "%%")
+        if _unwrap_optional(hints[f.name])[1] and default is not None:
+            help_text += " (none switches it off)"
+        parser.add_argument(f"--{f.name}", default=default, help=help_text, **_argument(f.name, hints[f.name], default))
     return parser
 
 

@@ -8,9 +8,9 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
 
 
 def temp_sibling(path: str | os.PathLike, tag: str = "tmp") -> Path:

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from extractor.files import publish_dir, write_json
+
 from . import model as M
 from .config import SAEConfig
 
@@ -63,7 +65,7 @@ def save_model(path: str | Path, cfg: SAEConfig, tree: dict, info: dict) -> None
         raise CheckpointError(f"refusing to save non-finite parameters to {path}")
     tree = jax.tree.map(lambda leaf: np.asarray(jax.device_get(leaf)), tree)  # host copies, written once
     path = Path(path).absolute()
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.saving")  # the same name in every process: they write one checkpoint
     if is_primary():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -72,9 +74,8 @@ def save_model(path: str | Path, cfg: SAEConfig, tree: dict, info: dict) -> None
     checkpointer.save(tmp / "state", tree)
     checkpointer.wait_until_finished()
     if is_primary():
-        (tmp / "config.json").write_text(json.dumps({"sae": cfg.to_json(), **info}, indent=2, default=float) + "\n")
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
+        write_json(tmp / "config.json", {"sae": cfg.to_json(), **info}, default=float)
+        publish_dir(tmp, path, replace=True)
     barrier(f"save-model-end-{path.name}")
 
 
@@ -111,6 +112,13 @@ class RunCheckpoints:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def latest_meta(self) -> dict | None:
+        """The JSON saved beside the latest state (settings, width), without restoring the state."""
+        latest = self.latest_step()
+        if latest is None:
+            return None
+        return self.manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def save(self, step: int, state, meta: dict) -> bool:
         """Save unless the state is non-finite or this step is saved already; returns whether it saved."""

@@ -36,7 +36,7 @@ class RunDir:
         self.density = self.path / "density.png"
 
     @classmethod
-    def of_checkpoint(cls, checkpoint: str | os.PathLike) -> "RunDir":
+    def of_checkpoint(cls, checkpoint: str | os.PathLike) -> RunDir:
         """The run a ``best/`` or ``final/`` checkpoint belongs to."""
         return cls(Path(checkpoint).absolute().parent)
 

@@ -1,0 +1,323 @@
+"""One training run, in three parts: ``TrainingRun.setup`` (cheap checks, the pass over the store's
+rows, state and compiled step), ``run`` (the loop around the pure, jitted step) and ``finish``
+(final model, stats, plots). The run's files go through ``RunDir``; its bar and metrics log
+through ``Progress``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from extractor.store import Store, open_store
+
+from . import model as M
+from .checkpoint import (
+    CheckpointError,
+    RunCheckpoints,
+    model_tree,
+    read_config,
+    save_model,
+)
+from .config import SAEConfig
+from .data import (
+    DataError,
+    DataSplit,
+    ScanResult,
+    epoch_batches,
+    geometric_median,
+    input_scale,
+    prefetch,
+    scan_rows,
+    split_samples,
+)
+from .distributed import barrier, global_batch, is_primary, to_host
+from .forward import LossSettings
+from .metrics import MetricAccumulator, evaluate_batches
+from .progress import Progress
+from .run_dir import RunDir
+from .runtime import announce
+from .sharding import BATCH, check_divisible, make_mesh, shardings
+from .step import (
+    TrainState,
+    compile_train_step,
+    init_state,
+    lr_schedule,
+    lr_warmup_steps,
+    make_optimizer,
+    sparsity_warmup_steps,
+)
+
+if TYPE_CHECKING:
+    from .train import TrainConfig
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Derived, fixed quantities of one run."""
+
+    sae: SAEConfig
+    steps_per_epoch: int
+    total_steps: int
+    eval_every: int
+    checkpoint_every: int
+    dead_tokens: int
+    warmup_steps: int
+    notes: tuple[str, ...]
+
+
+def make_plan(cfg: TrainConfig, store: Store, train_rows: int) -> RunPlan:
+    sae = cfg.sae_config(store.d_model, store.meta.model)
+    steps_per_epoch = train_rows // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise DataError(f"--batch_size {cfg.batch_size} exceeds the {train_rows} training rows; lower it")
+    total = steps_per_epoch * cfg.epochs
+    dead = min(cfg.dead_tokens, max(cfg.batch_size, total * cfg.batch_size // 10))
+    notes = () if dead == cfg.dead_tokens else (f"dead-latent window scaled to {dead} tokens for this short run",)
+    warmup = max(lr_warmup_steps(total), sparsity_warmup_steps(total))
+    return RunPlan(sae, steps_per_epoch, total, cfg.eval_every or max(1, total // 20),
+                   cfg.checkpoint_every or max(1, total // 10), dead, warmup, notes)
+
+
+def open_run(cfg: TrainConfig, files: RunDir, d_model: int) -> RunCheckpoints:
+    """The run's checkpoints; a run with other settings or width is refused unless --overwrite."""
+    if files.ckpt.exists():
+        checkpoints = RunCheckpoints(files.ckpt)
+        meta = checkpoints.latest_meta()
+        if meta is not None:
+            same = meta.get("resume_key") == json.loads(json.dumps(cfg.resume_key()))
+            if same and meta.get("d_model") == d_model:
+                return checkpoints
+            if not cfg.overwrite:
+                checkpoints.close()
+                raise CheckpointError(
+                    f"the checkpoint in {files.path} has width {meta.get('d_model')} but the store has {d_model}; "
+                    "pass --overwrite to start over" if same else
+                    f"{files.path} holds a run with other settings; pass --overwrite to replace it or choose "
+                    "another --out")
+        checkpoints.close()
+    if is_primary():
+        if files.path.exists() and cfg.overwrite:
+            shutil.rmtree(files.path)
+        files.path.mkdir(parents=True, exist_ok=True)
+    barrier("open-run")
+    return RunCheckpoints(files.ckpt)
+
+
+@dataclass
+class TrainingRun:
+    """Everything one run holds between setup and finish; ``state`` is the one pytree that changes."""
+
+    cfg: TrainConfig
+    plan: RunPlan
+    store: Store
+    split: DataSplit
+    scan: ScanResult
+    val_bad: np.ndarray
+    files: RunDir
+    checkpoints: RunCheckpoints
+    state: TrainState
+    state_shardings: TrainState
+    step_fn: object
+    put_batch: object
+    notes: list[str]
+    runtime: dict
+
+    @classmethod
+    def setup(cls, cfg: TrainConfig) -> TrainingRun:
+        """Cheap checks first (mesh, layer, batch vs rows, resume compatibility), then the pass over
+        the rows (scale, non-finite rows), then the state (restored when resuming) and the step."""
+        mesh = make_mesh(cfg.mesh_data or None, cfg.mesh_model)
+        check_divisible(mesh, cfg.batch_size, cfg.hidden_dim)
+        runtime = announce(mesh, "train")
+        store = open_store(cfg.store)
+        store.check_layer(cfg.layer_idx)
+        split = split_samples(store, val_fraction=cfg.val_fraction, seed=cfg.seed, num_samples=cfg.num_samples,
+                              max_tokens=cfg.max_tokens, val_max_tokens=cfg.val_max_tokens)
+        make_plan(cfg, store, split.train_rows)  # the batch fits before the rows are read
+        files = RunDir(cfg.run_dir())
+        checkpoints = open_run(cfg, files, store.d_model)
+        scan, val_bad = _scan_for_bad_rows(cfg, store, split)
+        plan = make_plan(cfg, store, split.train_rows - len(scan.nonfinite_rows))
+        bad = len(scan.nonfinite_rows) + len(val_bad)
+        notes = list(split.notes) + list(plan.notes) + ([f"skipping {bad} non-finite rows"] if bad else [])
+        for note in notes if is_primary() else ():
+            print(note)
+        optimizer = make_optimizer(cfg.lr, plan.total_steps, cfg.weight_decay)
+        state, state_shardings = _initial_state(cfg, plan, scan, store.d_model, optimizer, mesh)
+        state = _resume(checkpoints, files, state)
+        settings = LossSettings(plan.sae, cfg.sparsity_coef, sparsity_warmup_steps(plan.total_steps),
+                                cfg.aux_penalty, plan.dead_tokens, cfg.backward, cfg.compute_dtype)
+        step_fn = compile_train_step(optimizer, settings, mesh, state, cfg.batch_size)
+        batch_sharding = NamedSharding(mesh, BATCH)
+        return cls(cfg, plan, store, split, scan, val_bad, files, checkpoints, state, state_shardings, step_fn,
+                   lambda x: global_batch(x, batch_sharding), notes, runtime)
+
+    # the loop
+    def run(self) -> None:
+        cfg, step = self.cfg, int(self.state.step)
+        meta = {"resume_key": cfg.resume_key(), "d_model": self.store.d_model}
+        with Progress(self.files, lr_schedule(cfg.lr, self.plan.total_steps), self.plan.total_steps, step,
+                      cfg.batch_size, f"train {cfg.sae_type}", cfg.progress) as progress:
+            for epoch in range(int(self.state.epoch), cfg.epochs):
+                step, stopped = self._run_epoch(epoch, step, meta, progress)
+                if stopped:
+                    if is_primary():
+                        print(f"early stop at step {step}: no better validation FVU in {cfg.patience} evaluations")
+                    break
+                self._set(epoch=int(self.state.epoch) + 1, batch_in_epoch=0)
+            progress.finish(step)
+        self.checkpoints.save(step, self.state, meta | {"finished": True})
+        self.checkpoints.close()
+
+    def _run_epoch(self, epoch: int, step: int, meta: dict, progress: Progress) -> tuple[int, bool]:
+        """One epoch from the state's position in it; returns (step, stopped early)."""
+        batches = epoch_batches(self.store, self.cfg.layer_idx, self.split.train_samples, self.cfg.batch_size,
+                                seed=self.cfg.seed, epoch=epoch, skip=int(self.state.batch_in_epoch),
+                                exclude_rows=self.scan.nonfinite_rows)
+        for x in prefetch(batches, transform=self.put_batch):
+            self.state, metrics = self.step_fn(self.state, x)
+            step += 1
+            progress.step(step, metrics)
+            stopped = False
+            if step % self.plan.eval_every == 0 or step == self.plan.total_steps:
+                progress.flush()
+                stopped = self._validate(step, progress)
+            if step % self.plan.checkpoint_every == 0:
+                self.checkpoints.save(step, self.state, meta)
+            if stopped:
+                return step, True
+        return step, False
+
+    def _validate(self, step: int, progress: Progress) -> bool:
+        """Validate, keep the best model, and say whether patience has run out."""
+        acc = self.validation()
+        if acc is None:
+            return False
+        result = acc.result()
+        progress.validation(step, result)
+        if step < self.plan.warmup_steps:
+            return False  # sparsity and lr still warming up: neither a best model nor a reason to stop
+        if result["fvu"] < float(self.state.best_val_fvu):
+            save_model(self.files.best, self.plan.sae, self.model_tree(), {"step": step, "val": result})
+            self._set(best_val_fvu=result["fvu"], evals_since_best=0)
+        else:
+            self._set(evals_since_best=int(self.state.evals_since_best) + 1)
+        return self.cfg.patience > 0 and int(self.state.evals_since_best) >= self.cfg.patience
+
+    def _set(self, **values) -> None:
+        """Replace scalar fields of the state, placed where the step expects them."""
+        placed = {name: jax.device_put(np.asarray(value, getattr(self.state, name).dtype),
+                                       getattr(self.state_shardings, name)) for name, value in values.items()}
+        self.state = self.state.replace(**placed)
+
+    # reading the model back
+    def model_tree(self) -> dict:
+        return model_tree(*to_host((self.state.params, self.state.threshold, self.state.input_scale)))
+
+    def validation(self) -> MetricAccumulator | None:
+        """Metrics of the current model over the validation rows (None without any)."""
+        if not len(self.split.val_samples):
+            return None
+        cfg, samples = self.cfg, self.split.val_samples
+        if len(self.val_bad):
+            batches = (x for x, _ in self.store.iter_rows_indexed(cfg.layer_idx, cfg.batch_size, samples=samples,
+                                                                  exclude_rows=self.val_bad))
+        else:
+            batches = self.store.iter_rows(cfg.layer_idx, cfg.batch_size, samples=samples)
+        host = to_host((self.state.params, self.state.threshold, self.state.input_scale))
+        return evaluate_batches(self.plan.sae, *jax.tree.map(jnp.asarray, host), batches)
+
+    # the end
+    def finish(self, seconds: float) -> dict:
+        """Save final/ (and best/ if no validation made one), write the stats and plots."""
+        tree = self.model_tree()
+        acc = self.validation()
+        final_val = acc.result() if acc is not None else None
+        info = {"step": int(self.state.step), "val": final_val}
+        save_model(self.files.final, self.plan.sae, tree, info)
+        if not self.files.best.exists():
+            save_model(self.files.best, self.plan.sae, tree, info)
+        _, best = read_config(self.files.best)
+        if not is_primary():
+            return {"final_val": final_val, "best_val": best.get("val")}
+        stats = self._stats(final_val, best, seconds)
+        self.files.write_stats(stats)
+        self._plots(acc)
+        if final_val:
+            print(f"{self.files.path}: val FVU {final_val['fvu']:.4f}, L0 {final_val['l0']:.1f}, "
+                  f"dead {final_val['dead_fraction']:.3f} after {int(self.state.step)} steps in {seconds:.1f} s")
+        return stats
+
+    def _stats(self, final_val: dict | None, best: dict, seconds: float) -> dict:
+        split, state = self.split, self.state
+        return {
+            "config": dataclasses.asdict(self.cfg),
+            "sae": self.plan.sae.to_json(),
+            "steps": int(state.step),
+            "total_steps": self.plan.total_steps,
+            "train_rows": split.train_rows,
+            "val_rows": split.val_rows,
+            "train_samples": len(split.train_samples),
+            "val_samples": len(split.val_samples),
+            "input_scale": float(state.input_scale),
+            "threshold": float(state.threshold),
+            "dead_tokens": self.plan.dead_tokens,
+            "final_val": final_val,
+            "best_val": best.get("val"),
+            "best_step": best.get("step"),
+            "notes": self.notes,
+            "runtime": self.runtime,
+            "seconds": seconds,
+        }
+
+    def _plots(self, acc: MetricAccumulator | None) -> None:
+        from .plots import plot_density, plot_training_curves
+
+        plot_training_curves(self.files.read_metrics(), self.files.curves,
+                             title=f"{self.cfg.sae_type} layer {self.cfg.layer_idx}")
+        if acc is not None:
+            plot_density(acc.density_H, self.files.density)
+
+
+def _scan_for_bad_rows(cfg: TrainConfig, store: Store, split: DataSplit) -> tuple[ScanResult, np.ndarray]:
+    """The pass over the training rows (norms, a sample for b_dec, NaN/Inf rows) and the validation
+    rows' NaN/Inf rows; non-finite rows stop the run unless --skip_nonfinite."""
+    scan = scan_rows(store, cfg.layer_idx, split.train_samples, seed=cfg.seed, progress=cfg.progress)
+    val_bad = scan_rows(store, cfg.layer_idx, split.val_samples, seed=cfg.seed, progress=False).nonfinite_rows \
+        if len(split.val_samples) else np.zeros(0, np.int64)
+    bad = np.concatenate([scan.nonfinite_rows, val_bad])
+    if len(bad) and not cfg.skip_nonfinite:
+        raise DataError(
+            f"layer {cfg.layer_idx} of {cfg.store} has {len(bad)} non-finite (NaN/Inf) rows (first: row {bad[0]}); "
+            "pass --skip_nonfinite to train without them, or re-extract"
+        )
+    return scan, val_bad
+
+
+def _initial_state(cfg: TrainConfig, plan: RunPlan, scan: ScanResult, d_model: int, optimizer, mesh):
+    """A fresh state on the mesh (b_dec at the geometric median of the scaled sample), and its shardings."""
+    scale = input_scale(scan.mean_norm, d_model)
+    params = M.init_params(jax.random.PRNGKey(cfg.seed), plan.sae, geometric_median(scan.sample_BD * scale))
+    state = init_state(params, optimizer, scale)
+    state_shardings = shardings(state, mesh)
+    return jax.device_put(state, state_shardings), state_shardings
+
+
+def _resume(checkpoints: RunCheckpoints, files: RunDir, state: TrainState) -> TrainState:
+    """The latest checkpoint restored into ``state``'s structure and placement, or ``state`` itself."""
+    latest = checkpoints.latest_step()
+    if latest is not None:
+        state, _ = checkpoints.restore(latest, state)
+    if is_primary():
+        files.restart_metrics(latest)
+        if latest is not None:
+            print(f"resuming {files.path} from step {latest}")
+    return state

@@ -1,0 +1,81 @@
+"""The one CLI runner: optional settings can be switched off, lists are lists from the command line on."""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+
+from extractor.cli import build_parser, run_main
+
+
+@dataclass(frozen=True)
+class Options:
+    """A config like every entry point's."""
+
+    cap: int | None = 100
+    """A cap that is on by default."""
+    seed: int | None = None
+    """Off by default."""
+    sizes: tuple[int, ...] = ()
+    """Some sizes."""
+    stages: tuple[Literal["a", "b", "c"], ...] = ("a", "b")
+    """Some stages."""
+    verbose: bool = False
+    """Talk more."""
+
+
+def _parse(argv):
+    return Options(**vars(build_parser(Options, "prog", "d").parse_args(argv)))
+
+
+def test_an_optional_setting_with_a_default_can_be_switched_off():
+    assert _parse([]).cap == 100
+    assert _parse(["--cap", "none"]).cap is None
+    assert _parse(["--cap", "None"]).cap is None
+    assert _parse(["--cap", "7"]).cap == 7 and _parse(["--seed", "3"]).seed == 3
+
+
+def test_lists_arrive_as_tuples_of_their_item_type_space_or_comma_separated():
+    assert _parse(["--sizes", "16,16", "32"]).sizes == (16, 16, 32)
+    assert _parse(["--sizes", "16", "16", "32"]).sizes == (16, 16, 32)
+    assert _parse(["--stages", "c,a"]).stages == ("c", "a")
+    assert _parse([]).stages == ("a", "b")
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--sizes", "16,x"], "--sizes: '16,x' is not a list of int values"),
+    (["--stages", "a,dance"], "--stages: 'dance' is not one of a, b, c"),
+    (["--cap", "many"], "--cap"),
+])
+def test_a_bad_value_is_one_line_and_exit_2(argv, says, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_main(Options, argv, "prog", "d", run=lambda cfg: cfg)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and says in err and "Traceback" not in err
+
+
+def test_help_shows_how_to_switch_off_and_lists_as_typed(capsys):
+    with pytest.raises(SystemExit):
+        build_parser(Options, "prog", "d").parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "A cap that is on by default. (none switches it off) (default: 100)" in text
+    assert "Some stages. (default: a,b)" in text and "Some sizes. (default: none)" in text
+    assert "Off by default. (default: None)" in text and "(none switches it off)" not in text.split("Off by")[1]
+
+
+def test_every_entry_points_config_parses_with_the_runner():
+    """No config field has a type the runner cannot build a flag for (it raises TypeError at build)."""
+    from jax_sae.train import TrainConfig
+    from launch.pipeline import PipelineConfig
+
+    cfg = Options(**vars(build_parser(Options, "p", "d").parse_args([])))
+    assert cfg == Options()
+    train = TrainConfig(**vars(build_parser(TrainConfig, "p", "d").parse_args(
+        ["--sae_type", "matryoshka", "--hidden_dim", "64", "--top_k", "4", "--group_sizes", "16,16,32",
+         "--max_tokens", "none"])))
+    assert train.group_sizes == (16, 16, 32) and train.max_tokens is None
+    assert train.sae_config(d_model=8).group_sizes == (16, 16, 32)
+    assert TrainConfig(sae_type="matryoshka", hidden_dim=64, top_k=4).sae_config(d_model=8).group_sizes == \
+        (4, 4, 8, 16, 32)
+    assert PipelineConfig(**vars(build_parser(PipelineConfig, "p", "d").parse_args(
+        ["--stages", "train", "discover"]))).stages == ("train", "discover")
