@@ -1,9 +1,10 @@
 """LLM labels through the official ``anthropic`` and ``openai`` clients.
 
-Calls run concurrently up to a limit, retry with exponential back-off on rate limits, server
-errors, timeouts and dropped connections, and are cached on disk by (model, prompt hash). A
-feature whose calls fail keeps its heuristic label with the error recorded: a run never loses
-the features it computed.
+Calls run concurrently up to a limit and are cached on disk by (model, prompt hash). Retries are
+the SDKs' own: rate limits, server errors, timeouts and dropped connections are retried, waiting
+as long as the response's ``Retry-After`` asks, else with exponential back-off. A feature whose
+calls still fail keeps its heuristic label with the error recorded: a run never loses the
+features it computed.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
+
+from extractor.files import write_json
 
 DEFAULT_MODELS = {"anthropic": "claude-sonnet-5-5", "openai": "gpt-5.4-mini"}
 KEY_VARIABLES = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY"}
@@ -90,10 +91,10 @@ def parse_reply(text: str) -> Reply:
 
 
 class LLMClient:
-    """One provider's client with retries; ``complete`` returns the reply text."""
+    """One provider's SDK client, retrying as the SDK does; ``complete`` returns the parsed reply."""
 
-    def __init__(self, api: str, model: str | None = None, *, http_client=None, max_retries: int = 5,
-                 timeout: float = 60.0, sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, api: str, model: str | None = None, *, base_url: str | None = None, max_retries: int = 5,
+                 timeout: float = 60.0):
         if api not in DEFAULT_MODELS:
             raise LLMError(f"--llm_api must be anthropic or openai, got {api!r}")
         key = os.environ.get(KEY_VARIABLES[api])
@@ -104,15 +105,9 @@ class LLMClient:
         except ImportError:
             raise LLMError(f"--llm_api {api} needs the {api} package: pip install -e '.[llm]'") from None
         self.api, self.model = api, model or DEFAULT_MODELS[api]
-        self.module, self.max_retries, self.sleep = module, max_retries, sleep
         client_cls = module.Anthropic if api == "anthropic" else module.OpenAI
-        self.client = client_cls(api_key=key, max_retries=0, timeout=timeout, http_client=http_client)
-
-    def _retryable(self, err: Exception) -> bool:
-        m = self.module
-        if isinstance(err, (m.RateLimitError, m.APITimeoutError, m.APIConnectionError)):
-            return True
-        return isinstance(err, m.APIStatusError) and err.status_code >= 500
+        where = {"base_url": base_url} if base_url else {}  # else the SDK's default endpoint
+        self.client = client_cls(api_key=key, max_retries=max_retries, timeout=timeout, **where)
 
     def _call(self, prompt: str) -> str:
         if self.api == "anthropic":
@@ -124,14 +119,11 @@ class LLMClient:
         return reply.choices[0].message.content or ""
 
     def complete(self, prompt: str, parse: Callable[[str], Reply] = parse_reply) -> Reply:
-        for attempt in range(self.max_retries + 1):
-            try:
-                return parse(self._call(prompt))
-            except Exception as err:  # noqa: BLE001 - every failure becomes a recorded error
-                if not self._retryable(err) or attempt == self.max_retries:
-                    return Reply(error=f"{type(err).__name__}: {str(err)[:200]}")
-                self.sleep(min(60.0, 2.0**attempt) * (0.5 + random.random()))
-        return Reply(error="unreachable")
+        try:
+            text = self._call(prompt)
+        except Exception as err:  # noqa: BLE001 - after the SDK's retries, every failure becomes a recorded error
+            return Reply(error=f"{type(err).__name__}: {str(err)[:200]}")
+        return parse(text)
 
 
 class ReplyCache:
@@ -154,10 +146,7 @@ class ReplyCache:
     def put(self, model: str, prompt: str, reply: Reply) -> None:
         if reply.label is None:
             return  # failures are retried on the next run, not cached
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._path(model, prompt).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"label": reply.label, "description": reply.description}))
-        os.replace(tmp, self._path(model, prompt))
+        write_json(self._path(model, prompt), {"label": reply.label, "description": reply.description})
 
 
 def label_all(client: LLMClient, prompts: dict[int, str], cache: ReplyCache | None, concurrency: int = 4,

@@ -1,19 +1,21 @@
-"""LLM labelling through the real anthropic and openai client classes over a mock HTTP transport."""
+"""LLM labelling through the real anthropic and openai clients, talking HTTP to a fake provider on
+127.0.0.1: retries are the SDKs' own and wait as long as ``Retry-After`` says."""
 
 import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 
-anthropic = pytest.importorskip("anthropic", reason="the llm extra (anthropic) is not installed")
-openai = pytest.importorskip("openai", reason="the llm extra (openai) is not installed")
-try:  # the clients moved from httpx to its successor httpx2
-    import httpx2 as httpx
-except ImportError:
-    import httpx
+pytest.importorskip("anthropic", reason="the llm extra (anthropic) is not installed")
+pytest.importorskip("openai", reason="the llm extra (openai) is not installed")
 
 from discovery.llm import LLMClient, LLMError, ReplyCache, feature_prompt, label_all  # noqa: E402
 
 GOOD = json.dumps({"label": "distorted electric guitar", "description": "Fires on overdriven guitar riffs."})
+QUICK_RETRY = {"retry-after-ms": "10"}  # keeps retry tests fast; both SDKs read it before Retry-After
 
 
 def _body(api, text):
@@ -26,75 +28,131 @@ def _body(api, text):
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
 
 
-def _client(api, monkeypatch, responses):
-    """A client whose HTTP calls get the given (status, text) responses in turn (the last repeats)."""
+class FakeProvider:
+    """An HTTP server answering each request with ``respond(request_json, call_index) -> (status, text,
+    headers)``; it records when each request arrived."""
+
+    def __init__(self, api, respond):
+        self.api, self.respond, self.arrivals, self.lock = api, respond, [], threading.Lock()
+        provider = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with provider.lock:
+                    provider.arrivals.append(time.monotonic())
+                    index = len(provider.arrivals) - 1
+                status, text, headers = provider.respond(request, index)
+                body = _body(api, text) if status == 200 else {"error": {"type": "error", "message": f"status {status}"}}
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                for name, value in {"Content-Type": "application/json", **headers}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        port = self.server.server_address[1]
+        self.base_url = f"http://127.0.0.1:{port}" + ("/v1" if api == "openai" else "")
+
+    @property
+    def calls(self) -> int:
+        return len(self.arrivals)
+
+
+@pytest.fixture
+def provider(monkeypatch):
+    """``provider(api, responses)``: a client and its fake provider, which answers with the given
+    (status, text, headers) in turn, the last one repeating (or a ``respond`` function)."""
     monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
-    calls = []
+    servers = []
 
-    def handler(request):
-        status, text = responses[min(len(calls), len(responses) - 1)]
-        calls.append(request)
-        if status != 200:
-            return httpx.Response(status, json={"error": {"type": "error", "message": f"status {status}"}})
-        return httpx.Response(200, json=_body(api, text))
+    def make(api, responses, max_retries=3):
+        respond = responses if callable(responses) else (lambda _req, i: responses[min(i, len(responses) - 1)])
+        servers.append(FakeProvider(api, respond))
+        return LLMClient(api, base_url=servers[-1].base_url, max_retries=max_retries), servers[-1]
 
-    client = LLMClient(api, http_client=httpx.Client(transport=httpx.MockTransport(handler)), max_retries=3,
-                       sleep=lambda _s: None)
-    return client, calls
+    yield make
+    for fake in servers:
+        fake.server.shutdown()
+        fake.server.server_close()
 
 
 @pytest.mark.parametrize("api", ["anthropic", "openai"])
-def test_success(api, monkeypatch):
-    client, calls = _client(api, monkeypatch, [(200, "Here it is: " + GOOD)])
+def test_success(api, provider):
+    client, fake = provider(api, [(200, "Here it is: " + GOOD, {})])
     reply = client.complete("prompt")
     assert reply.label == "distorted electric guitar" and reply.description.startswith("Fires")
-    assert len(calls) == 1
+    assert fake.calls == 1
 
 
 @pytest.mark.parametrize("api", ["anthropic", "openai"])
-def test_rate_limit_then_success(api, monkeypatch):
-    client, calls = _client(api, monkeypatch, [(429, ""), (200, GOOD)])
+def test_rate_limit_waits_as_long_as_retry_after_says(api, provider):
+    """Without the header the SDKs' first back-off is at most 0.5 s; Retry-After: 1 makes it a second."""
+    client, fake = provider(api, [(429, "", {"Retry-After": "1"}), (200, GOOD, {})])
     assert client.complete("prompt").label == "distorted electric guitar"
-    assert len(calls) == 2
+    assert fake.calls == 2
+    assert 1.0 <= fake.arrivals[1] - fake.arrivals[0] < 10.0
 
 
 @pytest.mark.parametrize("api", ["anthropic", "openai"])
-def test_server_error_forever_is_recorded_not_raised(api, monkeypatch):
-    client, calls = _client(api, monkeypatch, [(500, "")])
+def test_server_error_forever_is_recorded_not_raised(api, provider):
+    client, fake = provider(api, [(500, "", QUICK_RETRY)])
     reply = client.complete("prompt")
-    assert reply.label is None and "500" in reply.error and len(calls) == 4  # 1 try + 3 retries
+    assert reply.label is None and "500" in reply.error and fake.calls == 4  # 1 try + 3 retries
 
 
 @pytest.mark.parametrize("api", ["anthropic", "openai"])
-def test_malformed_reply(api, monkeypatch):
-    client, calls = _client(api, monkeypatch, [(200, "I think it is a guitar")])
+def test_a_bad_request_is_not_retried(api, provider):
+    client, fake = provider(api, [(400, "", QUICK_RETRY)])
+    reply = client.complete("prompt")
+    assert reply.label is None and "400" in reply.error and fake.calls == 1
+
+
+@pytest.mark.parametrize("api", ["anthropic", "openai"])
+def test_malformed_reply(api, provider):
+    client, fake = provider(api, [(200, "I think it is a guitar", {})])
     reply = client.complete("prompt")
     assert reply.label is None and reply.error.startswith("malformed reply")
-    assert len(calls) == 1, "a malformed reply is not retried"
+    assert fake.calls == 1, "a malformed reply is not retried"
 
 
-def test_cache_and_concurrency(monkeypatch, tmp_path):
-    client, calls = _client("anthropic", monkeypatch, [(200, GOOD)])
+def test_cache_and_concurrency(provider, tmp_path):
+    client, fake = provider("anthropic", [(200, GOOD, {})])
     cache = ReplyCache(tmp_path / "cache")
     prompts = {i: f"prompt {i}" for i in range(6)}
     first = label_all(client, prompts, cache, concurrency=3, progress=False)
-    assert len(calls) == 6 and all(r.label for r in first.values())
+    assert fake.calls == 6 and all(r.label for r in first.values())
     again = label_all(client, prompts, cache, concurrency=3, progress=False)
-    assert len(calls) == 6 and again == first, "cached replies cost no calls"
+    assert fake.calls == 6 and again == first, "cached replies cost no calls"
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json"] * 6, "no temp files left"
 
 
-def test_failed_features_keep_their_heuristic_label(monkeypatch, tmp_path):
+def test_failures_are_not_cached(provider, tmp_path):
+    client, fake = provider("openai", [(500, "", QUICK_RETRY), (500, "", QUICK_RETRY), (200, GOOD, {})],
+                            max_retries=1)
+    cache = ReplyCache(tmp_path / "cache")
+    assert label_all(client, {0: "p"}, cache, progress=False)[0].label is None
+    assert label_all(client, {0: "p"}, cache, progress=False)[0].label == "distorted electric guitar"
+    assert fake.calls == 3
+
+
+def test_failed_features_keep_their_heuristic_label(provider):
     from discovery.features import apply_llm_labels
 
-    client, _ = _client("openai", monkeypatch, [(500, "")])
+    client, _ = provider("openai", [(500, "", QUICK_RETRY)])
 
     class Found:
         features = {"3": {"label": "piano", "top_examples": [{"activation": 1.0, "prompt": "a piano", "tags": [],
                                                               "sample_index": 0}]}}
 
         class stats:
-            import numpy as np
             sample_max = np.zeros((2, 5), np.float16)
 
     class Store:
@@ -116,25 +174,19 @@ def test_prompt_shows_activations_tags_and_contrast():
     assert "activation 2.500: loud drums [tags: drums]" in text and "quiet flute" in text and "JSON" in text
 
 
-def test_llm_judge_scores_labels_on_held_out_captions(monkeypatch):
+def test_llm_judge_scores_labels_on_held_out_captions(provider):
     """A judge that answers 1 exactly for captions naming the label gives a perfect detection score."""
     import re
 
-    import numpy as np
-
     from discovery.features import _llm_detection
 
-    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
-
-    def handler(request):
-        prompt = json.loads(request.content)["messages"][0]["content"]
+    def judge(request, _index):
+        prompt = request["messages"][0]["content"]
         label = re.search(r'labelled "([^"]+)"', prompt).group(1)
         captions = re.findall(r"^\d+\. (.*)$", prompt, re.M)
-        answers = [int(label in c) for c in captions]
-        return httpx.Response(200, json=_body("openai", json.dumps({"answers": answers})))
+        return 200, json.dumps({"answers": [int(label in c) for c in captions]}), {}
 
-    client = LLMClient("openai", http_client=httpx.Client(transport=httpx.MockTransport(handler)),
-                       sleep=lambda _s: None)
+    client, _ = provider("openai", judge)
     samples = [{"prompt": f"a {'drums' if i < 10 else 'flute'} song {i}", "tags": []} for i in range(40)]
 
     class Found:
@@ -142,4 +194,3 @@ def test_llm_judge_scores_labels_on_held_out_captions(monkeypatch):
 
     _llm_detection(Found, samples, client, None, 2, False)
     assert Found.features["1"]["detection_score_llm"] == 1.0
-    assert np.isfinite(Found.features["1"]["detection_score_llm"])
