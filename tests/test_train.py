@@ -15,6 +15,7 @@ import jax_sae
 from jax_sae import model as M
 from jax_sae.config import ConfigError, SAEConfig
 from jax_sae.data import split_samples
+from jax_sae.run_dir import RunDir
 from jax_sae.train import TrainConfig, main, train
 from extractor.store import open_store
 
@@ -289,3 +290,17 @@ def test_width_mismatch_is_refused(planted, tmp_path):
                    "256", "--epochs", "1", "--lr", "4e-3", "--store", str(tmp_path / "store"), "--out",
                    str(tmp_path / "r"), "--no-progress", "--patience", "0", "--sparsity_coef", "0.5"])
     assert "has width 48 but the store has 32" in text
+
+
+def test_patience_stops_a_run_that_no_longer_improves_and_keeps_its_best(planted, tmp_path, capsys):
+    """At an lr too small to move float32 weights the validation FVU never improves after warm-up:
+    the run stops after --patience evaluations, with best/ from before the stall."""
+    root, _ = planted
+    cfg = _cfg(root, "topk", lr=1e-12, epochs=4, eval_every=2, patience=2, out=str(tmp_path))
+    stats = train(cfg)
+    assert "early stop at step" in capsys.readouterr().out
+    assert stats["steps"] < stats["total_steps"], stats
+    evaluated = [r["step"] for r in RunDir(cfg.run_dir()).read_metrics() if "val" in r]
+    assert evaluated == list(range(2, stats["steps"] + 1, 2)) + ([stats["steps"]] if stats["steps"] % 2 else [])
+    warmup = max(stats["total_steps"] // 10, stats["total_steps"] // 20, 1)
+    assert stats["best_step"] >= warmup and stats["steps"] == stats["best_step"] + 2 * cfg.patience
