@@ -1,11 +1,8 @@
 """The SAE in PyTorch, loaded from either export format, for use beside the PyTorch MusicGen.
 
-Formats (written by ``python -m jax_sae.export``):
-- torch: one ``.pt`` file ``{"config": {...}, "state_dict": {...}}`` of plain tensors and plain
-  Python values, loadable with ``torch.load(weights_only=True)``; input scale kept separate.
-- saelens: a directory with ``cfg.json`` and ``sae_weights.safetensors`` in SAELens's layout
-  (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``, ``b_enc``, ``b_dec``, ``threshold`` for
-  JumpReLU), the input scale folded into the weights.
+Both formats (written by ``python -m jax_sae.export``) are defined in ``extractor.formats``; this
+module only moves the torch format's payload through ``torch.save`` and ``torch.load``, the one
+step that needs torch. The JAX side never imports this module at import time.
 """
 
 from __future__ import annotations
@@ -24,32 +21,16 @@ except ModuleNotFoundError as err:  # a JAX-only install (SAE_MUSIC_JAX_ONLY=1) 
     raise ModuleNotFoundError("the torch SAE needs PyTorch, which this install left out: pip install -e '.[extract]' "
                               "(or rerun scripts/install.sh without SAE_MUSIC_JAX_ONLY)", name="torch") from None
 
-from .saelens import SAEFormatError, read_saelens_export
-
-TORCH_FORMAT_VERSION = 1
-# Tensors of the torch format: name -> shape as a function of (d_model, hidden_dim).
-TENSOR_SHAPES = {
-    "W_enc": lambda d, h: (d, h),
-    "b_enc": lambda d, h: (h,),
-    "W_dec": lambda d, h: (h, d),
-    "b_dec": lambda d, h: (d,),
-}
+from .files import staged_file
+from .formats import INFERENCE_KIND, SAEFormatError, read_saelens, read_torch_payload, torch_payload
 
 
 def save_torch_export(path: str | Path, config: dict, arrays: dict[str, np.ndarray]) -> None:
-    """Write the torch format; every tensor's shape is checked against the config first."""
-    d, h = config["d_model"], config["hidden_dim"]
-    state = {}
-    for name, shape in TENSOR_SHAPES.items():
-        value = np.asarray(arrays[name], dtype=np.float32)
-        if value.shape != shape(d, h):
-            raise SAEFormatError(f"{name} has shape {value.shape}, expected {shape(d, h)}")
-        state[name] = torch.from_numpy(value.copy())
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"config": {**config, "format_version": TORCH_FORMAT_VERSION}, "state_dict": state}, tmp)
-    tmp.replace(path)
+    """Write the torch format atomically; the config's fields and every tensor's shape are checked first."""
+    payload = torch_payload(config, arrays, source=path)
+    payload["state_dict"] = {name: torch.from_numpy(value.copy()) for name, value in payload["state_dict"].items()}
+    with staged_file(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def read_torch_export(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -63,14 +44,7 @@ def read_torch_export(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
         ) from None
     except Exception as err:  # noqa: BLE001 - any failure to parse means: not our format
         raise SAEFormatError(f"{path} is not a torch SAE export ({type(err).__name__}); re-export it") from None
-    if not isinstance(data, dict) or "config" not in data or "state_dict" not in data:
-        raise SAEFormatError(f"{path} is a torch file but not an SAE export (needs config and state_dict)")
-    config = data["config"]
-    arrays = {k: v.numpy() for k, v in data["state_dict"].items()}
-    missing = set(TENSOR_SHAPES) - set(arrays)
-    if missing:
-        raise SAEFormatError(f"{path} lacks tensors {sorted(missing)}")
-    return config, arrays
+    return read_torch_payload(data, path)
 
 
 class TorchSAE(nn.Module):
@@ -80,7 +54,7 @@ class TorchSAE(nn.Module):
     def __init__(self, kind: str, W_enc, b_enc, W_dec, b_dec, *, threshold=0.0, input_scale: float = 1.0,
                  top_k: int | None = None, config: dict | None = None):
         super().__init__()
-        if kind not in ("relu", "topk", "jumprelu"):
+        if kind not in set(INFERENCE_KIND.values()):
             raise SAEFormatError(f"unknown SAE kind {kind!r}")
         as_tensor = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
         self.kind, self.top_k, self.config = kind, top_k, config or {}
@@ -109,19 +83,15 @@ class TorchSAE(nn.Module):
                     f"{path} is a JAX checkpoint; export it first: python -m jax_sae.export --checkpoint {path} "
                     "--format torch --out sae.pt"
                 )
-            cfg, arrays = read_saelens_export(path)
-            kind = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}.get(cfg.get("architecture"))
-            if kind is None:
-                raise SAEFormatError(f"SAELens architecture {cfg.get('architecture')!r} is not supported")
-            return cls(kind, arrays["W_enc"], arrays["b_enc"], arrays["W_dec"], arrays["b_dec"],
-                       threshold=arrays.get("threshold", 0.0), top_k=cfg.get("k"), config=cfg)
+            lens = read_saelens(path)
+            return cls(INFERENCE_KIND[lens.config["sae_type"]], lens.arrays["W_enc"], lens.arrays["b_enc"],
+                       lens.arrays["W_dec"], lens.arrays["b_dec"], threshold=lens.arrays.get("threshold", 0.0),
+                       top_k=lens.config["top_k"], config=lens.cfg)
         if not path.exists():
             raise SAEFormatError(f"no SAE at {path}")
         cfg, arrays = read_torch_export(path)
-        kind = {"vanilla": "relu", "topk": "topk"}.get(cfg["sae_type"], "jumprelu")
-        return cls(kind, arrays["W_enc"], arrays["b_enc"], arrays["W_dec"], arrays["b_dec"],
-                   threshold=cfg.get("threshold", 0.0), input_scale=cfg.get("input_scale", 1.0),
-                   top_k=cfg.get("top_k"), config=cfg)
+        return cls(INFERENCE_KIND[cfg["sae_type"]], arrays["W_enc"], arrays["b_enc"], arrays["W_dec"], arrays["b_dec"],
+                   threshold=cfg["threshold"], input_scale=cfg["input_scale"], top_k=cfg.get("top_k"), config=cfg)
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.W_enc.dtype) * self.input_scale

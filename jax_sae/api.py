@@ -1,4 +1,8 @@
-"""The user-facing SAE: load a checkpoint, encode and decode any leading shape, evaluate on a store."""
+"""The user-facing SAE: load a checkpoint, encode and decode any leading shape, evaluate on a store.
+
+Exports are read through ``extractor.formats`` (torch-free, like the other helpers of
+``extractor/`` the JAX side may import: store, CLI runner, formats, files); only a ``.pt`` file
+needs torch, imported when one is loaded."""
 
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ class SAE:
     @classmethod
     def load(cls, path: str | Path) -> "SAE":
         """A JAX checkpoint directory, a torch-format ``.pt`` export or a SAELens directory."""
-        from extractor.saelens import is_saelens_dir
+        from extractor.formats import is_saelens_dir
 
         path = Path(path)
         if path.is_file():
@@ -88,23 +92,11 @@ def _params(arrays: dict) -> M.SAEParams:
 def _from_saelens(path: Path) -> SAE:
     """SAELens weights act on raw activations (scale folded): input scale 1; JumpReLU keeps its
     per-feature threshold."""
-    from extractor.saelens import SAEFormatError, read_saelens_export
+    from extractor.formats import read_saelens
 
-    cfg_json, arrays = read_saelens_export(path)
-    sae_type = {"standard": "vanilla", "topk": "topk", "jumprelu": "batch_topk"}.get(cfg_json.get("architecture"))
-    if sae_type is None:
-        raise SAEFormatError(f"SAELens architecture {cfg_json.get('architecture')!r} is not supported")
-    ours = cfg_json.get("metadata", {}).get("sae_music_jax", {})
-    if sae_type == "batch_topk" and ours.get("sae_type") == "matryoshka":
-        sae_type = "matryoshka"
-    hidden = int(cfg_json["d_sae"])
-    cfg = SAEConfig(sae_type=sae_type, d_model=int(cfg_json["d_in"]), hidden_dim=hidden,
-                    top_k=int(cfg_json.get("k") or min(64, hidden)),
-                    group_sizes=tuple(ours.get("group_sizes") or ()) if sae_type == "matryoshka" else (),
-                    layer=cfg_json.get("metadata", {}).get("hook_layer"),
-                    model=cfg_json.get("metadata", {}).get("model_name"), store=ours.get("store"))
-    threshold = arrays.get("threshold", np.zeros((), np.float32))
-    return SAE(cfg, _params(arrays), threshold, 1.0, {"format": "saelens"})
+    lens = read_saelens(path)
+    threshold = lens.arrays.get("threshold", np.zeros((), np.float32))
+    return SAE(SAEConfig.from_json(lens.config), _params(lens.arrays), threshold, 1.0, {"format": "saelens"})
 
 
 def load(path: str | Path) -> SAE:

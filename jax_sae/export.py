@@ -1,15 +1,17 @@
 """``python -m jax_sae.export``: a trained SAE's parameters in the torch or SAELens format.
 
-Parameters only. Each tensor is written from a declared table (its source, whether it is
-transposed, its expected shape); the dataset input scale is kept apart in the torch format
-and folded into the weights for SAELens. Writing a ``.pt`` file needs torch, which the torch
-side (``extractor.torch_sae``) owns and this module imports only when asked for that format; on a
+Parameters only. Both formats (tensor names and shapes, config fields, the SAELens architecture
+and cfg.json) are defined in ``extractor.formats``, torch-free like the other helpers of
+``extractor/`` the JAX side may import (store, CLI runner, formats, files). The checkpoint's
+tensors keep their names and [in, out] layout in both formats (none is transposed) and each shape
+is checked before writing; the dataset input scale is kept apart in the torch format and folded
+into the weights for SAELens. Writing a ``.pt`` file needs torch, which the torch side
+(``extractor.torch_sae``) owns and this module imports only when asked for that format; on a
 JAX-only install (no ``extract`` extra) that format is refused with one line and exit status 2.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,18 +19,14 @@ from typing import Literal, NoReturn
 
 import numpy as np
 
+from extractor import formats
+
 from .checkpoint import CheckpointError, load_model_tree
 from .config import SAEConfig
 
-# name in the export -> (key in our checkpoint, transposed?); both layouts are [in, out].
-EXPORT_TABLE = {
-    "W_enc": ("W_enc", False),
-    "b_enc": ("b_enc", False),
-    "W_dec": ("W_dec", False),
-    "b_dec": ("b_dec", False),
-}
-SAELENS_ARCHITECTURE = {"vanilla": "standard", "topk": "topk", "batch_topk": "jumprelu", "matryoshka": "jumprelu"}
-
+# Tensors the formats store transposed relative to the checkpoint: none, both are [in, out] under
+# the same names.
+TRANSPOSED: frozenset[str] = frozenset()
 
 class ExportError(ValueError):
     """An export that cannot be made."""
@@ -66,70 +64,28 @@ class ExportConfig:
             raise ExportError("--checkpoint and --out are required")
 
 
-def _shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
-    d, h = cfg.d_model, cfg.hidden_dim
-    return {"W_enc": (d, h), "b_enc": (h,), "W_dec": (h, d), "b_dec": (d,)}
+def exported_arrays(cfg: SAEConfig, tree: dict, source="the checkpoint") -> dict[str, np.ndarray]:
+    """The checkpoint's tensors as the formats hold them, float32, each shape checked."""
+    shapes = formats.tensor_shapes(cfg.d_model, cfg.hidden_dim)
+    arrays = {name: np.asarray(tree[name]).T if name in TRANSPOSED else tree[name] for name in shapes}
+    return formats.checked_tensors(arrays, shapes, source)
 
 
-def exported_arrays(cfg: SAEConfig, tree: dict) -> dict[str, np.ndarray]:
-    shapes = _shapes(cfg)
-    out = {}
-    for name, (source, transpose) in EXPORT_TABLE.items():
-        value = np.asarray(tree[source], dtype=np.float32)
-        value = value.T if transpose else value
-        if value.shape != shapes[name]:
-            raise ExportError(f"{name} has shape {value.shape}, expected {shapes[name]}")
-        out[name] = value
-    return out
+def _scalar(tree: dict, name: str) -> float:
+    return float(np.asarray(tree[name]))
 
 
-def torch_config(cfg: SAEConfig, tree: dict, info: dict) -> dict:
-    """Every field needed to rebuild the model, as plain Python values."""
-    return {
-        **cfg.to_json(),
-        "threshold": float(np.asarray(tree["threshold"])),
-        "input_scale": float(np.asarray(tree["input_scale"])),
-        "hook": f"decoder.model.decoder.layers[{cfg.layer}]",
-        "trained_step": info.get("step"),
-    }
-
-
-def fold_scale(cfg: SAEConfig, tree: dict) -> dict[str, np.ndarray]:
-    """Weights acting on raw activations: x*s - b_dec = s(x - b_dec/s), x_hat = (f W_dec + b_dec)/s."""
-    arrays = exported_arrays(cfg, tree)
-    s = float(np.asarray(tree["input_scale"]))
-    return {"W_enc": arrays["W_enc"] * s, "b_enc": arrays["b_enc"], "W_dec": arrays["W_dec"] / s,
-            "b_dec": arrays["b_dec"] / s}
-
-
-def write_saelens(path: Path, cfg: SAEConfig, tree: dict, info: dict) -> None:
-    from safetensors.numpy import save_file
-
-    arrays = fold_scale(cfg, tree)
-    architecture = SAELENS_ARCHITECTURE[cfg.sae_type]
-    if architecture == "jumprelu":
-        arrays["threshold"] = np.full(cfg.hidden_dim, float(np.asarray(tree["threshold"])), np.float32)
-    sae_cfg = {
-        "architecture": architecture,
-        "d_in": cfg.d_model,
-        "d_sae": cfg.hidden_dim,
-        "dtype": "float32",
-        "device": "cpu",
-        "apply_b_dec_to_input": True,
-        "normalize_activations": "none",
-        "metadata": {
-            "model_name": cfg.model,
-            "hook_name": f"decoder.model.decoder.layers.{cfg.layer}",
-            "hook_layer": cfg.layer,
-            "sae_music_jax": {"sae_type": cfg.sae_type, "group_sizes": list(cfg.group_sizes), "store": cfg.store,
-                              "input_scale_folded": float(np.asarray(tree["input_scale"]))},
-        },
-    }
-    if architecture == "topk":
-        sae_cfg["k"] = cfg.top_k
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, path / "sae_weights.safetensors")
-    (path / "cfg.json").write_text(json.dumps(sae_cfg, indent=2) + "\n")
+def write_export(out: Path, cfg: SAEConfig, tree: dict, info: dict, save_torch_export=None,
+                 source="the checkpoint") -> None:
+    """The torch format through ``save_torch_export`` where given, else the SAELens directory."""
+    arrays = exported_arrays(cfg, tree, source)
+    threshold, input_scale = _scalar(tree, "threshold"), _scalar(tree, "input_scale")
+    sae_config = cfg.to_json()
+    if save_torch_export is not None:
+        save_torch_export(out, formats.torch_config(sae_config, threshold, input_scale, info.get("step")), arrays)
+    else:
+        lens_arrays = formats.saelens_arrays(sae_config, arrays, threshold, input_scale)
+        formats.write_saelens(out, formats.saelens_cfg(sae_config, input_scale), lens_arrays)
 
 
 def _torch_writer():
@@ -153,10 +109,7 @@ def export(cfg: ExportConfig) -> Path:
         raise CheckpointError(f"cannot read checkpoint {cfg.checkpoint} ({type(err).__name__}); it is corrupt or "
                               "unfinished: export best/ or final/ of a finished run") from None
     out = Path(cfg.out)
-    if save_torch_export is not None:
-        save_torch_export(out, torch_config(sae_cfg, tree, info), exported_arrays(sae_cfg, tree))
-    else:
-        write_saelens(out, sae_cfg, tree, info)
+    write_export(out, sae_cfg, tree, info, save_torch_export, source=cfg.checkpoint)
     print(f"exported {cfg.checkpoint} ({sae_cfg.sae_type}, {sae_cfg.d_model} -> {sae_cfg.hidden_dim}) to {out} "
           f"[{cfg.format}]")
     return out
@@ -168,7 +121,7 @@ def main(argv: list[str] | None = None):
     try:
         return run_main(ExportConfig, argv, prog="python -m jax_sae.export",
                         description="Export a trained SAE to the torch or SAELens format.", run=export,
-                        errors=(ExportError, CheckpointError))
+                        errors=(ExportError, CheckpointError, formats.SAEFormatError))
     except MissingExtraError as err:
         exit_missing_extra(err)
 

@@ -1,15 +1,22 @@
 """Export to torch and SAELens formats, loading back, and torch/JAX parity for every SAE type."""
 
+import json
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 import torch
+from packaging.version import Version
+from safetensors.numpy import load_file, save_file
 
 import jax_sae
-from extractor.saelens import SAEFormatError
-from extractor.torch_sae import TorchSAE
+from extractor.formats import SAEFormatError
+from extractor.torch_sae import TorchSAE, save_torch_export
 from jax_sae import model as M
 from jax_sae.checkpoint import model_tree, save_model
 from jax_sae.config import SAEConfig
@@ -101,3 +108,75 @@ def test_exporting_a_broken_checkpoint_is_one_line(tmp_path, damage):
         main(["--checkpoint", str(ckpt), "--format", "torch", "--out", str(tmp_path / "x.pt")])
     text = str(exc.value.code)
     assert text.startswith("error: ") and "\n" not in text and not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("sae_type,architecture", [("vanilla", "standard"), ("topk", "topk"),
+                                                   ("matryoshka", "jumprelu")])
+def test_saelens_cfg_holds_what_saelens_6_reads(tmp_path, sae_type, architecture):
+    ckpt = _checkpoint(tmp_path, sae_type)
+    main(["--checkpoint", str(ckpt), "--format", "saelens", "--out", str(tmp_path / "lens")])
+    cfg = json.loads((tmp_path / "lens" / "cfg.json").read_text())
+    # SAELens 6 rewrites (and strips the metadata of) any config older than 6.0.0-rc.0 or unversioned.
+    assert Version(cfg["metadata"]["sae_lens_version"]) >= Version("6.0.0-rc.0")
+    assert cfg["reshape_activations"] == "none" and cfg["normalize_activations"] == "none"
+    assert cfg["architecture"] == architecture and (cfg["d_in"], cfg["d_sae"]) == (24, 96)
+    assert cfg.get("k") == (8 if sae_type == "topk" else None)
+    assert cfg["metadata"]["sae_music_jax"]["input_scale_folded"] == pytest.approx(0.37)
+    weights = load_file(tmp_path / "lens" / "sae_weights.safetensors")
+    assert weights["W_enc"].shape == (24, 96) and weights["W_dec"].shape == (96, 24)
+    assert ("threshold" in weights) == (architecture == "jumprelu")
+    assert sorted(p.name for p in (tmp_path / "lens").iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+
+
+def test_a_wrong_shaped_tensor_is_refused_naming_it(tmp_path):
+    config = {"sae_type": "vanilla", "d_model": 4, "hidden_dim": 8, "threshold": 0.0, "input_scale": 1.0}
+    good = {"W_enc": np.ones((4, 8)), "b_enc": np.zeros(8), "W_dec": np.ones((8, 4)), "b_dec": np.zeros(4)}
+    with pytest.raises(SAEFormatError, match=r"tensor W_dec has shape \(4, 8\), expected \(8, 4\)"):
+        save_torch_export(tmp_path / "bad.pt", config, {**good, "W_dec": np.ones((4, 8))})
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+    torch.save({"config": config, "state_dict": {k: torch.from_numpy(v).float() for k, v in
+                                                {**good, "b_enc": np.zeros(7)}.items()}}, tmp_path / "hand.pt")
+    with pytest.raises(SAEFormatError, match=r"hand\.pt: tensor b_enc has shape \(7,\), expected \(8,\)"):
+        TorchSAE.from_pretrained(tmp_path / "hand.pt")
+
+    ckpt = _checkpoint(tmp_path, "batch_topk")
+    lens = tmp_path / "lens"
+    main(["--checkpoint", str(ckpt), "--format", "saelens", "--out", str(lens)])
+    weights = load_file(lens / "sae_weights.safetensors")
+    save_file({**weights, "threshold": weights["threshold"][:-1].copy()}, lens / "sae_weights.safetensors")
+    for load in (jax_sae.load, TorchSAE.from_pretrained):
+        with pytest.raises(SAEFormatError, match=r"sae_weights\.safetensors: tensor threshold has shape \(95,\)"):
+            load(lens)
+
+
+@pytest.mark.parametrize("change,problem", [
+    ({"architecture": "gated"}, "SAELens architecture 'gated' is not supported"),
+    ({"architecture": "topk", "k": None}, "a topk SAE needs k"),
+    ({"d_sae": "96"}, "d_sae must be a positive integer"),
+    ({"normalize_activations": "expected_average_only_in"}, "normalize_activations"),
+])
+def test_a_saelens_cfg_we_cannot_read_right_is_refused_naming_the_file(tmp_path, change, problem):
+    ckpt = _checkpoint(tmp_path, "topk")
+    lens = tmp_path / "lens"
+    main(["--checkpoint", str(ckpt), "--format", "saelens", "--out", str(lens)])
+    cfg = json.loads((lens / "cfg.json").read_text())
+    (lens / "cfg.json").write_text(json.dumps({**cfg, **change}))
+    for load in (jax_sae.load, TorchSAE.from_pretrained):
+        with pytest.raises(SAEFormatError, match="cfg.json: " + problem):
+            load(lens)
+    (lens / "cfg.json").write_text("{not json")
+    with pytest.raises(SAEFormatError, match="cfg.json: not valid JSON"):
+        jax_sae.load(lens)
+
+
+def test_the_jax_side_imports_no_torch():
+    probe = ("import importlib, pkgutil, sys, jax_sae\n"
+             "for m in pkgutil.iter_modules(jax_sae.__path__):\n"
+             "    importlib.import_module('jax_sae.' + m.name)\n"
+             "import extractor.formats, extractor.files\n"
+             "heavy = sorted(n for n in sys.modules if n.split('.')[0] in ('torch', 'transformers'))\n"
+             "assert not heavy, heavy\n")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parents[1], check=False,
+                            capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]

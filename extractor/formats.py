@@ -1,0 +1,240 @@
+"""The two SAE export formats, owned here and nowhere else; numpy only, so both sides use it.
+
+- torch: one ``.pt`` file ``{"config": {...}, "state_dict": {...}}`` of plain float32 tensors and
+  plain Python values, input scale kept apart in the config. This module builds and checks that
+  payload; ``extractor.torch_sae`` only runs ``torch.save``/``torch.load`` on it.
+- SAELens: a directory with ``cfg.json`` and ``sae_weights.safetensors`` in SAELens's layout
+  (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``, ``b_enc``, ``b_dec``, and ``threshold
+  [d_sae]`` for JumpReLU), the input scale folded into the weights so they act on raw activations.
+  ``cfg.json`` carries ``metadata.sae_lens_version`` = ``SAELENS_VERSION`` ("6.0.0") and
+  ``reshape_activations: "none"``: SAELens 6 (``handle_config_defaulting`` in
+  ``sae_lens/loading/pretrained_sae_loaders.py``) sends any config whose version is missing or
+  below ``6.0.0-rc.0`` through its pre-6 rewrite, which drops metadata it does not know; 6.0.0 is
+  the first 6.x release, so every SAELens 6 loader takes our config as written.
+
+Torch-free and JAX-free: the JAX side may import the torch-free helpers of ``extractor/`` (the
+store, the CLI runner, these formats, the atomic file writers); writes go through
+``extractor.files`` so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from .files import staged_file, write_json
+
+TORCH_FORMAT_VERSION = 1
+SAELENS_VERSION = "6.0.0"
+SAELENS_CFG = "cfg.json"
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+
+# our sae_type -> SAELens architecture; BatchTopK and Matryoshka run as JumpReLU at inference.
+SAELENS_ARCHITECTURE = {"vanilla": "standard", "topk": "topk", "batch_topk": "jumprelu", "matryoshka": "jumprelu"}
+# SAELens architecture -> our sae_type (a Matryoshka export says so in metadata.sae_music_jax).
+SAE_TYPE_OF_ARCHITECTURE = {"standard": "vanilla", "topk": "topk", "jumprelu": "batch_topk"}
+# our sae_type -> the activation the torch SAE applies at inference.
+INFERENCE_KIND = {"vanilla": "relu", "topk": "topk", "batch_topk": "jumprelu", "matryoshka": "jumprelu"}
+# Fields every torch-format config holds; the rest of our SAE config rides along.
+TORCH_CONFIG_FIELDS = ("sae_type", "d_model", "hidden_dim", "threshold", "input_scale")
+TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+class SAEFormatError(ValueError):
+    """A file that is not an SAE export this code can read, or refuses to be read safely."""
+
+
+def tensor_shapes(d_model: int, hidden_dim: int) -> dict[str, tuple[int, ...]]:
+    """The tensors of both formats (``TENSOR_NAMES``) and their shapes; both store [in, out]."""
+    shapes = ((d_model, hidden_dim), (hidden_dim,), (hidden_dim, d_model), (d_model,))
+    return dict(zip(TENSOR_NAMES, shapes))
+
+
+def checked_tensors(arrays: Mapping, shapes: Mapping[str, tuple[int, ...]], source) -> dict[str, np.ndarray]:
+    """``arrays`` as float32 numpy, each shape checked; the error names ``source`` and the tensor."""
+    missing = set(shapes) - set(arrays)
+    if missing:
+        raise SAEFormatError(f"{source} lacks tensors {sorted(missing)}")
+    out = {}
+    for name, shape in shapes.items():
+        value = np.asarray(arrays[name], dtype=np.float32)
+        if value.shape != tuple(shape):
+            raise SAEFormatError(f"{source}: tensor {name} has shape {value.shape}, expected {tuple(shape)}")
+        out[name] = value
+    return out
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_torch_config(config: dict, source) -> None:
+    missing = [f for f in TORCH_CONFIG_FIELDS if f not in config]
+    if missing:
+        raise SAEFormatError(f"{source} lacks config fields {missing}")
+    if config["sae_type"] not in INFERENCE_KIND:
+        raise SAEFormatError(f"{source}: unknown sae_type {config['sae_type']!r}")
+    for name in ("d_model", "hidden_dim"):
+        if not _positive_int(config[name]):
+            raise SAEFormatError(f"{source}: {name} must be a positive integer, got {config[name]!r}")
+    if config["sae_type"] == "topk" and not _positive_int(config.get("top_k")):
+        raise SAEFormatError(f"{source}: a topk SAE needs a positive top_k, got {config.get('top_k')!r}")
+
+
+def torch_config(sae_config: dict, threshold: float, input_scale: float, trained_step: int | None) -> dict:
+    """The config of a torch export: our SAE config's JSON fields, the scalar threshold and input
+    scale, the hooked module and the training step."""
+    return {**sae_config, "threshold": float(threshold), "input_scale": float(input_scale),
+            "hook": f"decoder.model.decoder.layers[{sae_config.get('layer')}]", "trained_step": trained_step}
+
+
+def torch_payload(config: dict, arrays: Mapping, source="torch export") -> dict:
+    """What ``torch.save`` writes (tensors still numpy): every field and tensor shape checked first."""
+    _check_torch_config(config, source)
+    state = checked_tensors(arrays, tensor_shapes(config["d_model"], config["hidden_dim"]), source)
+    return {"config": {**config, "format_version": TORCH_FORMAT_VERSION}, "state_dict": state}
+
+
+def read_torch_payload(data, source) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config, float32 arrays) of what ``torch.load`` returned, checked like ``torch_payload``."""
+    if not isinstance(data, dict) or "config" not in data or "state_dict" not in data:
+        raise SAEFormatError(f"{source} is a torch file but not an SAE export (needs config and state_dict)")
+    config, state = data["config"], data["state_dict"]
+    if not isinstance(config, dict) or not isinstance(state, dict):
+        raise SAEFormatError(f"{source} is a torch file but not an SAE export (config and state_dict must be dicts)")
+    missing = set(TENSOR_NAMES) - set(state)
+    if missing:
+        raise SAEFormatError(f"{source} lacks tensors {sorted(missing)}")
+    _check_torch_config(config, source)
+    return config, checked_tensors(state, tensor_shapes(config["d_model"], config["hidden_dim"]), source)
+
+
+class SAELensExport(NamedTuple):
+    """A SAELens directory as read: ``cfg`` is cfg.json as written, ``config`` our SAE config's
+    fields rebuilt from it, ``arrays`` the weights (threshold included for JumpReLU)."""
+
+    cfg: dict
+    config: dict
+    arrays: dict[str, np.ndarray]
+
+
+def is_saelens_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / SAELENS_CFG).exists() and (path / SAELENS_WEIGHTS).exists()
+
+
+def saelens_shapes(architecture: str, d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
+    shapes = tensor_shapes(d_in, d_sae)
+    if architecture == "jumprelu":
+        shapes["threshold"] = (d_sae,)
+    return shapes
+
+
+def saelens_cfg(sae_config: dict, input_scale: float) -> dict:
+    """cfg.json of an export of an SAE with config ``sae_config`` (our SAE config's JSON fields)."""
+    architecture = SAELENS_ARCHITECTURE[sae_config["sae_type"]]
+    cfg = {
+        "architecture": architecture,
+        "d_in": sae_config["d_model"],
+        "d_sae": sae_config["hidden_dim"],
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "sae_lens_version": SAELENS_VERSION,
+            "model_name": sae_config.get("model"),
+            "hook_name": f"decoder.model.decoder.layers.{sae_config.get('layer')}",
+            "hook_layer": sae_config.get("layer"),
+            "sae_music_jax": {"sae_type": sae_config["sae_type"],
+                              "group_sizes": list(sae_config.get("group_sizes", ())),
+                              "store": sae_config.get("store"), "input_scale_folded": float(input_scale)},
+        },
+    }
+    if architecture == "topk":
+        cfg["k"] = sae_config["top_k"]
+    return cfg
+
+
+def saelens_arrays(sae_config: dict, arrays: Mapping, threshold: float, input_scale: float) -> dict[str, np.ndarray]:
+    """Weights acting on raw activations: x*s - b_dec = s(x - b_dec/s), x_hat = (f W_dec + b_dec)/s;
+    JumpReLU gets the scalar threshold per feature."""
+    d, h = sae_config["d_model"], sae_config["hidden_dim"]
+    ours = checked_tensors(arrays, tensor_shapes(d, h), "the SAE to export")
+    s = float(input_scale)
+    out = {"W_enc": ours["W_enc"] * s, "b_enc": ours["b_enc"], "W_dec": ours["W_dec"] / s, "b_dec": ours["b_dec"] / s}
+    if SAELENS_ARCHITECTURE[sae_config["sae_type"]] == "jumprelu":
+        out["threshold"] = np.full(h, float(threshold), np.float32)
+    return out
+
+
+def write_saelens(path: str | Path, cfg: dict, arrays: Mapping) -> None:
+    """Writes the directory, each file atomically, cfg.json last; shapes checked against ``cfg``."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    shapes = saelens_shapes(cfg["architecture"], cfg["d_in"], cfg["d_sae"])
+    arrays = checked_tensors(arrays, shapes, path / SAELENS_WEIGHTS)
+    with staged_file(path / SAELENS_WEIGHTS) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
+    write_json(path / SAELENS_CFG, cfg)
+
+
+def check_saelens_cfg(cfg, source) -> None:
+    """One SAEFormatError naming ``source`` and the first thing this code cannot read right."""
+    if not isinstance(cfg, dict):
+        raise SAEFormatError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
+    if cfg.get("architecture") not in SAE_TYPE_OF_ARCHITECTURE:
+        raise SAEFormatError(f"{source}: SAELens architecture {cfg.get('architecture')!r} is not supported "
+                             f"(supported: {', '.join(SAE_TYPE_OF_ARCHITECTURE)})")
+    for name in ("d_in", "d_sae"):
+        if not _positive_int(cfg.get(name)):
+            raise SAEFormatError(f"{source}: {name} must be a positive integer, got {cfg.get(name)!r}")
+    if cfg["architecture"] == "topk" and not (_positive_int(cfg.get("k")) and cfg["k"] <= cfg["d_sae"]):
+        raise SAEFormatError(f"{source}: a topk SAE needs k in 1..d_sae ({cfg['d_sae']}), got {cfg.get('k')!r}")
+    for name in ("normalize_activations", "reshape_activations"):
+        if cfg.get(name) not in (None, "none"):
+            raise SAEFormatError(f"{source}: {name} {cfg[name]!r} is not supported (only 'none')")
+    if cfg.get("apply_b_dec_to_input", True) is not True:
+        raise SAEFormatError(f"{source}: apply_b_dec_to_input false is not supported")
+    if not isinstance(cfg.get("metadata") or {}, dict):
+        raise SAEFormatError(f"{source}: metadata must be a JSON object")
+
+
+def _config_of(cfg: dict) -> dict:
+    """Our SAE config's fields from a checked cfg.json."""
+    metadata = cfg.get("metadata") or {}
+    ours = metadata.get("sae_music_jax") or {}
+    sae_type = SAE_TYPE_OF_ARCHITECTURE[cfg["architecture"]]
+    if sae_type == "batch_topk" and ours.get("sae_type") == "matryoshka":
+        sae_type = "matryoshka"
+    hidden = cfg["d_sae"]
+    return {"sae_type": sae_type, "d_model": cfg["d_in"], "hidden_dim": hidden,
+            "top_k": int(cfg.get("k") or min(64, hidden)),
+            "group_sizes": list(ours.get("group_sizes") or ()) if sae_type == "matryoshka" else [],
+            "layer": metadata.get("hook_layer"), "model": metadata.get("model_name"), "store": ours.get("store")}
+
+
+def read_saelens(path: str | Path) -> SAELensExport:
+    """A SAELens directory, cfg.json and every tensor's shape checked."""
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not is_saelens_dir(path):
+        raise SAEFormatError(f"{path} is not a SAELens directory (needs {SAELENS_CFG} and {SAELENS_WEIGHTS})")
+    try:
+        cfg = json.loads((path / SAELENS_CFG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SAEFormatError(f"{path / SAELENS_CFG}: not valid JSON ({err})") from None
+    check_saelens_cfg(cfg, path / SAELENS_CFG)
+    try:
+        raw = load_file(path / SAELENS_WEIGHTS)
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own types for a damaged file
+        raise SAEFormatError(f"{path / SAELENS_WEIGHTS}: not a readable safetensors file ({err})") from None
+    shapes = saelens_shapes(cfg["architecture"], cfg["d_in"], cfg["d_sae"])
+    return SAELensExport(cfg, _config_of(cfg), checked_tensors(raw, shapes, path / SAELENS_WEIGHTS))
