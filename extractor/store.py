@@ -23,10 +23,12 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorstore as ts
+
+from .files import staged_dir, write_json
 
 FORMAT_VERSION = 1
 STORE_DTYPES = ("float16", "bfloat16", "float32")
@@ -121,12 +123,6 @@ def estimate_bytes(n_rows: int, meta_layers: int, d_model: int, dtype: str, n_co
     return n_rows * (meta_layers * streams * d_model * _itemsize(dtype) + 4 * n_codebooks + 4)
 
 
-def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def create_store(
     path: str | os.PathLike,
     meta: StoreMeta,
@@ -147,39 +143,34 @@ def create_store(
     np.cumsum(np.asarray(n_frames, dtype=np.int64), out=offsets[1:])
     if meta.n_rows != int(offsets[-1]) or meta.n_samples != len(samples) or len(samples) != len(n_frames):
         raise StoreError("store plan is inconsistent: rows, samples and frame counts disagree")
-    tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        n_rows = meta.n_rows
-        _open_new(tmp / "offsets", [len(offsets)], "int64", len(offsets)).write(offsets).result()
-        # Codes and frames share the activations' row chunking: a unit's write touches the same
-        # few chunks in every array instead of rewriting one huge codes chunk.
-        chunk = chunk_rows_for(meta.d_model * _itemsize(meta.dtype), unit_rows)
-        codes_arr = _open_new(tmp / "codes", [n_rows, meta.n_codebooks], "int32", chunk)
-        if codes is not None:
-            codes_arr.write(np.asarray(codes, dtype=np.int32)).result()
-        frames = np.concatenate([np.arange(n, dtype=np.int32) for n in n_frames]) if n_rows else np.zeros(0, np.int32)
-        _open_new(tmp / "frames", [n_rows], "int32", chunk).write(frames).result()
-        for stream in meta.streams:
-            for layer in meta.layers:
-                (tmp / acts_name(layer, stream)).parent.mkdir(parents=True, exist_ok=True)
-                _open_new(tmp / acts_name(layer, stream), [n_rows, meta.d_model], meta.dtype, chunk)
-        with open(tmp / "samples.jsonl", "w") as f:
-            for rec in samples:
-                f.write(json.dumps(rec) + "\n")
-        (tmp / "progress").mkdir()
-        _write_json_atomic(tmp / "store.json", meta.to_json())
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if not (path / "store.json").exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process created it first
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staged_dir(path, tag="creating") as tmp:
+        _write_plan(tmp, meta, samples, n_frames, offsets, codes, unit_rows)
     return Store(path)
+
+
+def _write_plan(root: Path, meta: StoreMeta, samples: Sequence[dict], n_frames: Sequence[int], offsets: np.ndarray,
+                codes: np.ndarray | None, unit_rows: int | None) -> None:
+    """Every file of a new store under ``root``: offsets, codes, frames, empty activation arrays,
+    samples.jsonl, progress/ and, last, store.json."""
+    n_rows = meta.n_rows
+    _open_new(root / "offsets", [len(offsets)], "int64", len(offsets)).write(offsets).result()
+    # Codes and frames share the activations' row chunking: a unit's write touches the same
+    # few chunks in every array instead of rewriting one huge codes chunk.
+    chunk = chunk_rows_for(meta.d_model * _itemsize(meta.dtype), unit_rows)
+    codes_arr = _open_new(root / "codes", [n_rows, meta.n_codebooks], "int32", chunk)
+    if codes is not None:
+        codes_arr.write(np.asarray(codes, dtype=np.int32)).result()
+    frames = np.concatenate([np.arange(n, dtype=np.int32) for n in n_frames]) if n_rows else np.zeros(0, np.int32)
+    _open_new(root / "frames", [n_rows], "int32", chunk).write(frames).result()
+    for stream in meta.streams:
+        for layer in meta.layers:
+            (root / acts_name(layer, stream)).parent.mkdir(parents=True, exist_ok=True)
+            _open_new(root / acts_name(layer, stream), [n_rows, meta.d_model], meta.dtype, chunk)
+    with open(root / "samples.jsonl", "w") as f:
+        for rec in samples:
+            f.write(json.dumps(rec) + "\n")
+    (root / "progress").mkdir()
+    write_json(root / "store.json", meta.to_json())
 
 
 def _open_new(path: Path, shape, dtype: str, chunk_rows: int):
@@ -324,29 +315,9 @@ class Store:
     def chunk_rows(self, layer: int, stream: str = "cond") -> int:
         return int(self.acts(layer, stream).chunk_layout.read_chunk.shape[0])
 
-    def iter_rows(
-        self,
-        layer: int,
-        batch_size: int,
-        *,
-        shuffle: bool = False,
-        seed: int = 0,
-        rows: np.ndarray | None = None,
-        samples: np.ndarray | None = None,
-        stream: str = "cond",
-        drop_last: bool = False,
-        dtype=np.float32,
-    ) -> Iterator[np.ndarray]:
-        """Yield [batch_size, d_model] batches (the last may be short unless ``drop_last``).
-
-        Sequential by default. With ``shuffle``, chunks are visited in a seeded random order
-        and rows are permuted inside a buffer of a few chunks, so memory stays bounded by the
-        buffer, not by the store. ``rows`` / ``samples`` restrict reading to a subset.
-        """
-        for batch, _ in self.iter_rows_indexed(
-            layer, batch_size, shuffle=shuffle, seed=seed, rows=rows, samples=samples, stream=stream,
-            drop_last=drop_last, dtype=dtype,
-        ):
+    def iter_rows(self, layer: int, batch_size: int, **options) -> Iterator[np.ndarray]:
+        """As ``iter_rows_indexed`` (same options), the batches alone."""
+        for batch, _ in self.iter_rows_indexed(layer, batch_size, **options):
             yield batch
 
     def iter_rows_indexed(
@@ -364,65 +335,67 @@ class Store:
         dtype=np.float32,
         buffer_chunks: int = 4,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """As ``iter_rows`` but also yields the global row index of every row.
+        """Yield ([batch_size, d_model] batches, the global row index of every row); the last batch
+        may be short unless ``drop_last``.
 
-        ``samples`` restricts reading to the rows of those samples (memory per sample, not per
-        row); ``exclude_rows`` drops a few rows (e.g. non-finite ones).
+        Sequential by default. With ``shuffle``, chunks are visited in a seeded random order
+        and rows are permuted inside a buffer of ``buffer_chunks`` chunks, so memory stays bounded
+        by the buffer, not by the store. ``rows`` / ``samples`` restrict reading to a subset
+        (``samples``: the rows of those samples, memory per sample, not per row); ``exclude_rows``
+        drops a few rows (e.g. non-finite ones).
         """
         if batch_size <= 0:
             raise StoreError(f"batch_size must be positive, got {batch_size}")
-        arr = self.acts(layer, stream)
         chunk = self.chunk_rows(layer, stream)
         n_chunks = -(-self.n_rows // chunk)
-        wanted = None
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(n_chunks) if shuffle else np.arange(n_chunks)
+        keep = self._row_mask(rows, samples, exclude_rows)
+        groups = self._read_chunk_groups(self.acts(layer, stream), chunk, order, buffer_chunks if shuffle else 1,
+                                         keep, dtype)
+        if shuffle:
+            groups = _permuted_groups(groups, rng)
+        yield from _rebatched(groups, batch_size, drop_last)
+
+    def _row_mask(self, rows, samples, exclude_rows) -> Callable[[int, int], np.ndarray]:
+        """``keep(lo, hi)``: which of the global rows [lo, hi) the selection reads."""
+        wanted = selected = None
         if rows is not None:
             wanted = np.zeros(self.n_rows, dtype=bool)
             wanted[np.asarray(rows, dtype=np.int64)] = True
-        selected = None
         if samples is not None:
             selected = np.zeros(self.n_samples, dtype=bool)
             selected[np.asarray(samples, dtype=np.int64)] = True
-        excluded = set(np.asarray(exclude_rows, dtype=np.int64).tolist()) if exclude_rows is not None else set()
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(n_chunks) if shuffle else np.arange(n_chunks)
-        pending_x: list[np.ndarray] = []
-        pending_i: list[np.ndarray] = []
-        pending = 0
-        for group_start in range(0, n_chunks, buffer_chunks if shuffle else 1):
-            group = order[group_start : group_start + (buffer_chunks if shuffle else 1)]
+        excluded = np.unique(np.asarray(exclude_rows, dtype=np.int64)) if exclude_rows is not None else None
+
+        def keep(lo: int, hi: int) -> np.ndarray:
+            mask = np.ones(hi - lo, dtype=bool)
+            if wanted is not None:
+                mask &= wanted[lo:hi]
+            if selected is not None:
+                mask &= selected[self.row_sample_index(np.arange(lo, hi))]
+            if excluded is not None and len(excluded):
+                mask &= ~np.isin(np.arange(lo, hi), excluded)
+            return mask
+
+        return keep
+
+    def _read_chunk_groups(self, arr, chunk: int, order: np.ndarray, group_chunks: int, keep, dtype
+                           ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(rows, global indices) kept from each group of ``group_chunks`` chunks taken in ``order``;
+        chunks with nothing kept are not read."""
+        for group_start in range(0, len(order), group_chunks):
             xs, idx = [], []
-            for c in group:
+            for c in order[group_start : group_start + group_chunks]:
                 lo, hi = int(c) * chunk, min(self.n_rows, (int(c) + 1) * chunk)
-                index = np.arange(lo, hi)
-                keep = np.ones(hi - lo, dtype=bool)
-                if wanted is not None:
-                    keep &= wanted[lo:hi]
-                if selected is not None:
-                    keep &= selected[self.row_sample_index(index)]
-                if excluded:
-                    keep &= ~np.isin(index, np.fromiter(excluded, np.int64))
-                if not keep.any():
+                mask = keep(lo, hi)
+                if not mask.any():
                     continue
-                block = np.asarray(arr[lo:hi].read().result())
-                xs.append(block if keep.all() else block[keep])
-                idx.append(index if keep.all() else index[keep])
-            if not xs:
-                continue
-            x = np.concatenate(xs).astype(dtype, copy=False)
-            index = np.concatenate(idx)
-            if shuffle:
-                perm = rng.permutation(len(index))
-                x, index = x[perm], index[perm]
-            pending_x.append(x)
-            pending_i.append(index)
-            pending += len(index)
-            while pending >= batch_size:
-                x_all, i_all = np.concatenate(pending_x), np.concatenate(pending_i)
-                yield x_all[:batch_size], i_all[:batch_size]
-                pending_x, pending_i = [x_all[batch_size:]], [i_all[batch_size:]]
-                pending -= batch_size
-        if pending and not drop_last:
-            yield np.concatenate(pending_x), np.concatenate(pending_i)
+                block, index = np.asarray(arr[lo:hi].read().result()), np.arange(lo, hi)
+                xs.append(block if mask.all() else block[mask])
+                idx.append(index if mask.all() else index[mask])
+            if xs:
+                yield np.concatenate(xs).astype(dtype, copy=False), np.concatenate(idx)
 
     def iter_sample_blocks(
         self, layer: int, max_rows: int, *, samples: np.ndarray | None = None, stream: str = "cond",
@@ -461,6 +434,31 @@ class Store:
             "seconds_of_audio": self.n_rows / self.meta.frame_rate if self.meta.frame_rate else 0.0,
             "complete": self.complete,
         }
+
+
+def _permuted_groups(groups, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each group's rows (and their indices) in a random order."""
+    for x, index in groups:
+        perm = rng.permutation(len(index))
+        yield x[perm], index[perm]
+
+
+def _rebatched(groups, batch_size: int, drop_last: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The groups' rows and indices cut into batches of ``batch_size`` (the last short unless ``drop_last``)."""
+    pending_x: list[np.ndarray] = []
+    pending_i: list[np.ndarray] = []
+    pending = 0
+    for x, index in groups:
+        pending_x.append(x)
+        pending_i.append(index)
+        pending += len(index)
+        while pending >= batch_size:
+            x_all, i_all = np.concatenate(pending_x), np.concatenate(pending_i)
+            yield x_all[:batch_size], i_all[:batch_size]
+            pending_x, pending_i = [x_all[batch_size:]], [i_all[batch_size:]]
+            pending -= batch_size
+    if pending and not drop_last:
+        yield np.concatenate(pending_x), np.concatenate(pending_i)
 
 
 def open_store(path: str | os.PathLike, *, require_complete: bool = True) -> Store:
