@@ -4,7 +4,6 @@ and are saved inside every checkpoint, so a model is rebuilt from its checkpoint
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,16 +19,6 @@ def default_group_sizes(hidden_dim: int) -> tuple[int, ...]:
     """h/16, h/16, h/8, h/4, h/2 (the last group absorbs rounding)."""
     head = [hidden_dim // 16, hidden_dim // 16, hidden_dim // 8, hidden_dim // 4]
     return tuple(head + [hidden_dim - sum(head)])
-
-
-def parse_group_sizes(text: str | None, hidden_dim: int) -> tuple[int, ...]:
-    if not text:
-        return default_group_sizes(hidden_dim)
-    try:
-        sizes = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise ConfigError(f"--group_sizes {text!r} must be comma-separated integers") from None
-    return sizes
 
 
 @dataclass(frozen=True)
@@ -82,7 +71,3 @@ class SAEConfig:
     def from_json(cls, data: dict) -> "SAEConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: (tuple(v) if k == "group_sizes" else v) for k, v in data.items() if k in names})
-
-
-def dump(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True)

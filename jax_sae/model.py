@@ -1,7 +1,7 @@
 """SAE computation shared by all four types: one parameter set, pure functions.
 
 Shapes are suffixed: B batch, D model width, H latents. All inputs here are already scaled by
-the dataset's input scale (see ``data.estimate_input_scale``)."""
+the dataset's input scale (see ``data.input_scale``)."""
 
 from __future__ import annotations
 
