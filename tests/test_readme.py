@@ -1,0 +1,273 @@
+"""What the docs say must be true: every command in README.md and BENCHMARKS.md names a module
+that exists and only flags (and choice values) that module's parser accepts.
+
+Commands are read from fenced code blocks and inline code spans, in the forms the docs use:
+``python -m MODULE ...``, ``./run.sh ...`` (the pipeline), ``bench/gpu_check.sh ...``,
+``launch/{cpu,gpu,tpu,slurm}.sh STAGE ...`` and ``python -m launch [--platform P] STAGE ...``
+(STAGE's module), also inside a quoted ``--command "..."``. Each module's flags come from its own
+``--help``, printed in this process: each module is imported once per test module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import io
+import re
+import shlex
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = ("README.md", "BENCHMARKS.md")
+SCRIPTS = {"run.sh": "launch.pipeline", "bench/gpu_check.sh": "bench.gpu_check"}
+LAUNCHERS = ("launch/cpu.sh", "launch/gpu.sh", "launch/tpu.sh", "launch/slurm.sh")
+SEPARATORS = {"&", "&&", "|", "||", ";"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One documented command: the module it runs and the tokens after it."""
+
+    module: str
+    args: tuple[str, ...]
+    where: str
+    error: str | None = None
+    """Why the command cannot run at all (an unknown launcher stage)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One option string of a parser; ``choices`` when it takes one value from a fixed set."""
+
+    name: str
+    choices: tuple[str, ...] | None
+
+
+def snippets(markdown: str) -> list[tuple[int, str, bool]]:
+    """(line number, text, inline) of each fenced block's logical line (``\\`` continuations
+    joined) and each inline code span outside fenced blocks."""
+    found, fenced, pending, start = [], False, "", 0
+    for number, line in enumerate(markdown.splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        if fenced:
+            if not pending:
+                start = number
+            if line.rstrip().endswith("\\"):
+                pending += line.rstrip()[:-1] + " "
+                continue
+            found.append((start, pending + line, False))
+            pending = ""
+        else:
+            found.extend((number, span, True) for span in re.findall(r"`([^`]+)`", line))
+    return found
+
+
+def _split(text: str) -> list[str]:
+    try:
+        return shlex.split(text, comments=True)
+    except ValueError:  # an unbalanced quote in prose or Python: words are enough
+        return text.split("#")[0].split()
+
+
+def _stage(tokens: list[str], i: int, launch_modules: dict[str, str], where: str):
+    """The command a launcher form starts at ``tokens[i]`` (its STAGE), or None for a placeholder."""
+    if i < len(tokens) and tokens[i].split("=")[0] == "--platform":
+        i += 1 if "=" in tokens[i] else 2
+    if i >= len(tokens) or tokens[i] in ("-h", "--help") or tokens[i].isupper() or tokens[i] == "...":
+        return None, i
+    stage = tokens[i]
+    if stage not in launch_modules:
+        return Command("launch", (), where, f"python -m launch has no stage {stage}"), i + 1
+    return Command(launch_modules[stage], (), where), i + 1
+
+
+def commands_in(text: str, where: str, launch_modules: dict[str, str]) -> list[Command]:
+    """Every command in one shell line, with the tokens up to the next separator."""
+    tokens, found, i = _split(text), [], 0
+    while i < len(tokens):
+        token, command = tokens[i], None
+        if any(c.isspace() for c in token):  # a quoted command line, e.g. ssh --command "..."
+            found += commands_in(token, where, launch_modules)
+        if re.fullmatch(r"(.*/)?python[0-9.]*|\S*\$\{PYTHON\S*", token) and tokens[i + 1:i + 2] == ["-m"] \
+                and i + 2 < len(tokens):
+            module, i = tokens[i + 2], i + 3
+            if module == "launch":
+                command, i = _stage(tokens, i, launch_modules, where)
+            else:
+                command = Command(module, (), where)
+        elif token.removeprefix("./") in SCRIPTS:
+            command, i = Command(SCRIPTS[token.removeprefix("./")], (), where), i + 1
+        elif token.removeprefix("./") in LAUNCHERS:
+            command, i = _stage(tokens, i + 1, launch_modules, where)
+        else:
+            i += 1
+            continue
+        args = []
+        while i < len(tokens) and tokens[i] not in SEPARATORS:
+            args.append(tokens[i])
+            i += 1
+            if args[-1].endswith(";"):
+                break
+        if command is not None:
+            found.append(dataclasses.replace(command, args=tuple(args)))
+    return found
+
+
+def commands(markdown: str, name: str, launch_modules: dict[str, str]) -> list[Command]:
+    return [cmd for number, text, _ in snippets(markdown) for cmd in commands_in(text, f"{name}:{number}", launch_modules)]
+
+
+def options_from_help(help_text: str) -> dict[str, Option]:
+    """The option strings of argparse's ``--help``: the invocation column of its options section."""
+    options, section = {}, False
+    for line in help_text.splitlines():
+        if re.fullmatch(r"(options|optional arguments):", line):
+            section = True
+        elif section and re.match(r"  -", line):
+            invocation = line.strip().split("  ")[0]
+            braces = re.search(r"\{([^}]*)\}", invocation)
+            for name in re.findall(r"--[\w-]+", invocation):
+                options[name] = Option(name, tuple(braces.group(1).split(",")) if braces else None)
+    return options
+
+
+def module_exists(module: str) -> bool:
+    """``python -m module`` would find something to run."""
+    try:
+        spec = importlib.util.find_spec(module)
+        if spec is not None and spec.submodule_search_locations is not None:
+            spec = importlib.util.find_spec(f"{module}.__main__")
+    except (ImportError, ValueError):
+        return False
+    return spec is not None
+
+
+def help_of(module: str) -> str:
+    """``python -m module --help``'s output, produced in this process by the module's ``main``."""
+    target = importlib.import_module(module)
+    if hasattr(target, "__path__"):
+        target = importlib.import_module(f"{module}.__main__")
+    out = io.StringIO()
+    takes_argv = bool(inspect.signature(target.main).parameters)
+    with mock.patch.object(sys, "argv", [f"python -m {module}", "--help"]), contextlib.redirect_stdout(out):
+        with pytest.raises(SystemExit) as exit_:
+            target.main(["--help"]) if takes_argv else target.main()
+    assert exit_.value.code in (0, None), f"{module} --help exited with {exit_.value.code}"
+    return out.getvalue()
+
+
+def problems_of(cmd: Command, options_of) -> list[str]:
+    """What is wrong with one documented command: its module, unknown flags, values not among
+    the flag's choices."""
+    if cmd.error:
+        return [f"{cmd.where}: {cmd.error}"]
+    if not module_exists(cmd.module):
+        return [f"{cmd.where}: no module {cmd.module}"]
+    options, problems = options_of(cmd.module), []
+    for i, arg in enumerate(cmd.args):
+        if not arg.lstrip("[").startswith("--"):
+            continue
+        name, _, inline = arg.lstrip("[").rstrip("]").partition("=")
+        if name not in options:
+            problems.append(f"{cmd.where}: python -m {cmd.module} has no flag {name}")
+            continue
+        value = inline or (cmd.args[i + 1].rstrip("]") if i + 1 < len(cmd.args) else "")
+        choices = options[name].choices
+        if choices and value and not value.startswith(("-", "$")) and value not in choices:
+            problems.append(f"{cmd.where}: {name} {value} is not one of {', '.join(choices)}")
+    return problems
+
+
+def unknown_prose_flags(markdown: str, name: str, launch_modules: dict[str, str], options_of) -> list[str]:
+    """Flags in inline code spans that no documented module, launcher stage or the launcher has."""
+    modules = set(launch_modules.values()) | {cmd.module for cmd in commands(markdown, name, launch_modules)}
+    known = {"--platform"}.union(*(options_of(module) for module in modules if module_exists(module)))
+    return [f"{name}:{number}: {flag} in `{span}`" for number, span, inline in snippets(markdown) if inline
+            for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", span) if flag not in known]
+
+
+@pytest.fixture(scope="module")
+def launch_modules() -> dict[str, str]:
+    from launch.__main__ import MODULES
+
+    return MODULES
+
+
+@pytest.fixture(scope="module")
+def options_of():
+    """module -> its options, each module's ``--help`` produced once for the whole test module."""
+    cache: dict[str, dict[str, Option]] = {}
+
+    def get(module: str) -> dict[str, Option]:
+        if module not in cache:
+            cache[module] = options_from_help(help_of(module))
+        return cache[module]
+
+    return get
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_documented_commands_use_real_modules_and_flags(doc, launch_modules, options_of):
+    found = commands((REPO / doc).read_text(), doc, launch_modules)
+    assert found, f"no commands found in {doc}"
+    problems = [p for cmd in found for p in problems_of(cmd, options_of)]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_flags_named_in_prose_exist(doc, launch_modules, options_of):
+    """A flag the text names on its own (`--keep_uncond`, `--backward auto|sparse|dense`) is a
+    flag of some entry point: of a documented command's module, a launcher stage's, or the
+    launcher's own ``--platform``."""
+    text = (REPO / doc).read_text()
+    unknown = unknown_prose_flags(text, doc, launch_modules, options_of)
+    assert not unknown, "\n".join(unknown)
+
+
+def test_readme_commands_cover_every_form(launch_modules):
+    """The parser sees the README's commands in every form it uses, not just a few."""
+    found = commands((REPO / "README.md").read_text(), "README.md", launch_modules)
+    modules = {cmd.module for cmd in found}
+    assert {"extractor.prompts", "extractor.extract", "jax_sae.train", "discovery.discover", "discovery.report",
+            "jax_sae.export", "extractor.evaluate", "extractor.steer", "launch.pipeline", "bench.gpu_check"} <= modules
+    tpu = [cmd for cmd in found if cmd.module == "jax_sae.train" and "--mesh_model" in cmd.args
+           and "262144" in cmd.args]
+    assert tpu, "the launcher inside gcloud's --command was not read"
+
+
+def test_checker_reports_made_up_flags_modules_stages_and_choices(launch_modules, options_of):
+    snippet = "\n".join([
+        "```bash",
+        "python -m jax_sae.export --checkpoint models/x/best --format torch --out sae.pt   # fine",
+        "python -m jax_sae.export --checkpoint models/x/best \\",
+        "    --no_such_flag 1",
+        "launch/gpu.sh export --format onnx --out x",
+        "ssh host --command \"cd repo && launch/tpu.sh export --outt x\"",
+        "python -m launch --platform gpu transmogrify --x 1",
+        "python -m jax_sae.no_such_module --x 1",
+        "```",
+        "Inline too: `./run.sh --not_a_pipeline_flag 3`, and [--out] in brackets is read: "
+        "`python -m jax_sae.export [--format saelens] [--bogus]`.",
+    ])
+    found = commands(snippet, "snippet", launch_modules)
+    problems = [p for cmd in found for p in problems_of(cmd, options_of)]
+    assert problems == [
+        "snippet:3: python -m jax_sae.export has no flag --no_such_flag",
+        "snippet:5: --format onnx is not one of torch, saelens",
+        "snippet:6: python -m jax_sae.export has no flag --outt",
+        "snippet:7: python -m launch has no stage transmogrify",
+        "snippet:8: no module jax_sae.no_such_module",
+        "snippet:10: python -m launch.pipeline has no flag --not_a_pipeline_flag",
+        "snippet:10: python -m jax_sae.export has no flag --bogus",
+    ]
+    assert unknown_prose_flags("Use `--format saelens` or `--formatt`.", "prose", launch_modules, options_of) == [
+        "prose:1: --formatt in `--formatt`"]
