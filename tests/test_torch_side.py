@@ -50,7 +50,9 @@ def test_spliced_evaluation_recovers_all_with_an_exact_sae_and_less_with_a_rando
     assert exact["loss_recovered_zero"] == pytest.approx(1.0, abs=1e-3)
     assert exact["loss_recovered_mean"] == pytest.approx(1.0, abs=1e-2)
     assert exact["kl_sae"] < 1e-6 and exact["ce_sae"] == pytest.approx(exact["ce_clean"], abs=1e-5)
-    assert rand["loss_recovered_zero"] < 0.9 and rand["kl_sae"] > 1e-3
+    # seeded model, store and SAE: 0.336 against zeroing the layer, -2.39 against its mean (README, section 7)
+    assert rand["loss_recovered_zero"] == pytest.approx(0.34, abs=0.05) and rand["kl_sae"] > 0.1
+    assert rand["loss_recovered_mean"] < 0, "a random SAE should cost more than replacing the layer by its mean"
     assert len(results["exact"]["per_codebook"]) == 4 and results["exact"]["predictions"] > 0
 
 
