@@ -14,13 +14,13 @@ widths that keep the family's codebooks, channels, frame rate and chroma (``size
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from .files import staged_dir, write_json
 
 CODEBOOK_SIZE = 2048
 NUM_CHROMA = 12
@@ -189,22 +189,21 @@ def build_random(family: Family | str, path: str | os.PathLike, size: Literal["t
     model.generation_config.update(do_sample=True, guidance_scale=3.0, top_k=50 if size == "toy" else 250,
                                    max_new_tokens=256, pad_token_id=pad, decoder_start_token_id=pad, bos_token_id=pad)
     path = Path(path)
-    tmp = path.with_name(path.name + f".building-{os.getpid()}")
-    model.save_pretrained(tmp)
+    with staged_dir(path) as tmp:  # several processes may build the same path: one wins, the others use it
+        _save_build(tmp, model, tokenizer, family)
+    return path
+
+
+def _save_build(root: Path, model, tokenizer, family: Family) -> None:
+    """Model, tokenizer and feature-extractor settings of a random build, as ``save_pretrained`` writes them."""
+    model.save_pretrained(root)
     if family.melody:
         # transformers' melody feature extractor needs torchaudio even to be saved; write its settings as it
         # would (extractor.melody computes the chroma without torchaudio).
-        tokenizer.save_pretrained(tmp)
-        (tmp / "preprocessor_config.json").write_text(json.dumps(MELODY_FEATURES, indent=2) + "\n")
+        tokenizer.save_pretrained(root)
+        write_json(root / "preprocessor_config.json", MELODY_FEATURES)
     else:
         from transformers import EncodecFeatureExtractor, MusicgenProcessor
 
         features = EncodecFeatureExtractor(feature_size=1, sampling_rate=32000, padding_value=0.0)
-        MusicgenProcessor(feature_extractor=features, tokenizer=tokenizer).save_pretrained(tmp)
-    try:
-        os.rename(tmp, path)
-    except OSError:
-        if not (path / "config.json").exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)  # another process built it first
-    return path
+        MusicgenProcessor(feature_extractor=features, tokenizer=tokenizer).save_pretrained(root)
