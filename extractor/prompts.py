@@ -7,7 +7,6 @@ import csv
 import json
 import os
 import random
-import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .cli import run_main
+from .files import write_all
 
 BUNDLED = "bundled"
 META_FILENAME = "musiccaps_meta.jsonl"
@@ -148,22 +148,6 @@ def musiccaps_records(rows: Iterable[dict[str, Any]], source: str) -> list[dict[
     return list(records.values())
 
 
-def _write_all_atomic(contents: dict[Path, str]) -> None:
-    """Writes every file to a temp sibling first, then renames, so no reader sees a half-written file."""
-    temps: list[Path] = []
-    try:
-        for path, text in contents.items():
-            # Not tempfile.mkstemp: its 0600 mode would stick to the final file; "x" mode honours the umask.
-            temps.append(path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp"))
-            with temps[-1].open("x", encoding="utf-8", newline="\n") as f:
-                f.write(text)
-        for tmp, path in zip(temps, contents):
-            os.replace(tmp, path)
-    finally:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
-
-
 def build_prompts(cfg: PromptsConfig) -> dict[str, Path]:
     """Writes the quick_test/medium/full prompt files and musiccaps_meta.jsonl; returns their paths."""
     if cfg.csv is not None:
@@ -179,7 +163,7 @@ def build_prompts(cfg: PromptsConfig) -> dict[str, Path]:
     paths["meta"] = cfg.out / META_FILENAME
     contents = {paths[name]: "".join(c + "\n" for c in captions[: sizes[name]]) for name in SIZED_FILES}
     contents[paths["meta"]] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    _write_all_atomic(contents)
+    write_all(contents)  # no reader sees a half-written file
     counts = {name: min(size, len(captions)) for name, size in sizes.items()} | {"meta": len(records)}
     for name, path in paths.items():
         print(f"wrote {path} ({counts[name]} prompts)")
