@@ -1,5 +1,8 @@
 """Every entry point answers --help, through python -m launch and every launcher, without an accelerator."""
 
+import dataclasses
+import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +15,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("stage", sorted(MODULES))
-def test_help(stage, capsys):
-    import importlib
-
+def test_help_names_the_module_and_has_a_flag_for_every_config_field(stage, capsys):
     module = importlib.import_module(MODULES[stage])
     with pytest.raises(SystemExit) as exc:
         module.main(["--help"])
-    assert exc.value.code == 0 and "--" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and out.startswith(f"usage: python -m {MODULES[stage]} ")
+    (config,) = [v for v in vars(module).values() if isinstance(v, type) and v.__name__.endswith("Config")
+                 and dataclasses.is_dataclass(v) and v.__module__ == module.__name__]
+    flags = set(re.findall(r"--[\w-]+", out))
+    missing = [f.name for f in dataclasses.fields(config) if f.init and f"--{f.name}" not in flags]
+    assert not missing, f"{MODULES[stage]} --help lacks {missing}"
 
 
 def test_cpu_launcher_compiles_a_sharded_step_and_reports_memory():
@@ -34,7 +41,8 @@ def test_cpu_launcher_compiles_a_sharded_step_and_reports_memory():
 
 def test_launcher_rejects_unknown_stage():
     result = subprocess.run([sys.executable, "-m", "launch", "dance"], capture_output=True, text=True, cwd=REPO)
-    assert result.returncode != 0 and "usage: python -m launch" in result.stderr
+    assert result.returncode == 2 and "usage: python -m launch" in result.stderr
+    assert "unknown stage 'dance'; choose from pipeline, prompts, extract" in result.stderr
 
 
 @pytest.mark.parametrize("script", ["cpu.sh", "gpu.sh", "tpu.sh"])

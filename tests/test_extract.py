@@ -217,10 +217,17 @@ def test_parse_layers_forms():
 
 
 def test_tiny_random_is_a_saved_musicgen_loaded_by_path(tiny_model):
+    import dataclasses
+
+    import torch
+
     from extractor.models import load_model, tiny_random_dir
 
     path = tiny_random_dir()
     assert (path / "config.json").exists() and (path / "processor_config.json").exists()
     by_path = load_model(str(path), device="cpu", dtype="float32")
-    assert by_path.info.num_codebooks == 4 and by_path.info.frame_rate == 50.0
-    assert tiny_model.model.config.audio_encoder.num_quantizers == by_path.info.num_codebooks
+    assert dataclasses.replace(by_path.info, name=tiny_model.info.name) == tiny_model.info
+    assert (by_path.info.num_codebooks, by_path.info.frame_rate, by_path.info.d_model) == (4, 50.0, 64)
+    by_name, saved = tiny_model.model.state_dict(), by_path.model.state_dict()
+    assert by_name.keys() == saved.keys() and all(torch.equal(by_name[k], saved[k]) for k in by_name), \
+        "loading by name and by path must give the same weights"

@@ -2,6 +2,7 @@
 bad input stops before any compute with one line."""
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -9,6 +10,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import jax_sae
@@ -170,7 +172,8 @@ def test_validation_holds_out_whole_seeded_samples(planted):
 
 def test_api_encodes_any_leading_shape_and_evaluates(planted):
     root, directions = planted
-    train(_cfg(root, "topk", epochs=2, out=str(root / "api")))
+    cfg = _cfg(root, "topk", epochs=2, out=str(root / "api"))
+    train(cfg)
     sae = jax_sae.load(root / "api" / "topk" / "layer0" / "dim128" / "best")
     x = sparse_data(directions, 60, active=4, noise=0.05, seed=4).reshape(3, 20, D_MODEL)
     f = sae.encode(x)
@@ -178,8 +181,8 @@ def test_api_encodes_any_leading_shape_and_evaluates(planted):
     assert sae.decode(f).shape == x.shape
     batches = list(sae.encode_batches([x[0], x[1]]))
     np.testing.assert_allclose(batches[1], np.asarray(f[1]), atol=1e-6)
-    assert SAEConfig.from_json(json.loads(json.dumps(sae.cfg.to_json()))) == sae.cfg
     store = open_store(root / "store")
+    assert sae.cfg == cfg.sae_config(D_MODEL, store.meta.model), "the checkpoint rebuilds the trained config"
     metrics = jax_sae.evaluate(sae, store, 0, samples=np.arange(10))
     rows = np.concatenate(list(store.iter_rows(0, 10_000, samples=np.arange(10))))
     x_hat = np.asarray(sae(rows))
@@ -262,11 +265,16 @@ def test_divergence_stops_and_keeps_only_finite_checkpoints(planted, tmp_path):
     root, _ = planted
     argv = _train_args(root, tmp_path / "m")[1:] + ["--lr", "1e30", "--checkpoint_every", "1", "--eval_every", "1"]
     text = _error(argv)
-    assert "training diverged at step" in text and "lower --lr" in text
+    diverged = int(re.search(r"training diverged at step (\d+)", text).group(1))
+    assert "lower --lr" in text
     run = tmp_path / "m" / "batch_topk" / "layer0" / "dim64"
-    assert not (run / "final").exists()
-    if (run / "best").exists():
-        assert np.isfinite(np.asarray(jax_sae.load(run / "best").params.W_enc_DH)).all()
+    assert not (run / "final").exists() and not (run / "training_stats.json").exists()
+    # --checkpoint_every 1: the resumable checkpoints are the last steps before the divergence, all finite
+    steps = sorted(int(p.name) for p in (run / "ckpt").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] == diverged - 1, (steps, diverged)
+    for step in steps:
+        state = ocp.StandardCheckpointer().restore((run / "ckpt" / str(step) / "state").absolute())
+        assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state["params"])), step
 
 
 def test_width_mismatch_is_refused(planted, tmp_path):
