@@ -2,23 +2,88 @@
 
 Writes ``results/features_layer{N}.json`` (the original's format, enriched), a summary beside
 it (``...summary.json``: layer-level alignment numbers and settings) and, with ``--all``,
-compact per-feature statistics for every feature (``...all.npz``).
+compact per-feature statistics for every feature (``...all.npz``), through ``FeatureFiles``,
+the one reader and writer of those files.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Mapping
 
 import numpy as np
 
+from extractor.files import write_json, write_text
 from extractor.store import StoreError, open_store
 
 
 class DiscoverError(ValueError):
-    """Discovery arguments that cannot work."""
+    """Discovery arguments that cannot work, or a discovery file that cannot be read."""
+
+
+class FeatureFiles:
+    """The files of one discovery run, named after its features JSON, and the one place that writes
+    and reads them: ``X.json`` (feature id -> label, top examples, statistics), ``X.summary.json``
+    (layer-level numbers, settings, the SAE and store used) and, with ``--all``, ``X.all.npz`` (every
+    feature's statistics). Imports neither JAX nor torch."""
+
+    def __init__(self, features: str | os.PathLike):
+        self.features = Path(features)
+        self.summary = self.features.with_suffix(".summary.json")
+        self.all_stats = self.features.with_suffix(".all.npz")
+
+    def finished(self) -> bool:
+        return self.features.exists() and self.summary.exists()
+
+    def write(self, features: dict, summary: dict, all_stats: Mapping[str, np.ndarray] | None = None) -> None:
+        """Each file atomically, the features last; without ``all_stats`` an older run's ``.all.npz`` goes."""
+        if all_stats is None:
+            self.all_stats.unlink(missing_ok=True)
+        else:
+            buffer = io.BytesIO()
+            np.savez_compressed(buffer, **all_stats)
+            write_text(self.all_stats, buffer.getvalue())
+        write_json(self.summary, summary)
+        self.write_features(features)
+
+    def write_features(self, features: dict) -> None:
+        write_json(self.features, features)
+
+    def read_features(self) -> dict:
+        """``{"42": {"label": ..., "top_examples": [...], ...}}``; a DiscoverError naming the file if unusable."""
+        features = self._read_json(self.features)
+        if features is None:
+            raise DiscoverError(f"no features file at {self.features}; run python -m discovery.discover first")
+        if not isinstance(features, dict):
+            raise DiscoverError(f"{self.features} is not a features file (not a JSON object)")
+        for key, info in features.items():
+            if not isinstance(info, dict) or not {"label", "top_examples"} <= info.keys():
+                raise DiscoverError(f"{self.features} is not a features file: feature {key} lacks label or "
+                                    "top_examples")
+        return features
+
+    def read_summary(self) -> dict | None:
+        """The summary, or None when there is none (a features file written by other means)."""
+        return self._read_json(self.summary)
+
+    def read_all_stats(self) -> dict[str, np.ndarray] | None:
+        if not self.all_stats.exists():
+            return None
+        with np.load(self.all_stats) as data:
+            return {name: data[name] for name in data.files}
+
+    @staticmethod
+    def _read_json(path: Path):
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise DiscoverError(f"{path} cannot be read: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -103,24 +168,25 @@ def discover(cfg: DiscoverConfig) -> dict:
         apply_llm_labels(found, store, None, cfg.llm_api, cfg.llm_model, cfg.llm_cache, cfg.llm_concurrency,
                          cfg.progress)
     output = Path(cfg.output or f"results/features_layer{layer}.json")
-    FeatureDiscovery.save_features(found.features, output)
     summary = found.summary | {"sae_path": str(cfg.sae_path), "store": str(store.path), "output": str(output),
                                "runtime": runtime}
-    output.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if cfg.all:
-        s = found.stats
-        np.savez_compressed(output.with_suffix(".all.npz"), token_count=s.token_count, sample_count=s.sample_count,
-                            max=s.max, mean_when_active=s.sum / np.maximum(s.token_count, 1),
-                            frequency=s.token_count / max(s.n_rows, 1),
-                            top_sample_max=s.top["max"][1], top_sample_max_value=s.top["max"][0],
-                            best_tag_auroc=found.alignment.auroc_TH.max(axis=0) if found.alignment.tags else
-                            np.zeros(0), tags=np.array(found.alignment.tags))
+    FeatureFiles(output).write(found.features, summary, _all_stats(found) if cfg.all else None)
     align = summary["alignment"]
     alignment = "no tags with enough support to align" if align["median_best_auroc"] is None else (
         f"tag alignment over {align['tags']} tags: median best AUROC {align['median_best_auroc']:.3f}, "
         f"{align['fraction_auroc_ge_0.8']:.1%} of live features at AUROC >= 0.8")
     print(f"wrote {output}: {len(found.features)} features of {summary['alive_features']} alive; {alignment}")
     return found.features
+
+
+def _all_stats(found) -> dict[str, np.ndarray]:
+    """Compact statistics of every feature (``--all``)."""
+    s, alignment = found.stats, found.alignment
+    return dict(token_count=s.token_count, sample_count=s.sample_count, max=s.max,
+                mean_when_active=s.sum / np.maximum(s.token_count, 1), frequency=s.token_count / max(s.n_rows, 1),
+                top_sample_max=s.top["max"][1], top_sample_max_value=s.top["max"][0],
+                best_tag_auroc=alignment.auroc_TH.max(axis=0) if alignment.tags else np.zeros(0),
+                tags=np.array(alignment.tags))
 
 
 def main(argv: list[str] | None = None):

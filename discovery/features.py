@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .align import Alignment, align, average_precision, layer_summary
+from .discover import FeatureFiles
 from .labels import Corpus, detection_score, heuristic_label
 from .stats import PassResult, feature_pass
 
@@ -153,15 +154,12 @@ class FeatureDiscovery:
 
     @staticmethod
     def save_features(features: dict, path: str | os.PathLike) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(features, indent=2) + "\n")
-        os.replace(tmp, path)
+        """The features JSON alone (``discovery.discover`` writes its summary beside it)."""
+        FeatureFiles(path).write_features(features)
 
     @staticmethod
     def load_features(path: str | os.PathLike) -> dict:
-        return json.loads(Path(path).read_text())
+        return FeatureFiles(path).read_features()
 
 
 def apply_llm_labels(found: Discovery, store, client, api: str, model: str | None, cache_dir, concurrency: int,

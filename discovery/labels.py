@@ -56,8 +56,6 @@ class Label:
     source: str
     confidence: float
     terms: tuple[tuple[str, float], ...] = ()
-    description: str | None = None
-    error: str | None = None
 
 
 class Corpus:

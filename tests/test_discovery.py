@@ -8,7 +8,7 @@ import pytest
 
 import jax_sae
 from discovery.align import align, average_precision
-from discovery.discover import main
+from discovery.discover import DiscoverError, FeatureFiles, main
 from discovery.features import FeatureDiscovery
 from discovery.labels import Corpus, heuristic_label
 from discovery.stats import feature_pass
@@ -133,7 +133,9 @@ def test_moments_examples_carry_time_and_json_round_trips(planted, tmp_path, cap
     main(["--sae_path", str(root / "models" / "topk" / "layer0" / "dim32" / "best"), "--store", str(root / "store"),
           "--output", str(out), "--aggregation", "moments", "--no_filter", "--max_features", "3", "--examples", "4",
           "--all", "--no-progress"])
-    features = FeatureDiscovery.load_features(out)
+    files = FeatureFiles(out)
+    features = files.read_features()
+    assert features == FeatureDiscovery.load_features(out)
     assert len(features) == 3
     for key, info in features.items():
         assert int(key) >= 0 and {"label", "top_examples"} <= set(info)
@@ -142,13 +144,33 @@ def test_moments_examples_carry_time_and_json_round_trips(planted, tmp_path, cap
         sample = store.samples[ex["sample_index"]]
         assert ex["prompt"] == sample["prompt"] and store.offsets[ex["sample_index"]] + ex["frame"] == ex["row"]
     assert json.loads(json.dumps(features)) == features
-    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    summary = files.read_summary()
     assert summary["alignment"]["median_best_auroc"] > 0.5
     n = jax.local_device_count()  # discovery splits rows over every local device, and says so
     assert f"jax: cpu, {n} devices (cpu), mesh data={n} model=1" in capsys.readouterr().out.splitlines()
     assert summary["runtime"] == {"platform": "cpu", "device_count": n, "local_device_count": n,
                                   "device_kinds": ["cpu"], "process_count": 1, "mesh": {"data": n, "model": 1}}
-    assert np.load(out.with_suffix(".all.npz"))["token_count"].shape == (32,)
+    assert files.read_all_stats()["token_count"].shape == (32,)
+    assert files.finished() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temp files left"
+
+
+def test_feature_files_round_trip_and_name_a_bad_file(tmp_path):
+    files = FeatureFiles(tmp_path / "features_layer3.json")
+    assert not files.finished() and files.read_summary() is None and files.read_all_stats() is None
+    with pytest.raises(DiscoverError, match="no features file at .*features_layer3.json; run python -m discovery"):
+        files.read_features()
+    features = {"7": {"label": "piano", "top_examples": []}}
+    files.write(features, {"layer": 3}, {"frequency": np.arange(4.0)})
+    assert files.read_features() == features and files.read_summary() == {"layer": 3} and files.finished()
+    np.testing.assert_array_equal(files.read_all_stats()["frequency"], np.arange(4.0))
+    files.write(features, {"layer": 3})
+    assert files.read_all_stats() is None, "a rerun without --all leaves no stale statistics behind"
+    files.features.write_text(json.dumps({"7": {"label": "piano"}}))
+    with pytest.raises(DiscoverError, match="features_layer3.json is not a features file: feature 7 lacks"):
+        files.read_features()
+    files.summary.write_text("{not json")
+    with pytest.raises(DiscoverError, match="features_layer3.summary.json cannot be read"):
+        files.read_summary()
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -43,8 +43,8 @@ class FakeProvider:
                     provider.arrivals.append(time.monotonic())
                     index = len(provider.arrivals) - 1
                 status, text, headers = provider.respond(request, index)
-                body = _body(api, text) if status == 200 else {"error": {"type": "error", "message": f"status {status}"}}
-                data = json.dumps(body).encode()
+                error = {"error": {"type": "error", "message": f"status {status}"}}
+                data = json.dumps(_body(api, text) if status == 200 else error).encode()
                 self.send_response(status)
                 for name, value in {"Content-Type": "application/json", **headers}.items():
                     self.send_header(name, value)

@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 
 import jax_sae  # noqa: F401  (JAX side loads first, as in the CLI)
+from discovery.discover import FeatureFiles
 from discovery.discover import main as discover
 from discovery.report import main as report
+from extractor.eval_file import summarize_losses, write_eval
 from jax_sae.train import TrainConfig, train
 
 from .test_discovery import planted_store
@@ -26,9 +28,20 @@ def rendered(tmp_path_factory):
     discover(["--sae_path", str(root / "models/topk/layer0/dim32/best"), "--store", str(root / "store"),
               "--output", str(features), "--no_filter", "--max_features", "3", "--examples", "4", "--all",
               "--no-progress"])
+    files = FeatureFiles(features)
+    found = files.read_features()
+    found[next(iter(found))]["label"] = MARKUP  # an LLM's label is text, never markup
+    files.write_features(found)
+    losses = summarize_losses({"clean": 2.0, "sae": 2.2, "zero": 4.0, "mean": 3.0}, kl=0.1)
+    write_eval(root / "eval.json", {"model": "tiny-random", "sae": "s", "store": "st", "layer": 0, "samples": 60,
+                                    "stream": "cond", "mean_ablation_from": "st", "predictions": 1, "overall": losses,
+                                    "per_codebook": [losses]})
     report(["--features", str(features), "--out", str(root / "report"), "--model", "tiny-random", "--examples", "2",
-            "--window", "0.5", "--device", "cpu", "--no-progress"])
+            "--window", "0.5", "--device", "cpu", "--no-progress", "--eval", str(root / "eval.json")])
     return root / "report"
+
+
+MARKUP = "<b>loud</b> & 'bright' guitar"
 
 
 def test_report_files_are_complete_and_relative(rendered):
@@ -40,6 +53,15 @@ def test_report_files_are_complete_and_relative(rendered):
         assert text.count("<audio") == 2 and text.count("plots/") == 2
         assert "file://" not in text and str(rendered) not in text, "paths must be relative"
     assert len(list((rendered / "audio").glob("*.wav"))) == 6 and (rendered / "density.png").exists()
+
+
+def test_report_shows_the_run_the_evaluation_and_escaped_labels(rendered):
+    index = (rendered / "index.html").read_text()
+    assert "loss recovered (zero abl.): 0.9</span>" in index and "loss recovered (mean abl.): 0.8</span>" in index
+    assert "<span>fvu: " in index and "median best tag AUROC: " in index
+    escaped = "&lt;b&gt;loud&lt;/b&gt; &amp; &#39;bright&#39; guitar"
+    assert MARKUP not in index and escaped in index
+    assert any(f"Feature {p.stem[1:]}: {escaped}</h1>" in p.read_text() for p in rendered.glob("f*.html"))
 
 
 def test_report_loads_in_headless_chromium(rendered):
