@@ -174,56 +174,68 @@ def _sparse_main(params: SAEParams, step, x_BD, *, s: LossSettings, global_batch
     pre_BH = _pre(params, x_BD, s.compute_dtype)
     if cfg.sae_type == "topk":
         result, fired_H, kept = part(params, x_BD, top_candidates(pre_BH, cfg.top_k, (S.MODEL,)))
-        l0 = lax.psum(kept, BOTH) / global_batch
-        return Main(result.recon, jnp.float32(0.0), result.x_hat_BD, fired_H, l0, jnp.float32(0.0)), \
-            result.grads, jnp.float32(0.0)
+        main, grads = _sparse_result(result.recon, result.x_hat_BD, result.grads, fired_H, kept, jnp.float32(0.0),
+                                     global_batch)
+        return main, grads, jnp.float32(0.0)
 
-    B = x_BD.shape[0]
     k_total = cfg.top_k * global_batch
     first = batch_candidates(pre_BH, k_total, BOTH, s.batch_candidates(), latent_axes=(S.MODEL,))
 
-    def finish(recon, x_hat_BD, grads, fired_H, kept, kth):
-        l0 = lax.psum(kept, BOTH) / global_batch
-        return Main(recon, jnp.float32(0.0), x_hat_BD, fired_H, l0, kth), grads
-
     def no_overflow():
         main, fired_H, kept = part(params, x_BD, first.select(k_total, BOTH))
-        return finish(main.recon, main.x_hat_BD, main.grads, fired_H, kept, first.kth)
+        return _sparse_result(main.recon, main.x_hat_BD, main.grads, fired_H, kept, first.kth, global_batch)
 
     def overflow(rows: int):
-        def run():
-            sel = with_overflow_rows(pre_BH, first, k_total, BOTH, rows)
-            used_R = (sel.rows_R < B)[:, None]
-            # Overflow rows leave the main list (x = b_dec there adds nothing) for a dense block.
-            main, fired_H, kept = part(params, x_BD.at[sel.rows_R].set(params.b_dec_D, mode="drop"), sel.main)
-            x_RD = jnp.where(used_R, x_BD[jnp.minimum(sel.rows_R, B - 1)], params.b_dec_D)
-
-            def rows_loss(p):
-                f_RH = jnp.where(sel.keep_RH, jax.nn.relu(_pre(p, x_RD, s.compute_dtype)), 0.0)
-                return _dense_recon(p, x_RD, f_RH, cfg=cfg, global_batch=global_batch, model_shards=model_shards,
-                                    dtype=s.compute_dtype)
-
-            (recon_R, x_hat_RD), grads_R = jax.value_and_grad(rows_loss, has_aux=True)(params)
-            x_hat_BD = main.x_hat_BD.at[sel.rows_R].set(x_hat_RD, mode="drop")
-            grads = jax.tree.map(jnp.add, main.grads, grads_R)
-            return finish(main.recon + recon_R, x_hat_BD, grads, fired_H | jnp.any(sel.keep_RH, axis=0),
-                          kept + jnp.sum(sel.keep_RH), sel.kth)
-
-        return run
+        return functools.partial(_with_dense_overflow_rows, params, x_BD, pre_BH, first, rows, part=part, s=s,
+                                 global_batch=global_batch, model_shards=model_shards)
 
     def dense():
         (_, main), grads = jax.value_and_grad(_dense_main, has_aux=True)(
             params, step, x_BD, s=s, global_batch=global_batch, model_shards=model_shards)
         return main, grads
 
-    tiers = _overflow_tiers(B)
+    tiers = _overflow_tiers(x_BD.shape[0])
     # The same branch on every shard: the largest overflow count of any shard picks it.
-    count = lax.pmax(first.overflow_count, S.DATA)
+    branch = _overflow_branch(lax.pmax(first.overflow_count, S.DATA), tiers)
+    main, grads = lax.switch(branch, [no_overflow] + [overflow(r) for r in tiers] + [dense])
+    return main, grads, (branch == len(tiers) + 1).astype(jnp.float32)
+
+
+def _sparse_result(recon, x_hat_BD, grads, fired_H, kept, kth, global_batch: int):
+    """(Main, grads) of a sparse pass from its summed reconstruction loss and kept-latent count."""
+    l0 = lax.psum(kept, BOTH) / global_batch
+    return Main(recon, jnp.float32(0.0), x_hat_BD, fired_H, l0, kth), grads
+
+
+def _overflow_branch(count, tiers: tuple[int, ...]):
+    """Which branch handles ``count`` overflow rows: 0 none, i + 1 the i-th tier, len(tiers) + 1 dense."""
     branch = jnp.where(count == 0, 0, len(tiers) + 1)
     for i, rows in reversed(list(enumerate(tiers))):
         branch = jnp.where((count > 0) & (count <= rows), i + 1, branch)
-    main, grads = lax.switch(branch, [no_overflow] + [overflow(r) for r in tiers] + [dense])
-    return main, grads, (branch == len(tiers) + 1).astype(jnp.float32)
+    return branch
+
+
+def _with_dense_overflow_rows(params: SAEParams, x_BD, pre_BH, first, rows: int, *, part, s: LossSettings,
+                              global_batch: int, model_shards: int):
+    """(Main, grads) of the batch-wide selection with up to ``rows`` overflow rows per shard done
+    densely, as a block beside the sparse main list."""
+    cfg, B = s.sae, x_BD.shape[0]
+    sel = with_overflow_rows(pre_BH, first, cfg.top_k * global_batch, BOTH, rows)
+    used_R = (sel.rows_R < B)[:, None]
+    # Overflow rows leave the main list (x = b_dec there adds nothing) for a dense block.
+    main, fired_H, kept = part(params, x_BD.at[sel.rows_R].set(params.b_dec_D, mode="drop"), sel.main)
+    x_RD = jnp.where(used_R, x_BD[jnp.minimum(sel.rows_R, B - 1)], params.b_dec_D)
+
+    def rows_loss(p):
+        f_RH = jnp.where(sel.keep_RH, jax.nn.relu(_pre(p, x_RD, s.compute_dtype)), 0.0)
+        return _dense_recon(p, x_RD, f_RH, cfg=cfg, global_batch=global_batch, model_shards=model_shards,
+                            dtype=s.compute_dtype)
+
+    (recon_R, x_hat_RD), grads_R = jax.value_and_grad(rows_loss, has_aux=True)(params)
+    x_hat_BD = main.x_hat_BD.at[sel.rows_R].set(x_hat_RD, mode="drop")
+    grads = jax.tree.map(jnp.add, main.grads, grads_R)
+    return _sparse_result(main.recon + recon_R, x_hat_BD, grads, fired_H | jnp.any(sel.keep_RH, axis=0),
+                          kept + jnp.sum(sel.keep_RH), sel.kth, global_batch)
 
 
 def _aux_loss(params: SAEParams, x_BD, x_hat_BD, dead_H, s: LossSettings, global_batch: int,
