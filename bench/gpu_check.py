@@ -70,17 +70,23 @@ def _read(path: Path) -> dict | None:
 
 
 def _pipeline_runtime(out: Path) -> dict:
-    """Where each pipeline stage ran, from the files the stages write."""
+    """Where each pipeline stage ran, read through each stage's own reader."""
+    from discovery.discover import FeatureFiles
+    from extractor.store import Store, StoreError
+    from jax_sae.run_dir import RunDir
+    from launch.pipeline import read_paths
+
+    paths = read_paths(out)
+    if paths is None:
+        return {}
     where = {}
-    stats = next(out.glob("models/**/training_stats.json"), None)
-    summary = next(out.glob("results/*.summary.json"), None)
-    store = out / "activations" / "store.json"
-    if store.exists():
-        where["extract"] = {"model": json.loads(store.read_text()).get("model")}
-    for stage, path in (("train", stats), ("discover", summary)):
-        if path is not None:
-            where[stage] = json.loads(path.read_text()).get("runtime")
-    where["report"] = {"index": str(next(out.glob("results/report_*/index.html"), ""))}
+    try:
+        where["extract"] = {"model": Store(paths["store"]).meta.model}
+    except StoreError as err:
+        where["extract"] = {"error": str(err)}
+    where["train"] = (RunDir(paths["run"]).read_stats() or {}).get("runtime")
+    where["discover"] = (FeatureFiles(paths["features"]).read_summary() or {}).get("runtime")
+    where["report"] = {"index": str(paths["report"] / "index.html")}
     return where
 
 

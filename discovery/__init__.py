@@ -3,11 +3,12 @@ Never imports torch; heavy modules load on first use."""
 
 from extractor.lazy import lazy_getattr
 
-__all__ = ["DiscoverConfig", "FeatureDiscovery", "discover"]
+__all__ = ["DiscoverConfig", "FeatureDiscovery", "FeatureFiles", "discover"]
 
 _LOCATIONS = {
     "DiscoverConfig": "discovery.discover",
     "discover": "discovery.discover",
+    "FeatureFiles": "discovery.discover",
     "FeatureDiscovery": "discovery.features",
 }
 

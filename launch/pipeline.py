@@ -12,8 +12,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from extractor.files import write_json
 
 STAGES = ("extract", "train", "discover", "report")
+PIPELINE_FILE = "pipeline.json"
 
 
 class PipelineError(ValueError):
@@ -52,21 +56,23 @@ class PipelineConfig:
     """Features to report."""
     device: str = "auto"
     """Torch device for extraction and audio."""
-    stages: str = "extract,train,discover,report"
-    """Comma-separated stages to run, in pipeline order."""
+    stages: tuple[Literal["extract", "train", "discover", "report"], ...] = STAGES
+    """Stages to run (space- or comma-separated); they always run in pipeline order."""
     force: bool = False
     """Redo stages whose outputs exist."""
 
     def __post_init__(self) -> None:
-        unknown = set(self.stages.split(",")) - set(STAGES)
+        unknown = set(self.stages) - set(STAGES)
         if unknown:
             raise PipelineError(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")
 
 
 def _paths(cfg: PipelineConfig) -> dict[str, Path]:
+    from jax_sae.run_dir import RunDir, run_path
+
     root = Path(cfg.out)
-    run = root / "models" / cfg.sae_type / f"layer{cfg.layer}" / f"dim{cfg.hidden_dim}"
-    return {"store": root / "activations", "run": run, "sae": run / "best",
+    run = RunDir(run_path(root / "models", cfg.sae_type, cfg.layer, cfg.hidden_dim))
+    return {"store": root / "activations", "run": run.path, "sae": run.best,
             "features": root / "results" / f"features_layer{cfg.layer}.json",
             "report": root / "results" / f"report_layer{cfg.layer}"}
 
@@ -81,9 +87,13 @@ def _done(stage: str, paths: dict[str, Path]) -> bool:
         except StoreError:
             return False
     if stage == "train":
-        return (paths["run"] / "final" / "config.json").exists() and (paths["run"] / "training_stats.json").exists()
+        from jax_sae.run_dir import RunDir
+
+        return RunDir(paths["run"]).finished()
     if stage == "discover":
-        return paths["features"].exists() and paths["features"].with_suffix(".summary.json").exists()
+        from discovery.discover import FeatureFiles
+
+        return FeatureFiles(paths["features"]).finished()
     return (paths["report"] / "index.html").exists()
 
 
@@ -104,10 +114,17 @@ def _command(stage: str, cfg: PipelineConfig, paths: dict[str, Path]) -> list[st
             "--device", cfg.device]
 
 
+def read_paths(out: str | Path) -> dict[str, Path] | None:
+    """Where a finished pipeline under ``out`` put each stage's output (store, run, sae, features,
+    report), from its ``pipeline.json``; None if no pipeline finished there."""
+    path = Path(out) / PIPELINE_FILE
+    return {k: Path(v) for k, v in json.loads(path.read_text()).items()} if path.exists() else None
+
+
 def run_pipeline(cfg: PipelineConfig) -> Path:
     paths = _paths(cfg)
     started = time.time()
-    for stage in (s for s in STAGES if s in cfg.stages.split(",")):
+    for stage in (s for s in STAGES if s in cfg.stages):
         if not cfg.force and _done(stage, paths):
             print(f"[{stage}] done already, skipping (--force redoes it)")
             continue
@@ -122,8 +139,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
             raise PipelineError(f"stage {stage} failed (exit {result.returncode}); fix the error above and rerun: "
                                 "finished stages are skipped")
         print(f"[{stage}] finished in {time.time() - t0:.0f} s", flush=True)
-    summary = {k: str(v) for k, v in paths.items()}
-    (Path(cfg.out) / "pipeline.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(Path(cfg.out) / PIPELINE_FILE, {k: str(v) for k, v in paths.items()})
     print(f"pipeline finished in {time.time() - started:.0f} s; open the report: {paths['report'] / 'index.html'}")
     return paths["report"] / "index.html"
 
