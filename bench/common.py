@@ -1,4 +1,5 @@
-"""Timing and reporting shared by the benchmarks: medians over repeats, peak RSS, results JSON.
+"""Timing and reporting shared by the benchmarks: medians over repeats, timed device calls, fresh
+processes, peak RSS, synthetic stores, results JSON.
 
 Figures are measured, never asserted: a benchmark prints what it saw and writes it to
 ``bench/results/<name>.json``; nothing here fails because a machine is slow.
@@ -6,9 +7,10 @@ Figures are measured, never asserted: a benchmark prints what it saw and writes 
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import importlib.metadata
-import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -17,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
+
+from extractor.files import write_json
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 VERSIONED = ("torch", "transformers", "tensorstore", "numpy", "jax")
@@ -35,11 +39,56 @@ def summarize(values: Sequence[float], unit: str = "s") -> dict:
     }
 
 
+def run_bench(config_cls: type, run: Callable, argv: list[str] | None, name: str, description: str):
+    """The entry point of a benchmark configured by a dataclass: flags -> config -> ``run(config)``,
+    a bad flag as one line."""
+    from extractor.cli import run_main
+
+    return run_main(config_cls, argv, prog=f"python -m bench.{name}", description=description, run=run,
+                    errors=(ValueError,))
+
+
 def timed(fn: Callable, *args, **kwargs) -> tuple[object, float]:
     """Call ``fn`` once; return its result and the wall-clock seconds it took."""
     start = time.perf_counter()
     result = fn(*args, **kwargs)
     return result, time.perf_counter() - start
+
+
+def device_seconds(fn: Callable, *args, repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn(*args)``, each waited for with
+    ``jax.block_until_ready``, after ``warmup`` untimed calls (compilation)."""
+    import jax
+
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def in_fresh_process(fn: Callable, *args):
+    """``fn(*args)`` in a new (spawned) process, so its peak RSS and compile caches are its own."""
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def synthetic_store(path: Path, *, n_samples: int, frames: int, d_model: int, dtype: str, unit_samples: int,
+                    layer: int = 0, n_codebooks: int = 4):
+    """An empty store of ``n_samples`` samples of ``frames`` rows each, one layer, planned as
+    extraction plans one: work units of ``unit_samples`` samples, chunks aligned to them."""
+    from extractor.store import StoreMeta, create_store
+
+    meta = StoreMeta(model="bench", layers=(layer,), d_model=d_model, n_codebooks=n_codebooks, frame_rate=50.0,
+                     sampling_rate=32000, dtype=dtype, mode="generate", n_samples=n_samples,
+                     n_rows=n_samples * frames, n_units=-(-n_samples // unit_samples))
+    samples = [{"index": i, "prompt": f"sample {i}", "source_id": f"bench-{i}", "tags": [], "n_frames": frames}
+               for i in range(n_samples)]
+    return create_store(path, meta, samples, [frames] * n_samples, unit_rows=unit_samples * frames)
 
 
 def peak_rss_mib() -> float:
@@ -133,8 +182,7 @@ def report(
     for t in targets:
         verdict = "met" if t["met"] else "NOT met"
         print(f"target {t['name']}: {t['goal']}, measured {_cell(t['measured'])} -> {verdict}")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = RESULTS_DIR / f"{name}.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out, results)
     print(f"wrote {out}")
     return results

@@ -31,8 +31,6 @@ is split into the store read, the encoder matmul, the rest of encoding (top-k), 
 
 from __future__ import annotations
 
-import concurrent.futures
-import multiprocessing
 import os
 import shutil
 import tempfile
@@ -43,7 +41,16 @@ from typing import Literal
 
 import numpy as np
 
-from .common import peak_rss_mib, report, summarize, target
+from .common import (
+    device_seconds,
+    in_fresh_process,
+    peak_rss_mib,
+    report,
+    run_bench,
+    summarize,
+    synthetic_store,
+    target,
+)
 
 NAME = "discovery_bench"
 LAYER = 0
@@ -106,18 +113,13 @@ class DiscoveryBenchConfig:
 
 def _write_store(path: Path, n_samples: int, cfg: DiscoveryBenchConfig, concepts_CD: np.ndarray, seed: int):
     """A float16 store whose samples each carry 1-3 planted concepts on about half their frames."""
-    from extractor.store import StoreMeta, acts_name, create_store
+    from extractor.store import acts_name
 
     rng = np.random.default_rng(seed)
     unit_samples = max(1, 4000 // cfg.frames)
-    n_units = -(-n_samples // unit_samples)
-    meta = StoreMeta(model="bench", layers=(LAYER,), d_model=cfg.d_model, n_codebooks=4, frame_rate=50.0,
-                     sampling_rate=32000, dtype="float16", mode="generate", n_samples=n_samples,
-                     n_rows=n_samples * cfg.frames, n_units=n_units)
-    samples = [{"index": i, "prompt": f"sample {i}", "source_id": f"bench-{i}", "tags": [], "n_frames": cfg.frames}
-               for i in range(n_samples)]
-    store = create_store(path, meta, samples, [cfg.frames] * n_samples, unit_rows=unit_samples * cfg.frames)
-    for unit in range(n_units):
+    store = synthetic_store(path, n_samples=n_samples, frames=cfg.frames, d_model=cfg.d_model, dtype="float16",
+                            unit_samples=unit_samples, layer=LAYER)
+    for unit in range(store.meta.n_units):
         rows = []
         for _ in range(min(unit_samples, n_samples - unit * unit_samples)):
             chosen = rng.choice(N_CONCEPTS, size=rng.integers(1, 4), replace=False)
@@ -185,27 +187,44 @@ def _split(sae, store, cfg: DiscoveryBenchConfig) -> dict:
     scatter); the whole update (encoder, statistics, merges, host copies of the sample scores).
     The update's statistics are then re-timed one by one on one encoded block. Compute is timed
     on blocks already in memory, each part once after compiling it."""
+    max_samples = min(store.n_samples, max(1, cfg.block_rows // cfg.frames))
+    blocks, read_s = _padded_blocks(store, cfg, max_samples)
+    matmul, encode = _encoders()
+    out = {"read + pad": 1e3 * read_s / len(blocks)}
+    out.update({part: ms / len(blocks) for part, ms in
+                _encoder_and_update_ms(sae, blocks, matmul, encode, max_samples, cfg.examples).items()})
+    out.update(_statistics_ms(sae, blocks[0], encode, max_samples, cfg.examples))
+    return out
+
+
+def _timed_ms(fn, *args) -> float:
+    """Milliseconds of one call after a compiling one."""
+    return 1e3 * device_seconds(fn, *args, repeats=1)[0]
+
+
+def _padded_blocks(store, cfg: DiscoveryBenchConfig, max_samples: int) -> tuple[list, float]:
+    """The first ``split_blocks`` blocks as feature_pass pads them (on the device), and the seconds
+    reading and padding them took."""
+    import jax.numpy as jnp
+
+    from discovery.stats import _pad_block
+
+    blocks, start = [], time.perf_counter()
+    for samples, x in store.iter_sample_blocks(LAYER, cfg.block_rows):
+        blocks.append(_pad_block(samples, x, store.offsets, cfg.block_rows, max_samples))
+        if len(blocks) == cfg.split_blocks:
+            break
+    seconds = time.perf_counter() - start
+    return [tuple(map(jnp.asarray, b)) for b in blocks], seconds
+
+
+def _encoders():
+    """Jitted (the encoder matmul alone, the whole inference encoder), both on scaled input."""
     import functools
 
     import jax
-    import jax.numpy as jnp
-    from jax import lax
 
-    from discovery.stats import _pad_block, init_state, update
     from jax_sae import model as M
-    from jax_sae.sharding import make_mesh
-
-    mesh = make_mesh(1, 1)
-    offsets = store.offsets
-    max_samples, examples = min(store.n_samples, max(1, cfg.block_rows // cfg.frames)), cfg.examples
-    blocks, start = [], time.perf_counter()
-    for samples, x in store.iter_sample_blocks(LAYER, cfg.block_rows):
-        blocks.append(_pad_block(samples, x, offsets, cfg.block_rows, max_samples))
-        if len(blocks) == cfg.split_blocks:
-            break
-    times = {"read + pad": time.perf_counter() - start}
-    blocks = [tuple(map(jnp.asarray, b)) for b in blocks]
-    params, threshold, scale = sae.params, sae.threshold, sae.input_scale
 
     @functools.partial(jax.jit, static_argnums=0)
     def matmul(sae_cfg, params, scale, x_RD):
@@ -215,6 +234,19 @@ def _split(sae, store, cfg: DiscoveryBenchConfig) -> dict:
     def encode(sae_cfg, params, threshold, scale, x_RD):
         return M.encode_infer(sae_cfg, params, threshold, x_RD * scale)
 
+    return matmul, encode
+
+
+def _encoder_and_update_ms(sae, blocks: list, matmul, encode, max_samples: int, examples: int) -> dict:
+    """Milliseconds over all ``blocks``: the encoder matmul, the whole encoder, the whole update."""
+    import jax
+
+    from discovery.stats import init_state, update
+    from jax_sae.sharding import make_mesh
+
+    mesh = make_mesh(1, 1)
+    params, threshold, scale = sae.params, sae.threshold, sae.input_scale
+
     def run_update():
         state = init_state(sae.cfg.hidden_dim, examples)
         for b in blocks:
@@ -223,20 +255,24 @@ def _split(sae, store, cfg: DiscoveryBenchConfig) -> dict:
             np.asarray(smax), np.asarray(smean)  # feature_pass copies these to the host every block
         jax.block_until_ready(state)
 
-    def timed_ms(fn, *args) -> float:
-        jax.block_until_ready(fn(*args))  # compile
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        return 1e3 * (time.perf_counter() - start)
+    return {
+        "encoder matmul": _timed_ms(lambda: [matmul(sae.cfg, params, scale, b[0]) for b in blocks]),
+        "encoder (matmul + top-k + scatter)": _timed_ms(
+            lambda: [encode(sae.cfg, params, threshold, scale, b[0]) for b in blocks]),
+        "update (whole)": _timed_ms(run_update),
+    }
 
-    times["encoder matmul"] = timed_ms(lambda: [matmul(sae.cfg, params, scale, b[0]) for b in blocks])
-    times["encoder (matmul + top-k + scatter)"] = timed_ms(
-        lambda: [encode(sae.cfg, params, threshold, scale, b[0]) for b in blocks])
-    times["update (whole)"] = timed_ms(run_update)
-    out = {k: v * (1e3 if k == "read + pad" else 1.0) / len(blocks) for k, v in times.items()}
 
-    x_RD, segment_R, row_R = blocks[0][:3]
-    f_RH = encode(sae.cfg, params, threshold, scale, x_RD)
+def _statistics_ms(sae, block: tuple, encode, max_samples: int, examples: int) -> dict:
+    """Milliseconds of each statistic of the update, one by one, on one encoded block."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    from discovery.stats import init_state
+
+    x_RD, segment_R, row_R = block[:3]
+    f_RH = encode(sae.cfg, sae.params, sae.threshold, sae.input_scale, x_RD)
     state = init_state(sae.cfg.hidden_dim, examples)
     parts = {
         "stats: token top-k (moments)": (
@@ -251,9 +287,7 @@ def _split(sae, store, cfg: DiscoveryBenchConfig) -> dict:
             lambda a: [lax.top_k(jnp.concatenate([a, a[:, :n]], axis=1), examples) for n in
                        (max_samples, max_samples, examples)], state.top_max_HE),
     }
-    for name, (fn, *args) in parts.items():
-        out[name] = timed_ms(jax.jit(fn), *args)
-    return out
+    return {name: _timed_ms(jax.jit(fn), *args) for name, (fn, *args) in parts.items()}
 
 
 def _baseline_pass(sae, store, cfg: DiscoveryBenchConfig) -> dict:
@@ -330,12 +364,6 @@ def _baseline(sae_path: str, store_path: str, cfg: DiscoveryBenchConfig, check: 
         out["top_all"] = {f: _top_samples(acts[:, f], result["starts"], result["lengths"], cfg.examples)
                           for f in result["important"]}
     return out
-
-
-def _in_fresh_process(fn, *args):
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(fn, *args).result()
 
 
 # -- comparison and report --------------------------------------------------------------------
@@ -419,9 +447,9 @@ def _measure(root: Path, cfg: DiscoveryBenchConfig) -> tuple[dict, dict]:
                 _record(samples, "1-min load average before a run", os.getloadavg()[0])
                 if method == "ours":
                     split = cfg.split and n == max(cfg.sizes)
-                    runs[method] = _in_fresh_process(_ours, sae, str(stores[n].path), str(warm.path), cfg, split)
+                    runs[method] = in_fresh_process(_ours, sae, str(stores[n].path), str(warm.path), cfg, split)
                 else:
-                    runs[method] = _in_fresh_process(_baseline, sae, str(stores[n].path), cfg, repeat == 0)
+                    runs[method] = in_fresh_process(_baseline, sae, str(stores[n].path), cfg, repeat == 0)
             _record_pair(samples, n, cfg, runs["ours"], runs["baseline"])
             comparison = _compare(runs["ours"], runs["baseline"], cfg.examples)
             if repeat == 0:
@@ -486,11 +514,8 @@ def run(cfg: DiscoveryBenchConfig) -> dict:
 
 
 def main(argv: list[str] | None = None):
-    from extractor.cli import run_main
-
-    return run_main(DiscoveryBenchConfig, argv, prog="python -m bench.discovery_bench",
-                    description="Streaming discovery vs the original's dense method (measured, never asserted).",
-                    run=run, errors=(ValueError,))
+    return run_bench(DiscoveryBenchConfig, run, argv, NAME,
+                     "Streaming discovery vs the original's dense method (measured, never asserted).")
 
 
 if __name__ == "__main__":

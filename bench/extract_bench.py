@@ -30,7 +30,7 @@ from typing import Literal
 
 import numpy as np
 
-from .common import report, summarize, target, timed
+from .common import report, run_bench, summarize, target, timed
 
 NAME = "extract_bench"
 SMALL_RANDOM = "random:musicgen-small"
@@ -305,12 +305,9 @@ def run(cfg: ExtractBenchConfig) -> dict:
 
 
 def main(argv: list[str] | None = None):
-    from extractor.cli import run_main
-
-    return run_main(ExtractBenchConfig, argv, prog="python -m bench.extract_bench",
-                    description="Capture overhead vs plain generate(), and teacher forcing vs generation "
-                                "(measured, never asserted).",
-                    run=run, errors=(ValueError,))
+    return run_bench(ExtractBenchConfig, run, argv, NAME,
+                     ("Capture overhead vs plain generate(), and teacher forcing vs generation "
+                      "(measured, never asserted)."))
 
 
 if __name__ == "__main__":

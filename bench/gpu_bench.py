@@ -9,9 +9,8 @@ Run by ``bench/gpu_check.sh``; works on a CPU too (slowly), which is how it is t
 from __future__ import annotations
 
 import argparse
-import time
 
-from .common import report, summarize
+from .common import device_seconds, report, summarize
 from .train_bench import ours
 
 
@@ -24,14 +23,7 @@ def matmul_rate(dtype: str, n: int, repeats: int = 10) -> list[float]:
     a = jax.random.normal(key_a, (n, n), dtype)
     b = jax.random.normal(key_b, (n, n), dtype)
     dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-    for _ in range(3):
-        dot(a, b).block_until_ready()
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dot(a, b).block_until_ready()
-        rates.append(2 * n**3 / (time.perf_counter() - t0))
-    return rates
+    return [2 * n**3 / t for t in device_seconds(dot, a, b, repeats=repeats, warmup=3)]
 
 
 def main() -> None:

@@ -5,56 +5,23 @@ k=64, batch 4096), beside the whole step."""
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
-from .common import report, summarize
+from .common import device_seconds, report, summarize
 
 
-def _timed(fn, *args, repeats: int) -> list[float]:
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.step_pieces", description=__doc__)
-    parser.add_argument("--d", type=int, default=1536)
-    parser.add_argument("--h", type=int, default=6144)
-    parser.add_argument("--k", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-
+def _sparse_passes(B: int, d: int, h: int, k: int, mesh, tuning) -> dict:
+    """The sparse step's two passes over the selected codes, each jitted per shard: the gather
+    (reconstruction and code gradients) and the scatter-add of both weight gradients."""
     import jax
     import jax.numpy as jnp
-    import optax
     from jax import lax
     from jax.sharding import PartitionSpec as P
 
     from jax_sae import model as M
     from jax_sae import sparse
-    from jax_sae.config import SAEConfig
-    from jax_sae.sharding import make_mesh
-    from jax_sae.step import make_optimizer
 
-    from .train_bench import ours
-
-    B, d, h, k = args.batch, args.d, args.h, args.k
-    cfg = SAEConfig(sae_type="topk", d_model=d, hidden_dim=h, top_k=k)
-    params = M.init_params(jax.random.PRNGKey(0), cfg, np.zeros(d, np.float32))
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(B, d)).astype(np.float32))
-    mesh, tuning = make_mesh(1, 1), sparse.tuning_for("cpu")
-    pre = jax.jit(lambda p, x: x @ p.W_enc_DH)(params, x)
-    val, idx = jax.jit(lambda p: lax.top_k(p, k))(pre)
-    val = jnp.maximum(val, 0.0)
     specs = (M.SAEParams(P(None, "model"), P("model"), P("model", None), P()), P("data"), P("data"), P("data"))
 
     def per_shard(fn):
@@ -72,22 +39,59 @@ def main() -> None:
                                    tuning)
         return sum(jnp.sum(a) for a in accs)
 
+    return {"gather, reconstruct, code gradients": per_shard(decode_pass),
+            "sorted scatter-add of both weight gradients": per_shard(scatter_pass)}
+
+
+def _pieces(B: int, d: int, h: int, k: int) -> dict:
+    """Each piece of the step: name -> (jitted function, its arguments)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from jax import lax
+
+    from jax_sae import model as M
+    from jax_sae import sparse
+    from jax_sae.config import SAEConfig
+    from jax_sae.sharding import make_mesh
+    from jax_sae.step import make_optimizer
+
+    cfg = SAEConfig(sae_type="topk", d_model=d, hidden_dim=h, top_k=k)
+    params = M.init_params(jax.random.PRNGKey(0), cfg, np.zeros(d, np.float32))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(B, d)).astype(np.float32))
+    pre = jax.jit(lambda p, x: x @ p.W_enc_DH)(params, x)
+    val, idx = jax.jit(lambda p: lax.top_k(p, k))(pre)
+    val = jnp.maximum(val, 0.0)
+    passes = _sparse_passes(B, d, h, k, make_mesh(1, 1), sparse.tuning_for("cpu"))
     optimizer = make_optimizer(1e-4, 1000, 0.0)
-    opt_state = optimizer.init(params)
 
     @jax.jit
     def update(p, state):
         updates, state = optimizer.update(p, state, p)
         return M.normalize_decoder(optax.apply_updates(p, updates)), state
 
-    pieces = {
+    return {
         "encoder GEMM": (jax.jit(lambda p, x: x @ p.W_enc_DH), (params, x)),
         "lax.top_k": (jax.jit(lambda p: lax.top_k(p, k)), (pre,)),
-        "gather, reconstruct, code gradients": (per_shard(decode_pass), (params, idx, val, x)),
-        "sorted scatter-add of both weight gradients": (per_shard(scatter_pass), (params, idx, val, x)),
-        "AdamW + decoder renormalisation": (update, (params, opt_state)),
+        **{name: (fn, (params, idx, val, x)) for name, fn in passes.items()},
+        "AdamW + decoder renormalisation": (update, (params, optimizer.init(params))),
     }
-    figures = {name: summarize([t * 1e3 for t in _timed(fn, *a, repeats=args.repeats)], "ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.step_pieces", description=__doc__)
+    parser.add_argument("--d", type=int, default=1536)
+    parser.add_argument("--h", type=int, default=6144)
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    from .train_bench import ours
+
+    B, d, h, k = args.batch, args.d, args.h, args.k
+    pieces = _pieces(B, d, h, k)
+    figures = {name: summarize([t * 1e3 for t in device_seconds(fn, *a, repeats=args.repeats)], "ms")
                for name, (fn, a) in pieces.items()}
     figures["whole step (ours, topk)"] = summarize(
         [t * 1e3 for t in ours("topk", d, h, k, B, args.repeats)], "ms")

@@ -12,8 +12,6 @@ chunk-aligned batches, and the same batches with tensorstore's per-write fsync t
 
 from __future__ import annotations
 
-import concurrent.futures
-import multiprocessing
 import os
 import shutil
 import tempfile
@@ -24,7 +22,15 @@ from typing import Literal
 
 import numpy as np
 
-from .common import peak_rss_mib, report, summarize, target
+from .common import (
+    in_fresh_process,
+    peak_rss_mib,
+    report,
+    run_bench,
+    summarize,
+    synthetic_store,
+    target,
+)
 
 NAME = "store_bench"
 LAYER = 0
@@ -63,18 +69,9 @@ class StoreBenchConfig:
 
 
 def _create(root: Path, cfg: StoreBenchConfig):
-    from extractor.store import StoreMeta, create_store
-
-    n_rows = cfg.n_samples * cfg.frames
-    meta = StoreMeta(
-        model="bench", layers=(LAYER,), d_model=cfg.d_model, n_codebooks=N_CODEBOOKS, frame_rate=50.0,
-        sampling_rate=32000, dtype=cfg.dtype, mode="generate", n_samples=cfg.n_samples, n_rows=n_rows,
-        n_units=-(-cfg.n_samples // cfg.batch_samples),
-    )
-    samples = [{"index": i, "prompt": f"p{i}", "n_frames": cfg.frames} for i in range(cfg.n_samples)]
     # As extraction does: chunks aligned to its equal-sized write units.
-    return create_store(root / "store", meta, samples, [cfg.frames] * cfg.n_samples,
-                        unit_rows=cfg.batch_samples * cfg.frames)
+    return synthetic_store(root / "store", n_samples=cfg.n_samples, frames=cfg.frames, d_model=cfg.d_model,
+                           dtype=cfg.dtype, unit_samples=cfg.batch_samples, layer=LAYER, n_codebooks=N_CODEBOOKS)
 
 
 def _batches(cfg: StoreBenchConfig, rows_per_batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -174,12 +171,6 @@ def _read_pass(path: str, batch: int, shuffle: bool, cold: bool) -> dict:
             "rss_peak_mib": peak_rss_mib()}
 
 
-def _in_fresh_process(fn, *args):
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(fn, *args).result()
-
-
 def _aligned_rows(cfg: StoreBenchConfig) -> int:
     from extractor.store import chunk_rows_for
 
@@ -213,7 +204,7 @@ def _record_reads(samples: dict[str, list], store, cfg: StoreBenchConfig) -> Non
     acts_bytes = store.n_rows * cfg.d_model * np.dtype(cfg.dtype).itemsize
     for shuffle in (False, True):
         for cold in (False, True):
-            r = _in_fresh_process(_read_pass, str(store.path), cfg.read_batch, shuffle, cold)
+            r = in_fresh_process(_read_pass, str(store.path), cfg.read_batch, shuffle, cold)
             if r["rows"] != store.n_rows or r["dtype"] != "float32":
                 raise RuntimeError(f"read pass returned {r['rows']} {r['dtype']} rows of {store.n_rows}")
             samples[f"{'shuffled' if shuffle else 'sequential'} read ({'cold' if cold else 'warm'})"].append(
@@ -288,11 +279,8 @@ def run(cfg: StoreBenchConfig) -> dict:
 
 
 def main(argv: list[str] | None = None):
-    from extractor.cli import run_main
-
-    return run_main(StoreBenchConfig, argv, prog="python -m bench.store_bench",
-                    description="Activation-store write and read throughput (measured, never asserted).",
-                    run=run, errors=(ValueError,))
+    return run_bench(StoreBenchConfig, run, argv, NAME,
+                     "Activation-store write and read throughput (measured, never asserted).")
 
 
 if __name__ == "__main__":

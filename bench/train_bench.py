@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from .common import report, summarize, target
+from .common import device_seconds, report, summarize, target
 
 SETTINGS = {
     "medium": dict(d=1536, h=6144, k=64, batch=4096),
@@ -132,14 +132,7 @@ def gemm_rate(d: int, h: int, batch: int, repeats: int = 5) -> list[float]:
 
     a = jnp.asarray(_data(d, batch))
     b = jnp.asarray(np.random.default_rng(1).normal(size=(d, h)).astype(np.float32))
-    dot = jax.jit(jnp.dot)
-    dot(a, b).block_until_ready()
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dot(a, b).block_until_ready()
-        rates.append(2 * batch * d * h / (time.perf_counter() - t0))
-    return rates
+    return [2 * batch * d * h / t for t in device_seconds(jax.jit(jnp.dot), a, b, repeats=repeats)]
 
 
 def main() -> None:
