@@ -148,7 +148,7 @@ def _spliced_logprobs(loaded, store, layer: int, replacements: dict, idx: range,
     return logprobs
 
 
-def _ablation_mean(loaded, store, layer: int, cfg: "EvaluateConfig") -> tuple[torch.Tensor, str]:
+def _ablation_mean(loaded, store, layer: int, cfg: EvaluateConfig) -> tuple[torch.Tensor, str]:
     """The layer's mean output, on the model's device, and where it came from."""
     if layer in store.layers:
         mean, source = torch.from_numpy(_layer_mean(store, layer, loaded.info.d_model)), "store"
