@@ -124,11 +124,23 @@ def test_malformed_reply(api, provider):
 
 
 def test_cache_and_concurrency(provider, tmp_path):
-    client, fake = provider("anthropic", [(200, GOOD, {})])
+    in_flight, most, lock = [0], [0], threading.Lock()
+
+    def slow(_request, _index):  # holds each call long enough for the others to overlap it
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        time.sleep(0.2)
+        with lock:
+            in_flight[0] -= 1
+        return 200, GOOD, {}
+
+    client, fake = provider("anthropic", slow)
     cache = ReplyCache(tmp_path / "cache")
     prompts = {i: f"prompt {i}" for i in range(6)}
     first = label_all(client, prompts, cache, concurrency=3, progress=False)
     assert fake.calls == 6 and all(r.label for r in first.values())
+    assert most[0] == 3, f"--llm_concurrency 3 should keep 3 calls in flight, saw at most {most[0]}"
     again = label_all(client, prompts, cache, concurrency=3, progress=False)
     assert fake.calls == 6 and again == first, "cached replies cost no calls"
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json"] * 6, "no temp files left"
