@@ -1,5 +1,6 @@
-"""Typed, frozen configs: the SAE's architecture and a training run. Both round-trip through JSON
-and are saved inside every checkpoint, so a model is rebuilt from its checkpoint alone."""
+"""The SAE's architecture as a typed, frozen config. It round-trips through JSON and is saved
+inside every checkpoint, so a model is rebuilt from its checkpoint alone (a training run's
+settings are ``train.TrainConfig``)."""
 
 from __future__ import annotations
 

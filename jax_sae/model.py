@@ -5,8 +5,6 @@ the dataset's input scale (see ``data.input_scale``)."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,14 +25,6 @@ class SAEParams:
     b_enc_H: jax.Array
     W_dec_HD: jax.Array
     b_dec_D: jax.Array
-
-
-class ForwardOutput(NamedTuple):
-    """Reconstruction, sparse codes and pre-activations of one batch."""
-
-    x_hat_BD: jax.Array
-    f_BH: jax.Array
-    pre_BH: jax.Array
 
 
 def init_params(key: jax.Array, cfg: SAEConfig, b_dec_D: np.ndarray | jax.Array) -> SAEParams:

@@ -62,9 +62,11 @@ class Progress:
     def _record(self, step: int, metrics: dict) -> None:
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not np.isfinite(host["loss"]):
+            kept = [d.name + "/" for d in (self.files.best, self.files.ckpt) if d.exists() and any(d.iterdir())]
             raise TrainError(
-                f"training diverged at step {step} (loss {host['loss']}); the last good checkpoints are kept in "
-                f"{self.files.path} (best/, ckpt/); lower --lr and rerun with --overwrite"
+                f"training diverged at step {step} (loss {host['loss']}); "
+                + (f"the last good checkpoints are kept in {self.files.path} ({', '.join(kept)}); " if kept else "")
+                + "lower --lr and rerun with --overwrite"
             )
         host["lr"] = float(self.lr_at(step - 1))
         self._log({"step": step, **host})
