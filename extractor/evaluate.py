@@ -22,8 +22,8 @@ import torch
 
 from .capture import layer_hook, model_inputs, padded_input_ids
 from .eval_file import MODES, summarize_losses, write_eval
+from .formats import SAEFormatError
 from .models import ModelError, load_model
-from .saelens import SAEFormatError
 from .store import StoreError, open_store
 from .torch_sae import TorchSAE
 

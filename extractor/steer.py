@@ -20,8 +20,8 @@ from .audio import write_wav
 from .capture import generate_batch, layer_hook
 from .evaluate import checked_layer
 from .files import write_json
+from .formats import SAEFormatError
 from .models import ModelError, load_model
-from .saelens import SAEFormatError
 from .torch_sae import TorchSAE
 
 
