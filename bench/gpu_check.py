@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from extractor.files import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 
@@ -102,7 +104,7 @@ def main() -> None:
     results: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": args.quick}
 
     def save() -> None:
-        out_path.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(out_path, results)
 
     results["environment"] = _environment()
     save()
