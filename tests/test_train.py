@@ -46,7 +46,8 @@ def _cfg(root, sae_type, **kw):
 
 @pytest.mark.parametrize("sae_type, min_cosine, backward", [
     ("topk", 0.9, "auto"), ("batch_topk", 0.9, "auto"), ("matryoshka", 0.9, "auto"), ("vanilla", 0.8, "auto"),
-    ("batch_topk", 0.9, "sparse")])  # auto is dense at this width; the sparse path trains as well
+    pytest.param("batch_topk", 0.9, "sparse", marks=pytest.mark.slow)])  # auto is dense at this width;
+# the sparse path trains as well (slow suite; test_sparse checks its gradients against autodiff by default)
 def test_each_type_recovers_the_planted_dictionary(planted, sae_type, min_cosine, backward, capsys):
     root, directions = planted
     cfg = _cfg(root, sae_type, backward=backward, out=str(root / ("models" if backward == "auto" else backward)))
