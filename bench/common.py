@@ -44,8 +44,7 @@ def run_bench(config_cls: type, run: Callable, argv: list[str] | None, name: str
     a bad flag as one line."""
     from extractor.cli import run_main
 
-    return run_main(config_cls, argv, prog=f"python -m bench.{name}", description=description, run=run,
-                    errors=(ValueError,))
+    return run_main(config_cls, argv, prog=f"python -m bench.{name}", description=description, run=run)
 
 
 def timed(fn: Callable, *args, **kwargs) -> tuple[object, float]:

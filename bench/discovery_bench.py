@@ -41,6 +41,8 @@ from typing import Literal
 
 import numpy as np
 
+from extractor.errors import UsageError
+
 from .common import (
     device_seconds,
     in_fresh_process,
@@ -100,9 +102,9 @@ class DiscoveryBenchConfig:
     def __post_init__(self) -> None:
         if min(self.frames, self.d_model, self.hidden_dim, self.top_k, self.examples, self.max_features,
                self.repeats, self.block_rows) <= 0:
-            raise ValueError("sizes, counts and repeats must be positive")
+            raise UsageError("sizes, counts and repeats must be positive")
         if any(n % self.frames or n <= 0 for n in self.sizes):
-            raise ValueError(f"--rows {self.rows} must be positive multiples of --frames {self.frames}")
+            raise UsageError(f"--rows {self.rows} must be positive multiples of --frames {self.frames}")
 
     @property
     def sizes(self) -> tuple[int, ...]:

@@ -30,6 +30,8 @@ from typing import Literal
 
 import numpy as np
 
+from extractor.errors import UsageError
+
 from .common import report, run_bench, summarize, target, timed
 
 NAME = "extract_bench"
@@ -73,10 +75,10 @@ class ExtractBenchConfig:
     def __post_init__(self) -> None:
         sizes = (self.n_frames, self.batch, self.repeats, self.small_repeats, self.teacher_repeats)
         if min(sizes) <= 0 or self.threads < 0:
-            raise ValueError("frames, batch and repeats must be positive, threads >= 0")
+            raise UsageError("frames, batch and repeats must be positive, threads >= 0")
         unknown = set(self.model_names) - {"tiny-random", SMALL_RANDOM}
         if unknown:
-            raise ValueError(f"unknown bench model(s) {sorted(unknown)}; use tiny-random and/or {SMALL_RANDOM}")
+            raise UsageError(f"unknown bench model(s) {sorted(unknown)}; use tiny-random and/or {SMALL_RANDOM}")
 
     @property
     def model_names(self) -> list[str]:

@@ -22,6 +22,8 @@ from typing import Literal
 
 import numpy as np
 
+from extractor.errors import UsageError
+
 from .common import (
     in_fresh_process,
     peak_rss_mib,
@@ -65,7 +67,7 @@ class StoreBenchConfig:
 
     def __post_init__(self) -> None:
         if min(self.n_samples, self.frames, self.batch_samples, self.d_model, self.read_batch, self.repeats) <= 0:
-            raise ValueError("sizes and repeats must be positive")
+            raise UsageError("sizes and repeats must be positive")
 
 
 def _create(root: Path, cfg: StoreBenchConfig):

@@ -17,11 +17,12 @@ from typing import Literal, Mapping
 
 import numpy as np
 
+from extractor.errors import UsageError
 from extractor.files import write_json, write_text
-from extractor.store import StoreError, open_store
+from extractor.store import open_store
 
 
-class DiscoverError(ValueError):
+class DiscoverError(UsageError):
     """Discovery arguments that cannot work, or a discovery file that cannot be read."""
 
 
@@ -191,13 +192,9 @@ def _all_stats(found) -> dict[str, np.ndarray]:
 
 def main(argv: list[str] | None = None):
     from extractor.cli import run_main
-    from jax_sae.checkpoint import CheckpointError
-
-    from .llm import LLMError
 
     return run_main(DiscoverConfig, argv, prog="python -m discovery.discover",
-                    description="Discover, label and align SAE features.", run=discover,
-                    errors=(DiscoverError, StoreError, CheckpointError, LLMError, ValueError))
+                    description="Discover, label and align SAE features.", run=discover)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from extractor.errors import UsageError
+
 from .align import Alignment, align, average_precision, layer_summary
 from .discover import FeatureFiles
 from .labels import Corpus, detection_score, heuristic_label
@@ -97,10 +99,10 @@ class FeatureDiscovery:
             max_activation_count: int = 10_000, max_features: int = 10, aggregation: str = "max",
             examples: int = 20, min_tag_support: int = 5, seed: int = 0, block_rows: int = 4096) -> Discovery:
         if aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
+            raise UsageError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
         layer = self.sae.cfg.layer if layer is None else layer
         if layer is None:
-            raise ValueError("the SAE does not record its layer; pass --layer_idx")
+            raise UsageError("the SAE does not record its layer; pass --layer_idx")
         stats = feature_pass(self.sae, store, layer, examples=examples, block_rows=block_rows, progress=self.progress,
                              token_examples=aggregation == "moments")
         samples = store.samples

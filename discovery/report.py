@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from extractor.errors import UsageError
 from extractor.eval_file import read_eval
 from extractor.files import write_text
-from extractor.store import StoreError, open_store
+from extractor.store import open_store
 from jax_sae.plots import plot_density
 from jax_sae.run_dir import RunDir
 
@@ -29,7 +30,7 @@ from .discover import FeatureFiles
 from .plotting import plot_activation
 
 
-class ReportError(ValueError):
+class ReportError(UsageError):
     """A report that cannot be built from what was given."""
 
 
@@ -185,15 +186,9 @@ def _density(path: Path, sae_path: Path, files: FeatureFiles) -> bool:
 
 def main(argv: list[str] | None = None):
     from extractor.cli import run_main
-    from jax_sae.checkpoint import CheckpointError
-    from jax_sae.export import MissingExtraError, exit_missing_extra
 
-    try:
-        return run_main(ReportConfig, argv, prog="python -m discovery.report",
-                        description="Build a static HTML report of discovered features.", run=build_report,
-                        errors=(ReportError, StoreError, CheckpointError, ValueError))
-    except MissingExtraError as err:
-        exit_missing_extra(err)
+    return run_main(ReportConfig, argv, prog="python -m discovery.report",
+                    description="Build a static HTML report of discovered features.", run=build_report)
 
 
 if __name__ == "__main__":

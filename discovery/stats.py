@@ -18,6 +18,7 @@ from flax import struct
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from extractor.errors import UsageError
 from jax_sae import model as M
 from jax_sae.api import SAE
 from jax_sae.config import SAEConfig
@@ -158,7 +159,7 @@ def feature_pass(sae: SAE, store, layer: int, *, examples: int = 20, block_rows:
     mesh = make_mesh(devices or jax.local_device_count(), 1)
 
     if store.d_model != sae.cfg.d_model:
-        raise ValueError(f"store width {store.d_model} does not match the SAE's d_model {sae.cfg.d_model}")
+        raise UsageError(f"store width {store.d_model} does not match the SAE's d_model {sae.cfg.d_model}")
     store.check_layer(layer)
     offsets = store.offsets
     longest = int(np.max(offsets[1:] - offsets[:-1])) if store.n_samples else 0

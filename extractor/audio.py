@@ -8,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UsageError
+
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 
 
-class AudioError(ValueError):
+class AudioError(UsageError):
     """An audio file that cannot be read."""
 
 

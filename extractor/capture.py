@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .errors import UsageError
 from .models import LoadedModel
 
 
@@ -142,7 +143,7 @@ def model_inputs(loaded: LoadedModel, texts: Sequence[str], melodies: Sequence |
                                    loaded.chroma.num_chroma)
         inputs["input_features"] = features.to(loaded.device, loaded.dtype)
     elif melodies is not None and any(m is not None for m in melodies):
-        raise ValueError(f"{loaded.info.name} takes no melody condition (only melody checkpoints do)")
+        raise UsageError(f"{loaded.info.name} takes no melody condition (only melody checkpoints do)")
     return inputs
 
 
@@ -180,7 +181,7 @@ def generate_batch(
     n_positions = n_frames + loaded.info.max_delay
     guided = guidance_scale is not None and guidance_scale > 1
     if keep_uncond and not guided:
-        raise ValueError("--keep_uncond needs classifier-free guidance (--guidance_scale > 1)")
+        raise UsageError("--keep_uncond needs classifier-free guidance (--guidance_scale > 1)")
     inputs = model_inputs(loaded, texts, melodies, pad_to)
     torch.manual_seed(seed)
     with capture_layers(loaded, layers) as calls, _capture_codes(loaded) as codes_seen:
@@ -256,7 +257,7 @@ def encode_audio(loaded: LoadedModel, waveform: np.ndarray, sampling_rate: int) 
     codes [n_frames, K]. Stereo checkpoints encode the left and right channel each (a mono file
     on both), mono ones the channels' mean."""
     if sampling_rate != loaded.info.sampling_rate:
-        raise ValueError(
+        raise UsageError(
             f"audio at {sampling_rate} Hz, model expects {loaded.info.sampling_rate} Hz; resample it first"
         )
     wave = np.atleast_2d(np.asarray(waveform, np.float32))

@@ -8,13 +8,14 @@ import argparse
 import ast
 import dataclasses
 import inspect
-import sys
 import textwrap
 import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, TypeVar
+
+from .errors import UsageError, disk_full_error, exit_usage
 
 T = TypeVar("T")
 
@@ -127,23 +128,16 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
     return parser
 
 
-def run_main(
-    cls: type[T],
-    argv: list[str] | None,
-    prog: str,
-    description: str,
-    run: Callable[[T], object],
-    errors: tuple[type[BaseException], ...] = (ValueError,),
-):
-    """Parse flags into ``cls`` and call ``run``; known errors exit with one line, no traceback."""
-    parser = build_parser(cls, prog, description)
-    args = parser.parse_args(argv)
+def run_main(cls: type[T], argv: list[str] | None, prog: str, description: str, run: Callable[[T], object]):
+    """Parse flags into ``cls`` and call ``run``. A ``UsageError`` (from the config's checks or
+    anywhere in the run) or a full disk ends it with one line on stderr and exit status 2."""
+    args = build_parser(cls, prog, description).parse_args(argv)
     try:
         return run(cls(**vars(args)))
-    except errors as err:
-        message = " ".join(str(err).split())
-        sys.exit(f"error: {message}")
+    except UsageError as err:
+        exit_usage(err)
     except OSError as err:
-        if err.errno == 28:  # ENOSPC
-            sys.exit(f"error: out of disk space ({err.filename or 'while writing'}); free space and rerun to resume")
-        raise
+        full = disk_full_error(err)
+        if full is None:
+            raise
+        exit_usage(full)

@@ -17,6 +17,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from .errors import UsageError
 from .files import write_json
 
 MODES = ("clean", "sae", "zero", "mean")
@@ -29,7 +30,7 @@ SUMMARY_FIELDS = tuple(f"ce_{m}" for m in MODES) + ("kl_sae",) + tuple(f"loss_re
 UNDEFINED_GAP = 1e-6
 
 
-class EvalFileError(ValueError):
+class EvalFileError(UsageError):
     """An eval.json that is missing, not JSON, or lacks a field its readers need."""
 
 

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from .capture import layer_hook, model_inputs, padded_input_ids
+from .errors import UsageError
 from .eval_file import MODES, summarize_losses, write_eval
-from .formats import SAEFormatError
-from .models import ModelError, load_model
+from .models import load_model
 from .store import StoreError, open_store
 from .torch_sae import TorchSAE
 
@@ -55,9 +55,9 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         if not self.sae:
-            raise ValueError("--sae is required (an exported .pt file or SAELens directory)")
+            raise UsageError("--sae is required (an exported .pt file or SAELens directory)")
         if self.batch_size <= 0:
-            raise ValueError("--batch_size must be positive")
+            raise UsageError("--batch_size must be positive")
 
 
 def checked_layer(sae: TorchSAE, layer: int | None, loaded, model: str) -> int:
@@ -65,11 +65,11 @@ def checked_layer(sae: TorchSAE, layer: int | None, loaded, model: str) -> int:
     if layer is None:
         layer = sae.config.get("layer", sae.config.get("metadata", {}).get("hook_layer"))
     if layer is None or not 0 <= int(layer) < loaded.info.num_layers:
-        raise ValueError(f"layer {layer} is not a decoder layer of {model} (0-{loaded.info.num_layers - 1}); "
+        raise UsageError(f"layer {layer} is not a decoder layer of {model} (0-{loaded.info.num_layers - 1}); "
                          "pass --layer")
     layer = int(layer)
     if sae.d_model != loaded.info.d_model:
-        raise ValueError(f"the SAE is {sae.d_model} wide but layer {layer} of {model} is {loaded.info.d_model}")
+        raise UsageError(f"the SAE is {sae.d_model} wide but layer {layer} of {model} is {loaded.info.d_model}")
     return layer
 
 
@@ -217,8 +217,7 @@ def main(argv: list[str] | None = None):
     from .cli import run_main
 
     return run_main(EvaluateConfig, argv, prog="python -m extractor.evaluate",
-                    description="Spliced-in evaluation of an SAE inside MusicGen.", run=evaluate,
-                    errors=(ValueError, StoreError, ModelError, SAEFormatError))
+                    description="Spliced-in evaluation of an SAE inside MusicGen.", run=evaluate)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,12 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from .prompts import BUNDLED, PromptError
+from .errors import UsageError
+from .prompts import BUNDLED
 from .store import STORE_DTYPES, Store, StoreError, StoreMeta, acts_name, create_store, estimate_bytes, remove_store
 
 
-class ExtractError(ValueError):
+class ExtractError(UsageError):
     """Extraction arguments that cannot work together."""
 
 
@@ -379,14 +380,12 @@ def _summary(store: Store, rows_done: int, seconds: float) -> None:
 
 
 def main(argv: list[str] | None = None):
-    from .audio import AudioError
     from .cli import run_main
-    from .models import ModelError
 
     return run_main(
         ExtractConfig, argv, prog="python -m extractor.extract",
         description="Capture MusicGen decoder activations into an activation store.",
-        run=extract, errors=(ExtractError, StoreError, PromptError, ModelError, AudioError),
+        run=extract,
     )
 
 

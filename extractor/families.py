@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from .errors import UsageError
 from .files import staged_dir, write_json
 
 CODEBOOK_SIZE = 2048
@@ -46,7 +47,7 @@ TOY_DECODER = dict(hidden_size=64, num_attention_heads=4, ffn_dim=128)
 TOY_LAYERS = 4
 
 
-class FamilyError(ValueError):
+class FamilyError(UsageError):
     """A family name, or a model configuration, this code does not know."""
 
 

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .errors import UsageError
 from .files import staged_file, write_json
 
 TORCH_FORMAT_VERSION = 1
@@ -44,7 +45,7 @@ TORCH_CONFIG_FIELDS = ("sae_type", "d_model", "hidden_dim", "threshold", "input_
 TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
-class SAEFormatError(ValueError):
+class SAEFormatError(UsageError):
     """A file that is not an SAE export this code can read, or refuses to be read safely."""
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import UsageError
 from .families import SUPPORTED, FamilyError, build_random, codebook_delays, family_of, get_family
 
 TINY_RANDOM = "tiny-random"
@@ -26,7 +27,7 @@ MODEL_CLASSES = {"musicgen": "MusicgenForConditionalGeneration",
                  "musicgen_melody": "MusicgenMelodyForConditionalGeneration"}
 
 
-class ModelError(ValueError):
+class ModelError(UsageError):
     """A model that cannot be found, loaded or placed on the requested device."""
 
 

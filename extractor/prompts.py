@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .cli import run_main
+from .errors import UsageError
 from .files import write_all
 
 BUNDLED = "bundled"
@@ -25,7 +26,7 @@ REQUIRED_COLUMNS = (
 _CSV_HINT = "pass --csv PATH to a local musiccaps-public.csv (https://www.kaggle.com/datasets/googleai/musiccaps)"
 
 
-class PromptError(ValueError):
+class PromptError(UsageError):
     """A prompt source or prompt file is missing or malformed; the message says how to fix it."""
 
 
@@ -253,7 +254,6 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         prog="python -m extractor.prompts",
         description="Build MusicCaps prompt files (quick_test, medium, full) and musiccaps_meta.jsonl.",
         run=build_prompts,
-        errors=(PromptError,),
     )
 
 

@@ -14,6 +14,7 @@ import torch
 
 from .audio import write_wav
 from .capture import decode_codes
+from .errors import UsageError
 from .models import load_model
 from .store import Store
 
@@ -38,7 +39,7 @@ def render_windows(model: str, store: Store, requests: Sequence[AudioRequest], d
         return []
     loaded = load_model(model, device, "float32")
     if loaded.info.num_codebooks != store.meta.n_codebooks:
-        raise ValueError(f"store {store.path} has {store.meta.n_codebooks} codebooks but {model} has "
+        raise UsageError(f"store {store.path} has {store.meta.n_codebooks} codebooks but {model} has "
                          f"{loaded.info.num_codebooks}; pass the model the store was made with")
     written = []
     for req in tqdm(requests, desc="decoding audio", unit="clip", disable=not progress):

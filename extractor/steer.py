@@ -18,10 +18,10 @@ import torch
 
 from .audio import write_wav
 from .capture import generate_batch, layer_hook
+from .errors import UsageError
 from .evaluate import checked_layer
 from .files import write_json
-from .formats import SAEFormatError
-from .models import ModelError, load_model
+from .models import load_model
 from .torch_sae import TorchSAE
 
 
@@ -70,11 +70,11 @@ class SteerConfig:
 
     def __post_init__(self) -> None:
         if not self.sae or self.feature is None:
-            raise ValueError("--sae and --feature are required")
+            raise UsageError("--sae and --feature are required")
         if not self.duration > 0:
-            raise ValueError(f"--duration must be > 0, got {self.duration}")
+            raise UsageError(f"--duration must be > 0, got {self.duration}")
         if self.end is not None and self.end <= self.start:
-            raise ValueError("--end must be after --start")
+            raise UsageError("--end must be after --start")
 
 
 def add_to_layer(loaded, layer: int, delta_fn, first_pos: int, last_pos: int, rows: slice):
@@ -173,8 +173,7 @@ def main(argv: list[str] | None = None):
     from .cli import run_main
 
     return run_main(SteerConfig, argv, prog="python -m extractor.steer",
-                    description="Steer MusicGen generation with an SAE feature.", run=steer,
-                    errors=(ValueError, ModelError, SAEFormatError))
+                    description="Steer MusicGen generation with an SAE feature.", run=steer)
 
 
 if __name__ == "__main__":

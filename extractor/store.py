@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import tensorstore as ts
 
+from .errors import UsageError
 from .files import staged_dir, write_json
 
 FORMAT_VERSION = 1
@@ -37,7 +38,7 @@ STORE_DTYPES = ("float16", "bfloat16", "float32")
 TARGET_CHUNK_BYTES = 8 << 20
 
 
-class StoreError(ValueError):
+class StoreError(UsageError):
     """A store that is missing, incomplete, or does not match what was asked of it."""
 
 

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from extractor.errors import UsageError
+
 from . import model as M
 from .checkpoint import load_model_tree, params_from_tree
 from .config import SAEConfig
@@ -60,7 +62,7 @@ class SAE:
 
     def _check(self, x) -> None:
         if x.shape[-1] != self.cfg.d_model:
-            raise ValueError(f"input width {x.shape[-1]} does not match the SAE's d_model {self.cfg.d_model}")
+            raise UsageError(f"input width {x.shape[-1]} does not match the SAE's d_model {self.cfg.d_model}")
 
     def encode(self, x) -> jax.Array:
         """[..., d_model] -> [..., hidden_dim]."""
@@ -112,6 +114,6 @@ def evaluate(sae: SAE, store, layer: int, *, batch_size: int = 4096, samples: np
     store = store if isinstance(store, Store) else Store(store)
     store.require_complete()
     if store.d_model != sae.cfg.d_model:
-        raise ValueError(f"store width {store.d_model} does not match the SAE's d_model {sae.cfg.d_model}")
+        raise UsageError(f"store width {store.d_model} does not match the SAE's d_model {sae.cfg.d_model}")
     batches = store.iter_rows(layer, batch_size, samples=samples)
     return evaluate_batches(sae.cfg, sae.params, sae.threshold, sae.input_scale, batches).result()

@@ -14,13 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from extractor.errors import UsageError
 from extractor.files import publish_dir, write_json
 
 from . import model as M
 from .config import SAEConfig
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A checkpoint that is missing, unfinished, or of another kind."""
 
 

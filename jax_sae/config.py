@@ -8,11 +8,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+from extractor.errors import UsageError
+
 SAEType = Literal["vanilla", "topk", "batch_topk", "matryoshka"]
 SAE_TYPES: tuple[str, ...] = ("vanilla", "topk", "batch_topk", "matryoshka")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A configuration that cannot describe a working SAE or run."""
 
 

@@ -10,10 +10,11 @@ from typing import Iterator
 
 import numpy as np
 
+from extractor.errors import UsageError
 from extractor.store import Store
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """Training data that cannot be used as asked."""
 
 

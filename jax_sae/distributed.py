@@ -13,13 +13,15 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from extractor.errors import UsageError
+
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> None:
     """Join a multi-process run when one is configured; a no-op for a single process."""
     if coordinator_address or (num_processes or 1) > 1:
         if not coordinator_address or num_processes is None or process_id is None:
-            raise ValueError("multi-process runs need --coordinator_address, --num_processes and --process_id "
+            raise UsageError("multi-process runs need --coordinator_address, --num_processes and --process_id "
                              "(or a SLURM / TPU environment that JAX detects)")
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     elif _cluster_size() > 1:

@@ -12,14 +12,14 @@ JAX-only install (no ``extract`` extra) that format is refused with one line and
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NoReturn
+from typing import Literal
 
 import numpy as np
 
 from extractor import formats
+from extractor.errors import UsageError
 
 from .checkpoint import CheckpointError, load_model_tree
 from .config import SAEConfig
@@ -28,11 +28,11 @@ from .config import SAEConfig
 # the same names.
 TRANSPOSED: frozenset[str] = frozenset()
 
-class ExportError(ValueError):
+class ExportError(UsageError):
     """An export that cannot be made."""
 
 
-class MissingExtraError(RuntimeError):
+class MissingExtraError(UsageError):
     """A step needs packages this install left out; the message names the extra that brings them."""
 
 
@@ -40,12 +40,6 @@ def missing_extract(need: str, instead: str) -> MissingExtraError:
     """The error for a step that needs the torch side (``need``) on a JAX-only install."""
     return MissingExtraError(f"{need}, which this JAX-only install left out: pip install -e '.[extract]' (or rerun "
                              f"scripts/install.sh without SAE_MUSIC_JAX_ONLY); {instead}")
-
-
-def exit_missing_extra(err: MissingExtraError) -> NoReturn:
-    """How an entry point ends on a MissingExtraError: one line, exit status 2, no traceback."""
-    print(f"error: {err}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 @dataclass(frozen=True)
@@ -118,12 +112,8 @@ def export(cfg: ExportConfig) -> Path:
 def main(argv: list[str] | None = None):
     from extractor.cli import run_main
 
-    try:
-        return run_main(ExportConfig, argv, prog="python -m jax_sae.export",
-                        description="Export a trained SAE to the torch or SAELens format.", run=export,
-                        errors=(ExportError, CheckpointError, formats.SAEFormatError))
-    except MissingExtraError as err:
-        exit_missing_extra(err)
+    return run_main(ExportConfig, argv, prog="python -m jax_sae.export",
+                    description="Export a trained SAE to the torch or SAELens format.", run=export)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from extractor.errors import UsageError
+
 from . import model as M
 from .config import SAEConfig
 
@@ -59,7 +61,7 @@ class MetricAccumulator:
 
     def result(self) -> dict:
         if self.n == 0:
-            raise ValueError("no rows to evaluate")
+            raise UsageError("no rows to evaluate")
         s, n, d = self.sums, self.n, self.cfg.d_model
         total_var = s["sum_sq_x"] - float(np.sum(s["sum_x_D"] ** 2)) / n
         fvu = float(s["sq_err"] / max(total_var, 1e-12))

@@ -9,11 +9,13 @@ import time
 import jax
 import numpy as np
 
+from extractor.errors import UsageError
+
 from .distributed import is_primary
 from .run_dir import RunDir
 
 
-class TrainError(RuntimeError):
+class TrainError(UsageError):
     """Training that had to stop (divergence); the message says what was kept."""
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from extractor.errors import UsageError
+
 FIXES = {
     "gpu": "the JAX CUDA build is missing or no GPU is visible: run `SAE_MUSIC_ACCEL=cuda12 scripts/install.sh` "
            "(or `pip install -U \"jax[cuda12]\"`) and check `nvidia-smi`",
@@ -21,7 +23,7 @@ FIXES = {
 _required: str | None = None
 
 
-class PlatformError(RuntimeError):
+class PlatformError(UsageError):
     """JAX runs on another platform than the launcher asked for."""
 
 

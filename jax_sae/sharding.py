@@ -10,6 +10,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from extractor.errors import UsageError
+
 DATA, MODEL = "data", "model"
 # Leaves named like these fields get these specs wherever they sit (params, Adam moments, state).
 FIELD_SPECS = {
@@ -31,7 +33,7 @@ def make_mesh(data: int | None = None, model: int = 1) -> Mesh:
     n = jax.device_count()
     data = data or n // model
     if data * model > n or data < 1 or model < 1:
-        raise ValueError(f"a {data}x{model} mesh needs {data * model} devices; {n} are visible")
+        raise UsageError(f"a {data}x{model} mesh needs {data * model} devices; {n} are visible")
     return jax.make_mesh((data, model), (DATA, MODEL), axis_types=(jax.sharding.AxisType.Auto,) * 2,
                          devices=jax.devices()[: data * model])
 
@@ -56,6 +58,6 @@ def shardings(tree, mesh: Mesh):
 def check_divisible(mesh: Mesh, batch_size: int, hidden_dim: int) -> None:
     data, model = mesh.shape[DATA], mesh.shape[MODEL]
     if batch_size % data:
-        raise ValueError(f"--batch_size {batch_size} must be divisible by the data axis ({data})")
+        raise UsageError(f"--batch_size {batch_size} must be divisible by the data axis ({data})")
     if hidden_dim % model:
-        raise ValueError(f"--hidden_dim {hidden_dim} must be divisible by the model axis ({model})")
+        raise UsageError(f"--hidden_dim {hidden_dim} must be divisible by the model axis ({model})")

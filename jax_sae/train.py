@@ -13,11 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from extractor.store import StoreError
 
-from .checkpoint import CheckpointError
 from .config import ConfigError, SAEConfig, default_group_sizes
-from .data import DataError
 from .distributed import initialize
 from .loop import TrainingRun
 from .progress import TrainError
@@ -150,7 +147,7 @@ def main(argv: list[str] | None = None):
     from extractor.cli import run_main
 
     return run_main(TrainConfig, argv, prog="python -m jax_sae.train", description="Train a sparse autoencoder.",
-                    run=train, errors=(ConfigError, DataError, StoreError, CheckpointError, TrainError))
+                    run=train)
 
 
 if __name__ == "__main__":

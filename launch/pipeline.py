@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from extractor.errors import UsageError
 from extractor.files import write_json
 
 STAGES = ("extract", "train", "discover", "report")
 PIPELINE_FILE = "pipeline.json"
 
 
-class PipelineError(ValueError):
+class PipelineError(UsageError):
     """A stage that failed or arguments that cannot work."""
 
 
@@ -148,8 +149,7 @@ def main(argv: list[str] | None = None):
     from extractor.cli import run_main
 
     return run_main(PipelineConfig, argv, prog="python -m launch.pipeline",
-                    description="Run extract -> train -> discover -> report.", run=run_pipeline,
-                    errors=(PipelineError,))
+                    description="Run extract -> train -> discover -> report.", run=run_pipeline)
 
 
 if __name__ == "__main__":

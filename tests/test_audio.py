@@ -90,6 +90,6 @@ def test_extract_reads_float_wav_and_flac_and_names_an_unreadable_file(tmp_path)
     with pytest.raises(SystemExit) as exc:
         main(["--model", "tiny-random", "--layers", "2", "--mode", "teacher_forced", "--audio_dir", str(audio),
               "--out", str(out), "--device", "cpu", "--dtype", "float32"])
-    text = str(exc.value.code)
+    text = str(exc.value)
     assert text.startswith("error: ") and f"{audio / 'c.wav'}: unreadable audio" in text and "\n" not in text
     assert not out.exists(), "nothing is written before every file has been read"

@@ -187,4 +187,4 @@ def test_cli_errors_are_one_line(tmp_path):
                           (["--sae_path", str(tmp_path)], "is not a finished sae-music-jax checkpoint")]:
         with pytest.raises(SystemExit) as exc:
             main(argv)
-        assert message in str(exc.value.code) and "\n" not in str(exc.value.code)
+        assert message in str(exc.value) and "\n" not in str(exc.value)

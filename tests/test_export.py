@@ -106,7 +106,7 @@ def test_exporting_a_broken_checkpoint_is_one_line(tmp_path, damage):
                 f.write_bytes(b"\0" * 10)
     with pytest.raises(SystemExit) as exc:
         main(["--checkpoint", str(ckpt), "--format", "torch", "--out", str(tmp_path / "x.pt")])
-    text = str(exc.value.code)
+    text = str(exc.value)
     assert text.startswith("error: ") and "\n" not in text and not (tmp_path / "x.pt").exists()
 
 

@@ -169,7 +169,7 @@ def test_bad_arguments_exit_with_one_line_and_write_nothing(tmp_path, prompt_fil
     out = tmp_path / "s"
     with pytest.raises(SystemExit) as exc:
         main([a for a in _args(out, prompt_file)[1:]] + extra)
-    text = str(exc.value.code)
+    text = str(exc.value)
     assert text.startswith("error: ") and message in text and "\n" not in text
     assert not out.exists()
 
@@ -181,7 +181,7 @@ def test_missing_or_empty_prompt_file(tmp_path, content, message):
         path.write_text(content)
     with pytest.raises(SystemExit) as exc:
         main(_args(tmp_path / "s", path)[1:])
-    assert message in str(exc.value.code) and not (tmp_path / "s").exists()
+    assert message in str(exc.value) and not (tmp_path / "s").exists()
 
 
 def test_existing_store_with_other_settings_is_refused_unless_overwrite(tmp_path, prompt_file):
@@ -189,7 +189,7 @@ def test_existing_store_with_other_settings_is_refused_unless_overwrite(tmp_path
     extract(_cfg(out, prompt_file, layers="1"))
     with pytest.raises(SystemExit) as exc:
         main(_args(out, prompt_file)[1:])  # layers 1,3
-    assert "layers=[1] (asked [1, 3])" in str(exc.value.code) and "--overwrite" in str(exc.value.code)
+    assert "layers=[1] (asked [1, 3])" in str(exc.value) and "--overwrite" in str(exc.value)
     assert open_store(out).layers == (1,), "the old store is untouched"
     main(_args(out, prompt_file, "--overwrite")[1:])
     assert open_store(out).layers == (1, 3)
@@ -203,7 +203,7 @@ def test_out_of_disk_is_refused_before_writing(tmp_path, prompt_file, monkeypatc
     monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(10**6, 10**6 - 100, 100))
     with pytest.raises(SystemExit) as exc:
         main(_args(tmp_path / "s", prompt_file)[1:])
-    assert "GB is free" in str(exc.value.code) and not (tmp_path / "s").exists()
+    assert "GB is free" in str(exc.value) and not (tmp_path / "s").exists()
 
 
 def test_parse_layers_forms():

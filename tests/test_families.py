@@ -143,7 +143,7 @@ def test_melody_audio_dir_in_generate_mode_needs_a_melody_checkpoint(tmp_path, c
     _write_wav(audio / "a.wav", [_tone(440)])
     with pytest.raises(SystemExit) as exc:
         main(["--model", "tiny-random", "--audio_dir", str(audio), "--out", str(tmp_path / "s"), "--device", "cpu"])
-    assert "gives the melody condition, which tiny-random does not take" in str(exc.value.code)
+    assert "gives the melody condition, which tiny-random does not take" in str(exc.value)
     assert not (tmp_path / "s").exists()
 
 
@@ -152,7 +152,7 @@ def test_codes_from_another_codebook_layout_is_refused_before_the_store(tmp_path
     with pytest.raises(SystemExit) as exc:
         main(["--model", "tiny-random", "--mode", "teacher_forced", "--codes_from", str(tmp_path / "stereo"),
               "--out", str(tmp_path / "tf"), "--device", "cpu"])
-    assert "holds 8 codebooks but tiny-random has 4" in str(exc.value.code)
+    assert "holds 8 codebooks but tiny-random has 4" in str(exc.value)
     assert not (tmp_path / "tf").exists()
 
 
@@ -169,7 +169,7 @@ def test_a_model_the_code_cannot_handle_gets_one_line_naming_the_families(bad, m
         bad = str(tmp_path / "t5")
     with pytest.raises(SystemExit) as exc:
         main(["--model", bad, "--prompt_file", "bundled", "--out", str(tmp_path / "s"), "--device", "cpu"])
-    assert message in str(exc.value.code) and "\n" not in str(exc.value.code)
+    assert message in str(exc.value) and "\n" not in str(exc.value)
 
 
 def _evaluate_and_steer(model, store_dir, d, tmp_path, channels):

@@ -128,7 +128,7 @@ def test_bad_csv_raises_prompt_error_and_main_exits_with_one_line(tmp_path, make
     assert str(path) in str(info.value)
     with pytest.raises(SystemExit) as exit_info:
         main(["--csv", str(path), "--out", str(tmp_path / "out")])
-    message = str(exit_info.value.code)
+    message = str(exit_info.value)
     assert message.startswith("error: ") and expected in message and "\n" not in message
     assert not (tmp_path / "out" / "musiccaps_prompts_full.txt").exists()
 
@@ -137,7 +137,7 @@ def test_hub_without_datasets_points_to_csv(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
     with pytest.raises(SystemExit) as info:
         main(["--out", str(tmp_path)])
-    assert "--csv PATH" in str(info.value.code)
+    assert "--csv PATH" in str(info.value)
 
 
 def test_hub_rows_with_native_types_match_csv_rows(tmp_path, monkeypatch):

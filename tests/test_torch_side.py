@@ -65,7 +65,7 @@ def test_width_mismatch_is_refused(store, tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["--model", "tiny-random", "--sae", str(tmp_path / "narrow.pt"), "--store", str(store / "store"),
               "--out", str(tmp_path / "e.json"), "--device", "cpu"])
-    assert "the SAE is 8 wide but layer 2 of tiny-random is 64" in str(exc.value.code)
+    assert "the SAE is 8 wide but layer 2 of tiny-random is 64" in str(exc.value)
 
 
 def test_steering_raises_the_feature_and_the_control_does_not(store, tmp_path):
@@ -91,4 +91,4 @@ def test_steering_rejects_a_feature_out_of_range(store, tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["--model", "tiny-random", "--sae", str(_sae(tmp_path / "r.pt", "random")), "--feature", "256",
               "--out", str(tmp_path / "s"), "--device", "cpu"])
-    assert "feature 256 is out of range: the SAE has 256 features (0-255)" in str(exc.value.code)
+    assert "feature 256 is out of range: the SAE has 256 features (0-255)" in str(exc.value)

@@ -227,7 +227,7 @@ def test_sigkill_then_rerun_ends_with_the_same_parameters(planted):
 def _error(argv) -> str:
     with pytest.raises(SystemExit) as exc:
         main(argv)
-    text = str(exc.value.code)
+    text = str(exc.value)
     assert text.startswith("error: ") and "\n" not in text
     return text
 
