@@ -80,7 +80,13 @@ def save_model(path: str | Path, cfg: SAEConfig, tree: dict, info: dict) -> None
     barrier(f"save-model-end-{path.name}")
 
 
+def _damaged(what: str, why: str) -> CheckpointError:
+    return CheckpointError(f"cannot read {what} ({why}): the checkpoint is corrupt or unfinished; point at best/ or "
+                           "final/ of a finished run, or retrain")
+
+
 def read_config(path: str | Path) -> tuple[SAEConfig, dict]:
+    """The SAE config and the rest of ``config.json``; a CheckpointError naming the file if unusable."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.exists() or not (path / "state").exists():
@@ -88,14 +94,23 @@ def read_config(path: str | Path) -> tuple[SAEConfig, dict]:
             f"{path} is not a finished sae-music-jax checkpoint (needs config.json and state/); "
             "point at a best/ or final/ directory"
         )
-    info = json.loads(config_file.read_text())
-    return SAEConfig.from_json(info["sae"]), info
+    try:
+        info = json.loads(config_file.read_text())
+        return SAEConfig.from_json(info["sae"]), info
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _damaged(str(config_file), " ".join(str(err).split())) from None
+    except (KeyError, TypeError, ValueError) as err:  # no "sae" object, or one SAEConfig refuses
+        raise _damaged(str(config_file), f"no valid SAE config: {type(err).__name__} {err}") from None
 
 
 def load_model_tree(path: str | Path) -> tuple[SAEConfig, dict, dict]:
     """Restore (config, tree, info) from a model checkpoint directory."""
     cfg, info = read_config(path)
-    tree = ocp.StandardCheckpointer().restore((Path(path) / "state").absolute(), abstract_model_tree(cfg))
+    state = (Path(path) / "state").absolute()
+    try:
+        tree = ocp.StandardCheckpointer().restore(state, abstract_model_tree(cfg))
+    except Exception as err:  # noqa: BLE001 - orbax raises many types for a damaged or truncated state
+        raise _damaged(str(state), type(err).__name__) from None
     return cfg, tree, info
 
 
