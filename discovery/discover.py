@@ -3,7 +3,14 @@
 Writes ``results/features_layer{N}.json`` (the original's format, enriched), a summary beside
 it (``...summary.json``: layer-level alignment numbers and settings) and, with ``--all``,
 compact per-feature statistics for every feature (``...all.npz``), through ``FeatureFiles``,
-the one reader and writer of those files.
+the one reader and writer of those files. Both JSON files are strict: never NaN or Infinity.
+
+NaN/Inf rows in the store are skipped and reported, not a reason to stop: the SAE is trained
+already (and training stopped on such rows unless ``--skip_nonfinite`` said to train without
+them), a researcher wants the features of the good rows, and a handful of broken frames should
+not hide them. The run prints one line with the count and the first such row, and the summary
+records them (``nonfinite_rows``, ``first_nonfinite_row``, ``samples_without_finite_rows``); a
+layer with no finite row at all stops with one line.
 """
 
 from __future__ import annotations
@@ -48,11 +55,11 @@ class FeatureFiles:
             buffer = io.BytesIO()
             np.savez_compressed(buffer, **all_stats)
             write_text(self.all_stats, buffer.getvalue())
-        write_json(self.summary, summary)
+        write_json(self.summary, summary, allow_nan=False)
         self.write_features(features)
 
     def write_features(self, features: dict) -> None:
-        write_json(self.features, features)
+        write_json(self.features, features, allow_nan=False)
 
     def read_features(self) -> dict:
         """``{"42": {"label": ..., "top_examples": [...], ...}}``; a DiscoverError naming the file if unusable."""
@@ -172,6 +179,10 @@ def discover(cfg: DiscoverConfig) -> dict:
     summary = found.summary | {"sae_path": str(cfg.sae_path), "store": str(store.path), "output": str(output),
                                "runtime": runtime}
     FeatureFiles(output).write(found.features, summary, _all_stats(found) if cfg.all else None)
+    if summary["nonfinite_rows"]:
+        print(f"skipped {summary['nonfinite_rows']} non-finite (NaN/Inf) rows of layer {layer} of {store.path} "
+              f"(first: row {summary['first_nonfinite_row']}); the features describe the other "
+              f"{found.stats.finite_rows} rows; re-extract the store to include them")
     align = summary["alignment"]
     alignment = "no tags with enough support to align" if align["median_best_auroc"] is None else (
         f"tag alignment over {align['tags']} tags: median best AUROC {align['median_best_auroc']:.3f}, "
@@ -184,7 +195,7 @@ def _all_stats(found) -> dict[str, np.ndarray]:
     """Compact statistics of every feature (``--all``)."""
     s, alignment = found.stats, found.alignment
     return dict(token_count=s.token_count, sample_count=s.sample_count, max=s.max,
-                mean_when_active=s.sum / np.maximum(s.token_count, 1), frequency=s.token_count / max(s.n_rows, 1),
+                mean_when_active=s.sum / np.maximum(s.token_count, 1), frequency=s.token_count / max(s.finite_rows, 1),
                 top_sample_max=s.top["max"][1], top_sample_max_value=s.top["max"][0],
                 best_tag_auroc=alignment.auroc_TH.max(axis=0) if alignment.tags else np.zeros(0),
                 tags=np.array(alignment.tags))

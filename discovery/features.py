@@ -5,11 +5,19 @@
 original's keys, plus frequency, activation statistics, aligned tags with AUROC and AP, the
 label's source, confidence and held-out detection score, and per example the sample index,
 source id, tags and (token level) the row, frame and time.
+
+NaN/Inf rows of the store are skipped, not a reason to stop (the SAE was trained already, and
+training itself stopped on them unless told to skip them): the features describe the finite
+rows, frequencies are over those rows, and a sample without a finite row is left out of tag
+alignment and of the detection negatives instead of counting as one where nothing fires. The
+summary says how many rows were skipped (``nonfinite_rows``, ``first_nonfinite_row``,
+``samples_without_finite_rows``). A figure that is undefined comes out null, never NaN.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,10 +78,24 @@ def _sample_indices(examples: list[dict]) -> list[int]:
     return list(dict.fromkeys(ex["sample_index"] for ex in examples))
 
 
-def _held_out(chosen: list[int], n_samples: int, rng: np.random.Generator):
-    """Split top samples into (fit, held-out) halves and draw as many random non-top negatives."""
+def _number(value, digits: int | None = None) -> float | None:
+    """A float for the JSON, rounded when asked; None where it is undefined (NaN or infinite)."""
+    value = float(value)
+    if not math.isfinite(value):
+        return None
+    return round(value, digits) if digits is not None else value
+
+
+def _scored(stats: PassResult) -> np.ndarray:
+    """The samples with at least one finite row: the only ones whose scores mean anything."""
+    return np.flatnonzero(stats.finite_rows_per_sample > 0)
+
+
+def _held_out(chosen: list[int], scored: np.ndarray, rng: np.random.Generator):
+    """Split top samples into (fit, held-out) halves and draw as many random non-top negatives
+    among the ``scored`` samples."""
     fit, held = chosen[::2], chosen[1::2]
-    pool = np.setdiff1d(np.arange(n_samples), chosen)
+    pool = np.setdiff1d(scored, chosen)
     if not fit or not held or not len(pool):
         return None
     return fit, held, [int(i) for i in rng.choice(pool, size=min(len(held), len(pool)), replace=False)]
@@ -108,7 +130,13 @@ class FeatureDiscovery:
         samples = store.samples
         corpus = Corpus.from_samples(samples)
         scores = stats.sample_mean if aggregation == "mean" else stats.sample_max
-        alignment = align(scores, samples, min_support=min_tag_support)
+        scored = _scored(stats)
+        if len(scored) < len(samples):
+            scores_aligned, samples_aligned = scores[scored], [samples[i] for i in scored]
+        else:
+            scores_aligned, samples_aligned = scores, samples
+        # a tag on every sample (or none) has no AUROC: at least one sample with and one without
+        alignment = align(scores_aligned, samples_aligned, min_support=max(min_tag_support, 1))
         rng = np.random.default_rng(seed)
         features: dict[str, dict] = {}
         for feature in select_features(stats, filter_features=filter_features, min_count=min_activation_count,
@@ -119,21 +147,23 @@ class FeatureDiscovery:
             label = heuristic_label(corpus, chosen)
             aligned = []
             for tag, auroc in alignment.best(feature):
+                if not math.isfinite(auroc):  # undefined (scores that are not numbers): left out
+                    continue
                 positive = alignment.presence_NT[:, alignment.tags.index(tag)]
                 aligned.append({"tag": tag, "auroc": round(auroc, 4),
-                                "ap": round(average_precision(scores[:, feature], positive), 4)})
+                                "ap": round(average_precision(scores_aligned[:, feature], positive), 4)})
             features[str(feature)] = {
                 "label": label.text,
                 "top_examples": top,
                 "label_source": label.source,
                 "label_confidence": label.confidence,
                 "label_terms": [[t, round(s, 3)] for t, s in label.terms],
-                "detection_score": _detection(corpus, samples, _held_out(chosen, len(samples), rng)),
-                "frequency": float(stats.token_count[feature] / max(stats.n_rows, 1)),
+                "detection_score": _detection(corpus, samples, _held_out(chosen, scored, rng)),
+                "frequency": float(stats.token_count[feature] / max(stats.finite_rows, 1)),
                 "activation_count": int(stats.token_count[feature]),
                 "sample_count": int(stats.sample_count[feature]),
-                "max_activation": float(stats.max[feature]),
-                "mean_activation": float(stats.sum[feature] / max(stats.token_count[feature], 1)),
+                "max_activation": _number(stats.max[feature]),
+                "mean_activation": _number(stats.sum[feature] / max(stats.token_count[feature], 1)),
                 "aligned_tags": aligned,
             }
         summary = {
@@ -141,6 +171,9 @@ class FeatureDiscovery:
             "hidden_dim": self.sae.cfg.hidden_dim, "sae_type": self.sae.cfg.sae_type,
             "alive_features": int(np.sum(stats.token_count > 0)), "reported_features": len(features),
             "alignment": layer_summary(alignment, stats.token_count > 0),
+            "nonfinite_rows": len(stats.nonfinite_rows),
+            "first_nonfinite_row": int(stats.nonfinite_rows[0]) if len(stats.nonfinite_rows) else None,
+            "samples_without_finite_rows": int(stats.n_samples - len(scored)),
         }
         return Discovery(features, summary, stats, alignment, corpus)
 
@@ -172,10 +205,11 @@ def apply_llm_labels(found: Discovery, store, client, api: str, model: str | Non
     client = client or LLMClient(api, model)
     samples = store.samples
     scores = found.stats.sample_max
+    has_rows = found.stats.finite_rows_per_sample > 0
     prompts = {}
     rng = np.random.default_rng(1)
     for key, info in found.features.items():
-        cold = np.flatnonzero(scores[:, int(key)] <= 0)
+        cold = np.flatnonzero((scores[:, int(key)] <= 0) & has_rows)
         contrast = [samples[i] for i in rng.choice(cold, size=min(5, len(cold)), replace=False)] if len(cold) else []
         prompts[int(key)] = feature_prompt(int(key), info["top_examples"][:10], contrast)
     cache = ReplyCache(cache_dir) if cache_dir else None
@@ -194,9 +228,10 @@ def _llm_detection(found: Discovery, samples: list[dict], client, cache, concurr
     from .llm import Reply, judge_prompt, label_all, parse_judgement
 
     rng = np.random.default_rng(2)
+    scored = _scored(found.stats)
     jobs = {}
     for key, info in found.features.items():
-        split = _held_out(_sample_indices(info["top_examples"]), len(samples), rng)
+        split = _held_out(_sample_indices(info["top_examples"]), scored, rng)
         if split is not None:
             _, held, negatives = split
             order = [(i, True) for i in held] + [(i, False) for i in negatives]

@@ -4,6 +4,12 @@ State is O(features x examples): nothing of size rows x features is ever materia
 one block. Blocks hold whole samples so sample-level scores (max and mean over a sample's
 frames) are exact. The only larger output is the sample-level score matrix [samples, features]
 (float16) that tag alignment needs; it grows with samples, not with rows.
+
+Non-finite rows (NaN or Inf anywhere in the row) are skipped, not fed to the SAE: they count as
+padding, so a sample's scores come from its finite rows alone (a sample with none scores 0 and
+is marked in ``PassResult.finite_rows_per_sample``). Their global indices come back in
+``PassResult.nonfinite_rows`` for the caller to report; a layer with no finite row at all stops
+with a usage error.
 """
 
 from __future__ import annotations
@@ -129,23 +135,39 @@ class PassResult:
     top: dict[str, tuple[np.ndarray, np.ndarray]]  # aggregation -> (values [H, E], ids [H, E])
     sample_max: np.ndarray  # [n_samples, H] float16
     sample_mean: np.ndarray
-    n_rows: int
+    n_rows: int  # every row of the layer, skipped ones included
     n_samples: int
+    nonfinite_rows: np.ndarray  # global indices of the skipped NaN/Inf rows, ascending
+    finite_rows_per_sample: np.ndarray  # [n_samples]: the rows each sample's scores come from
+
+    @property
+    def finite_rows(self) -> int:
+        """Rows the statistics describe: the layer's rows less the skipped ones."""
+        return self.n_rows - len(self.nonfinite_rows)
 
 
-def _pad_block(samples: np.ndarray, x: np.ndarray, offsets: np.ndarray, block_rows: int, max_samples: int):
-    lengths = (offsets[samples + 1] - offsets[samples]).astype(np.int32)
+def _block_rows(samples: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Global row indices of a block of whole samples, in block order."""
+    return np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in samples])
+
+
+def _pad_block(samples: np.ndarray, x: np.ndarray, offsets: np.ndarray, block_rows: int, max_samples: int,
+               finite: np.ndarray | None = None):
+    """The block padded to fixed shapes; rows that are not ``finite`` (default: NaN/Inf-free) become
+    padding: zeros, row -1, left out of their sample's length."""
+    finite = np.isfinite(x).all(axis=1) if finite is None else finite
     n = len(x)
     x_pad = np.zeros((block_rows, x.shape[1]), np.float32)
-    x_pad[:n] = x
+    x_pad[:n] = x if finite.all() else np.where(finite[:, None], x, 0.0)
     segment = np.full(block_rows, max_samples, np.int32)
-    segment[:n] = np.repeat(np.arange(len(samples), dtype=np.int32), lengths)
+    segment[:n] = np.repeat(np.arange(len(samples), dtype=np.int32),
+                            (offsets[samples + 1] - offsets[samples]).astype(np.int32))
     rows = np.full(block_rows, -1, np.int32)
-    rows[:n] = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in samples])
+    rows[:n] = np.where(finite, _block_rows(samples, offsets), -1)
     sample_ids = np.full(max_samples, -1, np.int32)
     sample_ids[: len(samples)] = samples
     length_pad = np.zeros(max_samples, np.int32)
-    length_pad[: len(samples)] = lengths
+    length_pad[: len(samples)] = np.bincount(segment[:n][finite], minlength=len(samples))
     return x_pad, segment, rows, sample_ids, length_pad
 
 
@@ -171,18 +193,29 @@ def feature_pass(sae: SAE, store, layer: int, *, examples: int = 20, block_rows:
     state = init_state(hidden, max(examples, 1))
     sample_max = np.zeros((store.n_samples, hidden), np.float16)
     sample_mean = np.zeros((store.n_samples, hidden), np.float16)
+    finite_per_sample = np.zeros(store.n_samples, np.int64)
+    nonfinite = []
     with tqdm(total=store.n_rows, desc=f"discover layer {layer}", unit="row", disable=not progress) as bar:
         for samples, x in store.iter_sample_blocks(layer, block_rows):
-            padded = _pad_block(samples, x, offsets, block_rows, max_samples)
+            finite = np.isfinite(x).all(axis=1)
+            if not finite.all():
+                nonfinite.append(_block_rows(samples, offsets)[~finite])
+            padded = _pad_block(samples, x, offsets, block_rows, max_samples, finite)
+            finite_per_sample[samples] = padded[4][: len(samples)]
             state, smax, smean = update(sae.cfg, examples, max_samples, mesh, token_examples, state, sae.params,
                                         sae.threshold, sae.input_scale, *map(jnp.asarray, padded))
             sample_max[samples] = np.asarray(smax[: len(samples)])
             sample_mean[samples] = np.asarray(smean[: len(samples)])
             bar.update(len(x))
+    nonfinite_rows = np.concatenate(nonfinite) if nonfinite else np.zeros(0, np.int64)
+    if store.n_rows and len(nonfinite_rows) == store.n_rows:
+        raise UsageError(f"every row of layer {layer} of {store.path} is non-finite (NaN/Inf): there is nothing to "
+                         "discover; re-extract the store")
     host = jax.device_get(state)
     return PassResult(
         token_count=host.token_count_H, sample_count=host.sample_count_H, max=host.max_H, sum=host.sum_H,
         top={"max": (host.top_max_HE, host.top_max_sample_HE), "mean": (host.top_mean_HE, host.top_mean_sample_HE),
              "moments": (host.top_token_HE, host.top_token_row_HE)},
         sample_max=sample_max, sample_mean=sample_mean, n_rows=store.n_rows, n_samples=store.n_samples,
+        nonfinite_rows=nonfinite_rows, finite_rows_per_sample=finite_per_sample,
     )
