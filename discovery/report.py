@@ -8,6 +8,12 @@ their summary through ``FeatureFiles``, the training run through ``RunDir``, eva
 ``extractor.eval_file``. Audio is decoded from the stored codes by the torch side
 (``extractor.render``, imported only here, lazily; a JAX-only install gets one line saying so, or
 ``--no-audio``). All paths are relative.
+
+NaN/Inf rows in a shown sample do not stop the report: discovery skipped them, so its features
+and examples come from the finite rows, and the report shows those. A non-finite row is not fed
+to the SAE; it is a gap in the activation curve and never the peak a window centres on. The
+report prints one line with how many such rows the shown samples hold (its pages carry no
+numbers that could be NaN: a statistic that is missing or null shows as 0).
 """
 
 from __future__ import annotations
@@ -129,7 +135,9 @@ def build_report(cfg: ReportConfig) -> Path:
     out = Path(cfg.out or files.features.parent / f"report_layer{layer}")
     (out / "audio").mkdir(parents=True, exist_ok=True)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    examples = {key: _examples(cfg, store, sae, layer, int(key), info["top_examples"][: cfg.examples], out / "plots")
+    gaps: dict[int, int] = {}
+    examples = {key: _examples(cfg, store, sae, layer, int(key), info["top_examples"][: cfg.examples], out / "plots",
+                               gaps)
                 for key, info in features.items()}
     if render is not None:
         requests = [render.AudioRequest(ex["sample"], ex["first"], ex["last"], str(out / "audio" / f"{ex['stem']}.wav"))
@@ -140,18 +148,36 @@ def build_report(cfg: ReportConfig) -> Path:
         _write_page(out / f"f{key}.html", "feature.html", f=view, examples=examples[key], layer=layer, audio=cfg.audio)
     _write_page(out / "index.html", "index.html", layer=layer, features=list(views.values()), metrics=metrics,
                 density=_density(out / "density.png", Path(sae_path), files))
+    if any(gaps.values()):
+        print(f"report: {sum(gaps.values())} non-finite (NaN/Inf) rows of layer {layer} in "
+              f"{sum(1 for n in gaps.values() if n)} of the shown samples are gaps in their activation curves")
     print(f"report: {out / 'index.html'}")
     return out / "index.html"
 
 
-def _examples(cfg: ReportConfig, store, sae, layer: int, feature: int, top: list[dict], plots: Path) -> list[dict]:
-    """Each example's window around its peak (or whole clip), with its activation plotted."""
+def _activation_curve(store, sae, layer: int, sample: int, feature: int) -> tuple[np.ndarray, int]:
+    """The feature's activation over a sample's frames, NaN at its non-finite rows (which the SAE
+    never sees), and how many of those there are."""
+    rows = store.sample_rows(sample, layer)
+    finite = np.isfinite(rows).all(axis=1)
+    if finite.all():
+        return np.asarray(sae.encode(rows))[:, feature], 0
+    curve = np.asarray(sae.encode(np.where(finite[:, None], rows, 0.0)))[:, feature].astype(np.float32)
+    curve[~finite] = np.nan
+    return curve, int(np.sum(~finite))
+
+
+def _examples(cfg: ReportConfig, store, sae, layer: int, feature: int, top: list[dict], plots: Path,
+              gaps: dict[int, int]) -> list[dict]:
+    """Each example's window around its peak (or whole clip), with its activation plotted; ``gaps``
+    gets each shown sample's count of non-finite rows."""
     rate = store.meta.frame_rate
     half = int(round(cfg.window * rate / 2))
     out = []
     for i, ex in enumerate(top):
-        curve = np.asarray(sae.encode(store.sample_rows(ex["sample_index"], layer)))[:, feature]
-        peak = ex["frame"] if "frame" in ex else int(np.argmax(curve))
+        curve, nonfinite = _activation_curve(store, sae, layer, ex["sample_index"], feature)
+        gaps[ex["sample_index"]] = nonfinite
+        peak = ex["frame"] if "frame" in ex else int(np.argmax(np.where(np.isnan(curve), -np.inf, curve)))
         first, last = (0, len(curve)) if cfg.full_clips else (max(0, peak - half), min(len(curve), peak + half))
         stem = f"f{feature}_e{i}"
         plot_activation(curve[first:last], rate, plots / f"{stem}.png", first / rate)
@@ -162,13 +188,13 @@ def _examples(cfg: ReportConfig, store, sae, layer: int, feature: int, top: list
 
 
 def _feature_view(key: str, info: dict) -> dict:
-    """What the pages show of a feature; a statistic a features file lacks shows as 0."""
-    aligned = info.get("aligned_tags") or []
+    """What the pages show of a feature; a statistic a features file lacks (or holds as null) shows as 0."""
+    aligned = [a for a in info.get("aligned_tags") or [] if a.get("auroc") is not None]
     best = aligned[0] if aligned else {}
-    return {"key": key, "label": info["label"], "frequency": info.get("frequency", 0),
-            "max_activation": info.get("max_activation", 0), "label_source": info.get("label_source", ""),
+    return {"key": key, "label": info["label"], "frequency": info.get("frequency") or 0,
+            "max_activation": info.get("max_activation") or 0, "label_source": info.get("label_source", ""),
             "description": info.get("description"), "aligned_tags": aligned, "best_tag": best.get("tag", "-"),
-            "best_auroc": best.get("auroc", 0), "detection": info.get("detection_score")}
+            "best_auroc": best.get("auroc") or 0, "detection": info.get("detection_score")}
 
 
 def _density(path: Path, sae_path: Path, files: FeatureFiles) -> bool:
