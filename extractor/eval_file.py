@@ -2,7 +2,8 @@
 
 Top level: ``model``, ``sae``, ``store``, ``layer``, ``samples``, ``stream``,
 ``mean_ablation_from``, ``predictions``, ``overall`` (a summary) and ``per_codebook`` (a summary
-per codebook). A summary holds ``ce_{clean,sae,zero,mean}``, ``kl_sae`` and
+per codebook); newer files also hold ``mean_ablation_nonfinite_rows``, the NaN/Inf rows of the
+store left out of the ablation mean. A summary holds ``ce_{clean,sae,zero,mean}``, ``kl_sae`` and
 ``loss_recovered_{zero,mean}`` = (CE_ablation - CE_sae) / (CE_ablation - CE_clean); a value that
 is undefined (an ablation that changes the cross-entropy by about nothing, or a non-finite
 figure) is null and explained in the summary's ``notes``. The file is strict JSON: never NaN or

@@ -11,6 +11,13 @@ skipped), with KL(clean || SAE) and
 for zero and mean ablation: 1 means the SAE loses nothing, 0 means it is as bad as ablation.
 Where an ablation costs about nothing, loss recovered is undefined: null, with a note
 (``extractor.eval_file`` owns the file).
+
+The store's activations are read for one thing only, the mean of (d) (the SAE reconstructs the
+model's live output, and the codes drive the model). NaN/Inf rows in them are skipped and
+counted, not a reason to stop: a mean over the other rows is as good an ablation baseline, and
+one broken frame would otherwise turn the whole mean, and every mean-ablation figure, into NaN.
+eval.json records the count (``mean_ablation_nonfinite_rows``) and the run prints it in one
+line; a layer with no finite row stops with one line.
 """
 
 from __future__ import annotations
@@ -73,12 +80,20 @@ def checked_layer(sae: TorchSAE, layer: int | None, loaded, model: str) -> int:
     return layer
 
 
-def _layer_mean(store, layer: int, d_model: int) -> np.ndarray:
-    total, count = np.zeros(d_model, np.float64), 0
-    for x in store.iter_rows(layer, 8192):
+def _layer_mean(store, layer: int, d_model: int) -> tuple[np.ndarray, np.ndarray]:
+    """The mean of the layer's finite rows in the store, and the global indices of the others."""
+    total, count, skipped = np.zeros(d_model, np.float64), 0, []
+    for x, rows in store.iter_rows_indexed(layer, 8192):
+        finite = np.isfinite(x).all(axis=1)
+        if not finite.all():
+            skipped.append(rows[~finite])
+            x = x[finite]
         total += x.sum(axis=0)
         count += len(x)
-    return (total / max(count, 1)).astype(np.float32)
+    if count == 0 and store.n_rows:
+        raise StoreError(f"every row of layer {layer} of {store.path} is non-finite (NaN/Inf), so it has no mean to "
+                         "ablate with; re-extract the store")
+    return (total / max(count, 1)).astype(np.float32), np.concatenate(skipped) if skipped else np.zeros(0, np.int64)
 
 
 def _targets(codes: np.ndarray, n: int, delays: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -148,13 +163,13 @@ def _spliced_logprobs(loaded, store, layer: int, replacements: dict, idx: range,
     return logprobs
 
 
-def _ablation_mean(loaded, store, layer: int, cfg: EvaluateConfig) -> tuple[torch.Tensor, str]:
-    """The layer's mean output, on the model's device, and where it came from."""
+def _ablation_mean(loaded, store, layer: int, cfg: EvaluateConfig) -> tuple[torch.Tensor, str, np.ndarray]:
+    """The layer's mean output, on the model's device, where it came from, and the store rows it
+    skipped as non-finite."""
     if layer in store.layers:
-        mean, source = torch.from_numpy(_layer_mean(store, layer, loaded.info.d_model)), "store"
-    else:
-        mean, source = _clean_mean(loaded, store, layer, cfg), "clean pass"
-    return mean.to(loaded.device), source
+        mean, skipped = _layer_mean(store, layer, loaded.info.d_model)
+        return torch.from_numpy(mean).to(loaded.device), "store", skipped
+    return _clean_mean(loaded, store, layer, cfg).to(loaded.device), "clean pass", np.zeros(0, np.int64)
 
 
 @torch.no_grad()
@@ -169,7 +184,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         raise StoreError(f"store {store.path} has {store.meta.n_codebooks} codebooks, {cfg.model} has "
                          f"{loaded.info.num_codebooks}: it was made with another model")
     sae = sae.to(loaded.device)
-    mean, mean_source = _ablation_mean(loaded, store, layer, cfg)
+    mean, mean_source, skipped = _ablation_mean(loaded, store, layer, cfg)
+    if len(skipped):
+        print(f"mean ablation: skipped {len(skipped)} non-finite (NaN/Inf) rows of layer {layer} of {store.path} "
+              f"(first: row {skipped[0]}); the mean is over the other {store.n_rows - len(skipped)} rows")
     replacements = _replacements(sae, mean)
     sums = _Sums(loaded.info.num_codebooks)
     n_samples = min(store.n_samples, cfg.max_samples or store.n_samples)
@@ -180,7 +198,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         for i, c in enumerate(codes):
             sums.add_sample({mode: lp[i] for mode, lp in logprobs.items()}, c, loaded.info.delays)
     result = {"model": cfg.model, "sae": str(cfg.sae), "store": str(store.path), "layer": layer,
-              "samples": n_samples, "stream": "cond", "mean_ablation_from": mean_source, **sums.result()}
+              "samples": n_samples, "stream": "cond", "mean_ablation_from": mean_source,
+              "mean_ablation_nonfinite_rows": len(skipped), **sums.result()}
     write_eval(cfg.out, result)
     print(_summary_line(cfg.out, result["overall"]))
     return result
