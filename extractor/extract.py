@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -91,6 +92,10 @@ class ExtractConfig:
                 raise ExtractError("--keep_uncond applies to generate mode only")
         elif self.codes_from:
             raise ExtractError("--codes_from needs --mode teacher_forced")
+        elif self.keep_uncond and not self.guidance_scale > 1:
+            raise ExtractError(f"--keep_uncond stores the unconditional guidance stream, which --guidance_scale "
+                               f"{self.guidance_scale} (<= 1: no guidance) does not run: pass --guidance_scale > 1 "
+                               "or drop --keep_uncond")
         if self.dtype not in STORE_DTYPES:
             raise ExtractError(f"--dtype must be one of {STORE_DTYPES}")
 
@@ -171,9 +176,19 @@ def _plan_from_store(cfg: ExtractConfig, model_config) -> Plan:
     if model_config.model_type != "musicgen_melody" and any(s.get("melody_chroma") for s in samples):
         raise ExtractError(f"--codes_from {cfg.codes_from} was made with melody conditions, which {cfg.model} does "
                            f"not take: re-run it with a melody checkpoint ({source.meta.model})")
+    frame_rate = float(model_config.audio_encoder.frame_rate)
+    if source.meta.frame_rate != frame_rate:
+        raise ExtractError(f"--codes_from {cfg.codes_from} holds codes at {source.meta.frame_rate:g} frames/s but "
+                           f"{cfg.model} runs at {frame_rate:g}: re-run it with the model it was made with "
+                           f"({source.meta.model})")
     n_frames = [int(s["n_frames"]) for s in samples]
     n_rows = int(source.offsets[len(samples)])
     codes = np.asarray(source.array("codes")[:n_rows].read().result())
+    codebook_size = model_config.decoder.vocab_size
+    if codes.size and not 0 <= int(codes.min()) <= int(codes.max()) < codebook_size:
+        raise ExtractError(f"--codes_from {cfg.codes_from} holds codes in {int(codes.min())}..{int(codes.max())} but "
+                           f"{cfg.model} has {codebook_size} codes per codebook: re-run it with the model it was "
+                           f"made with ({source.meta.model})")
     out = []
     for i, s in enumerate(samples):
         rec = {k: v for k, v in s.items() if k not in ("unit", "index")}
@@ -264,6 +279,16 @@ def _describe_mismatch(old: StoreMeta, new: StoreMeta) -> str:
     return ", ".join(diffs[:4])
 
 
+def _check_writable(out: Path) -> None:
+    """Refuse an ``--out`` whose nearest existing ancestor is a file or cannot be written."""
+    where = out.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
+        raise StoreError(f"cannot create the store --out {out}: {where} is not a writable directory; choose another "
+                         "--out or make it writable")
+
+
 def open_or_create(cfg: ExtractConfig, meta: StoreMeta, plan: Plan) -> Store:
     """Resume a store made with the same settings, create a new one, or refuse a different one."""
     out = Path(cfg.out)
@@ -279,8 +304,9 @@ def open_or_create(cfg: ExtractConfig, meta: StoreMeta, plan: Plan) -> Store:
         if parse_shard(cfg.shard)[1] > 1:
             raise StoreError("--overwrite with --shard would race between processes; delete the store first")
         remove_store(out)
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise StoreError(f"--out {out} exists and is not an activation store; choose an empty or new directory")
+    _check_writable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     need = estimate_bytes(meta.n_rows, len(meta.layers), meta.d_model, meta.dtype, meta.n_codebooks, len(meta.streams))
     free = shutil.disk_usage(out.parent).free
