@@ -21,7 +21,7 @@ from .capture import generate_batch, layer_hook
 from .errors import UsageError
 from .evaluate import checked_layer
 from .files import write_json
-from .models import load_model
+from .models import load_config, load_model
 from .torch_sae import TorchSAE
 
 
@@ -73,8 +73,12 @@ class SteerConfig:
             raise UsageError("--sae and --feature are required")
         if not self.duration > 0:
             raise UsageError(f"--duration must be > 0, got {self.duration}")
-        if self.end is not None and self.end <= self.start:
-            raise UsageError("--end must be after --start")
+        if not 0 <= self.start < self.duration:
+            raise UsageError(f"--start {self.start} s is outside the {self.duration} s clip: give 0 <= --start < "
+                             "--duration (or a longer --duration)")
+        if self.end is not None and not self.start < self.end <= self.duration:
+            raise UsageError(f"--end {self.end} s must be after --start ({self.start} s) and within the "
+                             f"{self.duration} s clip: give --start < --end <= --duration (or a longer --duration)")
 
 
 def add_to_layer(loaded, layer: int, delta_fn, first_pos: int, last_pos: int, rows: slice):
@@ -132,12 +136,15 @@ def _write_runs(out: Path, report: dict, runs: dict, feature_acts, window: slice
 def steer(cfg: SteerConfig) -> dict:
     sae = TorchSAE.from_pretrained(cfg.sae)
     direction = sae.feature_direction(cfg.feature)  # checks the index first
+    rate = float(load_config(cfg.model).audio_encoder.frame_rate)  # the window is checked before loading weights
+    n_frames, first, last = _window_frames(cfg, rate)
+    if first >= min(last, n_frames):  # seconds inside the clip that round to no frame at this frame rate
+        raise UsageError(f"--start {cfg.start} s to --end {cfg.end if cfg.end is not None else cfg.duration} s holds "
+                         f"no frame of the {n_frames}-frame clip at {rate:g} frames/s: widen the window")
     loaded = load_model(cfg.model, cfg.device, cfg.model_dtype)
     layer = checked_layer(sae, cfg.layer, loaded, cfg.model)
     sae = sae.to(loaded.device)
     direction = direction.to(loaded.device)
-    rate = loaded.info.frame_rate
-    n_frames, first, last = _window_frames(cfg, rate)
     rows = slice(None) if cfg.streams == "both" or not cfg.guidance_scale > 1 else slice(0, 1)
 
     def feature_acts(batch) -> np.ndarray:
