@@ -12,6 +12,7 @@ JAX-only install (no ``extract`` extra) that format is refused with one line and
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,7 +22,7 @@ import numpy as np
 from extractor import formats
 from extractor.errors import UsageError
 
-from .checkpoint import CheckpointError, load_model_tree
+from .checkpoint import load_model_tree
 from .config import SAEConfig
 
 # Tensors the formats store transposed relative to the checkpoint: none, both are [in, out] under
@@ -93,16 +94,32 @@ def _torch_writer():
     return save_torch_export
 
 
+def _check_out(out: Path, fmt: str) -> None:
+    """Refuse an ``--out`` of the wrong kind (a directory for a .pt file, a file for a SAELens directory) or
+    one that cannot be written, before anything is read or written."""
+    if fmt == "torch" and out.is_dir():
+        raise ExportError(f"--out {out} is a directory, but the torch format writes one file: give a file path "
+                          f"such as {out / 'sae.pt'}")
+    if fmt == "saelens" and out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file, but the SAELens format writes a directory (cfg.json and "
+                          "sae_weights.safetensors): give a new or existing directory")
+    # The directory that will receive a new entry: the SAELens directory itself when it exists, else the
+    # nearest existing ancestor of the path (the missing ones are created in it).
+    target = out if fmt == "saelens" and out.is_dir() else out.parent
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if not target.is_dir():
+        raise ExportError(f"cannot write --out {out}: {target} is a file, not a directory; choose another --out")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write --out {out}: {target} is not writable; choose another --out or make it "
+                          "writable")
+
+
 def export(cfg: ExportConfig) -> Path:
     save_torch_export = _torch_writer() if cfg.format == "torch" else None  # before any work
-    try:
-        sae_cfg, tree, info = load_model_tree(cfg.checkpoint)
-    except CheckpointError:
-        raise
-    except Exception as err:  # orbax raises many types for a damaged checkpoint
-        raise CheckpointError(f"cannot read checkpoint {cfg.checkpoint} ({type(err).__name__}); it is corrupt or "
-                              "unfinished: export best/ or final/ of a finished run") from None
     out = Path(cfg.out)
+    _check_out(out, cfg.format)
+    sae_cfg, tree, info = load_model_tree(cfg.checkpoint)
     write_export(out, sae_cfg, tree, info, save_torch_export, source=cfg.checkpoint)
     print(f"exported {cfg.checkpoint} ({sae_cfg.sae_type}, {sae_cfg.d_model} -> {sae_cfg.hidden_dim}) to {out} "
           f"[{cfg.format}]")
