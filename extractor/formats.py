@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import UsageError
-from .files import staged_file, write_json
+from .files import write_all
 
 TORCH_FORMAT_VERSION = 1
 SAELENS_VERSION = "6.0.0"
@@ -175,15 +175,16 @@ def saelens_arrays(sae_config: dict, arrays: Mapping, threshold: float, input_sc
 
 
 def write_saelens(path: str | Path, cfg: dict, arrays: Mapping) -> None:
-    """Writes the directory, each file atomically, cfg.json last; shapes checked against ``cfg``."""
-    from safetensors.numpy import save_file
+    """Writes both files complete beside their final names, then renames them into place (weights,
+    then cfg.json), so a failure part-way leaves the old export or none; shapes checked against ``cfg``.
+    Other files in the directory are left alone."""
+    from safetensors.numpy import save
 
     path = Path(path)
     shapes = saelens_shapes(cfg["architecture"], cfg["d_in"], cfg["d_sae"])
     arrays = checked_tensors(arrays, shapes, path / SAELENS_WEIGHTS)
-    with staged_file(path / SAELENS_WEIGHTS) as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
-    write_json(path / SAELENS_CFG, cfg)
+    weights = save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+    write_all({path / SAELENS_WEIGHTS: weights, path / SAELENS_CFG: json.dumps(cfg, indent=2) + "\n"})
 
 
 def check_saelens_cfg(cfg, source) -> None:

@@ -19,10 +19,13 @@ from extractor.errors import UsageError
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> None:
     """Join a multi-process run when one is configured; a no-op for a single process."""
-    if coordinator_address or (num_processes or 1) > 1:
+    if coordinator_address or (num_processes or 1) > 1 or process_id:
         if not coordinator_address or num_processes is None or process_id is None:
             raise UsageError("multi-process runs need --coordinator_address, --num_processes and --process_id "
                              "(or a SLURM / TPU environment that JAX detects)")
+        if not 0 <= process_id < num_processes:
+            raise UsageError(f"--process_id {process_id} must be in 0..{num_processes - 1} (--num_processes "
+                             f"{num_processes})")
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     elif _cluster_size() > 1:
         jax.distributed.initialize()

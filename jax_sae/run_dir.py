@@ -17,7 +17,12 @@ import json
 import os
 from pathlib import Path
 
+from extractor.errors import UsageError
 from extractor.files import write_json, write_text
+
+
+class RunDirError(UsageError):
+    """A run's file that is damaged."""
 
 
 def run_path(out: str | os.PathLike, sae_type: str, layer: int, hidden_dim: int) -> Path:
@@ -70,7 +75,16 @@ class RunDir:
         write_json(self.stats, stats)
 
     def read_stats(self) -> dict | None:
-        return json.loads(self.stats.read_text()) if self.stats.exists() else None
+        """The run's summary, None before the run finished; a damaged file is named with the fix."""
+        if not self.stats.exists():
+            return None
+        try:
+            stats = json.loads(self.stats.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RunDirError(f"{self.stats} is damaged ({err}); rerun the same train command to rewrite it") from None
+        if not isinstance(stats, dict):
+            raise RunDirError(f"{self.stats} is not a training summary; rerun the same train command to rewrite it")
+        return stats
 
     def final_val(self) -> dict:
         """The final validation metrics (fvu, l0, dead_fraction, ...), or {} when there are none."""

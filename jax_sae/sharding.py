@@ -31,9 +31,14 @@ def make_mesh(data: int | None = None, model: int = 1) -> Mesh:
     rest (optimizer, normalisation) is left to the partitioner.
     """
     n = jax.device_count()
+    if model < 1 or (data is not None and data < 1):
+        raise UsageError(f"--mesh_data and --mesh_model must be positive, got {data} and {model}")
+    if model > n:
+        raise UsageError(f"--mesh_model {model} needs at least {model} devices; {n} are visible")
     data = data or n // model
-    if data * model > n or data < 1 or model < 1:
-        raise UsageError(f"a {data}x{model} mesh needs {data * model} devices; {n} are visible")
+    if data * model > n:
+        raise UsageError(f"a {data}x{model} mesh needs {data * model} devices; {n} are visible: lower --mesh_data "
+                         "or --mesh_model")
     return jax.make_mesh((data, model), (DATA, MODEL), axis_types=(jax.sharding.AxisType.Auto,) * 2,
                          devices=jax.devices()[: data * model])
 

@@ -87,6 +87,11 @@ def checkpoint(root):
     (["--mesh_data", "{twice_the_devices}"], "{devices} are visible"),  # filled in the test (no JAX at collection)
     (["--num_processes", "2"], "multi-process runs need --coordinator_address, --num_processes and --process_id"),
     (["--coordinator_address", "localhost:1"], "multi-process runs need --coordinator_address"),
+    (["--process_id", "3"], "multi-process runs need --coordinator_address"),
+    (["--coordinator_address", "localhost:1", "--num_processes", "2", "--process_id", "2"],
+     "--process_id 2 must be in 0..1"),
+    (["--mesh_model", "{twice_the_devices}"], "--mesh_model {twice} needs at least {twice} devices; {devices} are"),
+    (["--mesh_model", "0"], "--mesh_data and --mesh_model must be positive"),
 ])
 def test_train_refuses_a_mesh_or_process_setup_before_reading_rows_or_making_the_run(
         synthetic_store, tmp_path, monkeypatch, extra, message):
@@ -96,7 +101,7 @@ def test_train_refuses_a_mesh_or_process_setup_before_reading_rows_or_making_the
     monkeypatch.setattr("jax_sae.loop.scan_rows", no_scan)
     n = jax.device_count()
     extra = [a.format(twice_the_devices=2 * n) for a in extra]
-    message = message.format(devices=n)
+    message = message.format(devices=n, twice=2 * n)
     out = tmp_path / "models"
     argv = ["--sae_type", "topk", "--layer_idx", "0", "--hidden_dim", "32", "--top_k", "4", "--batch_size", "64",
             "--epochs", "1", "--store", synthetic_store, "--out", out, "--no-progress", *extra]
@@ -259,3 +264,17 @@ def test_report_with_a_missing_eval_file_is_one_line(checkpoint, synthetic_store
                                 "--no-audio", "--no-progress"])
     assert f"no evaluation file at {tmp_path / 'eval.json'}" in text and "extractor.evaluate" in text
     assert not (tmp_path / "report").exists()
+
+
+def test_a_damaged_training_summary_is_one_line_naming_it(checkpoint, synthetic_store, tmp_path):
+    """The report reads the run's final metrics through RunDir; a torn training_stats.json is named."""
+    from jax_sae.run_dir import RunDir
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint, run / "best")
+    RunDir(run).stats.write_text('{"final_val": {"fvu": 0.1')
+    features = tmp_path / "features.json"
+    _run(discover_main, ["--sae_path", run / "best", "--store", synthetic_store, "--output", features, "--no_filter",
+                         "--max_features", "2", "--no-progress"])
+    text = _error(report_main, ["--features", features, "--no-audio", "--no-progress", "--out", tmp_path / "r"])
+    assert "training_stats.json is damaged" in text and "rerun the same train command" in text
