@@ -14,22 +14,29 @@ A store is a directory::
 The whole plan (samples, offsets, array shapes) is written before any activation, so
 extraction fills fixed row ranges: a killed run resumes after its last committed unit and
 several processes can fill one store. Reading needs numpy and tensorstore only, never torch.
+
+Damage is named, not returned as rows: every chunk carries a crc32c checksum (stores made
+before it have none; a truncated chunk still fails), store.json records samples.jsonl's line
+count and sha256, and ``python -m extractor.store check|repair STORE`` finds damaged chunks and
+un-commits the batches that wrote them, so rerunning the same extract command recomputes them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import tensorstore as ts
 
 from .errors import UsageError
-from .files import staged_dir, write_json
+from .files import staged_dir, write_json, write_text
 
 FORMAT_VERSION = 1
 STORE_DTYPES = ("float16", "bfloat16", "float32")
@@ -90,6 +97,14 @@ def acts_name(layer: int, stream: str = "cond") -> str:
     return f"layer{layer}/acts" if stream == "cond" else f"{stream}/layer{layer}/acts"
 
 
+def _describe_array(name: str) -> str:
+    """An array's relative name in words: ``uncond/layer12/acts`` -> ``layer 12 (uncond stream)``."""
+    found = re.fullmatch(r"(?:(\w+)/)?layer(\d+)/acts", name)
+    if found:
+        return f"layer {found.group(2)} ({found.group(1) or 'cond'} stream)"
+    return {"offsets": "sample offsets", "codes": "audio codes", "frames": "frame indices"}.get(name, name)
+
+
 def _spec(path: Path, shape: Sequence[int], dtype: str, chunk_rows: int) -> dict:
     chunk = [min(chunk_rows, max(1, shape[0]))] + list(shape[1:])
     return {
@@ -99,8 +114,9 @@ def _spec(path: Path, shape: Sequence[int], dtype: str, chunk_rows: int) -> dict
             "shape": list(shape),
             "data_type": dtype,
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
-            # Explicit plain codec: the default sharding codec writes ~10 MB/s here.
-            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+            # Explicit plain codec: the default sharding codec writes ~10 MB/s here. crc32c appends
+            # a checksum to each chunk, so a garbled chunk fails its read instead of giving wrong rows.
+            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
         },
     }
 
@@ -167,11 +183,15 @@ def _write_plan(root: Path, meta: StoreMeta, samples: Sequence[dict], n_frames: 
         for layer in meta.layers:
             (root / acts_name(layer, stream)).parent.mkdir(parents=True, exist_ok=True)
             _open_new(root / acts_name(layer, stream), [n_rows, meta.d_model], meta.dtype, chunk)
-    with open(root / "samples.jsonl", "w") as f:
-        for rec in samples:
-            f.write(json.dumps(rec) + "\n")
+    text = "".join(json.dumps(rec) + "\n" for rec in samples)
+    write_text(root / "samples.jsonl", text)
     (root / "progress").mkdir()
-    write_json(root / "store.json", meta.to_json())
+    write_json(root / "store.json", {**meta.to_json(), "samples_file": _samples_digest(text.encode())})
+
+
+def _samples_digest(data: bytes) -> dict:
+    """What store.json records of samples.jsonl, to tell a truncated or altered one."""
+    return {"lines": data.count(b"\n"), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _open_new(path: Path, shape, dtype: str, chunk_rows: int):
@@ -197,7 +217,13 @@ class Store:
         meta_file = self.path / "store.json"
         if not meta_file.exists():
             raise StoreError(f"no activation store at {self.path} (missing store.json); run python -m extractor.extract first")
-        self.meta = StoreMeta.from_json(json.loads(meta_file.read_text()))
+        try:
+            data = json.loads(meta_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise StoreError(f"{meta_file} is damaged (not JSON): the store cannot be read; remove {self.path} "
+                             "and rerun the extract command") from None
+        self.samples_file: dict | None = data.pop("samples_file", None)  # absent in stores made before it
+        self.meta = StoreMeta.from_json(data)
         self._arrays: dict[str, ts.TensorStore] = {}
         self._offsets: np.ndarray | None = None
         self._samples: list[dict] | None = None
@@ -209,10 +235,33 @@ class Store:
             path = _array_path(self.path, name)
             if not path.exists():
                 raise StoreError(f"store {self.path} has no array {name}")
-            self._arrays[name] = ts.open(
-                {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}, open=True
-            ).result()
+            try:
+                self._arrays[name] = ts.open(
+                    {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}, open=True
+                ).result()
+            except ValueError as err:
+                raise StoreError(f"array {name} of store {self.path} is damaged ({_first_line(err)}): remove the "
+                                 "store and rerun the extract command") from None
         return self._arrays[name]
+
+    def read_rows(self, name: str, lo: int, hi: int) -> np.ndarray:
+        """Rows [lo, hi) of one array; a damaged chunk raises a StoreError naming it and the repair."""
+        try:
+            return np.asarray(self.array(name)[lo:hi].read().result())
+        except ValueError as err:
+            raise StoreError(self._damage_line(name, lo, hi, err)) from None
+
+    def _damage_line(self, name: str, lo: int, hi: int, err: ValueError) -> str:
+        """One line: which store, array, rows and batches, which chunk file, and the repair command."""
+        found = _CHUNK_FILE.search(str(err))
+        what = f"cannot be read ({_first_line(err)})"
+        if found:
+            index, chunk = int(found.group(2)), self.chunk_rows_of(name)
+            lo, hi = index * chunk, min(self.array(name).shape[0], (index + 1) * chunk)
+            what = f"are damaged: chunk file {found.group(1)} {_problem(err)}"
+        batches = "" if name in PLAN_ARRAYS else f" ({_batches(self.units_of_rows(lo, hi))})"
+        return (f"store {self.path}: {_describe_array(name)} rows {lo}:{hi}{batches} {what}; run "
+                f"python -m extractor.store repair {self.path} and then rerun the same extract command")
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -233,15 +282,33 @@ class Store:
     @property
     def offsets(self) -> np.ndarray:
         if self._offsets is None:
-            self._offsets = np.asarray(self.array("offsets").read().result())
+            self._offsets = self.read_rows("offsets", 0, self.n_samples + 1)
         return self._offsets
 
     @property
     def samples(self) -> list[dict]:
         if self._samples is None:
+            self.check_samples_file(full=True)
             with open(self.path / "samples.jsonl") as f:
                 self._samples = [json.loads(line) for line in f if line.strip()]
         return self._samples
+
+    def check_samples_file(self, full: bool = False) -> None:
+        """Refuse a samples.jsonl other than the one written at creation: by its size (cheap, on open)
+        or, ``full``, by its line count and sha256 too. Stores made before this recorded neither."""
+        expected, file = self.samples_file, self.path / "samples.jsonl"
+        if expected is None:
+            return
+        if full:
+            found = _samples_digest(file.read_bytes() if file.exists() else b"")
+        else:
+            found = {"bytes": file.stat().st_size if file.exists() else 0}
+        if any(found[key] != expected[key] for key in found):
+            seen = f"{found['lines']} lines, {found['bytes']} bytes" if full else f"{found['bytes']} bytes"
+            raise StoreError(
+                f"{file} is damaged ({seen}; store.json records {expected['lines']} lines, {expected['bytes']} "
+                "bytes and their sha256): which prompt each row came from is lost and cannot be rebuilt from the "
+                f"store; remove {self.path} and rerun the extract command")
 
     def check_layer(self, layer: int, stream: str = "cond") -> None:
         if layer not in self.meta.layers:
@@ -253,16 +320,29 @@ class Store:
         self.check_layer(layer, stream)
         return self.array(acts_name(layer, stream))
 
+    def array_names(self) -> list[str]:
+        return ["offsets", "codes", "frames"] + [acts_name(layer, stream) for stream in self.meta.streams
+                                                 for layer in self.meta.layers]
+
+    def chunk_file(self, name: str, index: int) -> Path:
+        """The file of chunk ``index`` (along rows) of one array (zarr3's default chunk keys)."""
+        return self.path / name / "c" / str(index) / Path(*["0"] * (len(self.array(name).shape) - 1))
+
     # -- progress -------------------------------------------------------------------------
+    def unit_bounds(self) -> np.ndarray:
+        """Row bounds of the work units: unit u wrote rows [b[u], b[u + 1]) of every row array."""
+        per_unit = self.meta.generation.get("batch_size") or -(-self.n_samples // max(1, self.meta.n_units))
+        return self.offsets[np.minimum(np.arange(self.meta.n_units + 1) * per_unit, self.n_samples)]
+
+    def units_of_rows(self, lo: int, hi: int) -> list[int]:
+        """The work units that wrote any of the rows [lo, hi)."""
+        bounds = self.unit_bounds()
+        return [u for u in range(self.meta.n_units) if bounds[u] < hi and bounds[u + 1] > lo]
+
     def committed_units(self) -> set[int]:
         done: set[int] = set()
         for f in (self.path / "progress").glob("*.jsonl"):
-            for line in f.read_text().splitlines():
-                if line.strip():
-                    try:
-                        done.add(int(json.loads(line)["unit"]))
-                    except (ValueError, KeyError, json.JSONDecodeError):
-                        continue  # a line cut by a kill is not a commit
+            done.update(_commits(f))
         return done
 
     @property
@@ -279,8 +359,11 @@ class Store:
 
     def commit_unit(self, unit: int, shard: str) -> None:
         """Record that work unit ``unit`` is fully written (durably, after its data)."""
-        with open(self.path / "progress" / f"{shard}.jsonl", "a") as f:
-            f.write(json.dumps({"unit": unit}) + "\n")
+        log = self.path / "progress" / f"{shard}.jsonl"
+        # After a line cut by a kill, a newline first: glued to the fragment, this commit would be lost.
+        start = "" if _ends_cleanly(log) else "\n"
+        with open(log, "a") as f:
+            f.write(start + json.dumps({"unit": unit}) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -293,13 +376,12 @@ class Store:
         """Activations of one sample, [n_frames, d_model]."""
         if not 0 <= index < self.n_samples:
             raise StoreError(f"sample {index} is out of range: the store has {self.n_samples} samples")
-        lo, hi = self.offsets[index], self.offsets[index + 1]
-        return np.asarray(self.acts(layer, stream)[lo:hi].read().result())
+        self.check_layer(layer, stream)
+        return self.read_rows(acts_name(layer, stream), int(self.offsets[index]), int(self.offsets[index + 1]))
 
     def sample_codes(self, index: int) -> np.ndarray:
         """Audio codes of one sample, [n_frames, n_codebooks]."""
-        lo, hi = self.offsets[index], self.offsets[index + 1]
-        return np.asarray(self.array("codes")[lo:hi].read().result())
+        return self.read_rows("codes", int(self.offsets[index]), int(self.offsets[index + 1]))
 
     def row_sample_index(self, rows: np.ndarray) -> np.ndarray:
         """The sample each global row index belongs to."""
@@ -314,7 +396,12 @@ class Store:
         return samples, frames, frames / self.meta.frame_rate
 
     def chunk_rows(self, layer: int, stream: str = "cond") -> int:
-        return int(self.acts(layer, stream).chunk_layout.read_chunk.shape[0])
+        self.check_layer(layer, stream)
+        return self.chunk_rows_of(acts_name(layer, stream))
+
+    def chunk_rows_of(self, name: str) -> int:
+        """Rows (entries, for offsets) per chunk of one array."""
+        return int(self.array(name).chunk_layout.read_chunk.shape[0])
 
     def iter_rows(self, layer: int, batch_size: int, **options) -> Iterator[np.ndarray]:
         """As ``iter_rows_indexed`` (same options), the batches alone."""
@@ -352,7 +439,7 @@ class Store:
         rng = np.random.default_rng(seed)
         order = rng.permutation(n_chunks) if shuffle else np.arange(n_chunks)
         keep = self._row_mask(rows, samples, exclude_rows)
-        groups = self._read_chunk_groups(self.acts(layer, stream), chunk, order, buffer_chunks if shuffle else 1,
+        groups = self._read_chunk_groups(acts_name(layer, stream), chunk, order, buffer_chunks if shuffle else 1,
                                          keep, dtype)
         if shuffle:
             groups = _permuted_groups(groups, rng)
@@ -381,7 +468,7 @@ class Store:
 
         return keep
 
-    def _read_chunk_groups(self, arr, chunk: int, order: np.ndarray, group_chunks: int, keep, dtype
+    def _read_chunk_groups(self, name: str, chunk: int, order: np.ndarray, group_chunks: int, keep, dtype
                            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(rows, global indices) kept from each group of ``group_chunks`` chunks taken in ``order``;
         chunks with nothing kept are not read."""
@@ -392,7 +479,7 @@ class Store:
                 mask = keep(lo, hi)
                 if not mask.any():
                     continue
-                block, index = np.asarray(arr[lo:hi].read().result()), np.arange(lo, hi)
+                block, index = self.read_rows(name, lo, hi), np.arange(lo, hi)
                 xs.append(block if mask.all() else block[mask])
                 idx.append(index if mask.all() else index[mask])
             if xs:
@@ -404,7 +491,8 @@ class Store:
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (sample indices, rows) for runs of whole consecutive samples of at most ``max_rows``
         rows in all (a longer sample comes alone). Rows of sample i follow those of sample i - 1."""
-        arr = self.acts(layer, stream)
+        self.check_layer(layer, stream)
+        name = acts_name(layer, stream)
         chosen = np.arange(self.n_samples) if samples is None else np.sort(np.asarray(samples, dtype=np.int64))
         offsets = self.offsets
         i = 0
@@ -417,9 +505,9 @@ class Store:
             block = chosen[i:j]
             contiguous = np.all(np.diff(block) == 1)
             if contiguous:
-                x = np.asarray(arr[offsets[block[0]] : offsets[block[-1] + 1]].read().result())
+                x = self.read_rows(name, int(offsets[block[0]]), int(offsets[block[-1] + 1]))
             else:
-                x = np.concatenate([np.asarray(arr[offsets[s] : offsets[s + 1]].read().result()) for s in block])
+                x = np.concatenate([self.read_rows(name, int(offsets[s]), int(offsets[s + 1])) for s in block])
             yield block, x.astype(dtype, copy=False)
             i = j
 
@@ -435,6 +523,60 @@ class Store:
             "seconds_of_audio": self.n_rows / self.meta.frame_rate if self.meta.frame_rate else 0.0,
             "complete": self.complete,
         }
+
+
+# `Error reading local file "<array>/c/<row chunk>/0": <what>`: how tensorstore names a chunk it cannot read.
+_CHUNK_FILE = re.compile(r'local file "([^"]*/c/(\d+)(?:/\d+)*)"')
+PLAN_ARRAYS = ("offsets", "frames")  # written at creation from samples.jsonl, never by a batch
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _problem(err: BaseException) -> str:
+    """What is wrong with a chunk file tensorstore could not read, said of the file."""
+    text = str(err)
+    if "Digest mismatch" in text:
+        return "fails its crc32c checksum (garbled bytes)"
+    if "Not enough data" in text:
+        return "is truncated"
+    return f"cannot be read ({_first_line(err)})"
+
+
+def _batches(units) -> str:
+    """``{0, 1, 2, 5}`` -> ``batches 0-2, 5``; ``{3}`` -> ``batch 3``."""
+    parts: list[list[int]] = []
+    for u in sorted(units):
+        if parts and u == parts[-1][1] + 1:
+            parts[-1][1] = u
+        else:
+            parts.append([u, u])
+    numbers = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in parts) or "none"
+    return f"batch {numbers}" if len(units) == 1 else f"batches {numbers}"
+
+
+def _commits(log: Path) -> list[int]:
+    """The units a progress file commits; a line cut by a kill (or otherwise unreadable) is no commit."""
+    units = []
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            units.append(int(json.loads(line)["unit"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return units
+
+
+def _ends_cleanly(log: Path) -> bool:
+    """Whether a progress file is absent, empty or ends with a newline (no line cut by a kill)."""
+    try:
+        with open(log, "rb") as f:
+            if f.seek(0, os.SEEK_END) == 0:
+                return True
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+    except FileNotFoundError:
+        return True
 
 
 def _permuted_groups(groups, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -465,6 +607,143 @@ def _rebatched(groups, batch_size: int, drop_last: bool) -> Iterator[tuple[np.nd
 def open_store(path: str | os.PathLike, *, require_complete: bool = True) -> Store:
     """Open a store for reading; by default refuse one whose extraction has not finished."""
     store = Store(path)
+    store.check_samples_file()
     if require_complete:
         store.require_complete()
     return store
+
+
+# -- check and repair -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Damage:
+    """One chunk that cannot be read back: its array, file and rows, what is wrong, and the batches
+    (work units) that wrote it."""
+
+    array: str
+    file: Path
+    rows: tuple[int, int]
+    problem: str
+    units: tuple[int, ...]
+
+    def line(self) -> str:
+        batches = f", {_batches(self.units)}" if self.units else ""
+        return f"{_describe_array(self.array)} rows {self.rows[0]}:{self.rows[1]}{batches}: {self.file} {self.problem}"
+
+
+def find_damage(store: Store, group_chunks: int = 8) -> list[Damage]:
+    """Read every chunk of every array once (``group_chunks`` at a time); the chunks that fail, and
+    the missing activation chunks of committed rows."""
+    committed, damage = store.committed_units(), []
+    for name in store.array_names():
+        arr, chunk = store.array(name), store.chunk_rows_of(name)
+        starts = list(range(0, arr.shape[0], chunk))
+        for first in range(0, len(starts), group_chunks):
+            reads = [(lo, min(arr.shape[0], lo + chunk)) for lo in starts[first : first + group_chunks]]
+            for (lo, hi), read in zip(reads, [arr[lo:hi].read() for lo, hi in reads]):
+                units = () if name in PLAN_ARRAYS else tuple(store.units_of_rows(lo, hi))
+                file = store.chunk_file(name, lo // chunk)
+                try:
+                    read.result()
+                except ValueError as err:
+                    damage.append(Damage(name, file, (lo, hi), _problem(err), units))
+                    if name == "offsets":  # the rest is mapped to batches with offsets rebuilt from the plan
+                        store._offsets = _planned_offsets(store.samples)
+                    continue
+                # A missing chunk reads as zeros; committed activations are never all zero (codes may be).
+                if name.endswith("/acts") and not file.exists() and committed.intersection(units):
+                    damage.append(Damage(name, file, (lo, hi), "is missing", units))
+    return damage
+
+
+def _planned_offsets(samples: Sequence[dict]) -> np.ndarray:
+    offsets = np.zeros(len(samples) + 1, dtype=np.int64)
+    np.cumsum([int(s["n_frames"]) for s in samples], out=offsets[1:])
+    return offsets
+
+
+def repair(store: Store) -> list[Damage]:
+    """Remove every damaged chunk and un-commit the batches that wrote it, so rerunning the same
+    extract command recomputes exactly those; offsets and frames are rewritten from samples.jsonl.
+    Run it while no extraction writes to the store."""
+    store.check_samples_file(full=True)  # a damaged samples.jsonl cannot be repaired: say so before anything
+    damage = find_damage(store)
+    lost = [d for d in damage if d.array == "codes" and store.meta.mode != "generate"]
+    if lost:
+        raise StoreError(f"store {store.path}: {lost[0].line()}; the codes of a {store.meta.mode} store are its "
+                         f"input, not recomputed: remove {store.path} and rerun the extract command")
+    for d in damage:
+        d.file.unlink(missing_ok=True)
+    if any(d.array in PLAN_ARRAYS for d in damage):
+        offsets = _planned_offsets(store.samples)
+        store.write_rows("offsets", 0, offsets)
+        store.write_rows("frames", 0, np.concatenate([np.arange(n, dtype=np.int32) for n in np.diff(offsets)]))
+    units = {u for d in damage for u in d.units}
+    for log in (store.path / "progress").glob("*.jsonl") if units else ():
+        write_text(log, "".join(json.dumps({"unit": u}) + "\n" for u in _commits(log) if u not in units))
+    return damage
+
+
+@dataclass(frozen=True)
+class StoreCommand:
+    """Options of ``python -m extractor.store`` (also ``python -m extractor.store check|repair STORE``)."""
+
+    action: Literal["check", "repair"] = "check"
+    """check: read every chunk back and list the damaged ones (exit status 2 if any); repair: remove them
+    and un-commit the batches that wrote them, so that rerunning the same extract command recomputes
+    exactly those (run it while no extraction writes to the store)."""
+    store: str = "data/activations"
+    """The activation store."""
+
+
+def run_command(cfg: StoreCommand) -> list[Damage]:
+    store = Store(cfg.store)
+    where = f"store {store.path}"
+    store.check_samples_file(full=True)  # named first: neither command can rebuild it
+    if cfg.action == "check":
+        damage = find_damage(store)
+        for d in damage:
+            print(f"damaged: {d.line()}")
+        if damage:
+            units = {u for d in damage for u in d.units}
+            raise StoreError(f"{where}: {len(damage)} damaged chunk{'s' * (len(damage) > 1)}"
+                             f"{f' ({_batches(units)})' if units else ''}; run python -m extractor.store repair "
+                             f"{store.path} and then rerun the same extract command")
+        done = len(store.committed_units())
+        print(f"{where}: every chunk of {len(store.array_names())} arrays reads back, samples.jsonl is intact; "
+              f"{done} of {store.meta.n_units} batches committed"
+              + ("" if done >= store.meta.n_units else " (rerun the same extract command to finish)"))
+        return damage
+    damage = repair(store)
+    for d in damage:
+        print(f"removed: {d.line()}")
+    units = {u for d in damage for u in d.units}
+    if not damage:
+        print(f"{where}: no damage found, nothing to repair")
+    elif units:
+        print(f"{where}: un-committed {_batches(units)} of {store.meta.n_units}; rerun the same extract command "
+              "(each --shard of it) to recompute them")
+    else:
+        print(f"{where}: offsets and frames rewritten from samples.jsonl; nothing to recompute")
+    return damage
+
+
+def main(argv: list[str] | None = None):
+    import sys
+
+    from .cli import run_main
+
+    argv, head = list(sys.argv[1:] if argv is None else argv), []
+    while argv and not argv[0].startswith("-") and len(head) < 2:  # `check STORE`: --action check --store STORE
+        head.append(argv.pop(0))
+    argv = [arg for pair in zip(("--action", "--store"), head) for arg in pair] + argv
+    return run_main(
+        StoreCommand, argv, prog="python -m extractor.store",
+        description="Check an activation store for damaged chunks (check STORE), or repair it (repair STORE): "
+                    "damaged chunks are removed and their batches un-committed, so rerunning the same extract "
+                    "command recomputes exactly those.",
+        run=run_command,
+    )
+
+
+if __name__ == "__main__":
+    main()
