@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -118,23 +119,79 @@ def params_from_tree(tree: dict) -> M.SAEParams:
     return M.SAEParams(W_enc_DH=tree["W_enc"], b_enc_H=tree["b_enc"], W_dec_HD=tree["W_dec"], b_dec_D=tree["b_dec"])
 
 
+class Resumed(NamedTuple):
+    """A restored run checkpoint, and the newer ones that were damaged (``(step, why)``, newest first)."""
+
+    state: object
+    meta: dict
+    step: int
+    damaged: tuple[tuple[int, str], ...]
+
+
+# What a damaged (truncated, garbled, half-deleted) checkpoint raises on restore: tensorstore's
+# ValueError, a missing file, a bad JSON file, a missing key.
+_DAMAGE = (ValueError, OSError, KeyError)
+
+
+def _why(err: BaseException) -> str:
+    """The error in a few words: its type and the start of its message."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:120]}" if text else type(err).__name__
+
+
 class RunCheckpoints:
-    """Periodic whole-state checkpoints of one run, for resumption."""
+    """Periodic whole-state checkpoints of one run, for resumption. A damaged checkpoint is skipped:
+    resumption falls back to the newest one that restores."""
 
     def __init__(self, directory: str | Path, keep: int = 2):
+        self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(
-            Path(directory).absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def latest_meta(self) -> dict | None:
-        """The JSON saved beside the latest state (settings, width), without restoring the state."""
-        latest = self.latest_step()
-        if latest is None:
-            return None
-        return self.manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        """The JSON saved beside the newest checkpoint whose JSON reads (settings, width), without
+        restoring the state; None without checkpoints, a CheckpointError when none reads."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            except _DAMAGE:
+                continue
+            if isinstance(meta, dict):
+                return meta
+        if steps:
+            raise self._all_damaged(steps)
+        return None
+
+    def restore_latest(self, like_state) -> Resumed | None:
+        """The newest checkpoint that restores into ``like_state``'s structure and placement (None
+        without checkpoints). Newer damaged ones are deleted, so the run saves those steps again; a
+        CheckpointError when every one is damaged."""
+        damaged: list[tuple[int, str]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state, meta = self.restore(step, like_state)
+            except _DAMAGE as err:
+                damaged.append((step, _why(err)))
+                continue
+            for bad, _ in damaged:
+                self.manager.delete(bad)
+            return Resumed(state, meta, step, tuple(damaged))
+        if damaged:
+            raise self._all_damaged([step for step, _ in damaged], damaged[0][1])
+        return None
+
+    def delete_all(self) -> None:
+        for step in self.manager.all_steps():
+            self.manager.delete(step)
+
+    def _all_damaged(self, steps: list[int], why: str = "unreadable") -> CheckpointError:
+        return CheckpointError(f"every checkpoint in {self.directory} is damaged (steps {', '.join(map(str, steps))}; "
+                               f"newest: {why}): pass --overwrite to start the run over")
 
     def save(self, step: int, state, meta: dict) -> bool:
         """Save unless the state is non-finite or this step is saved already; returns whether it saved."""

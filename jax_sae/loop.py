@@ -87,10 +87,17 @@ def make_plan(cfg: TrainConfig, store: Store, train_rows: int) -> RunPlan:
 
 
 def open_run(cfg: TrainConfig, files: RunDir, d_model: int) -> RunCheckpoints:
-    """The run's checkpoints; a run with other settings or width is refused unless --overwrite."""
+    """The run's checkpoints; a run with other settings or width, or whose checkpoints are all damaged,
+    is refused unless --overwrite."""
     if files.ckpt.exists():
         checkpoints = RunCheckpoints(files.ckpt)
-        meta = checkpoints.latest_meta()
+        try:
+            meta = checkpoints.latest_meta()
+        except CheckpointError:
+            if not cfg.overwrite:
+                checkpoints.close()
+                raise
+            meta = None
         if meta is not None:
             same = meta.get("resume_key") == json.loads(json.dumps(cfg.resume_key()))
             if same and meta.get("d_model") == d_model:
@@ -152,7 +159,7 @@ class TrainingRun:
             print(note)
         optimizer = make_optimizer(cfg.lr, plan.total_steps, cfg.weight_decay)
         state, state_shardings = _initial_state(cfg, plan, scan, store.d_model, optimizer, mesh)
-        state = _resume(checkpoints, files, state)
+        state = _resume(checkpoints, files, state, cfg.overwrite)
         settings = LossSettings(plan.sae, cfg.sparsity_coef, sparsity_warmup_steps(plan.total_steps),
                                 cfg.aux_penalty, plan.dead_tokens, cfg.backward, cfg.compute_dtype)
         step_fn = compile_train_step(optimizer, settings, mesh, state, cfg.batch_size)
@@ -311,13 +318,28 @@ def _initial_state(cfg: TrainConfig, plan: RunPlan, scan: ScanResult, d_model: i
     return jax.device_put(state, state_shardings), state_shardings
 
 
-def _resume(checkpoints: RunCheckpoints, files: RunDir, state: TrainState) -> TrainState:
-    """The latest checkpoint restored into ``state``'s structure and placement, or ``state`` itself."""
-    latest = checkpoints.latest_step()
-    if latest is not None:
-        state, _ = checkpoints.restore(latest, state)
+def _resume(checkpoints: RunCheckpoints, files: RunDir, state: TrainState, overwrite: bool) -> TrainState:
+    """The newest checkpoint that restores, into ``state``'s structure and placement, or ``state``
+    itself; one line says which step it resumes from and which newer ones were damaged. When every
+    checkpoint is damaged, --overwrite starts the run over."""
+    try:
+        resumed = checkpoints.restore_latest(state)
+    except CheckpointError:
+        if not overwrite:
+            raise
+        checkpoints.delete_all()
+        if is_primary():
+            shutil.rmtree(files.best, ignore_errors=True)
+            shutil.rmtree(files.final, ignore_errors=True)
+            print(f"every checkpoint in {files.ckpt} is damaged; --overwrite: starting the run over")
+        barrier("start-over")
+        resumed = None
+    step = resumed.step if resumed is not None else None
     if is_primary():
-        files.restart_metrics(latest)
-        if latest is not None:
-            print(f"resuming {files.path} from step {latest}")
-    return state
+        files.restart_metrics(step)
+        if resumed is not None and resumed.damaged:
+            bad = ", ".join(f"step {s} ({why})" for s, why in resumed.damaged)
+            print(f"damaged checkpoint removed from {files.ckpt}: {bad}; resuming {files.path} from step {step}")
+        elif resumed is not None:
+            print(f"resuming {files.path} from step {step}")
+    return resumed.state if resumed is not None else state

@@ -1,5 +1,6 @@
 """Damaged files are found and named with the command that repairs them: a truncated or garbled
-activation chunk, a torn progress line, a truncated samples.jsonl."""
+activation chunk, a torn progress line, a truncated samples.jsonl, a damaged latest checkpoint
+(which a resumed run skips for the one before it)."""
 
 import json
 
@@ -195,3 +196,65 @@ def test_repair_rewrites_offsets_and_frames_from_the_samples(store, capsys):
     fixed = open_store(store.path)
     np.testing.assert_array_equal(np.asarray(fixed.array("frames").read().result()), frames)
     assert fixed.offsets.tolist() == list(range(0, ROWS + 1, 50))
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+def _train_cfg(tmp_path, **kw):
+    from jax_sae.train import TrainConfig
+
+    base = dict(sae_type="topk", layer_idx=0, hidden_dim=32, top_k=4, batch_size=64, epochs=1, lr=4e-3,
+                store=str(tmp_path / "store"), out=str(tmp_path / "models"), progress=False, patience=0,
+                checkpoint_every=5, eval_every=50, mesh_data=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _state_files(step_dir):
+    return sorted(p for p in (step_dir / "state").rglob("*") if p.is_file() and p.stat().st_size > 0)
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(store, tmp_path, capsys):
+    import orbax.checkpoint as ocp
+
+    import jax_sae
+    from jax_sae.checkpoint import RunCheckpoints
+    from jax_sae.loop import _resume
+    from jax_sae.run_dir import RunDir
+    from jax_sae.train import main as train_main
+    from jax_sae.train import train
+
+    cfg = _train_cfg(tmp_path)
+    stats = train(cfg)
+    run = cfg.run_dir()
+    steps = sorted(int(p.name) for p in (run / "ckpt").iterdir() if p.name.isdigit())
+    latest, previous = steps[-1], steps[-2]
+    assert latest == stats["steps"] and previous < latest
+    reference = jax_sae.load(run / "final")
+    for f in _state_files(run / "ckpt" / str(latest)):
+        _truncate(f, f.stat().st_size // 2)
+    capsys.readouterr()
+
+    train(cfg)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "resuming" in line]
+    assert len(lines) == 1 and f"step {latest} (" in lines[0] and lines[0].endswith(f"from step {previous}"), lines
+    again = jax_sae.load(run / "final")
+    for name in ("W_enc_DH", "b_enc_H", "W_dec_HD", "b_dec_D"):
+        np.testing.assert_array_equal(np.asarray(getattr(again.params, name)),
+                                      np.asarray(getattr(reference.params, name)), err_msg=name)
+
+    like = ocp.StandardCheckpointer().restore((run / "ckpt" / str(latest) / "state").absolute())
+    for step in (p for p in (run / "ckpt").iterdir() if p.name.isdigit()):
+        for f in _state_files(step):
+            _truncate(f, f.stat().st_size // 2)
+    argv = ["--sae_type", "topk", "--store", cfg.store, "--layer_idx", "0", "--hidden_dim", "32", "--top_k", "4",
+            "--batch_size", "64", "--epochs", "1", "--lr", "4e-3", "--out", cfg.out, "--no-progress", "--patience",
+            "0", "--checkpoint_every", "5", "--eval_every", "50", "--mesh_data", "1"]
+    with pytest.raises(SystemExit) as exit_:
+        train_main(argv)
+    line = str(exit_.value)
+    assert exit_.value.code == 2 and "\n" not in line, line
+    assert f"every checkpoint in {run / 'ckpt'} is damaged" in line and "pass --overwrite" in line, line
+    # --overwrite starts over: every checkpoint and model of the run goes, the given state is the start.
+    assert _resume(RunCheckpoints(run / "ckpt"), RunDir(run), like, overwrite=True) is like
+    assert not any(p.name.isdigit() for p in (run / "ckpt").iterdir())
+    assert not (run / "final").exists() and not (run / "best").exists()
