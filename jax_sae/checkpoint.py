@@ -6,6 +6,7 @@ the saved config, never into unpickled structure."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import NamedTuple
@@ -128,15 +129,21 @@ class Resumed(NamedTuple):
     damaged: tuple[tuple[int, str], ...]
 
 
-# What a damaged (truncated, garbled, half-deleted) checkpoint raises on restore: tensorstore's
-# ValueError, a missing file, a bad JSON file, a missing key.
-_DAMAGE = (ValueError, OSError, KeyError)
+def _damage(err: Exception) -> Exception | None:
+    """The cause of a failed restore when it is damage (truncated, garbled, half-deleted files):
+    tensorstore's ValueError, a missing file, bad JSON, a missing key, however orbax wraps it
+    (a plain Exception around tensorstore's error); None for anything else."""
+    while err is not None:
+        if isinstance(err, (ValueError, OSError, KeyError)):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
-def _why(err: BaseException) -> str:
-    """The error in a few words: its type and the start of its message."""
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text[:120]}" if text else type(err).__name__
+def _why(err: Exception) -> str:
+    """The error in a few words: its type and message, less the path (the line names the directory)."""
+    text = re.sub(r' (in OCDBT database )?at local file "[^"]*"', "", " ".join(str(err).split()))
+    return f"{type(err).__name__}: {text[:160]}" if text else type(err).__name__
 
 
 class RunCheckpoints:
@@ -159,7 +166,9 @@ class RunCheckpoints:
         for step in steps:
             try:
                 meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-            except _DAMAGE:
+            except Exception as err:
+                if _damage(err) is None:
+                    raise
                 continue
             if isinstance(meta, dict):
                 return meta
@@ -175,8 +184,11 @@ class RunCheckpoints:
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 state, meta = self.restore(step, like_state)
-            except _DAMAGE as err:
-                damaged.append((step, _why(err)))
+            except Exception as err:
+                cause = _damage(err)
+                if cause is None:
+                    raise
+                damaged.append((step, _why(cause)))
                 continue
             for bad, _ in damaged:
                 self.manager.delete(bad)

@@ -209,10 +209,14 @@ def _train_cfg(tmp_path, **kw):
     return TrainConfig(**base)
 
 
-def _state_files(step_dir):
-    return sorted(p for p in (step_dir / "state").rglob("*") if p.is_file() and p.stat().st_size > 0)
+def _truncate_checkpoint(step_dir) -> None:
+    """Cut the largest file of a checkpoint's state (array data) in half, as a crash mid-write would."""
+    largest = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    _truncate(largest, largest.stat().st_size // 2)
 
 
+# orbax leaves the sibling reads of a failed restore unfinished; their cleanup warns, harmlessly
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(store, tmp_path, capsys):
     import orbax.checkpoint as ocp
 
@@ -230,8 +234,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(store, tmp_p
     latest, previous = steps[-1], steps[-2]
     assert latest == stats["steps"] and previous < latest
     reference = jax_sae.load(run / "final")
-    for f in _state_files(run / "ckpt" / str(latest)):
-        _truncate(f, f.stat().st_size // 2)
+    _truncate_checkpoint(run / "ckpt" / str(latest))
     capsys.readouterr()
 
     train(cfg)
@@ -244,8 +247,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(store, tmp_p
 
     like = ocp.StandardCheckpointer().restore((run / "ckpt" / str(latest) / "state").absolute())
     for step in (p for p in (run / "ckpt").iterdir() if p.name.isdigit()):
-        for f in _state_files(step):
-            _truncate(f, f.stat().st_size // 2)
+        _truncate_checkpoint(step)
     argv = ["--sae_type", "topk", "--store", cfg.store, "--layer_idx", "0", "--hidden_dim", "32", "--top_k", "4",
             "--batch_size", "64", "--epochs", "1", "--lr", "4e-3", "--out", cfg.out, "--no-progress", "--patience",
             "0", "--checkpoint_every", "5", "--eval_every", "50", "--mesh_data", "1"]
