@@ -183,7 +183,7 @@ def _plan_from_store(cfg: ExtractConfig, model_config) -> Plan:
                            f"({source.meta.model})")
     n_frames = [int(s["n_frames"]) for s in samples]
     n_rows = int(source.offsets[len(samples)])
-    codes = np.asarray(source.array("codes")[:n_rows].read().result())
+    codes = source.read_rows("codes", 0, n_rows)
     codebook_size = model_config.decoder.vocab_size
     if codes.size and not 0 <= int(codes.min()) <= int(codes.max()) < codebook_size:
         raise ExtractError(f"--codes_from {cfg.codes_from} holds codes in {int(codes.min())}..{int(codes.max())} but "
@@ -337,7 +337,7 @@ def _run_unit(cfg: ExtractConfig, loaded, store: Store, unit: int, layers: Seque
                 store.write_rows(acts_name(layer, stream), row0, acts.reshape(-1, acts.shape[-1]))
         store.write_rows("codes", row0, batch.codes.reshape(-1, batch.codes.shape[-1]))
     else:
-        codes = np.asarray(store.array("codes")[row0:row1].read().result())
+        codes = store.read_rows("codes", row0, row1)
         bounds = store.offsets[lo : lo + len(samples) + 1] - row0
         per_sample = [codes[bounds[i] : bounds[i + 1]] for i in range(len(samples))]
         acts = teacher_forced_batch(loaded, texts, per_sample, layers, melodies,
