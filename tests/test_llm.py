@@ -166,6 +166,7 @@ def test_failed_features_keep_their_heuristic_label(provider):
 
         class stats:
             sample_max = np.zeros((2, 5), np.float16)
+            finite_rows_per_sample = np.ones(2, np.int64)
 
     class Store:
         samples = [{"prompt": "x", "tags": []}, {"prompt": "y", "tags": []}]
@@ -203,6 +204,9 @@ def test_llm_judge_scores_labels_on_held_out_captions(provider):
 
     class Found:
         features = {"1": {"label": "drums", "top_examples": [{"sample_index": i} for i in range(10)]}}
+
+        class stats:
+            finite_rows_per_sample = np.ones(len(samples), np.int64)
 
     _llm_detection(Found, samples, client, None, 2, False)
     assert Found.features["1"]["detection_score_llm"] == 1.0
