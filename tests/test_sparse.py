@@ -48,8 +48,14 @@ def _compare(cfg, params, x, mesh, dead_tokens, dead_every=3):
     return metrics2
 
 
-@pytest.mark.parametrize("sae_type", ["topk", "batch_topk", "matryoshka"])
-@pytest.mark.parametrize("mesh_shape, dead_tokens", [((1, 1), 10**9), ((2, 2), 1), ((1, 4), 10**9)])
+_MESHES = [((1, 1), 10**9), ((2, 2), 1), ((1, 4), 10**9)]
+_TYPES = ["topk", "batch_topk", "matryoshka"]
+
+
+@pytest.mark.parametrize("sae_type, mesh_shape, dead_tokens", [
+    # every type and every mesh once by default (the diagonal); the whole cross product in the slow suite
+    pytest.param(t, *mesh, marks=() if i == j else pytest.mark.slow)
+    for i, t in enumerate(_TYPES) for j, mesh in enumerate(_MESHES)])
 def test_sparse_gradients_equal_autodiff_of_the_dense_loss(sae_type, mesh_shape, dead_tokens):
     # One heavy token: on one device its row overflows its candidates and is done densely.
     cfg, params, x = _setup(sae_type, heavy_rows=1)
@@ -137,11 +143,13 @@ def bf16_vs_f32(sae_type="batch_topk"):
     return tuple(losses)
 
 
+@pytest.mark.slow  # bfloat16 matmuls are emulated and slow on a CPU; bench/gpu_check.sh runs it where it matters
 def test_bfloat16_compute_stays_close_to_float32():
     loss32, loss16 = bf16_vs_f32()
     assert np.isfinite(loss16) and abs(loss16 - loss32) <= 0.02 * abs(loss32), (loss32, loss16)
 
 
+@pytest.mark.slow
 def test_the_gpu_benchmark_runs_end_to_end_at_toy_size(tmp_path, monkeypatch):
     """bench/gpu_check.sh's benchmark, on this CPU at a toy width: it must not need a GPU to run."""
     import json
