@@ -136,7 +136,7 @@ def run_main(cls: type[T], argv: list[str] | None, prog: str, description: str, 
         return run(cls(**vars(args)))
     except UsageError as err:
         exit_usage(err)
-    except OSError as err:
+    except Exception as err:  # a full disk arrives as OSError, or inside tensorstore's or orbax's errors
         full = disk_full_error(err)
         if full is None:
             raise

@@ -10,6 +10,7 @@ Anything else is a bug, and keeps its traceback.
 from __future__ import annotations
 
 import errno
+import re
 import sys
 from typing import NoReturn
 
@@ -40,10 +41,23 @@ def exit_usage(err: BaseException) -> NoReturn:
     raise UsageExit(line) from None
 
 
-def disk_full_error(err: OSError) -> UsageError | None:
-    """A full disk or an exceeded file-size limit as a usage error (the rerun resumes), else None."""
-    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# tensorstore and orbax report a failed write as ValueError/Exception text carrying the OS error
+_FULL_TEXT = re.compile("|".join([*(rf"os_error_code='{code}'" for code in _FULL), "No space left on device",
+                                  "Disk quota exceeded", "File too large"]))
+_FILE_TEXT = re.compile(r'(?:writing|write to)(?: local file)? "([^"]+)"')
+
+
+def disk_full_error(err: BaseException) -> UsageError | None:
+    """A full disk or an exceeded file-size limit (an OSError, or tensorstore's or orbax's error
+    around one) as a usage error: the rerun resumes. None for anything else."""
+    if isinstance(err, OSError) and err.errno in _FULL:
         where = err.filename or "while writing"
-        return UsageError(f"out of disk space ({where}): free space and rerun the same command to resume; "
-                          "finished work is kept")
-    return None
+    else:
+        text = "".join(str(e) for e in (err, err.__cause__, err.__context__) if e is not None)
+        if not _FULL_TEXT.search(text):
+            return None
+        found = _FILE_TEXT.search(text)
+        where = found.group(1) if found else "while writing"
+    return UsageError(f"out of disk space ({where}): free space and rerun the same command to resume; "
+                      "finished work is kept")

@@ -567,6 +567,17 @@ def _commits(log: Path) -> list[int]:
     return units
 
 
+def _torn_lines(log: Path) -> list[int]:
+    """1-based numbers of the progress lines that do not read as a commit (cut by a kill)."""
+    torn = []
+    for number, line in enumerate(log.read_text(errors="replace").splitlines(), start=1):
+        try:
+            int(json.loads(line)["unit"])
+        except (ValueError, KeyError, TypeError):
+            torn.append(number)
+    return torn
+
+
 def _ends_cleanly(log: Path) -> bool:
     """Whether a progress file is absent, empty or ends with a newline (no line cut by a kill)."""
     try:
@@ -708,6 +719,10 @@ def run_command(cfg: StoreCommand) -> list[Damage]:
             raise StoreError(f"{where}: {len(damage)} damaged chunk{'s' * (len(damage) > 1)}"
                              f"{f' ({_batches(units)})' if units else ''}; run python -m extractor.store repair "
                              f"{store.path} and then rerun the same extract command")
+        for log in sorted((store.path / "progress").glob("*.jsonl")):
+            for number in _torn_lines(log):
+                print(f"torn: {log.relative_to(store.path)} line {number} is a commit cut by a kill; its batch "
+                      "counts as unfinished: rerun the same extract command to redo it")
         done = len(store.committed_units())
         print(f"{where}: every chunk of {len(store.array_names())} arrays reads back, samples.jsonl is intact; "
               f"{done} of {store.meta.n_units} batches committed"

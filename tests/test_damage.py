@@ -119,12 +119,15 @@ def test_stores_without_checksums_stay_readable(tmp_path, monkeypatch, small_chu
         list(open_store(old.path).iter_rows(0, 512))
 
 
-def test_a_torn_progress_line_is_no_commit_and_the_next_commit_still_counts(store):
+def test_a_torn_progress_line_is_no_commit_and_the_next_commit_still_counts(store, capsys):
     log = store.path / "progress" / "shard-0-of-1.jsonl"
     assert store.committed_units() == {0}
     with open(log, "a") as f:
         f.write('{"unit": 1')  # a kill mid-append of unit 1's commit
     assert store.committed_units() == {0}, "a torn last line is not a commit: that unit is simply redone"
+    capsys.readouterr()
+    _command("check", str(store.path))
+    assert "torn: progress/shard-0-of-1.jsonl line 2 is a commit cut by a kill" in capsys.readouterr().out
     store.commit_unit(2, "shard-0-of-1")
     assert store.committed_units() == {0, 2}, "a commit appended after a torn line must not be glued to it"
 

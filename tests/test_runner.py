@@ -79,3 +79,28 @@ def test_every_entry_points_config_parses_with_the_runner():
         (4, 4, 8, 16, 32)
     assert PipelineConfig(**vars(build_parser(PipelineConfig, "p", "d").parse_args(
         ["--stages", "train", "discover"]))).stages == ("train", "discover")
+
+
+@pytest.mark.parametrize("error", [
+    OSError(28, "No space left on device", "/data/store/layer1/acts/c/0/0"),
+    ValueError("RESOURCE_EXHAUSTED: Error writing local file \"store/layer1/acts/c/0/0\": Failed to write 12804 "
+               "bytes to file 4: No space left on device [os_error_code='28']"),
+])
+def test_a_full_disk_is_one_line_naming_the_file_and_exit_2(error, capsys):
+    """A full disk arrives as OSError, or as tensorstore's (and orbax's) error text around one."""
+    def run(_cfg):
+        raise error
+
+    with pytest.raises(SystemExit) as exc:
+        run_main(Options, [], "prog", "d", run=run)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and err.startswith("error: out of disk space (")
+    assert "layer1/acts/c/0/0" in err and "rerun the same command to resume" in err
+
+
+def test_other_errors_keep_their_traceback():
+    def run(_cfg):
+        raise ValueError("a bug")
+
+    with pytest.raises(ValueError, match="a bug"):
+        run_main(Options, [], "prog", "d", run=run)
