@@ -252,12 +252,18 @@ def _escaped(err: str) -> str:
 
 
 def _error_line(ran: Ran, expect: str) -> str | None:
-    """None when ``ran`` stopped with exit 2 and exactly one ``error:`` line containing ``expect``;
-    else what it did instead."""
+    """None when ``ran`` stopped with exit 2 and its stderr holds exactly one ``error:`` line,
+    containing ``expect``, and no traceback; else what it did instead."""
     errors = [line for line in ran.err.splitlines() if line.startswith("error:")]
-    if ran.rc == 2 and len(errors) == 1 and expect in errors[0] and "Traceback" not in ran.err:
-        return None
-    if "Traceback" in ran.err:
+    tracebacks = ran.err.count("Traceback (most recent call last)")
+    if ran.rc == 2 and len(errors) == 1 and expect in errors[0]:
+        if not tracebacks:
+            return None
+        logged = [line for line in ran.err.splitlines() if re.match(r"(ERROR|WARNING):", line)]
+        first = f" (first: {logged[0][:160]!r})" if logged else ""
+        return (f"exit 2 with {errors[0]!r}, but stderr holds {len(ran.err.splitlines()) - 1} lines besides "
+                f"it, with {tracebacks} tracebacks{first}")
+    if tracebacks:
         return f"exit {ran.rc}, uncaught {_escaped(ran.err)}"
     return f"exit {ran.rc}, " + (f"{len(errors)} error lines: {' | '.join(errors)}" if errors else
                                  f"no error line; last: {_last_line(ran.err)}")
