@@ -5,18 +5,22 @@ the saved config, never into unpickled structure."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 import shutil
+import sys
+import threading
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from extractor.errors import UsageError
+from extractor.errors import UsageError, disk_full_error
 from extractor.files import publish_dir, write_json
 
 from . import model as M
@@ -25,6 +29,87 @@ from .config import SAEConfig
 
 class CheckpointError(UsageError):
     """A checkpoint that is missing, unfinished, or of another kind."""
+
+
+class _BackgroundErrors:
+    """Orbax writes from background threads; when one write fails (a full disk) the others fail too
+    and report it themselves: absl and asyncio ERROR records with tracebacks, and tensorstore
+    callbacks into orbax's closed event loop (unraisable exceptions). While a save runs these are
+    held back. They are printed after all when the save succeeds or fails for another reason, and
+    dropped (for a minute, while the other writes fail) when it failed on a full disk: that ends
+    the run with one line naming the checkpoint."""
+
+    _LOGGERS = ("absl", "asyncio")
+    STRAGGLERS_S = 60.0  # how long reports of a failed save are dropped after it returned
+
+    def __init__(self):
+        self.records: list[logging.LogRecord] = []
+        self.unraisable: list = []
+        self.dropping = False
+        self._lock = threading.Lock()
+        self._hook = sys.unraisablehook
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and not self.dropping:
+            with self._lock:
+                self.records.append(record)
+        return record.levelno < logging.ERROR
+
+    def _unraisable(self, info) -> None:
+        if not self.dropping:
+            with self._lock:
+                self.unraisable.append(info)
+        elif not (isinstance(info.exc_value, RuntimeError) and "loop is closed" in str(info.exc_value)):
+            self._hook(info)
+
+    @contextlib.contextmanager
+    def held(self):
+        loggers = [logging.getLogger(name) for name in self._LOGGERS]
+        for logger in loggers:
+            logger.addFilter(self)
+        sys.unraisablehook = self._unraisable
+        try:
+            yield
+        except BaseException as err:
+            if disk_full_error(err) is not None:
+                self.dropping = True  # the other writes keep failing for a while after the save returned
+                timer = threading.Timer(self.STRAGGLERS_S, self._release, (loggers,))
+                timer.daemon = True  # never holds the process open
+                timer.start()
+                raise
+            self._release(loggers)
+            raise
+        self._release(loggers)
+
+    def _release(self, loggers) -> None:
+        for logger in loggers:
+            logger.removeFilter(self)
+        if sys.unraisablehook == self._unraisable:
+            sys.unraisablehook = self._hook
+        if self.dropping:
+            return
+        for record in self.records:
+            logging.getLogger(record.name).handle(record)
+        for info in self.unraisable:
+            self._hook(info)
+
+
+@contextlib.contextmanager
+def _saving(what: str, directory: Path, partial: Callable[[], list[Path]],
+            resumes: str = "it resumes from the last checkpoint"):
+    """Run an orbax save. A full disk becomes one CheckpointError naming ``directory``; the
+    half-written directories ``partial()`` lists are removed to free their space, and orbax's own
+    reports of the failure are dropped."""
+    try:
+        with _BackgroundErrors().held():
+            yield
+    except Exception as err:
+        if disk_full_error(err) is None:
+            raise
+        for half_written in partial():
+            shutil.rmtree(half_written, ignore_errors=True)
+        raise CheckpointError(f"out of disk space saving {what} in {directory}: free space and rerun the same "
+                              f"command; {resumes}") from None
 
 
 def _abstract(tree):
@@ -73,9 +158,10 @@ def save_model(path: str | Path, cfg: SAEConfig, tree: dict, info: dict) -> None
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(f"save-model-start-{path.name}")
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(tmp / "state", tree)
-    checkpointer.wait_until_finished()
+    with _saving(path.name + "/", path.parent, lambda: [tmp] if is_primary() else []):
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp / "state", tree)
+        checkpointer.wait_until_finished()
     if is_primary():
         write_json(tmp / "config.json", {"sae": cfg.to_json(), **info}, default=float)
         publish_dir(tmp, path, replace=True)
@@ -153,7 +239,7 @@ class RunCheckpoints:
     def __init__(self, directory: str | Path, keep: int = 2):
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
         )
 
     def latest_step(self) -> int | None:
@@ -209,9 +295,18 @@ class RunCheckpoints:
         """Save unless the state is non-finite or this step is saved already; returns whether it saved."""
         if step in self.manager.all_steps() or not all_finite(state.params):
             return False
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         meta=ocp.args.JsonSave(meta)))
-        self.manager.wait_until_finished()
+        last = self.manager.latest_step()
+        resumes = (f"it resumes from step {last}" if last is not None
+                   else "it starts over (no checkpoint was complete yet)")
+        from .distributed import is_primary
+
+        def partial() -> list[Path]:
+            return [*self.directory.glob(f"{step}.orbax-checkpoint-tmp*")] if is_primary() else []
+
+        with _saving(f"checkpoint step {step}", self.directory, partial, resumes):
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                             meta=ocp.args.JsonSave(meta)))
+            self.manager.wait_until_finished()
         return True
 
     def restore(self, step: int, like_state) -> tuple[object, dict]:

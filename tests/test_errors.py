@@ -1,6 +1,7 @@
 """Bad input stops every stage with one line and exit status 2 before it computes or writes anything,
 so that a failed start leaves nothing behind that the corrected command would refuse."""
 
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -278,3 +279,59 @@ def test_a_damaged_training_summary_is_one_line_naming_it(checkpoint, synthetic_
                          "--max_features", "2", "--no-progress"])
     text = _error(report_main, ["--features", features, "--no-audio", "--no-progress", "--out", tmp_path / "r"])
     assert "training_stats.json is damaged" in text and "rerun the same train command" in text
+
+
+@contextmanager
+def _file_size_limit(limit: int):
+    """Files may grow to ``limit`` bytes (RLIMIT_FSIZE, as a full disk would stop them), with
+    SIGXFSZ ignored so a write past it fails with EFBIG instead of killing the process."""
+    import resource
+    import signal
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_naming_it_and_leaves_no_partial_step(tmp_path, capfd):
+    from typing import NamedTuple
+
+    import jax.numpy as jnp
+
+    from jax_sae.checkpoint import CheckpointError, RunCheckpoints
+
+    class State(NamedTuple):
+        params: dict
+
+    small = State({"W": jnp.ones((8, 8))})
+    large = State({"W": jax.random.normal(jax.random.PRNGKey(0), (256, 256))})  # 256 KiB, past the limit
+    checkpoints = RunCheckpoints(tmp_path / "ckpt")
+    assert checkpoints.save(1, small, {"step": 1})
+    capfd.readouterr()
+    with _file_size_limit(64 * 1024), pytest.raises(CheckpointError) as err:
+        checkpoints.save(2, large, {"step": 2})
+    line = str(err.value)
+    assert line.startswith(f"out of disk space saving checkpoint step 2 in {tmp_path / 'ckpt'}: ") and \
+        "it resumes from step 1" in line, line
+    assert "Traceback" not in capfd.readouterr().err  # orbax's own reports of the failed writes are held back
+    assert not [*(tmp_path / "ckpt").glob("2.*")] and checkpoints.latest_step() == 1
+    assert checkpoints.save(2, large, {"step": 2}) and checkpoints.latest_step() == 2  # with room again
+    checkpoints.close()
+
+
+def test_a_full_disk_while_saving_a_model_names_it_and_keeps_the_old_one(tmp_path):
+    from jax_sae.checkpoint import CheckpointError
+
+    cfg = SAEConfig(sae_type="topk", d_model=256, hidden_dim=256, top_k=4, layer=0, model="synthetic")
+    tree = model_tree(M.init_params(jax.random.PRNGKey(0), cfg, np.zeros(256, np.float32)), 0.0, 1.0)
+    save_model(tmp_path / "best", cfg, tree, {"step": 1})
+    with _file_size_limit(64 * 1024), pytest.raises(CheckpointError) as err:
+        save_model(tmp_path / "best", cfg, tree, {"step": 2})
+    assert str(err.value).startswith(f"out of disk space saving best/ in {tmp_path}: "), err.value
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    assert json.loads((tmp_path / "best" / "config.json").read_text())["step"] == 1
