@@ -163,8 +163,9 @@ def report(
     params: dict | None = None,
     derived: dict | None = None,
     targets: Sequence[dict] = (),
+    file_name: str | None = None,
 ) -> dict:
-    """Print a results table and write ``bench/results/<name>.json``; return the results dict."""
+    """Print a results table and write ``bench/results/<file_name or name>.json``; return the results dict."""
     results = {
         "name": name,
         "command": "python -m bench." + name + "".join(f" {a}" for a in sys.argv[1:]),
@@ -181,7 +182,7 @@ def report(
     for t in targets:
         verdict = "met" if t["met"] else "NOT met"
         print(f"target {t['name']}: {t['goal']}, measured {_cell(t['measured'])} -> {verdict}")
-    out = RESULTS_DIR / f"{name}.json"
+    out = RESULTS_DIR / f"{file_name or name}.json"
     write_json(out, results)
     print(f"wrote {out}")
     return results

@@ -47,6 +47,7 @@ class LossSettings:
     dead_tokens: int
     backward: Literal["auto", "sparse", "dense"] = "auto"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    aux_k: int = 0  # AuxK's latents per token (0: d/2)
 
     def batch_candidates(self) -> int:
         """Per-row candidates for the batch-wide selection (BatchTopK, Matryoshka)."""
@@ -240,11 +241,11 @@ def _with_dense_overflow_rows(params: SAEParams, x_BD, pre_BH, first, rows: int,
 
 def _aux_loss(params: SAEParams, x_BD, x_hat_BD, dead_H, s: LossSettings, global_batch: int,
               cap: int | None = None):
-    """AuxK: the detached residual reconstructed from the top min(d/2, dead) dead latents,
+    """AuxK: the detached residual reconstructed from the top min(aux_k or d/2, dead) dead latents,
     normalised by the residual's variance. With ``cap``, only the (at most ``cap`` per shard)
     dead latents' columns enter the matmuls, instead of all h."""
     cfg = s.sae
-    k = min(cfg.d_model // 2, cfg.hidden_dim)
+    k = min(s.aux_k or cfg.d_model // 2, cfg.hidden_dim)
     if cap is None:
         act_BN = jnp.where(dead_H, jax.nn.relu(_pre(params, x_BD, s.compute_dtype)), 0.0)
         W_dec_ND = params.W_dec_HD

@@ -86,6 +86,17 @@ def make_plan(cfg: TrainConfig, store: Store, train_rows: int) -> RunPlan:
                    cfg.checkpoint_every or max(1, total // 10), dead, warmup, notes)
 
 
+def _same_settings(saved, cfg: TrainConfig) -> bool:
+    """Whether a checkpoint's saved settings are ``cfg``'s; a setting added since it was saved
+    counts as its default."""
+    if not isinstance(saved, dict):
+        return False
+    defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(type(cfg))}))
+    current = json.loads(json.dumps(cfg.resume_key()))
+    return saved.keys() <= current.keys() and all(saved.get(key, defaults[key]) == value
+                                                  for key, value in current.items())
+
+
 def open_run(cfg: TrainConfig, files: RunDir, d_model: int) -> RunCheckpoints:
     """The run's checkpoints; a run with other settings or width, or whose checkpoints are all damaged,
     is refused unless --overwrite."""
@@ -99,7 +110,7 @@ def open_run(cfg: TrainConfig, files: RunDir, d_model: int) -> RunCheckpoints:
                 raise
             meta = None
         if meta is not None:
-            same = meta.get("resume_key") == json.loads(json.dumps(cfg.resume_key()))
+            same = _same_settings(meta.get("resume_key"), cfg)
             if same and meta.get("d_model") == d_model:
                 return checkpoints
             if not cfg.overwrite:
@@ -157,11 +168,11 @@ class TrainingRun:
         notes = list(split.notes) + list(plan.notes) + ([f"skipping {bad} non-finite rows"] if bad else [])
         for note in notes if is_primary() else ():
             print(note)
-        optimizer = make_optimizer(cfg.lr, plan.total_steps, cfg.weight_decay)
+        optimizer = make_optimizer(cfg.lr, plan.total_steps, cfg.weight_decay, cfg.lr_schedule, cfg.adam_betas)
         state, state_shardings = _initial_state(cfg, plan, scan, store.d_model, optimizer, mesh)
         state = _resume(checkpoints, files, state, cfg.overwrite)
         settings = LossSettings(plan.sae, cfg.sparsity_coef, sparsity_warmup_steps(plan.total_steps),
-                                cfg.aux_penalty, plan.dead_tokens, cfg.backward, cfg.compute_dtype)
+                                cfg.aux_penalty, plan.dead_tokens, cfg.backward, cfg.compute_dtype, cfg.aux_k)
         step_fn = compile_train_step(optimizer, settings, mesh, state, cfg.batch_size)
         batch_sharding = NamedSharding(mesh, BATCH)
         return cls(cfg, plan, store, split, scan, val_bad, files, checkpoints, state, state_shardings, step_fn,
@@ -171,7 +182,7 @@ class TrainingRun:
     def run(self) -> None:
         cfg, step = self.cfg, int(self.state.step)
         meta = {"resume_key": cfg.resume_key(), "d_model": self.store.d_model}
-        with Progress(self.files, lr_schedule(cfg.lr, self.plan.total_steps), self.plan.total_steps, step,
+        with Progress(self.files, lr_schedule(cfg.lr, self.plan.total_steps, cfg.lr_schedule), self.plan.total_steps, step,
                       cfg.batch_size, f"train {cfg.sae_type}", cfg.progress) as progress:
             for epoch in range(int(self.state.epoch), cfg.epochs):
                 step, stopped = self._run_epoch(epoch, step, meta, progress)
@@ -227,7 +238,15 @@ class TrainingRun:
 
     # reading the model back
     def model_tree(self) -> dict:
-        return model_tree(*to_host((self.state.params, self.state.threshold, self.state.input_scale)))
+        return model_tree(*self.inference())
+
+    def inference(self) -> tuple:
+        """Host copies of what inference uses: parameters, threshold (calibrated on the scan's sample
+        of training rows with --threshold calibrated) and input scale."""
+        params, threshold, scale = to_host((self.state.params, self.state.threshold, self.state.input_scale))
+        if self.cfg.threshold == "calibrated" and self.plan.sae.uses_threshold:
+            threshold = np.float32(M.calibrated_threshold(self.plan.sae, params, self.scan.sample_BD * scale))
+        return params, threshold, scale
 
     def validation(self) -> MetricAccumulator | None:
         """Metrics of the current model over the validation rows (None without any)."""
@@ -239,8 +258,7 @@ class TrainingRun:
                                                                   exclude_rows=self.val_bad))
         else:
             batches = self.store.iter_rows(cfg.layer_idx, cfg.batch_size, samples=samples)
-        host = to_host((self.state.params, self.state.threshold, self.state.input_scale))
-        return evaluate_batches(self.plan.sae, *jax.tree.map(jnp.asarray, host), batches)
+        return evaluate_batches(self.plan.sae, *jax.tree.map(jnp.asarray, self.inference()), batches)
 
     # the end
     def finish(self, seconds: float) -> dict:
@@ -310,9 +328,11 @@ def _scan_for_bad_rows(cfg: TrainConfig, store: Store, split: DataSplit) -> tupl
 
 
 def _initial_state(cfg: TrainConfig, plan: RunPlan, scan: ScanResult, d_model: int, optimizer, mesh):
-    """A fresh state on the mesh (b_dec at the geometric median of the scaled sample), and its shardings."""
+    """A fresh state on the mesh (b_dec at the geometric median or mean of the scaled sample), and its shardings."""
     scale = input_scale(scan.mean_norm, d_model)
-    params = M.init_params(jax.random.PRNGKey(cfg.seed), plan.sae, geometric_median(scan.sample_BD * scale))
+    sample = scan.sample_BD * scale
+    b_dec = geometric_median(sample) if cfg.b_dec_init == "median" else sample.mean(axis=0)
+    params = M.init_params(jax.random.PRNGKey(cfg.seed), plan.sae, b_dec)
     state = init_state(params, optimizer, scale)
     state_shardings = shardings(state, mesh)
     return jax.device_put(state, state_shardings), state_shardings

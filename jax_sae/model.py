@@ -78,6 +78,17 @@ def update_threshold(threshold: jax.Array, smallest: jax.Array, step: jax.Array)
     return jnp.where(step == 0, smallest, THRESHOLD_DECAY * threshold + (1 - THRESHOLD_DECAY) * smallest)
 
 
+def calibrated_threshold(cfg: SAEConfig, params: SAEParams, x_ND: np.ndarray, max_values: int = 1 << 25) -> float:
+    """The JumpReLU threshold at which the mean L0 on the (scaled) rows ``x_ND`` is exactly k: the
+    (k*N+1)-th largest pre-activation of at most ``max_values`` // h of the rows."""
+    rows = max(1, min(len(x_ND), max_values // cfg.hidden_dim))
+    pre = np.asarray(jax.jit(pre_activations)(params, jnp.asarray(x_ND[:rows], jnp.float32))).ravel()
+    kept = cfg.top_k * rows
+    if kept >= pre.size:
+        return 0.0
+    return max(0.0, float(np.partition(pre, pre.size - kept - 1)[pre.size - kept - 1]))
+
+
 def project_decoder_grad(W_dec_HD: jax.Array, grad_HD: jax.Array) -> jax.Array:
     """Remove each row's gradient component parallel to that (unit-norm) row."""
     return grad_HD - jnp.sum(grad_HD * W_dec_HD, axis=1, keepdims=True) * W_dec_HD

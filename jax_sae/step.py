@@ -44,18 +44,28 @@ def sparsity_warmup_steps(total_steps: int) -> int:
     return max(1, total_steps // 20)
 
 
-def lr_schedule(lr: float, total_steps: int) -> optax.Schedule:
-    """Linear warm-up over min(1000 steps, 10%), then cosine decay to 1% of lr."""
+def lr_schedule(lr: float, total_steps: int, kind: str = "cosine") -> optax.Schedule:
+    """Linear warm-up over min(1000 steps, 10%), then ``cosine`` decay to 1% of lr, or ``wsd``
+    (warm-up, stable): lr held until the last 20% of the steps, then a linear decay to 1%."""
     warmup = lr_warmup_steps(total_steps)
+    if kind == "wsd":
+        decay = max(1, total_steps // 5)
+        stable = max(0, total_steps - warmup - decay)
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr),
+             optax.linear_schedule(lr, lr * 0.01, decay)],
+            boundaries=[warmup, warmup + stable])
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1), end_value=lr * 0.01
     )
 
 
-def make_optimizer(lr: float, total_steps: int, weight_decay: float) -> optax.GradientTransformation:
+def make_optimizer(lr: float, total_steps: int, weight_decay: float, schedule: str = "cosine",
+                   betas: tuple[float, float] = (0.9, 0.999)) -> optax.GradientTransformation:
     """Clip at global norm 1, then AdamW on ``lr_schedule``."""
     return optax.chain(optax.clip_by_global_norm(1.0),
-                       optax.adamw(lr_schedule(lr, total_steps), weight_decay=weight_decay))
+                       optax.adamw(lr_schedule(lr, total_steps, schedule), b1=betas[0], b2=betas[1],
+                                   weight_decay=weight_decay))
 
 
 def init_state(params: M.SAEParams, optimizer: optax.GradientTransformation, input_scale: float) -> TrainState:

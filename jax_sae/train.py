@@ -41,9 +41,20 @@ class TrainConfig:
     batch_size: int = 4096
     """Rows per optimizer step."""
     lr: float = 3e-4
-    """Peak learning rate (warm-up, then cosine decay to 1%)."""
+    """Peak learning rate (after a linear warm-up over min(1000 steps, 10%))."""
+    lr_schedule: Literal["cosine", "wsd"] = "cosine"
+    """After the warm-up: cosine decay to 1% of --lr, or wsd (held, then a linear decay to 1% over the last 20%)."""
+    adam_betas: tuple[float, ...] = (0.9, 0.999)
+    """Adam's beta1,beta2."""
     aux_penalty: float = 1 / 32
     """Weight of the AuxK dead-latent loss (TopK family)."""
+    aux_k: int = 0
+    """Dead latents AuxK reconstructs the residual from, per token (0: d_model/2)."""
+    threshold: Literal["running", "calibrated"] = "running"
+    """BatchTopK/Matryoshka inference threshold: the running average of each batch's smallest kept
+    activation, or calibrated on a sample of training rows when a model is saved (inference L0 = k there)."""
+    b_dec_init: Literal["median", "mean"] = "median"
+    """Decoder bias at the start: the geometric median or the mean of a sample of rows."""
     sparsity_coef: float = 1.0
     """L1 coefficient (vanilla; inputs are scaled to E||x|| = sqrt(d)), warmed up over the first 5% of steps."""
     num_samples: int | None = None
@@ -107,6 +118,9 @@ class TrainConfig:
             (self.max_tokens is None or self.max_tokens > 0, "--max_tokens must be positive"),
             (self.num_samples is None or self.num_samples > 0, "--num_samples must be positive"),
             (self.dead_tokens > 0, "--dead_tokens must be positive"),
+            (len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+             f"--adam_betas takes two values in [0, 1), got {','.join(map(str, self.adam_betas))}"),
+            (self.aux_k >= 0, "--aux_k must be 0 (d_model/2) or positive"),
         ]
         for ok, message in checks:
             if not ok:

@@ -313,3 +313,47 @@ def test_patience_stops_a_run_that_no_longer_improves_and_keeps_its_best(planted
     assert evaluated == list(range(2, stats["steps"] + 1, 2)) + ([stats["steps"]] if stats["steps"] % 2 else [])
     warmup = max(stats["total_steps"] // 10, stats["total_steps"] // 20, 1)
     assert stats["best_step"] >= warmup and stats["steps"] == stats["best_step"] + 2 * cfg.patience
+
+
+def test_a_calibrated_threshold_gives_exactly_k_latents_per_row_on_its_rows():
+    cfg = SAEConfig(sae_type="batch_topk", d_model=16, hidden_dim=64, top_k=5)
+    params = M.init_params(jax.random.PRNGKey(0), cfg, np.zeros(16, np.float32))
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (300, 16)))
+    threshold = M.calibrated_threshold(cfg, params, x)
+    l0 = float(jnp.mean(jnp.sum(M.encode_infer(cfg, params, jnp.float32(threshold), x) > 0, axis=1)))
+    assert threshold > 0 and l0 == 5.0
+    # capped: only the first max_values // h rows take part, and they still get exactly k each
+    few = M.calibrated_threshold(cfg, params, x, max_values=64 * 10)
+    assert np.sum(M.encode_infer(cfg, params, jnp.float32(few), x[:10]) > 0) == 50
+
+
+def test_wsd_holds_the_rate_then_decays_over_the_last_fifth():
+    from jax_sae.step import lr_schedule
+
+    wsd, cosine = lr_schedule(1.0, 1000, "wsd"), lr_schedule(1.0, 1000)
+    assert float(wsd(50)) == pytest.approx(0.5) and float(wsd(100)) == pytest.approx(1.0)
+    assert float(wsd(799)) == pytest.approx(1.0) and float(wsd(900)) == pytest.approx(0.505, abs=1e-6)
+    assert float(wsd(1000)) == pytest.approx(0.01) and float(cosine(1000)) == pytest.approx(0.01)
+    assert float(cosine(500)) < 0.75 < float(wsd(500))
+
+
+def test_the_calibrated_threshold_reaches_k_where_the_running_average_lags(planted):
+    """A short run: the running average of each batch's smallest kept activation trails the
+    threshold as it falls, so inference keeps fewer than k latents; calibrated keeps k."""
+    root, _ = planted
+    l0 = {}
+    for kind in ("running", "calibrated"):
+        cfg = _cfg(root, "batch_topk", epochs=1, threshold=kind, out=str(root / f"models-{kind}"), val_fraction=0.2)
+        l0[kind] = train(cfg)["final_val"]["l0"]
+    assert abs(l0["calibrated"] - 6) < 0.6 and l0["running"] < l0["calibrated"], l0
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_when_it_is_at_its_default(planted):
+    from jax_sae.loop import _same_settings
+
+    cfg = _cfg(planted[0], "topk")
+    saved = json.loads(json.dumps(cfg.resume_key()))
+    del saved["lr_schedule"], saved["aux_k"]
+    assert _same_settings(saved, cfg)
+    assert not _same_settings(saved, _cfg(planted[0], "topk", lr_schedule="wsd"))
+    assert not _same_settings(saved | {"lr": 1.0}, cfg) and not _same_settings(saved | {"gone": 1}, cfg)
