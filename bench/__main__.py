@@ -1,5 +1,5 @@
 """``python -m bench``: every CPU benchmark in turn, each in its own process with its default
-settings (about an hour on 2 cores); ``--only train_bench,aux_bench`` picks some. Each prints
+settings (about 75 minutes on 2 cores); ``--only train_bench,aux_bench`` picks some. Each prints
 its table and writes ``bench/results/<name>.json``; BENCHMARKS.md records them with their
 commands. The fault-injection suite runs only when named (``--only faults``): it checks what
 the stages survive rather than measuring them, and mounts a tmpfs where it may. The GPU check is
@@ -13,7 +13,7 @@ import sys
 import time
 
 SUITE = ("store_bench", "extract_bench", "train_bench", "step_pieces", "aux_bench", "train_memory_bench",
-         "discovery_bench")
+         "discovery_bench", "quality_bench")
 ON_REQUEST = ("faults",)
 
 

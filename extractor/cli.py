@@ -91,9 +91,35 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _word_or(words: tuple[str, ...], convert: Callable) -> Callable:
+    """A value of ``convert``'s type, or one of ``words`` (``float | Literal["auto"]``)."""
+
+    def parse(text: str):
+        return text.strip().lower() if text.strip().lower() in words else convert(text)
+
+    parse.__name__ = f"{' or '.join(words)} or {getattr(convert, '__name__', 'value')}"
+    return parse
+
+
+def _words_and_scalar(tp) -> tuple[tuple[str, ...], type] | None:
+    """``X | Literal["a", ...]`` -> (("a", ...), X); None for any other type."""
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return None
+    args = typing.get_args(tp)
+    words = [a for a in args if typing.get_origin(a) is Literal]
+    scalars = [a for a in args if a in (int, float)]
+    if len(words) == 1 and len(scalars) == 1 and len(args) == 2:
+        return typing.get_args(words[0]), scalars[0]
+    return None
+
+
 def _argument(name: str, hint, default) -> dict:
     """argparse keyword arguments for one field of type ``hint``."""
     tp, optional = _unwrap_optional(hint)
+    mixed = _words_and_scalar(tp)
+    if mixed is not None:
+        words, scalar = mixed
+        return {"type": _word_or(words, scalar), "metavar": f"{name.upper()}|{'|'.join(words)}"}
     if tp is bool:
         return {"action": argparse.BooleanOptionalAction}
     if typing.get_origin(tp) is tuple:
@@ -110,8 +136,9 @@ def _argument(name: str, hint, default) -> dict:
 
 def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
     """An argparse parser with one ``--field`` per dataclass field of ``cls``: bools as
-    ``--x/--no-x``, ``Literal`` as choices, ``X | None`` also accepting ``none``, and
-    ``tuple[X, ...]`` as a list (space- or comma-separated)."""
+    ``--x/--no-x``, ``Literal`` as choices, ``X | None`` also accepting ``none``,
+    ``float | Literal["auto"]`` a number or the word, and ``tuple[X, ...]`` as a list (space- or
+    comma-separated)."""
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     parser = argparse.ArgumentParser(

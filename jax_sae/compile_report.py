@@ -34,7 +34,7 @@ def compile_report(cfg) -> dict:
     if d_model <= 0:
         raise ConfigError(f"--d_model must be positive, got {d_model}")
     sae = cfg.sae_config(d_model)
-    optimizer = make_optimizer(cfg.lr, 1000, cfg.weight_decay)
+    optimizer = make_optimizer(cfg.peak_lr, 1000, cfg.weight_decay)
     abstract = jax.eval_shape(lambda: init_state(
         M.init_params(jax.random.PRNGKey(0), sae, jnp.zeros(d_model)), optimizer, 1.0))
     state_shardings = shardings(abstract, mesh)

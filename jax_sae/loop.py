@@ -168,7 +168,7 @@ class TrainingRun:
         notes = list(split.notes) + list(plan.notes) + ([f"skipping {bad} non-finite rows"] if bad else [])
         for note in notes if is_primary() else ():
             print(note)
-        optimizer = make_optimizer(cfg.lr, plan.total_steps, cfg.weight_decay, cfg.lr_schedule, cfg.adam_betas)
+        optimizer = make_optimizer(cfg.peak_lr, plan.total_steps, cfg.weight_decay, cfg.lr_schedule, cfg.adam_betas)
         state, state_shardings = _initial_state(cfg, plan, scan, store.d_model, optimizer, mesh)
         state = _resume(checkpoints, files, state, cfg.overwrite)
         settings = LossSettings(plan.sae, cfg.sparsity_coef, sparsity_warmup_steps(plan.total_steps),
@@ -182,7 +182,7 @@ class TrainingRun:
     def run(self) -> None:
         cfg, step = self.cfg, int(self.state.step)
         meta = {"resume_key": cfg.resume_key(), "d_model": self.store.d_model}
-        with Progress(self.files, lr_schedule(cfg.lr, self.plan.total_steps, cfg.lr_schedule), self.plan.total_steps, step,
+        with Progress(self.files, lr_schedule(cfg.peak_lr, self.plan.total_steps, cfg.lr_schedule), self.plan.total_steps, step,
                       cfg.batch_size, f"train {cfg.sae_type}", cfg.progress) as progress:
             for epoch in range(int(self.state.epoch), cfg.epochs):
                 step, stopped = self._run_epoch(epoch, step, meta, progress)

@@ -21,7 +21,12 @@ from .progress import TrainError
 from .run_dir import run_path
 from .runtime import check_platform
 
-__all__ = ["TrainConfig", "TrainError", "main", "train"]
+__all__ = ["TrainConfig", "TrainError", "auto_lr", "main", "train"]
+
+
+def auto_lr(hidden_dim: int) -> float:
+    """``--lr auto``: 3e-3 at 2048 latents (the best of 1e-3, 3e-3 and 6e-3 there), times sqrt(2048 / hidden_dim)."""
+    return 3e-3 * (2048 / hidden_dim) ** 0.5
 
 
 @dataclass(frozen=True)
@@ -40,8 +45,8 @@ class TrainConfig:
     """Passes over the training rows."""
     batch_size: int = 4096
     """Rows per optimizer step."""
-    lr: float = 3e-4
-    """Peak learning rate (after a linear warm-up over min(1000 steps, 10%))."""
+    lr: float | Literal["auto"] = "auto"
+    """Peak learning rate (after a linear warm-up over min(1000 steps, 10%)); auto: 3e-3 * sqrt(2048 / hidden_dim)."""
     lr_schedule: Literal["cosine", "wsd"] = "cosine"
     """After the warm-up: cosine decay to 1% of --lr, or wsd (held, then a linear decay to 1% over the last 20%)."""
     adam_betas: tuple[float, ...] = (0.9, 0.999)
@@ -113,7 +118,7 @@ class TrainConfig:
         checks = [
             (self.epochs > 0, f"--epochs must be positive, got {self.epochs}"),
             (self.batch_size > 0, f"--batch_size must be positive, got {self.batch_size}"),
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.lr == "auto" or self.lr > 0, f"--lr must be positive or auto, got {self.lr}"),
             (0 <= self.val_fraction < 1, f"--val_fraction must be in [0, 1), got {self.val_fraction}"),
             (self.max_tokens is None or self.max_tokens > 0, "--max_tokens must be positive"),
             (self.num_samples is None or self.num_samples > 0, "--num_samples must be positive"),
@@ -131,6 +136,11 @@ class TrainConfig:
         groups = (self.group_sizes or default_group_sizes(self.hidden_dim)) if self.sae_type == "matryoshka" else ()
         return SAEConfig(sae_type=self.sae_type, d_model=d_model, hidden_dim=self.hidden_dim, top_k=self.top_k,
                          group_sizes=groups, layer=self.layer_idx, model=model, store=str(self.store))
+
+    @property
+    def peak_lr(self) -> float:
+        """--lr, or the auto rule: 3e-3 at 2048 latents, scaled by 1/sqrt(hidden_dim) (bench.quality_bench)."""
+        return auto_lr(self.hidden_dim) if self.lr == "auto" else float(self.lr)
 
     def run_dir(self) -> Path:
         return run_path(self.out, self.sae_type, self.layer_idx, self.hidden_dim)

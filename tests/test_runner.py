@@ -22,6 +22,8 @@ class Options:
     """Some stages."""
     verbose: bool = False
     """Talk more."""
+    rate: float | Literal["auto"] = "auto"
+    """A number or auto."""
 
 
 def _parse(argv):
@@ -42,7 +44,13 @@ def test_lists_arrive_as_tuples_of_their_item_type_space_or_comma_separated():
     assert _parse([]).stages == ("a", "b")
 
 
+def test_a_number_or_a_word_setting_takes_either():
+    assert _parse([]).rate == "auto" and _parse(["--rate", "Auto"]).rate == "auto"
+    assert _parse(["--rate", "3e-3"]).rate == 3e-3
+
+
 @pytest.mark.parametrize("argv, says", [
+    (["--rate", "fast"], "--rate: invalid auto or float value: 'fast'"),
     (["--sizes", "16,x"], "--sizes: '16,x' is not a list of int values"),
     (["--stages", "a,dance"], "--stages: 'dance' is not one of a, b, c"),
     (["--cap", "many"], "--cap"),

@@ -357,3 +357,11 @@ def test_a_run_saved_before_a_setting_existed_resumes_when_it_is_at_its_default(
     assert _same_settings(saved, cfg)
     assert not _same_settings(saved, _cfg(planted[0], "topk", lr_schedule="wsd"))
     assert not _same_settings(saved | {"lr": 1.0}, cfg) and not _same_settings(saved | {"gone": 1}, cfg)
+
+
+def test_lr_auto_scales_with_one_over_sqrt_of_the_latents():
+    assert TrainConfig(hidden_dim=2048).peak_lr == pytest.approx(3e-3)
+    assert TrainConfig(hidden_dim=8192).peak_lr == pytest.approx(1.5e-3)
+    assert TrainConfig(hidden_dim=8192, lr=1e-4).peak_lr == 1e-4
+    with pytest.raises(ConfigError, match="--lr must be positive or auto"):
+        TrainConfig(lr=-1.0)
