@@ -86,14 +86,19 @@ def make_plan(cfg: TrainConfig, store: Store, train_rows: int) -> RunPlan:
                    cfg.checkpoint_every or max(1, total // 10), dead, warmup, notes)
 
 
+# What a run saved before a setting existed did instead (its checkpoint has no such key).
+BEFORE_SETTING = {"lr_schedule": "cosine", "adam_betas": [0.9, 0.999], "aux_k": 0, "threshold": "running",
+                  "b_dec_init": "median"}
+
+
 def _same_settings(saved, cfg: TrainConfig) -> bool:
     """Whether a checkpoint's saved settings are ``cfg``'s; a setting added since it was saved
-    counts as its default."""
+    counts as what runs did before it existed (``BEFORE_SETTING``)."""
     if not isinstance(saved, dict):
         return False
-    defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(type(cfg))}))
     current = json.loads(json.dumps(cfg.resume_key()))
-    return saved.keys() <= current.keys() and all(saved.get(key, defaults[key]) == value
+    missing = object()
+    return saved.keys() <= current.keys() and all(saved.get(key, BEFORE_SETTING.get(key, missing)) == value
                                                   for key, value in current.items())
 
 

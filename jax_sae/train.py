@@ -47,15 +47,15 @@ class TrainConfig:
     """Rows per optimizer step."""
     lr: float | Literal["auto"] = "auto"
     """Peak learning rate (after a linear warm-up over min(1000 steps, 10%)); auto: 3e-3 * sqrt(2048 / hidden_dim)."""
-    lr_schedule: Literal["cosine", "wsd"] = "cosine"
+    lr_schedule: Literal["cosine", "wsd"] = "wsd"
     """After the warm-up: cosine decay to 1% of --lr, or wsd (held, then a linear decay to 1% over the last 20%)."""
-    adam_betas: tuple[float, ...] = (0.9, 0.999)
+    adam_betas: tuple[float, ...] = (0.9, 0.99)
     """Adam's beta1,beta2."""
     aux_penalty: float = 1 / 32
     """Weight of the AuxK dead-latent loss (TopK family)."""
     aux_k: int = 0
     """Dead latents AuxK reconstructs the residual from, per token (0: d_model/2)."""
-    threshold: Literal["running", "calibrated"] = "running"
+    threshold: Literal["running", "calibrated"] = "calibrated"
     """BatchTopK/Matryoshka inference threshold: the running average of each batch's smallest kept
     activation, or calibrated on a sample of training rows when a model is saved (inference L0 = k there)."""
     b_dec_init: Literal["median", "mean"] = "median"

@@ -348,15 +348,18 @@ def test_the_calibrated_threshold_reaches_k_where_the_running_average_lags(plant
     assert abs(l0["calibrated"] - 6) < 0.6 and l0["running"] < l0["calibrated"], l0
 
 
-def test_a_run_saved_before_a_setting_existed_resumes_when_it_is_at_its_default(planted):
+def test_a_run_saved_before_a_setting_existed_resumes_only_with_what_it_did_then(planted):
     from jax_sae.loop import _same_settings
 
-    cfg = _cfg(planted[0], "topk")
-    saved = json.loads(json.dumps(cfg.resume_key()))
-    del saved["lr_schedule"], saved["aux_k"]
-    assert _same_settings(saved, cfg)
-    assert not _same_settings(saved, _cfg(planted[0], "topk", lr_schedule="wsd"))
-    assert not _same_settings(saved | {"lr": 1.0}, cfg) and not _same_settings(saved | {"gone": 1}, cfg)
+    old = _cfg(planted[0], "topk", lr_schedule="cosine", adam_betas=(0.9, 0.999), threshold="running")
+    saved = json.loads(json.dumps(old.resume_key()))
+    for added in ("lr_schedule", "adam_betas", "aux_k", "threshold", "b_dec_init"):
+        del saved[added]
+    assert _same_settings(saved, old)
+    assert not _same_settings(saved, _cfg(planted[0], "topk"))  # today's defaults: wsd, 0.9,0.99, calibrated
+    assert not _same_settings(saved | {"lr": 1.0}, old) and not _same_settings(saved | {"gone": 1}, old)
+    del saved["seed"]
+    assert not _same_settings(saved, old)  # only the settings added since count as their old behaviour
 
 
 def test_lr_auto_scales_with_one_over_sqrt_of_the_latents():
