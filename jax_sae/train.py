@@ -49,7 +49,7 @@ class TrainConfig:
     """Peak learning rate (after a linear warm-up over min(1000 steps, 10%)); auto: 3e-3 * sqrt(2048 / hidden_dim)."""
     lr_schedule: Literal["cosine", "wsd"] = "wsd"
     """After the warm-up: cosine decay to 1% of --lr, or wsd (held, then a linear decay to 1% over the last 20%)."""
-    adam_betas: tuple[float, ...] = (0.9, 0.99)
+    adam_betas: tuple[float, ...] = (0.9, 0.95)
     """Adam's beta1,beta2."""
     aux_penalty: float = 1 / 32
     """Weight of the AuxK dead-latent loss (TopK family)."""
