@@ -174,6 +174,11 @@ def problems_of(cmd: Command, options_of) -> list[str]:
         return [f"{cmd.where}: no module {cmd.module}"]
     options, problems = options_of(cmd.module), []
     for i, arg in enumerate(cmd.args):
+        if " " in arg:  # a quoted value; the trainer flags a benchmark passes on are the trainer's
+            if i and cmd.args[i - 1] == "--train_args":
+                inner = Command("jax_sae.train", tuple(arg.split()), cmd.where)
+                problems += problems_of(inner, options_of)
+            continue
         if not arg.lstrip("[").startswith("--"):
             continue
         name, _, inline = arg.lstrip("[").rstrip("]").partition("=")
@@ -254,6 +259,7 @@ def test_checker_reports_made_up_flags_modules_stages_and_choices(launch_modules
         "ssh host --command \"cd repo && launch/tpu.sh export --outt x\"",
         "python -m launch --platform gpu transmogrify --x 1",
         "python -m jax_sae.no_such_module --x 1",
+        "python -m bench.quality_bench --train_args \"--lr 1e-3 --lr_shedule wsd --threshold sometimes\"",
         "```",
         "Inline too: `./run.sh --not_a_pipeline_flag 3`, and [--out] in brackets is read: "
         "`python -m jax_sae.export [--format saelens] [--bogus]`.",
@@ -266,8 +272,10 @@ def test_checker_reports_made_up_flags_modules_stages_and_choices(launch_modules
         "snippet:6: python -m jax_sae.export has no flag --outt",
         "snippet:7: python -m launch has no stage transmogrify",
         "snippet:8: no module jax_sae.no_such_module",
-        "snippet:10: python -m launch.pipeline has no flag --not_a_pipeline_flag",
-        "snippet:10: python -m jax_sae.export has no flag --bogus",
+        "snippet:9: python -m jax_sae.train has no flag --lr_shedule",
+        "snippet:9: --threshold sometimes is not one of running, calibrated",
+        "snippet:11: python -m launch.pipeline has no flag --not_a_pipeline_flag",
+        "snippet:11: python -m jax_sae.export has no flag --bogus",
     ]
     assert unknown_prose_flags("Use `--format saelens` or `--formatt`.", "prose", launch_modules, options_of) == [
         "prose:1: --formatt in `--formatt`"]
