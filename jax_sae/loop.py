@@ -91,15 +91,25 @@ BEFORE_SETTING = {"lr_schedule": "cosine", "adam_betas": [0.9, 0.999], "aux_k": 
                   "b_dec_init": "median"}
 
 
-def _same_settings(saved, cfg: TrainConfig) -> bool:
-    """Whether a checkpoint's saved settings are ``cfg``'s; a setting added since it was saved
-    counts as what runs did before it existed (``BEFORE_SETTING``)."""
+def _other_settings(saved, cfg: TrainConfig) -> list[str]:
+    """The settings in which a checkpoint's saved ones differ from ``cfg``'s, as ``--flag saved``
+    (what to pass to continue it); a setting added since it was saved counts as what runs did
+    before it existed (``BEFORE_SETTING``). Empty when they agree."""
     if not isinstance(saved, dict):
-        return False
+        return ["(no saved settings)"]
     current = json.loads(json.dumps(cfg.resume_key()))
+    gone = sorted(set(saved) - set(current))
     missing = object()
-    return saved.keys() <= current.keys() and all(saved.get(key, BEFORE_SETTING.get(key, missing)) == value
-                                                  for key, value in current.items())
+    differ = [key for key, value in current.items() if saved.get(key, BEFORE_SETTING.get(key, missing)) != value]
+
+    def shown(value) -> str:
+        return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    return [f"--{key} {shown(saved.get(key, BEFORE_SETTING.get(key, '(unset)')))}" for key in differ] + gone
+
+
+def _same_settings(saved, cfg: TrainConfig) -> bool:
+    return not _other_settings(saved, cfg)
 
 
 def open_run(cfg: TrainConfig, files: RunDir, d_model: int) -> RunCheckpoints:
@@ -123,8 +133,9 @@ def open_run(cfg: TrainConfig, files: RunDir, d_model: int) -> RunCheckpoints:
                 raise CheckpointError(
                     f"the checkpoint in {files.path} has width {meta.get('d_model')} but the store has {d_model}; "
                     "pass --overwrite to start over" if same else
-                    f"{files.path} holds a run with other settings; pass --overwrite to replace it or choose "
-                    "another --out")
+                    f"{files.path} holds a run with other settings (it had "
+                    f"{' '.join(_other_settings(meta.get('resume_key'), cfg))}); pass those to continue it, "
+                    "--overwrite to replace it, or another --out")
         checkpoints.close()
     if is_primary():
         if files.path.exists() and cfg.overwrite:

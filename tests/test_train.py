@@ -368,3 +368,14 @@ def test_lr_auto_scales_with_one_over_sqrt_of_the_latents():
     assert TrainConfig(hidden_dim=8192, lr=1e-4).peak_lr == 1e-4
     with pytest.raises(ConfigError, match="--lr must be positive or auto"):
         TrainConfig(lr=-1.0)
+
+
+def test_a_run_with_other_settings_is_refused_naming_what_it_had(planted, tmp_path):
+    from jax_sae.loop import _other_settings
+
+    old = _cfg(planted[0], "topk", lr_schedule="cosine", adam_betas=(0.9, 0.999), threshold="running")
+    saved = json.loads(json.dumps(old.resume_key()))
+    del saved["lr_schedule"], saved["adam_betas"]  # saved before these settings existed
+    assert _other_settings(saved, _cfg(planted[0], "topk", threshold="running")) == [
+        "--lr_schedule cosine", "--adam_betas 0.9,0.999"]
+    assert _other_settings(saved, old) == []
