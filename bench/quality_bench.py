@@ -216,12 +216,16 @@ def score(run_dir: Path, truth: Truth, x_ND: np.ndarray) -> dict:
     sae = jax_sae.load(run_dir / "final")
     encode = jax.jit(sae.encode)
     decode = jax.jit(sae.decode)
-    sq_err = l0 = 0.0
+    # Matryoshka: also the reconstruction from its first group alone (the smallest nested dictionary).
+    first = sae.cfg.group_sizes[0] if sae.cfg.sae_type == "matryoshka" else 0
+    sq_err = sq_err_first = l0 = 0.0
     fired_H = np.zeros(sae.cfg.hidden_dim, bool)
     for start in range(0, len(x_ND), 8192):
         x = x_ND[start:start + 8192]
         f = encode(x)
         sq_err += float(np.sum((np.asarray(decode(f)) - x) ** 2, dtype=np.float64))
+        if first:
+            sq_err_first += float(np.sum((np.asarray(decode(f.at[:, first:].set(0.0))) - x) ** 2, dtype=np.float64))
         active = np.asarray(f) > 0
         l0 += float(active.sum())
         fired_H |= active.any(axis=0)
@@ -236,6 +240,8 @@ def score(run_dir: Path, truth: Truth, x_ND: np.ndarray) -> dict:
         "mmcs_weighted": float(weights @ cos_F),
         "recovered": float(np.mean(cos_F > RECOVERED_COS)),
     }
+    if first:
+        out["fvu_first_group"] = sq_err_first / total_var
     if len(truth.tag_directions_TD):
         out["tag_cos"] = [float(c) for c in best_cosines(truth.tag_directions_TD, np.asarray(sae.params.W_dec_HD))]
     return out
@@ -274,7 +280,9 @@ COLUMNS = (("fvu", "held-out FVU"), ("l0", "inference L0"), ("dead", "dead"), ("
 
 def table(rows: list[dict], concepts: int) -> str:
     """One markdown row per type and budget: the mean over seeds (and the seeds' spread)."""
-    head = ["type", "tokens", "seeds"] + [name for _, name in COLUMNS] + (["tag cos (mean, min)"] if concepts else [])
+    columns = COLUMNS + ((("fvu_first_group", "FVU, first group alone"),) if any("fvu_first_group" in r for r in rows)
+                         else ())
+    head = ["type", "tokens", "seeds"] + [name for _, name in columns] + (["tag cos (mean, min)"] if concepts else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for sae_type in dict.fromkeys(r["type"] for r in rows):
         for budget in dict.fromkeys(r["budget"] for r in rows):
@@ -282,7 +290,10 @@ def table(rows: list[dict], concepts: int) -> str:
             if not group:
                 continue
             cells = [sae_type, f"{group[0]['tokens'] / 1e6:.2f}M", str(len(group))]
-            for key, _ in COLUMNS:
+            for key, _ in columns:
+                if key not in group[0]:
+                    cells.append("")
+                    continue
                 values = np.array([r[key] for r in group])
                 fmt = "{:.0f}" if key == "tokens_per_s" else ("{:.1%}" if key in ("dead", "recovered") else "{:.3f}")
                 spread = f" ±{(values.max() - values.min()) / 2:.3f}" if len(group) > 1 and key in ("fvu", "mmcs") else ""
@@ -330,7 +341,9 @@ def run(cfg: QualityConfig) -> dict:
                 rows.append(row)
                 print(f"{sae_type:>10} {budget / 1e6:.2f}M seed {seed}: FVU {row['fvu']:.4f}, L0 {row['l0']:.1f}, "
                       f"dead {row['dead']:.1%}, MMCS {row['mmcs']:.3f} (weighted {row['mmcs_weighted']:.3f}), "
-                      f"recovered {row['recovered']:.1%}, {row['tokens_per_s']:.0f} tokens/s", flush=True)
+                      f"recovered {row['recovered']:.1%}, {row['tokens_per_s']:.0f} tokens/s"
+                      + (f", first group alone FVU {row['fvu_first_group']:.4f}" if "fvu_first_group" in row else ""),
+                      flush=True)
     name = "quality_bench" + (f"-{cfg.label}" if cfg.label else "")
     print("\n" + table(rows, cfg.concepts))
     RESULTS_DIR.mkdir(exist_ok=True)

@@ -30,7 +30,7 @@ def _sparse_passes(B: int, d: int, h: int, k: int, mesh, tuning) -> dict:
     def decode_pass(p, idx, val, x):
         block = sparse._divisor_at_most(B, tuning.block_bytes // (4 * k * d))
         blocked = [a.reshape((B // block, block) + a.shape[1:]) for a in (val, idx, jnp.zeros_like(idx), x)]
-        out = lax.map(sparse._decode_block(p.W_dec_HD, p.b_dec_D, 1, 1.0), blocked)
+        out = lax.map(sparse._decode_block(p.W_dec_HD, p.b_dec_D, (1.0,), 1.0), blocked)
         return jnp.sum(out[0]) + jnp.sum(out[2])
 
     def scatter_pass(p, idx, val, x):

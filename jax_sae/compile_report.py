@@ -42,7 +42,7 @@ def compile_report(cfg) -> dict:
                             state_shardings)
     batch = jax.ShapeDtypeStruct((cfg.batch_size, d_model), jnp.float32, sharding=NamedSharding(mesh, BATCH))
     settings = LossSettings(sae, cfg.sparsity_coef, 50, cfg.aux_penalty, cfg.dead_tokens, cfg.backward,
-                            cfg.compute_dtype, cfg.aux_k)
+                            cfg.compute_dtype, cfg.aux_k, cfg.prefix_weights())
     compiled = compile_train_step(optimizer, settings, mesh, abstract, cfg.batch_size).lower(abstract, batch).compile()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()

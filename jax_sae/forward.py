@@ -48,6 +48,14 @@ class LossSettings:
     backward: Literal["auto", "sparse", "dense"] = "auto"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     aux_k: int = 0  # AuxK's latents per token (0: d/2)
+    prefix_weights: tuple[float, ...] = ()  # Matryoshka prefix-loss weights summing to 1 (empty: equal)
+
+    def weights(self) -> tuple[float, ...]:
+        """Matryoshka's prefix-loss weights (one per group, summing to 1); (1.0,) for the other types."""
+        groups = len(self.sae.group_sizes) if self.sae.sae_type == "matryoshka" else 1
+        if groups == 1 or not self.prefix_weights:
+            return (1.0 / groups,) * groups
+        return self.prefix_weights
 
     def batch_candidates(self) -> int:
         """Per-row candidates for the batch-wide selection (BatchTopK, Matryoshka)."""
@@ -96,8 +104,9 @@ def _pre(params: SAEParams, x_BD, dtype: str):
 
 
 def _dense_recon(params: SAEParams, x_BD, f_BH, *, cfg: SAEConfig, global_batch: int, model_shards: int,
-                 dtype: str):
-    """Reconstruction loss of codes ``f_BH`` (mean over Matryoshka prefixes) and the reconstruction."""
+                 dtype: str, weights: tuple[float, ...]):
+    """Reconstruction loss of codes ``f_BH`` (Matryoshka: the ``weights``-weighted sum over
+    prefixes) and the reconstruction."""
 
     def per_data_mean(value):
         return lax.psum(value, S.DATA) / global_batch
@@ -108,7 +117,7 @@ def _dense_recon(params: SAEParams, x_BD, f_BH, *, cfg: SAEConfig, global_batch:
         for part in _group_parts(cfg, f_BH, params.W_dec_HD, model_shards, dtype):
             x_hat_BD = x_hat_BD + lax.psum(part, S.MODEL)
             prefix_losses.append(per_data_mean(jnp.sum((x_BD - x_hat_BD) ** 2)))
-        return jnp.mean(jnp.stack(prefix_losses)), x_hat_BD
+        return jnp.stack(prefix_losses) @ jnp.asarray(weights, jnp.float32), x_hat_BD
     x_hat_BD = lax.psum(_mm(f_BH, params.W_dec_HD, dtype), S.MODEL) + params.b_dec_D
     return per_data_mean(jnp.sum((x_BD - x_hat_BD) ** 2)), x_hat_BD
 
@@ -129,7 +138,7 @@ def _dense_main(params: SAEParams, step, x_BD, *, s: LossSettings, global_batch:
         f_BH = jnp.where(mask, act_BH, 0.0)
 
     recon, x_hat_BD = _dense_recon(params, x_BD, f_BH, cfg=cfg, global_batch=global_batch, model_shards=model_shards,
-                                   dtype=s.compute_dtype)
+                                   dtype=s.compute_dtype, weights=s.weights())
     loss, l1 = recon, jnp.float32(0.0)
     if cfg.sae_type == "vanilla":
         l1 = lax.psum(jnp.sum(f_BH * jnp.linalg.norm(params.W_dec_HD, axis=1)), BOTH) / global_batch
@@ -145,14 +154,14 @@ def use_sparse(s: LossSettings, hidden_local: int, tuning: Tuning) -> bool:
     return s.backward == "sparse" or hidden_local >= tuning.min_ratio * s.sae.top_k
 
 
-def _sparse_part(params: SAEParams, x_BD, cand, *, cfg: SAEConfig, global_batch: int, tuning: Tuning):
+def _sparse_part(params: SAEParams, x_BD, cand, *, cfg: SAEConfig, weights: tuple[float, ...], global_batch: int,
+                 tuning: Tuning):
     """Reconstruction and gradients of one candidate list (rows without kept values must have
     x = b_dec there, so they add nothing), plus what the metrics need."""
     hidden_local = params.b_enc_H.shape[0]
     val_BC = jnp.where(cand.keep_BC, cand.val_BC, 0.0)
     groups = _group_ids(cfg, hidden_local)[cand.idx_BC] if cfg.sae_type == "matryoshka" else None
-    result = recon_and_grads(params, x_BD, Active(cand.idx_BC, val_BC, groups),
-                             groups=len(cfg.group_sizes) if groups is not None else 1,
+    result = recon_and_grads(params, x_BD, Active(cand.idx_BC, val_BC, groups), weights=weights,
                              global_batch=global_batch, tuning=tuning)
     kept = val_BC > 0
     fired_H = jnp.zeros((hidden_local,), bool).at[cand.idx_BC].max(kept)
@@ -171,7 +180,7 @@ def _sparse_main(params: SAEParams, step, x_BD, *, s: LossSettings, global_batch
     of R rows (R from ``_overflow_tiers``); beyond the largest tier the whole step is dense
     (counted in the ``dense_fallback`` metric)."""
     cfg = s.sae
-    part = functools.partial(_sparse_part, cfg=cfg, global_batch=global_batch, tuning=tuning)
+    part = functools.partial(_sparse_part, cfg=cfg, weights=s.weights(), global_batch=global_batch, tuning=tuning)
     pre_BH = _pre(params, x_BD, s.compute_dtype)
     if cfg.sae_type == "topk":
         result, fired_H, kept = part(params, x_BD, top_candidates(pre_BH, cfg.top_k, (S.MODEL,)))
@@ -230,7 +239,7 @@ def _with_dense_overflow_rows(params: SAEParams, x_BD, pre_BH, first, rows: int,
     def rows_loss(p):
         f_RH = jnp.where(sel.keep_RH, jax.nn.relu(_pre(p, x_RD, s.compute_dtype)), 0.0)
         return _dense_recon(p, x_RD, f_RH, cfg=cfg, global_batch=global_batch, model_shards=model_shards,
-                            dtype=s.compute_dtype)
+                            dtype=s.compute_dtype, weights=s.weights())
 
     (recon_R, x_hat_RD), grads_R = jax.value_and_grad(rows_loss, has_aux=True)(params)
     x_hat_BD = main.x_hat_BD.at[sel.rows_R].set(x_hat_RD, mode="drop")

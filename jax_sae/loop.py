@@ -88,7 +88,7 @@ def make_plan(cfg: TrainConfig, store: Store, train_rows: int) -> RunPlan:
 
 # What a run saved before a setting existed did instead (its checkpoint has no such key).
 BEFORE_SETTING = {"lr_schedule": "cosine", "adam_betas": [0.9, 0.999], "aux_k": 0, "threshold": "running",
-                  "b_dec_init": "median"}
+                  "b_dec_init": "median", "enc_init": "transpose", "enc_init_scale": 1.0, "group_weights": []}
 
 
 def _other_settings(saved, cfg: TrainConfig) -> list[str]:
@@ -188,7 +188,8 @@ class TrainingRun:
         state, state_shardings = _initial_state(cfg, plan, scan, store.d_model, optimizer, mesh)
         state = _resume(checkpoints, files, state, cfg.overwrite)
         settings = LossSettings(plan.sae, cfg.sparsity_coef, sparsity_warmup_steps(plan.total_steps),
-                                cfg.aux_penalty, plan.dead_tokens, cfg.backward, cfg.compute_dtype, cfg.aux_k)
+                                cfg.aux_penalty, plan.dead_tokens, cfg.backward, cfg.compute_dtype, cfg.aux_k,
+                                cfg.prefix_weights())
         step_fn = compile_train_step(optimizer, settings, mesh, state, cfg.batch_size)
         batch_sharding = NamedSharding(mesh, BATCH)
         return cls(cfg, plan, store, split, scan, val_bad, files, checkpoints, state, state_shardings, step_fn,
@@ -348,7 +349,8 @@ def _initial_state(cfg: TrainConfig, plan: RunPlan, scan: ScanResult, d_model: i
     scale = input_scale(scan.mean_norm, d_model)
     sample = scan.sample_BD * scale
     b_dec = geometric_median(sample) if cfg.b_dec_init == "median" else sample.mean(axis=0)
-    params = M.init_params(jax.random.PRNGKey(cfg.seed), plan.sae, b_dec)
+    params = M.init_params(jax.random.PRNGKey(cfg.seed), plan.sae, b_dec, enc_init=cfg.enc_init,
+                           enc_scale=cfg.enc_init_scale)
     state = init_state(params, optimizer, scale)
     state_shardings = shardings(state, mesh)
     return jax.device_put(state, state_shardings), state_shardings

@@ -27,16 +27,24 @@ class SAEParams:
     b_dec_D: jax.Array
 
 
-def init_params(key: jax.Array, cfg: SAEConfig, b_dec_D: np.ndarray | jax.Array) -> SAEParams:
-    """Decoder rows random unit vectors, encoder their transpose, b_dec from the data."""
-    W_dec_HD = jax.random.normal(key, (cfg.hidden_dim, cfg.d_model), jnp.float32)
-    W_dec_HD = W_dec_HD / jnp.linalg.norm(W_dec_HD, axis=1, keepdims=True)
+def init_params(key: jax.Array, cfg: SAEConfig, b_dec_D: np.ndarray | jax.Array, *, enc_init: str = "transpose",
+                enc_scale: float = 1.0) -> SAEParams:
+    """Decoder rows random unit vectors; the encoder their transpose (or, with ``enc_init``
+    "independent", its own random unit columns), times ``enc_scale``; b_dec from the data."""
+    W_dec_HD = _unit_rows(key, cfg.hidden_dim, cfg.d_model)
+    W_enc_DH = W_dec_HD.T if enc_init == "transpose" else _unit_rows(jax.random.fold_in(key, 1), cfg.hidden_dim,
+                                                                       cfg.d_model).T
     return SAEParams(
-        W_enc_DH=W_dec_HD.T,
+        W_enc_DH=enc_scale * W_enc_DH,
         b_enc_H=jnp.zeros((cfg.hidden_dim,), jnp.float32),
         W_dec_HD=W_dec_HD,
         b_dec_D=jnp.asarray(b_dec_D, jnp.float32),
     )
+
+
+def _unit_rows(key: jax.Array, rows: int, width: int) -> jax.Array:
+    W = jax.random.normal(key, (rows, width), jnp.float32)
+    return W / jnp.linalg.norm(W, axis=1, keepdims=True)
 
 
 def pre_activations(params: SAEParams, x_BD: jax.Array) -> jax.Array:

@@ -67,8 +67,10 @@ def _divisor_at_most(n: int, limit: int) -> int:
     return 1
 
 
-def _decode_block(W_dec_HD, b_dec_D, groups: int, scale: float):
-    """One block's reconstruction, error and activation gradients, from one gather of rows."""
+def _decode_block(W_dec_HD, b_dec_D, weights: tuple[float, ...], scale: float):
+    """One block's reconstruction, error and activation gradients, from one gather of rows.
+    ``weights``: each prefix's share of the loss (Matryoshka; a single 1.0 otherwise)."""
+    groups = len(weights)
 
     def body(args):
         val_bC, idx_bC, group_bC, x_bD = args
@@ -83,9 +85,10 @@ def _decode_block(W_dec_HD, b_dec_D, groups: int, scale: float):
         parts_bGD = lax.psum(jnp.einsum("bcg,bcd->bgd", val_bC[..., None] * onehot_bCG, rows_bCD), S.MODEL)
         x_hat_bGD = b_dec_D + jnp.cumsum(parts_bGD, axis=1)  # nested prefixes (Matryoshka)
         err_bGD = x_hat_bGD - x_bD[:, None]
-        sq_G = jnp.sum(err_bGD**2, axis=(0, 2))
-        # d loss / d parts_g: every prefix that includes group g.
-        d_parts_bGD = scale * jnp.flip(jnp.cumsum(jnp.flip(err_bGD, 1), axis=1), 1)
+        w_G = jnp.asarray(weights, jnp.float32)
+        sq_G = w_G * jnp.sum(err_bGD**2, axis=(0, 2))
+        # d loss / d parts_g: every prefix that includes group g, each with its weight.
+        d_parts_bGD = scale * jnp.flip(jnp.cumsum(jnp.flip(w_G[:, None] * err_bGD, 1), axis=1), 1)
         d_val_bC = jnp.sum(jnp.einsum("bcd,bgd->bcg", rows_bCD, d_parts_bGD) * onehot_bCG, axis=-1)
         return x_hat_bGD[:, -1], d_parts_bGD, d_val_bC, sq_G
 
@@ -131,13 +134,16 @@ def _row_scatter(hidden: int, keys_P, sources, tuning: Tuning) -> list[jax.Array
     return accs
 
 
-def recon_and_grads(params: SAEParams, x_BD: jax.Array, active: Active, *, groups: int, global_batch: int,
+def recon_and_grads(params: SAEParams, x_BD: jax.Array, active: Active, *, weights: tuple[float, ...],
+                    global_batch: int,
                     tuning: Tuning) -> SparseResult:
-    """Reconstruction loss (mean over Matryoshka prefixes; plain for G=1), the full
-    reconstruction, and the loss's gradient for every parameter (already summed over shards)."""
+    """Reconstruction loss (Matryoshka: the ``weights``-weighted sum over prefixes, weights summing
+    to 1; plain for a single weight), the full reconstruction, and the loss's gradient for every
+    parameter (already summed over shards)."""
     B, C = active.idx_BC.shape
     H, D = params.W_dec_HD.shape
-    scale = 2.0 / (global_batch * groups)
+    groups = len(weights)
+    scale = 2.0 / global_batch
     block = _divisor_at_most(B, tuning.block_bytes // (4 * C * D))
     group_BC = active.group_BC if active.group_BC is not None else jnp.zeros_like(active.idx_BC)
     # Unkept candidates (value 0) all read decoder row 0 instead of their own: a row that stays
@@ -145,9 +151,9 @@ def recon_and_grads(params: SAEParams, x_BD: jax.Array, active: Active, *, group
     # candidate: slicing top_k's indices stops XLA from using its TopK kernel - a full sort.)
     gather_BC = jnp.where(active.val_BC > 0, active.idx_BC, 0)
     blocked = [a.reshape((B // block, block) + a.shape[1:]) for a in (active.val_BC, gather_BC, group_BC, x_BD)]
-    x_hat, d_parts, d_val, sq = lax.map(_decode_block(params.W_dec_HD, params.b_dec_D, groups, scale), blocked)
+    x_hat, d_parts, d_val, sq = lax.map(_decode_block(params.W_dec_HD, params.b_dec_D, weights, scale), blocked)
     x_hat_BD, d_parts_BGD, d_val_BC = x_hat.reshape(B, D), d_parts.reshape(B, groups, D), d_val.reshape(B, C)
-    recon = lax.psum(jnp.sum(sq), S.DATA) / (global_batch * groups)
+    recon = lax.psum(jnp.sum(sq), S.DATA) / global_batch
 
     kept_BC = active.val_BC > 0  # kept and on the ReLU's positive side
     d_pre_BC = jnp.where(kept_BC, d_val_BC, 0.0)

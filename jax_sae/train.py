@@ -60,6 +60,10 @@ class TrainConfig:
     activation, or calibrated on a sample of training rows when a model is saved (inference L0 = k there)."""
     b_dec_init: Literal["median", "mean"] = "median"
     """Decoder bias at the start: the geometric median or the mean of a sample of rows."""
+    enc_init: Literal["transpose", "independent"] = "transpose"
+    """Encoder at the start: the (unit-row) decoder's transpose, or independent random unit columns."""
+    enc_init_scale: float = 1.0
+    """Norm of each encoder column at the start."""
     sparsity_coef: float = 1.0
     """L1 coefficient (vanilla; inputs are scaled to E||x|| = sqrt(d)), warmed up over the first 5% of steps."""
     num_samples: int | None = None
@@ -74,6 +78,8 @@ class TrainConfig:
     """Root of run directories."""
     group_sizes: tuple[int, ...] = ()
     """Matryoshka group sizes summing to hidden_dim, e.g. 256,256,512,1024,2048 (default: h/16,h/16,h/8,h/4,h/2)."""
+    group_weights: tuple[float, ...] = ()
+    """Matryoshka: weight of each nested prefix's reconstruction loss, one per group, normalised to sum 1 (default: equal)."""
     val_fraction: float = 0.1
     """Fraction of samples held out (whole samples, seeded) for validation."""
     val_max_tokens: int = 1_000_000
@@ -126,16 +132,30 @@ class TrainConfig:
             (len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
              f"--adam_betas takes two values in [0, 1), got {','.join(map(str, self.adam_betas))}"),
             (self.aux_k >= 0, "--aux_k must be 0 (d_model/2) or positive"),
+            (self.enc_init_scale > 0, f"--enc_init_scale must be positive, got {self.enc_init_scale}"),
+            (not self.group_weights or (all(w >= 0 for w in self.group_weights) and sum(self.group_weights) > 0),
+             f"--group_weights must be non-negative with a positive sum, got {','.join(map(str, self.group_weights))}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        self.sae_config(d_model=1)  # validates top_k, group sizes against hidden_dim
+        sae = self.sae_config(d_model=1)  # validates top_k, group sizes against hidden_dim
+        if self.group_weights and len(self.group_weights) != len(sae.group_sizes):
+            raise ConfigError(
+                f"--group_weights has {len(self.group_weights)} values but "
+                + (f"there are {len(sae.group_sizes)} Matryoshka groups; give one weight per group"
+                   if sae.sae_type == "matryoshka" else "only --sae_type matryoshka takes them; drop it"))
 
     def sae_config(self, d_model: int, model: str | None = None) -> SAEConfig:
         groups = (self.group_sizes or default_group_sizes(self.hidden_dim)) if self.sae_type == "matryoshka" else ()
         return SAEConfig(sae_type=self.sae_type, d_model=d_model, hidden_dim=self.hidden_dim, top_k=self.top_k,
                          group_sizes=groups, layer=self.layer_idx, model=model, store=str(self.store))
+
+    def prefix_weights(self) -> tuple[float, ...]:
+        """Matryoshka's prefix-loss weights, summing to 1 (empty for the other types)."""
+        groups = len(self.sae_config(d_model=1).group_sizes)
+        weights = self.group_weights or (1.0,) * groups
+        return tuple(w / sum(weights) for w in weights)
 
     @property
     def peak_lr(self) -> float:

@@ -30,9 +30,9 @@ def _setup(sae_type, d=16, h=128, k=4, batch=64, heavy_rows=0):
     return cfg, params, x
 
 
-def _compare(cfg, params, x, mesh, dead_tokens, dead_every=3):
+def _compare(cfg, params, x, mesh, dead_tokens, dead_every=3, prefix_weights=()):
     counters = jnp.where(jnp.arange(cfg.hidden_dim) % dead_every == 0, 5, 0).astype(jnp.int32)
-    settings = LossSettings(cfg, 0.0, 1, 1 / 32, dead_tokens, backward="sparse")
+    settings = LossSettings(cfg, 0.0, 1, 1 / 32, dead_tokens, backward="sparse", prefix_weights=prefix_weights)
     batch = x.shape[0]
     (loss, (metrics, fired)), grads = jax.jit(jax.value_and_grad(sharded_loss(settings, mesh, batch), has_aux=True))(
         params, counters, jnp.int32(0), x)
@@ -42,6 +42,7 @@ def _compare(cfg, params, x, mesh, dead_tokens, dead_every=3):
         ref, got = np.asarray(getattr(grads, name)), np.asarray(getattr(grads2, name))
         np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max(), err_msg=name)
     np.testing.assert_allclose(float(loss2), float(loss), rtol=1e-5)
+    metrics2["loss"] = loss2
     assert np.array_equal(np.asarray(fired), np.asarray(fired2))
     for key in ("l0", "fvu", "aux_loss", "smallest"):
         np.testing.assert_allclose(float(metrics2[key]), float(metrics[key]), rtol=1e-5, atol=1e-7, err_msg=key)
@@ -63,6 +64,17 @@ def test_sparse_gradients_equal_autodiff_of_the_dense_loss(sae_type, mesh_shape,
     assert float(metrics["dense_fallback"]) == 0.0
     # AuxK (added inside a cond) is on only while latents are dead.
     assert float(metrics["aux_loss"]) > 0 if dead_tokens == 1 else float(metrics["aux_loss"]) == 0
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1), pytest.param((1, 4), marks=pytest.mark.slow)])
+def test_matryoshka_prefix_weights_weight_each_prefix_loss_in_both_paths(mesh_shape):
+    cfg, params, x = _setup("matryoshka", heavy_rows=1)
+    mesh = make_mesh(*mesh_shape)
+    _compare(cfg, params, x, mesh, 10**9, prefix_weights=(0.6, 0.1, 0.3))
+    # All weight on the last prefix: the loss is BatchTopK's (the same batch-wide selection).
+    last = _compare(cfg, params, x, mesh, 10**9, prefix_weights=(0.0, 0.0, 1.0))
+    plain = _compare(dataclasses.replace(cfg, sae_type="batch_topk", group_sizes=()), params, x, mesh, 10**9)
+    np.testing.assert_allclose(float(last["loss"]), float(plain["loss"]), rtol=1e-5)
 
 
 @pytest.mark.parametrize("mesh_shape, dead_every", [((1, 1), 16), ((1, 4), 16), ((1, 4), 3), ((1, 1), 1)])

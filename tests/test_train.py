@@ -241,7 +241,29 @@ def test_bad_input_gets_one_line_before_any_compute(planted, tmp_path):
     text = _error(base + ["--sae_type", "matryoshka", "--group_sizes", "16,16"])
     assert "sum to 32, not hidden_dim 64" in text
     assert "no activation store" in _error(base + ["--store", str(tmp_path / "none")])
+    assert "has 2 values but there are 5 Matryoshka groups" in _error(
+        base + ["--sae_type", "matryoshka", "--group_weights", "1,2"])
+    assert "only --sae_type matryoshka takes them" in _error(base + ["--group_weights", "1"])
+    assert "--enc_init_scale must be positive" in _error(base + ["--enc_init_scale", "0"])
     assert not (tmp_path / "m").exists()
+
+
+def test_encoder_initialisation_options():
+    from jax_sae import model as M
+    from jax_sae.config import SAEConfig
+
+    cfg = SAEConfig(sae_type="topk", d_model=16, hidden_dim=32, top_k=2)
+    key = jax.random.PRNGKey(0)
+    plain = M.init_params(key, cfg, np.zeros(16))
+    np.testing.assert_allclose(np.linalg.norm(plain.W_dec_HD, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(plain.W_enc_DH, plain.W_dec_HD.T)
+    scaled = M.init_params(key, cfg, np.zeros(16), enc_scale=0.1)
+    np.testing.assert_allclose(scaled.W_enc_DH, 0.1 * plain.W_enc_DH, rtol=1e-6)
+    np.testing.assert_array_equal(scaled.W_dec_HD, plain.W_dec_HD)
+    own = M.init_params(key, cfg, np.zeros(16), enc_init="independent")
+    np.testing.assert_array_equal(own.W_dec_HD, plain.W_dec_HD)
+    np.testing.assert_allclose(np.linalg.norm(own.W_enc_DH, axis=0), 1.0, rtol=1e-5)
+    assert np.abs(np.sum(own.W_enc_DH * plain.W_enc_DH, axis=0)).max() < 0.9  # not the transpose
 
 
 def test_nonfinite_rows_are_reported_and_skipped_on_request(tmp_path):
