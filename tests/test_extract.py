@@ -41,6 +41,15 @@ def _arrays(store):
     return {n: np.asarray(store.array(n).read().result()) for n in names}
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The arrays of one uninterrupted extraction (batch 1, seed 7), shared by the tests that compare with it."""
+    root = tmp_path_factory.mktemp("reference")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    return _arrays(extract(_cfg(root / "ref", prompts, batch_size=1)))
+
+
 def test_generate_and_teacher_forced_give_the_same_rows(tmp_path, prompt_file):
     gen = extract(_cfg(tmp_path / "gen", prompt_file, batch_size=3))
     assert gen.n_rows == len(PROMPTS) * 20 and gen.complete
@@ -70,13 +79,12 @@ def test_conditional_rows_belong_to_their_own_prompt(tmp_path, prompt_file, tiny
     assert np.abs(uncond - store.sample_rows(0, 3)).max() > 1e-2, "uncond stream must be its own stream"
 
 
-def test_extraction_is_seeded(tmp_path, prompt_file):
-    a = _arrays(extract(_cfg(tmp_path / "a", prompt_file)))
-    b = _arrays(extract(_cfg(tmp_path / "b", prompt_file)))
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name])
-    c = _arrays(extract(_cfg(tmp_path / "c", prompt_file, seed=8)))
-    assert not np.array_equal(a["codes"], c["codes"])
+def test_extraction_is_seeded(tmp_path, prompt_file, reference):
+    again = _arrays(extract(_cfg(tmp_path / "again", prompt_file, batch_size=1)))
+    for name in reference:
+        np.testing.assert_array_equal(again[name], reference[name])
+    other = _arrays(extract(_cfg(tmp_path / "other", prompt_file, batch_size=1, seed=8)))
+    assert not np.array_equal(reference["codes"], other["codes"])
 
 
 def _args(out, prompt_file, *extra):
@@ -85,8 +93,8 @@ def _args(out, prompt_file, *extra):
             "float32", "--top_k", "50", "--seed", "7", *extra]
 
 
-def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, prompt_file):
-    reference = extract(_cfg(tmp_path / "ref", prompt_file, batch_size=1))
+@pytest.mark.slow  # kills are also tried by tests/test_faults.py (slow) and bench.faults; training's kill test is default
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, prompt_file, reference):
     out = tmp_path / "killed"
     proc = subprocess.Popen(cli(*_args(out, prompt_file)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = out / "progress" / "shard-0-of-1.jsonl"
@@ -101,13 +109,12 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, prompt_file):
     assert 0 < len(partial.committed_units()) < len(PROMPTS), "the kill should land mid-run"
     rerun = subprocess.run(cli(*_args(out, prompt_file)), capture_output=True, text=True, check=True)
     assert "resuming" in rerun.stdout
-    a, b = _arrays(reference), _arrays(open_store(out))
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name])
+    got = _arrays(open_store(out))
+    for name in reference:
+        np.testing.assert_array_equal(reference[name], got[name])
 
 
-def test_two_shards_fill_one_store(tmp_path, prompt_file):
-    reference = _arrays(extract(_cfg(tmp_path / "ref", prompt_file, batch_size=1)))
+def test_two_shards_fill_one_store(tmp_path, prompt_file, reference):
     out = tmp_path / "sharded"
     procs = [subprocess.Popen(cli(*_args(out, prompt_file, "--shard", f"{i}/2")), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
