@@ -209,11 +209,13 @@ def _padded_blocks(store, cfg: DiscoveryBenchConfig, max_samples: int) -> tuple[
     reading and padding them took."""
     import jax.numpy as jnp
 
-    from discovery.stats import _pad_block
+    from discovery.stats import _block_layout
 
     blocks, start = [], time.perf_counter()
     for samples, x in store.iter_sample_blocks(LAYER, cfg.block_rows):
-        blocks.append(_pad_block(samples, x, store.offsets, cfg.block_rows, max_samples))
+        x_pad = np.zeros((cfg.block_rows, x.shape[1]), np.float32)
+        x_pad[: len(x)] = x
+        blocks.append((x_pad, *_block_layout(samples, store.offsets, cfg.block_rows, max_samples)))
         if len(blocks) == cfg.split_blocks:
             break
     seconds = time.perf_counter() - start
@@ -252,7 +254,7 @@ def _encoder_and_update_ms(sae, blocks: list, matmul, encode, max_samples: int, 
     def run_update():
         state = init_state(sae.cfg.hidden_dim, examples)
         for b in blocks:
-            state, smax, smean = update(sae.cfg, examples, max_samples, mesh, False, state, params, threshold, scale,
+            state, smax, smean, _, _ = update(sae.cfg, examples, max_samples, mesh, False, state, params, threshold, scale,
                                         *b)
             np.asarray(smax), np.asarray(smean)  # feature_pass copies these to the host every block
         jax.block_until_ready(state)

@@ -140,6 +140,12 @@ class DiscoverConfig:
     """Seed of the detection-score negatives."""
     progress: bool = True
     """Show progress bars."""
+    coordinator_address: str | None = None
+    """host:port of process 0 for a multi-process run (SLURM and TPU pods are detected without it)."""
+    num_processes: int | None = None
+    """Processes in a multi-process run: each reads only its devices' rows; process 0 writes the files."""
+    process_id: int | None = None
+    """This process's index in a multi-process run."""
 
     def __post_init__(self) -> None:
         if not self.sae_path:
@@ -155,12 +161,14 @@ def discover(cfg: DiscoverConfig) -> dict:
     import jax
 
     import jax_sae
+    from jax_sae.distributed import initialize, is_primary
     from jax_sae.runtime import announce
     from jax_sae.sharding import make_mesh
 
     from .features import FeatureDiscovery
 
-    runtime = announce(make_mesh(jax.local_device_count(), 1), "discover")  # the mesh feature_pass builds
+    initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    runtime = announce(make_mesh(jax.device_count(), 1), "discover")  # the mesh feature_pass builds
     sae = jax_sae.load(cfg.sae_path)
     store = open_store(cfg.activation_file or cfg.store)
     layer = cfg.layer_idx if cfg.layer_idx is not None else sae.cfg.layer
@@ -170,6 +178,8 @@ def discover(cfg: DiscoverConfig) -> dict:
                        max_activation_count=cfg.max_activation_count, max_features=cfg.max_features,
                        aggregation=aggregation, examples=cfg.examples, min_tag_support=cfg.min_tag_support,
                        seed=cfg.seed)
+    if not is_primary():  # every process holds the same statistics; process 0 labels and writes
+        return found.features
     if cfg.use_llm:
         from .features import apply_llm_labels
 
@@ -177,7 +187,7 @@ def discover(cfg: DiscoverConfig) -> dict:
                          cfg.progress)
     output = Path(cfg.output or f"results/features_layer{layer}.json")
     summary = found.summary | {"sae_path": str(cfg.sae_path), "store": str(store.path), "output": str(output),
-                               "runtime": runtime}
+                               "runtime": runtime, "rows_read_per_process": list(found.stats.rows_read_per_process)}
     FeatureFiles(output).write(found.features, summary, _all_stats(found) if cfg.all else None)
     if summary["nonfinite_rows"]:
         print(f"skipped {summary['nonfinite_rows']} non-finite (NaN/Inf) rows of layer {layer} of {store.path} "

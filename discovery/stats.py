@@ -22,9 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from jax import lax
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from extractor.errors import UsageError
+from extractor.store import acts_name, sample_blocks
 from jax_sae import model as M
 from jax_sae.api import SAE
 from jax_sae.config import SAEConfig
@@ -68,10 +70,17 @@ def _merge(vals_HE, ids_HE, new_vals_HN, new_ids_HN, examples: int):
 
 
 def _block_stats(cfg: SAEConfig, examples: int, max_samples: int, token_examples: bool, params, threshold, scale,
-                 x_RD, segment_R, row_R, length_S):
-    """One device's rows of a block -> statistics merged across the data axis (replicated)."""
-    valid_R = row_R >= 0
-    f_RH = M.encode_infer(cfg, params, threshold, x_RD * scale)
+                 x_RD, segment_R, row_R):
+    """One device's rows of a block -> statistics merged across the data axis (replicated).
+    Rows with ``row_R`` -1 are padding; rows with a NaN/Inf are skipped like padding and come
+    back flagged in the (replicated) ``bad`` mask of the whole block."""
+    finite_R = jnp.all(jnp.isfinite(x_RD), axis=1)
+    valid_R = (row_R >= 0) & finite_R
+    bad_R = lax.all_gather((row_R >= 0) & ~finite_R, DATA, tiled=True)
+    row_R = jnp.where(valid_R, row_R, -1)
+    length_S = lax.psum(jax.ops.segment_sum(valid_R.astype(jnp.int32), segment_R,
+                                            num_segments=max_samples + 1)[:max_samples], DATA)
+    f_RH = M.encode_infer(cfg, params, threshold, jnp.where(valid_R[:, None], x_RD, 0.0) * scale)
     f_RH = jnp.where(valid_R[:, None], f_RH, 0.0)
     smax_SH = lax.pmax(jax.ops.segment_max(f_RH, segment_R, num_segments=max_samples + 1)[:max_samples], DATA)
     smax_SH = jnp.where((length_S > 0)[:, None], jnp.maximum(smax_SH, 0.0), 0.0)
@@ -87,24 +96,25 @@ def _block_stats(cfg: SAEConfig, examples: int, max_samples: int, token_examples
         top_rows = jnp.full((f_RH.shape[1], examples), -1, jnp.int32)
     return (lax.psum(jnp.sum(f_RH > 0, axis=0, dtype=jnp.int32), DATA), lax.psum(jnp.sum(f_RH, axis=0), DATA),
             lax.pmax(jnp.max(f_RH, axis=0), DATA), smax_SH, ssum_SH / jnp.maximum(length_S, 1)[:, None],
-            top, top_rows)
+            top, top_rows, length_S, bad_R)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=5)
 def update(cfg: SAEConfig, examples: int, max_samples: int, mesh, token_examples: bool, state: FeatureState, params,
-           threshold, scale, x_RD, segment_R, row_R, sample_S, length_S):
-    """Fold one block of whole samples into the state; rows are split over the mesh's data axis.
+           threshold, scale, x_RD, segment_R, row_R, sample_S):
+    """Fold one block of whole samples into the state; rows are split over the mesh's data axis
+    (the mesh may span processes: each one holds only its devices' rows).
 
     ``segment_R`` maps each row to its sample's slot in the block (``max_samples`` for padding),
-    ``row_R`` is the global row index (-1 padding), ``sample_S`` the global sample index of each
-    slot (-1 padding) and ``length_S`` its row count. Returns the new state and the block's
-    per-sample (max, mean) scores [S, H].
+    ``row_R`` is the global row index (-1 padding) and ``sample_S`` the global sample index of
+    each slot (-1 padding). Returns the new state, the block's per-sample (max, mean) scores
+    [S, H], each slot's finite row count [S] and the block's NaN/Inf row mask [R], all replicated.
     """
     stats = jax.shard_map(functools.partial(_block_stats, cfg, examples, max_samples, token_examples), mesh=mesh,
-                          in_specs=(P(), P(), P(), P(DATA), P(DATA), P(DATA), P()), out_specs=(P(),) * 7,
+                          in_specs=(P(), P(), P(), P(DATA), P(DATA), P(DATA)), out_specs=(P(),) * 9,
                           check_vma=False)  # every output comes out of a psum/pmax/all_gather: replicated
-    token_count, total, peak, smax_SH, smean_SH, block_top, block_rows = stats(
-        params, threshold, scale, x_RD, segment_R, row_R, length_S)
+    token_count, total, peak, smax_SH, smean_SH, block_top, block_rows, length_S, bad_R = stats(
+        params, threshold, scale, x_RD, segment_R, row_R)
     slot_ok = (sample_S >= 0)[None, :]
     sample_HS = jnp.broadcast_to(sample_S[None, :], (smax_SH.shape[1], max_samples))
     top_max, top_max_s = _merge(state.top_max_HE, state.top_max_sample_HE,
@@ -121,7 +131,7 @@ def update(cfg: SAEConfig, examples: int, max_samples: int, mesh, token_examples
         top_mean_HE=top_mean, top_mean_sample_HE=top_mean_s,
         top_token_HE=top_tok, top_token_row_HE=top_tok_row,
     )
-    return new, smax_SH, smean_SH
+    return new, smax_SH, smean_SH, length_S, bad_R
 
 
 @dataclass
@@ -139,6 +149,7 @@ class PassResult:
     n_samples: int
     nonfinite_rows: np.ndarray  # global indices of the skipped NaN/Inf rows, ascending
     finite_rows_per_sample: np.ndarray  # [n_samples]: the rows each sample's scores come from
+    rows_read_per_process: tuple[int, ...] = ()  # store rows each process read (its devices' share)
 
     @property
     def finite_rows(self) -> int:
@@ -146,39 +157,43 @@ class PassResult:
         return self.n_rows - len(self.nonfinite_rows)
 
 
-def _block_rows(samples: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Global row indices of a block of whole samples, in block order."""
-    return np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in samples])
-
-
-def _pad_block(samples: np.ndarray, x: np.ndarray, offsets: np.ndarray, block_rows: int, max_samples: int,
-               finite: np.ndarray | None = None):
-    """The block padded to fixed shapes; rows that are not ``finite`` (default: NaN/Inf-free) become
-    padding: zeros, row -1, left out of their sample's length."""
-    finite = np.isfinite(x).all(axis=1) if finite is None else finite
-    n = len(x)
-    x_pad = np.zeros((block_rows, x.shape[1]), np.float32)
-    x_pad[:n] = x if finite.all() else np.where(finite[:, None], x, 0.0)
+def _block_layout(samples: np.ndarray, offsets: np.ndarray, block_rows: int, max_samples: int):
+    """The fixed-shape bookkeeping of a block of consecutive samples: each row's slot (``max_samples``
+    for padding) and global index (-1 padding), and each slot's global sample index (-1 padding)."""
+    lengths = (offsets[samples + 1] - offsets[samples]).astype(np.int64)
+    n = int(lengths.sum())
     segment = np.full(block_rows, max_samples, np.int32)
-    segment[:n] = np.repeat(np.arange(len(samples), dtype=np.int32),
-                            (offsets[samples + 1] - offsets[samples]).astype(np.int32))
+    segment[:n] = np.repeat(np.arange(len(samples), dtype=np.int32), lengths)
     rows = np.full(block_rows, -1, np.int32)
-    rows[:n] = np.where(finite, _block_rows(samples, offsets), -1)
+    rows[:n] = np.arange(offsets[samples[0]], offsets[samples[0]] + n)
     sample_ids = np.full(max_samples, -1, np.int32)
     sample_ids[: len(samples)] = samples
-    length_pad = np.zeros(max_samples, np.int32)
-    length_pad[: len(samples)] = np.bincount(segment[:n][finite], minlength=len(samples))
-    return x_pad, segment, rows, sample_ids, length_pad
+    return segment, rows, sample_ids
+
+
+def _local(x: jax.Array) -> np.ndarray:
+    """A host copy of a replicated (possibly multi-process) array."""
+    return np.asarray(x.addressable_data(0))
 
 
 def feature_pass(sae: SAE, store, layer: int, *, examples: int = 20, block_rows: int = 4096,
                  progress: bool = True, devices: int | None = None, token_examples: bool = True) -> PassResult:
     """Stream every sample of ``layer`` through the SAE once, rows split over ``devices``
-    (default: all local devices). ``token_examples=False`` skips the top single tokens (the
-    "moments" examples), the pass's costliest statistic, when they are not wanted."""
+    (default: every device of every process). ``token_examples=False`` skips the top single
+    tokens (the "moments" examples), the pass's costliest statistic, when they are not wanted.
+
+    Under ``jax.distributed`` every process runs this with the same arguments: each reads from
+    the store only the rows of each block that land on its own devices, the statistics are merged
+    by the step's collectives, and every process returns the same result."""
     from tqdm import tqdm
 
-    mesh = make_mesh(devices or jax.local_device_count(), 1)
+    mesh = make_mesh(devices or jax.device_count(), 1)
+    rows_on_devices = NamedSharding(mesh, P(DATA))
+    replicated = NamedSharding(mesh, P())
+
+    def put(value, sharding=replicated):
+        value = np.asarray(value)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
     if store.d_model != sae.cfg.d_model:
         raise UsageError(f"store width {store.d_model} does not match the SAE's d_model {sae.cfg.d_model}")
@@ -190,32 +205,60 @@ def feature_pass(sae: SAE, store, layer: int, *, examples: int = 20, block_rows:
     max_samples = int(min(store.n_samples, max(1, block_rows // max(1, int(np.min(offsets[1:] - offsets[:-1]))))))
     hidden = sae.cfg.hidden_dim
     examples = min(examples, max(1, store.n_samples))
-    state = init_state(hidden, max(examples, 1))
+    state = jax.tree.map(put, init_state(hidden, max(examples, 1)))
+    params = jax.tree.map(put, sae.params)
+    threshold, scale = put(sae.threshold), put(np.float32(sae.input_scale))
     sample_max = np.zeros((store.n_samples, hidden), np.float16)
     sample_mean = np.zeros((store.n_samples, hidden), np.float16)
     finite_per_sample = np.zeros(store.n_samples, np.int64)
     nonfinite = []
-    with tqdm(total=store.n_rows, desc=f"discover layer {layer}", unit="row", disable=not progress) as bar:
-        for samples, x in store.iter_sample_blocks(layer, block_rows):
-            finite = np.isfinite(x).all(axis=1)
-            if not finite.all():
-                nonfinite.append(_block_rows(samples, offsets)[~finite])
-            padded = _pad_block(samples, x, offsets, block_rows, max_samples, finite)
-            finite_per_sample[samples] = padded[4][: len(samples)]
-            state, smax, smean = update(sae.cfg, examples, max_samples, mesh, token_examples, state, sae.params,
-                                        sae.threshold, sae.input_scale, *map(jnp.asarray, padded))
-            sample_max[samples] = np.asarray(smax[: len(samples)])
-            sample_mean[samples] = np.asarray(smean[: len(samples)])
-            bar.update(len(x))
+    name = acts_name(layer)
+    rows_read = 0
+
+    def block_rows_of(lo: int, hi: int):
+        def read(index):  # this device's rows of the padded block [lo, lo + block_rows)
+            part = index[0]
+            start, stop = part.start or 0, part.stop if part.stop is not None else block_rows
+            x = np.zeros((stop - start, store.d_model), np.float32)
+            a, b = lo + start, min(lo + stop, hi)
+            if b > a:
+                nonlocal rows_read
+                x[: b - a] = store.read_rows(name, a, b)
+                rows_read += b - a
+            return x
+        return jax.make_array_from_callback((block_rows, store.d_model), rows_on_devices, read)
+
+    primary = jax.process_index() == 0
+    with tqdm(total=store.n_rows, desc=f"discover layer {layer}", unit="row", disable=not (progress and primary)) as bar:
+        for samples in sample_blocks(offsets, block_rows):
+            lo, hi = int(offsets[samples[0]]), int(offsets[samples[-1] + 1])
+            segment, rows, sample_ids = _block_layout(samples, offsets, block_rows, max_samples)
+            state, smax, smean, length, bad = update(
+                sae.cfg, examples, max_samples, mesh, token_examples, state, params, threshold, scale,
+                block_rows_of(lo, hi), put(segment, rows_on_devices), put(rows, rows_on_devices), put(sample_ids))
+            sample_max[samples] = _local(smax)[: len(samples)]
+            sample_mean[samples] = _local(smean)[: len(samples)]
+            finite_per_sample[samples] = _local(length)[: len(samples)]
+            bad_rows = np.flatnonzero(_local(bad))
+            if len(bad_rows):
+                nonfinite.append(lo + bad_rows)
+            bar.update(hi - lo)
     nonfinite_rows = np.concatenate(nonfinite) if nonfinite else np.zeros(0, np.int64)
     if store.n_rows and len(nonfinite_rows) == store.n_rows:
         raise UsageError(f"every row of layer {layer} of {store.path} is non-finite (NaN/Inf): there is nothing to "
                          "discover; re-extract the store")
-    host = jax.device_get(state)
+    host = jax.tree.map(_local, state)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        read_per_process = tuple(int(n) for n in multihost_utils.process_allgather(np.array([rows_read])).ravel())
+    else:
+        read_per_process = (rows_read,)
     return PassResult(
         token_count=host.token_count_H, sample_count=host.sample_count_H, max=host.max_H, sum=host.sum_H,
         top={"max": (host.top_max_HE, host.top_max_sample_HE), "mean": (host.top_mean_HE, host.top_mean_sample_HE),
              "moments": (host.top_token_HE, host.top_token_row_HE)},
         sample_max=sample_max, sample_mean=sample_mean, n_rows=store.n_rows, n_samples=store.n_samples,
         nonfinite_rows=nonfinite_rows, finite_rows_per_sample=finite_per_sample,
+        rows_read_per_process=read_per_process,
     )

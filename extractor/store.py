@@ -489,27 +489,17 @@ class Store:
         self, layer: int, max_rows: int, *, samples: np.ndarray | None = None, stream: str = "cond",
         dtype=np.float32,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (sample indices, rows) for runs of whole consecutive samples of at most ``max_rows``
-        rows in all (a longer sample comes alone). Rows of sample i follow those of sample i - 1."""
+        """Yield (sample indices, rows) for each block of ``sample_blocks`` (whole samples, at most
+        ``max_rows`` rows unless one sample is longer). Rows of sample i follow those of sample i - 1."""
         self.check_layer(layer, stream)
         name = acts_name(layer, stream)
-        chosen = np.arange(self.n_samples) if samples is None else np.sort(np.asarray(samples, dtype=np.int64))
         offsets = self.offsets
-        i = 0
-        while i < len(chosen):
-            j = i + 1
-            rows = offsets[chosen[i] + 1] - offsets[chosen[i]]
-            while j < len(chosen) and rows + offsets[chosen[j] + 1] - offsets[chosen[j]] <= max_rows:
-                rows += offsets[chosen[j] + 1] - offsets[chosen[j]]
-                j += 1
-            block = chosen[i:j]
-            contiguous = np.all(np.diff(block) == 1)
-            if contiguous:
+        for block in sample_blocks(offsets, max_rows, samples):
+            if np.all(np.diff(block) == 1):
                 x = self.read_rows(name, int(offsets[block[0]]), int(offsets[block[-1] + 1]))
             else:
                 x = np.concatenate([self.read_rows(name, int(offsets[s]), int(offsets[s + 1])) for s in block])
             yield block, x.astype(dtype, copy=False)
-            i = j
 
     def counts(self) -> dict:
         """Sizes a user wants at a glance."""
@@ -528,6 +518,21 @@ class Store:
 # `Error reading local file "<array>/c/<row chunk>/0": <what>`: how tensorstore names a chunk it cannot read.
 _CHUNK_FILE = re.compile(r'local file "([^"]*/c/(\d+)(?:/\d+)*)"')
 PLAN_ARRAYS = ("offsets", "frames")  # written at creation from samples.jsonl, never by a batch
+
+
+def sample_blocks(offsets: np.ndarray, max_rows: int, samples: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """Runs of whole samples (``samples`` sorted, default all) of at most ``max_rows`` rows in all (a
+    longer sample comes alone): the blocks of ``Store.iter_sample_blocks``, from the offsets alone."""
+    chosen = np.arange(len(offsets) - 1) if samples is None else np.sort(np.asarray(samples, dtype=np.int64))
+    i = 0
+    while i < len(chosen):
+        j = i + 1
+        rows = offsets[chosen[i] + 1] - offsets[chosen[i]]
+        while j < len(chosen) and rows + offsets[chosen[j] + 1] - offsets[chosen[j]] <= max_rows:
+            rows += offsets[chosen[j] + 1] - offsets[chosen[j]]
+            j += 1
+        yield chosen[i:j]
+        i = j
 
 
 def _first_line(err: BaseException) -> str:

@@ -106,6 +106,59 @@ def test_streaming_statistics_equal_brute_force(tmp_path, planted, devices):
     assert (lean.top["moments"][1] == -1).all(), "no token examples unless asked for"
 
 
+def _same_json(a, b, where="features"):
+    if isinstance(a, float) or isinstance(b, float):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-6), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _same_json(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same_json(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_two_processes_discover_the_same_features_as_one(planted, tmp_path):
+    """2 processes x 2 CPU devices (gloo collectives on localhost) == 1 process x 4 devices, each
+    process reading only the rows of its own devices."""
+    import os
+    import subprocess
+
+    from .conftest import cli
+    from .test_sharding import _free_port
+
+    root, store, _, _ = planted
+    args = ["discovery.discover", "--sae_path", str(root / "models" / "topk" / "layer0" / "dim32" / "final"),
+            "--store", str(root / "store"), "--max_features", "32", "--no_filter", "--aggregation", "moments",
+            "--no-progress"]
+
+    def env(devices):
+        return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+    assert jax.device_count() == 4  # the reference: this process, 4 devices (conftest)
+    main(args[1:] + ["--output", str(tmp_path / "one.json")])
+    port = _free_port()
+    procs = [subprocess.Popen(cli(*args, "--output", str(tmp_path / "two.json"), "--coordinator_address",
+                                  f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)),
+                              env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    one, two = FeatureFiles(tmp_path / "one.json"), FeatureFiles(tmp_path / "two.json")
+    a, b = one.read_features(), two.read_features()
+    assert len(a) == 32 and all(ex["type"] == "token-level" for ex in a["0"]["top_examples"])
+    _same_json(a, b)  # labels, example rows and samples, tags: equal; numbers: equal to float32 rounding
+    _same_json(one.read_summary()["alignment"], two.read_summary()["alignment"], "alignment")
+    read_one, read_two = one.read_summary()["rows_read_per_process"], two.read_summary()["rows_read_per_process"]
+    assert read_one == [store.n_rows] and sum(read_two) == store.n_rows
+    assert all(abs(n - store.n_rows / 2) <= 0.1 * store.n_rows for n in read_two), read_two
+    assert not (tmp_path / "two.summary.json").read_text().count("NaN")
+
+
 def test_auroc_matches_pairwise_definition():
     rng = np.random.default_rng(0)
     scores = np.round(rng.random((60, 3)), 1)  # many ties
