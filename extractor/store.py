@@ -227,6 +227,7 @@ class Store:
         self._arrays: dict[str, ts.TensorStore] = {}
         self._offsets: np.ndarray | None = None
         self._samples: list[dict] | None = None
+        self.bytes_read = 0  # bytes of rows this object has read (chunk-aligned reads: what storage served)
 
     # -- layout ---------------------------------------------------------------------------
     def array(self, name: str) -> ts.TensorStore:
@@ -247,9 +248,11 @@ class Store:
     def read_rows(self, name: str, lo: int, hi: int) -> np.ndarray:
         """Rows [lo, hi) of one array; a damaged chunk raises a StoreError naming it and the repair."""
         try:
-            return np.asarray(self.array(name)[lo:hi].read().result())
+            rows = np.asarray(self.array(name)[lo:hi].read().result())
         except ValueError as err:
             raise StoreError(self._damage_line(name, lo, hi, err)) from None
+        self.bytes_read += rows.nbytes
+        return rows
 
     def _damage_line(self, name: str, lo: int, hi: int, err: ValueError) -> str:
         """One line: which store, array, rows and batches, which chunk file, and the repair command."""
@@ -422,6 +425,7 @@ class Store:
         drop_last: bool = False,
         dtype=np.float32,
         buffer_chunks: int = 4,
+        lane: tuple[int, int] = (0, 1),
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ([batch_size, d_model] batches, the global row index of every row); the last batch
         may be short unless ``drop_last``.
@@ -430,20 +434,55 @@ class Store:
         and rows are permuted inside a buffer of ``buffer_chunks`` chunks, so memory stays bounded
         by the buffer, not by the store. ``rows`` / ``samples`` restrict reading to a subset
         (``samples``: the rows of those samples, memory per sample, not per row); ``exclude_rows``
-        drops a few rows (e.g. non-finite ones).
+        drops a few rows (e.g. non-finite ones). ``lane=(j, L)`` reads only lane j of L: every
+        L-th chunk of the (shuffled) order from the j-th on, with its own seeded row order; the
+        lanes of one seed split the store's chunks between them (``lane_rows`` counts each one's).
         """
         if batch_size <= 0:
             raise StoreError(f"batch_size must be positive, got {batch_size}")
+        j, lanes = lane
         chunk = self.chunk_rows(layer, stream)
-        n_chunks = -(-self.n_rows // chunk)
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(n_chunks) if shuffle else np.arange(n_chunks)
+        order = self._chunk_order(layer, stream, shuffle, seed)
+        rng = order.rng if lanes == 1 else np.random.default_rng([seed, lanes, j])
         keep = self._row_mask(rows, samples, exclude_rows)
-        groups = self._read_chunk_groups(acts_name(layer, stream), chunk, order, buffer_chunks if shuffle else 1,
-                                         keep, dtype)
+        groups = self._read_chunk_groups(acts_name(layer, stream), chunk, order.chunks[j::lanes],
+                                         buffer_chunks if shuffle else 1, keep, dtype)
         if shuffle:
             groups = _permuted_groups(groups, rng)
         yield from _rebatched(groups, batch_size, drop_last)
+
+    def iter_chunks(self, layer: int, chunks: Sequence[int], *, samples: np.ndarray | None = None,
+                    exclude_rows: np.ndarray | None = None, stream: str = "cond", dtype=np.float32
+                    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(chunk, its selected rows, their global indices) for each of ``chunks`` with any row selected."""
+        chunk = self.chunk_rows(layer, stream)
+        keep = self._row_mask(None, samples, exclude_rows)
+        for c in chunks:
+            for x, rows in self._read_chunk_groups(acts_name(layer, stream), chunk, [c], 1, keep, dtype):
+                yield int(c), x, rows
+
+    def _chunk_order(self, layer: int, stream: str, shuffle: bool, seed: int) -> "_ChunkOrder":
+        n_chunks = -(-self.n_rows // self.chunk_rows(layer, stream))
+        rng = np.random.default_rng(seed)
+        return _ChunkOrder(rng.permutation(n_chunks) if shuffle else np.arange(n_chunks), rng)
+
+    def lane_rows(self, layer: int, lanes: int, *, shuffle: bool = False, seed: int = 0,
+                  samples: np.ndarray | None = None, exclude_rows: np.ndarray | None = None,
+                  stream: str = "cond", kept_per_chunk: np.ndarray | None = None) -> np.ndarray:
+        """Rows each of ``lanes`` lanes yields for these options (from metadata: nothing is read).
+        ``kept_per_chunk`` (from ``kept_rows_per_chunk``) saves recounting the selection."""
+        if kept_per_chunk is None:
+            kept_per_chunk = self.kept_rows_per_chunk(layer, samples=samples, exclude_rows=exclude_rows, stream=stream)
+        order = self._chunk_order(layer, stream, shuffle, seed).chunks
+        return np.array([int(kept_per_chunk[order[j::lanes]].sum()) for j in range(lanes)])
+
+    def kept_rows_per_chunk(self, layer: int, *, samples: np.ndarray | None = None,
+                            exclude_rows: np.ndarray | None = None, stream: str = "cond") -> np.ndarray:
+        """Rows of each chunk that a selection (``samples``, less ``exclude_rows``) keeps."""
+        chunk = self.chunk_rows(layer, stream)
+        keep = self._row_mask(None, samples, exclude_rows)
+        return np.array([int(keep(lo, min(self.n_rows, lo + chunk)).sum()) for lo in range(0, self.n_rows, chunk)],
+                        dtype=np.int64)
 
     def _row_mask(self, rows, samples, exclude_rows) -> Callable[[int, int], np.ndarray]:
         """``keep(lo, hi)``: which of the global rows [lo, hi) the selection reads."""
@@ -593,6 +632,14 @@ def _ends_cleanly(log: Path) -> bool:
             return f.read(1) == b"\n"
     except FileNotFoundError:
         return True
+
+
+@dataclass(frozen=True)
+class _ChunkOrder:
+    """The order chunks are visited in, and the generator that drew it (it goes on to permute rows)."""
+
+    chunks: np.ndarray
+    rng: np.random.Generator
 
 
 def _permuted_groups(groups, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -83,41 +83,72 @@ class ScanResult:
     nonfinite_rows: np.ndarray
     mean_norm: float
     sample_BD: np.ndarray
+    norm_C: np.ndarray  # per chunk: sum of the finite rows' norms, and their count
+    count_C: np.ndarray
+    keys: np.ndarray  # the sample's row keys (``row_keys``), ascending
+
+
+def row_keys(seed: int, rows: np.ndarray) -> np.ndarray:
+    """A uniform [0, 1) key per global row index, fixed by (seed, row) alone (splitmix64), so a
+    sample of the smallest keys is the same whoever scans which rows."""
+    z = (np.asarray(rows, np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 def scan_rows(store: Store, layer: int, samples: np.ndarray, *, seed: int, sample_size: int = 8192,
-              batch_size: int = 8192, progress: bool = True) -> ScanResult:
-    """Count non-finite rows, measure the mean row norm and keep a uniform sample of rows."""
+              progress: bool = True, part: tuple[int, int] = (0, 1)) -> ScanResult:
+    """Count non-finite rows, measure the mean row norm and keep a uniform sample of rows.
+
+    Chunk by chunk, ``part=(p, P)`` scanning only every P-th chunk from the p-th; ``merge_scans``
+    of the P parts equals the scan of one part of one (per-chunk sums added in chunk order,
+    the sample the rows with the smallest ``row_keys``)."""
     from tqdm import tqdm
 
-    rng = np.random.default_rng(seed)
-    bad, norm_sum, count = [], 0.0, 0
+    p, parts = part
+    chunk = store.chunk_rows(layer)
+    n_chunks = -(-store.n_rows // chunk)
+    bad = []
+    norm_C = np.zeros(n_chunks, np.float64)
+    count_C = np.zeros(n_chunks, np.int64)
     keys = np.empty(0)
     kept = np.empty((0, store.d_model), np.float32)
     total = _rows_of(store, samples)
     with tqdm(total=total, desc="scanning rows", unit="row", disable=not progress, leave=False) as bar:
-        for x, rows in store.iter_rows_indexed(layer, batch_size, samples=samples):
+        for c, x, rows in store.iter_chunks(layer, np.arange(p, n_chunks, parts), samples=samples):
             finite = np.isfinite(x).all(axis=1)
             if not finite.all():
                 bad.append(rows[~finite])
-                x = x[finite]
-            norm_sum += float(np.linalg.norm(x, axis=1).astype(np.float64).sum())
-            count += len(x)
-            # Reservoir by random keys: the sample_size smallest keys are a uniform sample.
-            new_keys = rng.random(len(x))
-            keys = np.concatenate([keys, new_keys])
-            kept = np.concatenate([kept, x])
-            if len(keys) > sample_size:
-                top = np.argpartition(keys, sample_size)[:sample_size]
-                keys, kept = keys[top], kept[top]
+                x, rows = x[finite], rows[finite]
+            norm_C[c] += float(np.linalg.norm(x, axis=1).astype(np.float64).sum())
+            count_C[c] += len(x)
+            keys, kept = _smallest(np.concatenate([keys, row_keys(seed, rows)]), np.concatenate([kept, x]),
+                                   sample_size)
             bar.update(len(rows))
+    mine = ScanResult(nonfinite_rows=np.concatenate(bad) if bad else np.zeros(0, np.int64),
+                      mean_norm=float("nan"), sample_BD=kept, norm_C=norm_C, count_C=count_C, keys=keys)
+    return merge_scans([mine], sample_size) if parts == 1 else mine
+
+
+def _smallest(keys: np.ndarray, rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n`` rows with the smallest keys, in key order."""
+    order = np.argsort(keys, kind="stable")[:n]
+    return keys[order], rows[order]
+
+
+def merge_scans(parts: list[ScanResult], sample_size: int = 8192) -> ScanResult:
+    """One ScanResult from the scans of disjoint parts (see ``scan_rows``)."""
+    norm_C = np.sum([s.norm_C for s in parts], axis=0)  # each chunk's sum comes from one part: exact
+    count = int(np.sum([s.count_C for s in parts]))
     if count == 0:
         raise DataError("every training row is non-finite (NaN or Inf); re-extract the store")
-    return ScanResult(
-        nonfinite_rows=np.concatenate(bad) if bad else np.zeros(0, np.int64),
-        mean_norm=norm_sum / count,
-        sample_BD=kept,
-    )
+    keys, kept = _smallest(np.concatenate([s.keys for s in parts]), np.concatenate([s.sample_BD for s in parts]),
+                           sample_size)
+    return ScanResult(nonfinite_rows=np.sort(np.concatenate([s.nonfinite_rows for s in parts])),
+                      mean_norm=float(np.sum(norm_C)) / count, sample_BD=kept,
+                      norm_C=norm_C, count_C=np.sum([s.count_C for s in parts], axis=0), keys=keys)
 
 
 def input_scale(mean_norm: float, d_model: int) -> float:
@@ -141,14 +172,53 @@ def geometric_median(x_ND: np.ndarray, iters: int = 100, eps: float = 1e-6) -> n
     return median.astype(np.float32)
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
+def lane_buffer_chunks(lanes: int) -> int:
+    """Chunks each lane shuffles its rows within: 4 in all for one lane, 1 per lane from 4 lanes on."""
+    return max(1, 4 // lanes)
+
+
 def epoch_batches(store: Store, layer: int, samples: np.ndarray, batch_size: int, *, seed: int, epoch: int,
-                  skip: int = 0, exclude_rows: np.ndarray | None = None) -> Iterator[np.ndarray]:
-    """One epoch of full batches in a seeded chunk-shuffled order; ``skip`` resumes mid-epoch."""
-    stream = store.iter_rows_indexed(layer, batch_size, shuffle=True, seed=seed * 100_003 + epoch, samples=samples,
-                                     exclude_rows=exclude_rows, drop_last=True)
-    for i, (x, _) in enumerate(stream):
+                  skip: int = 0, exclude_rows: np.ndarray | None = None, lanes: int = 1,
+                  read_lanes: Sequence[int] | None = None, batches: int | None = None) -> Iterator[np.ndarray]:
+    """One epoch of full batches in a seeded chunk-shuffled order; ``skip`` resumes mid-epoch.
+
+    Each batch is ``lanes`` equal slices, slice j drawn from lane j of the store (its own share of
+    the chunks, see ``Store.iter_rows_indexed``), so a batch never depends on who reads it. Only
+    the ``read_lanes`` (default all) are read and filled; the rest of each batch is left as zeros
+    (a process fills the slices that land on its own devices). ``batches`` is the epoch's length
+    (``epoch_lengths``); by default, the full batches every lane can fill."""
+    per_lane = batch_size // lanes
+    read = range(lanes) if read_lanes is None else sorted(read_lanes)
+    options = dict(shuffle=True, seed=epoch_seed(seed, epoch), samples=samples, exclude_rows=exclude_rows,
+                   drop_last=True, buffer_chunks=lane_buffer_chunks(lanes))
+    streams = {j: store.iter_rows_indexed(layer, per_lane, lane=(j, lanes), **options) for j in read}
+    if batches is None:
+        batches = int(store.lane_rows(layer, lanes, shuffle=True, seed=options["seed"], samples=samples,
+                                      exclude_rows=exclude_rows).min()) // per_lane
+    for i in range(batches):
+        x = np.zeros((batch_size, store.d_model), np.float32) if len(read) < lanes else None
+        parts = []
+        for j, stream in streams.items():
+            part, _ = next(stream)
+            if x is None:
+                parts.append(part)
+            else:
+                x[j * per_lane:(j + 1) * per_lane] = part
         if i >= skip:
-            yield x
+            yield np.concatenate(parts) if x is None else x
+
+
+def epoch_lengths(store: Store, layer: int, samples: np.ndarray, batch_size: int, *, seed: int, epochs: int,
+                  lanes: int, exclude_rows: np.ndarray | None = None) -> list[int]:
+    """Full batches in each epoch (every lane fills its slice of each; from metadata, nothing is read)."""
+    kept = store.kept_rows_per_chunk(layer, samples=samples, exclude_rows=exclude_rows)
+    per_lane = batch_size // lanes
+    return [int(store.lane_rows(layer, lanes, shuffle=True, seed=epoch_seed(seed, e), kept_per_chunk=kept).min())
+            // per_lane for e in range(epochs)]
 
 
 def prefetch(iterator: Iterator, size: int = 3, transform=None) -> Iterator:

@@ -58,3 +58,15 @@ def to_host(tree):
 def barrier(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def gather_host(value: np.ndarray) -> np.ndarray:
+    """[processes, ...]: every process's ``value`` (same shape and dtype on each), bit for bit: 64-bit
+    values travel as pairs of 32-bit words, since JAX without x64 would round them. A collective."""
+    value = np.asarray(value)
+    if jax.process_count() == 1:
+        return value[None]
+    flat = np.ascontiguousarray(value).reshape(-1)
+    words = flat.view(np.uint32) if flat.dtype.itemsize == 8 else flat
+    out = np.asarray(multihost_utils.process_allgather(words))
+    return out.reshape(-1).view(flat.dtype).reshape((jax.process_count(),) + value.shape)

@@ -32,13 +32,15 @@ from .data import (
     DataSplit,
     ScanResult,
     epoch_batches,
+    epoch_lengths,
     geometric_median,
     input_scale,
+    merge_scans,
     prefetch,
     scan_rows,
     split_samples,
 )
-from .distributed import barrier, global_batch, is_primary, to_host
+from .distributed import barrier, gather_host, global_batch, is_primary, to_host
 from .forward import LossSettings
 from .metrics import MetricAccumulator, evaluate_batches
 from .progress import Progress
@@ -64,7 +66,7 @@ class RunPlan:
     """Derived, fixed quantities of one run."""
 
     sae: SAEConfig
-    steps_per_epoch: int
+    epoch_steps: tuple[int, ...]
     total_steps: int
     eval_every: int
     checkpoint_every: int
@@ -73,22 +75,27 @@ class RunPlan:
     notes: tuple[str, ...]
 
 
-def make_plan(cfg: TrainConfig, store: Store, train_rows: int) -> RunPlan:
+def make_plan(cfg: TrainConfig, store: Store, train_rows: int, epoch_steps: list[int] | None = None) -> RunPlan:
+    """The run's fixed quantities; ``epoch_steps`` (``epoch_lengths``) gives each epoch's batches
+    exactly, else every epoch takes train_rows // batch_size."""
     sae = cfg.sae_config(store.d_model, store.meta.model)
-    steps_per_epoch = train_rows // cfg.batch_size
-    if steps_per_epoch == 0:
+    if train_rows // cfg.batch_size == 0:
         raise DataError(f"--batch_size {cfg.batch_size} exceeds the {train_rows} training rows; lower it")
-    total = steps_per_epoch * cfg.epochs
+    epoch_steps = epoch_steps or [train_rows // cfg.batch_size] * cfg.epochs
+    if min(epoch_steps) == 0:
+        raise DataError(f"--data_lanes {cfg.data_lanes} splits the store's chunks too thinly: some lane cannot fill "
+                        f"its {cfg.batch_size // cfg.data_lanes} rows of a batch; lower --data_lanes")
+    total = sum(epoch_steps)
     dead = min(cfg.dead_tokens, max(cfg.batch_size, total * cfg.batch_size // 10))
     notes = () if dead == cfg.dead_tokens else (f"dead-latent window scaled to {dead} tokens for this short run",)
     warmup = max(lr_warmup_steps(total), sparsity_warmup_steps(total))
-    return RunPlan(sae, steps_per_epoch, total, cfg.eval_every or max(1, total // 20),
+    return RunPlan(sae, tuple(epoch_steps), total, cfg.eval_every or max(1, total // 20),
                    cfg.checkpoint_every or max(1, total // 10), dead, warmup, notes)
 
 
 # What a run saved before a setting existed did instead (its checkpoint has no such key).
 BEFORE_SETTING = {"lr_schedule": "cosine", "adam_betas": [0.9, 0.999], "aux_k": 0, "threshold": "running",
-                  "b_dec_init": "median", "enc_init": "transpose", "enc_init_scale": 1.0, "group_weights": []}
+                  "b_dec_init": "median", "enc_init": "transpose", "enc_init_scale": 1.0, "group_weights": [], "data_lanes": 1}
 
 
 def _other_settings(saved, cfg: TrainConfig) -> list[str]:
@@ -163,6 +170,7 @@ class TrainingRun:
     put_batch: object
     notes: list[str]
     runtime: dict
+    read_lanes: tuple[int, ...]  # the lanes of each batch that land on this process's devices
 
     @classmethod
     def setup(cls, cfg: TrainConfig) -> TrainingRun:
@@ -170,6 +178,7 @@ class TrainingRun:
         the rows (scale, non-finite rows), then the state (restored when resuming) and the step."""
         mesh = make_mesh(cfg.mesh_data or None, cfg.mesh_model)
         check_divisible(mesh, cfg.batch_size, cfg.hidden_dim)
+        cfg = _with_lanes(cfg)
         runtime = announce(mesh, "train")
         store = open_store(cfg.store)
         store.check_layer(cfg.layer_idx)
@@ -179,9 +188,15 @@ class TrainingRun:
         files = RunDir(cfg.run_dir())
         checkpoints = open_run(cfg, files, store.d_model)
         scan, val_bad = _scan_for_bad_rows(cfg, store, split)
-        plan = make_plan(cfg, store, split.train_rows - len(scan.nonfinite_rows))
+        lengths = epoch_lengths(store, cfg.layer_idx, split.train_samples, cfg.batch_size, seed=cfg.seed,
+                                epochs=cfg.epochs, lanes=cfg.data_lanes, exclude_rows=scan.nonfinite_rows)
+        plan = make_plan(cfg, store, split.train_rows - len(scan.nonfinite_rows), lengths)
         bad = len(scan.nonfinite_rows) + len(val_bad)
         notes = list(split.notes) + list(plan.notes) + ([f"skipping {bad} non-finite rows"] if bad else [])
+        if cfg.data_lanes > 1:
+            used = min(lengths) * cfg.batch_size
+            notes.append(f"{cfg.data_lanes} data lanes: each epoch uses at least {used} of the "
+                         f"{split.train_rows - len(scan.nonfinite_rows)} training rows")
         for note in notes if is_primary() else ():
             print(note)
         optimizer = make_optimizer(cfg.peak_lr, plan.total_steps, cfg.weight_decay, cfg.lr_schedule, cfg.adam_betas)
@@ -193,7 +208,8 @@ class TrainingRun:
         step_fn = compile_train_step(optimizer, settings, mesh, state, cfg.batch_size)
         batch_sharding = NamedSharding(mesh, BATCH)
         return cls(cfg, plan, store, split, scan, val_bad, files, checkpoints, state, state_shardings, step_fn,
-                   lambda x: global_batch(x, batch_sharding), notes, runtime)
+                   lambda x: global_batch(x, batch_sharding), notes, runtime,
+                   local_lanes(batch_sharding, cfg.batch_size, store.d_model, cfg.data_lanes))
 
     # the loop
     def run(self) -> None:
@@ -216,7 +232,8 @@ class TrainingRun:
         """One epoch from the state's position in it; returns (step, stopped early)."""
         batches = epoch_batches(self.store, self.cfg.layer_idx, self.split.train_samples, self.cfg.batch_size,
                                 seed=self.cfg.seed, epoch=epoch, skip=int(self.state.batch_in_epoch),
-                                exclude_rows=self.scan.nonfinite_rows)
+                                exclude_rows=self.scan.nonfinite_rows, lanes=self.cfg.data_lanes,
+                                read_lanes=self.read_lanes, batches=self.plan.epoch_steps[epoch])
         for x in prefetch(batches, transform=self.put_batch):
             self.state, metrics = self.step_fn(self.state, x)
             step += 1
@@ -270,12 +287,12 @@ class TrainingRun:
         if not len(self.split.val_samples):
             return None
         cfg, samples = self.cfg, self.split.val_samples
-        if len(self.val_bad):
-            batches = (x for x, _ in self.store.iter_rows_indexed(cfg.layer_idx, cfg.batch_size, samples=samples,
-                                                                  exclude_rows=self.val_bad))
-        else:
-            batches = self.store.iter_rows(cfg.layer_idx, cfg.batch_size, samples=samples)
-        return evaluate_batches(self.plan.sae, *jax.tree.map(jnp.asarray, self.inference()), batches)
+        # Each process evaluates every P-th chunk's rows; the sums are added up across processes.
+        batches = self.store.iter_rows(cfg.layer_idx, cfg.batch_size, samples=samples,
+                                       exclude_rows=self.val_bad if len(self.val_bad) else None,
+                                       lane=(jax.process_index(), jax.process_count()))
+        acc = evaluate_batches(self.plan.sae, *jax.tree.map(jnp.asarray, self.inference()), batches)
+        return _summed(acc)
 
     # the end
     def finish(self, seconds: float) -> dict:
@@ -288,9 +305,11 @@ class TrainingRun:
         if not self.files.best.exists():
             save_model(self.files.best, self.plan.sae, tree, info)
         _, best = read_config(self.files.best)
+        read = _per_process(self.store.bytes_read)
         if not is_primary():
             return {"final_val": final_val, "best_val": best.get("val")}
-        stats = self._stats(final_val, best, seconds)
+        stats = self._stats(final_val, best, seconds) | {"data_lanes": self.cfg.data_lanes,
+                                                         "bytes_read_per_process": read}
         self.files.write_stats(stats)
         self._plots(acc)
         if final_val:
@@ -329,12 +348,51 @@ class TrainingRun:
             plot_density(acc.density_H, self.files.density)
 
 
+def _summed(acc: MetricAccumulator) -> MetricAccumulator:
+    """The accumulator of every process's rows (a collective: every process calls it)."""
+    if jax.process_count() == 1:
+        return acc
+    shapes = {"sum_x_D": (acc.cfg.d_model,), "fired_H": (acc.cfg.hidden_dim,)}  # the rest are scalars
+    total = MetricAccumulator(acc.cfg)
+    total.n = int(gather_host(np.array([acc.n], np.int64)).sum())
+    total.sums = {k: gather_host(np.asarray(acc.sums.get(k, np.zeros(shapes.get(k, ()))), np.float64)).sum(axis=0)
+                  for k in ("sq_err", "sum_x_D", "sum_sq_x", "l0", "fired_H", "cos", "l2_ratio")}
+    return total
+
+
+def _per_process(value: int) -> list[int]:
+    """``value`` of every process, in process order (a collective: every process calls it)."""
+    return [int(v) for v in gather_host(np.array([value], np.int64)).ravel()]
+
+
+def _with_lanes(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with --data_lanes resolved (0: the number of processes), checked against the batch."""
+    lanes = cfg.data_lanes or jax.process_count()
+    if cfg.batch_size % lanes:
+        raise DataError(f"--batch_size {cfg.batch_size} is not a multiple of --data_lanes {lanes}; make it one")
+    return dataclasses.replace(cfg, data_lanes=lanes)
+
+
+def local_lanes(sharding, batch_size: int, d_model: int, lanes: int) -> tuple[int, ...]:
+    """The lanes (equal slices of a batch's rows) that overlap this process's devices' rows."""
+    per_lane = batch_size // lanes
+    mine = set()
+    for index in sharding.addressable_devices_indices_map((batch_size, d_model)).values():
+        rows = index[0]
+        start, stop = rows.start or 0, batch_size if rows.stop is None else rows.stop
+        mine.update(range(start // per_lane, -(-stop // per_lane)))
+    return tuple(sorted(mine))
+
+
 def _scan_for_bad_rows(cfg: TrainConfig, store: Store, split: DataSplit) -> tuple[ScanResult, np.ndarray]:
     """The pass over the training rows (norms, a sample for b_dec, NaN/Inf rows) and the validation
-    rows' NaN/Inf rows; non-finite rows stop the run unless --skip_nonfinite."""
-    scan = scan_rows(store, cfg.layer_idx, split.train_samples, seed=cfg.seed, progress=cfg.progress)
-    val_bad = scan_rows(store, cfg.layer_idx, split.val_samples, seed=cfg.seed, progress=False).nonfinite_rows \
-        if len(split.val_samples) else np.zeros(0, np.int64)
+    rows' NaN/Inf rows; non-finite rows stop the run unless --skip_nonfinite. Each process scans
+    every P-th chunk (P processes) and the parts are merged: the same result as one process."""
+    part = (jax.process_index(), jax.process_count())
+    scan = _merged(scan_rows(store, cfg.layer_idx, split.train_samples, seed=cfg.seed, progress=cfg.progress,
+                             part=part))
+    val_bad = _merged(scan_rows(store, cfg.layer_idx, split.val_samples, seed=cfg.seed, progress=False,
+                                part=part)).nonfinite_rows if len(split.val_samples) else np.zeros(0, np.int64)
     bad = np.concatenate([scan.nonfinite_rows, val_bad])
     if len(bad) and not cfg.skip_nonfinite:
         raise DataError(
@@ -342,6 +400,29 @@ def _scan_for_bad_rows(cfg: TrainConfig, store: Store, split: DataSplit) -> tupl
             "pass --skip_nonfinite to train without them, or re-extract"
         )
     return scan, val_bad
+
+
+def _merged(scan: ScanResult) -> ScanResult:
+    """Every process's part of a scan merged into the whole (the part itself in one process)."""
+    if jax.process_count() == 1:
+        return scan
+    gathered = gather_host
+
+    size = len(scan.keys)
+    sizes = gathered(np.array([size, len(scan.nonfinite_rows)]))
+    longest, width = max(1, int(sizes[:, 0].max())), max(1, int(sizes[:, 1].max()))
+    keys = np.full(longest, np.inf)
+    keys[:size] = scan.keys
+    sample = np.zeros((longest, scan.sample_BD.shape[1]), np.float32)
+    sample[:size] = scan.sample_BD
+    bad = np.full(width, -1, np.int64)
+    bad[: len(scan.nonfinite_rows)] = scan.nonfinite_rows
+    all_keys, all_sample, all_bad = gathered(keys), gathered(sample), gathered(bad)
+    parts = [ScanResult(nonfinite_rows=all_bad[i][all_bad[i] >= 0], mean_norm=float("nan"),
+                        sample_BD=all_sample[i][np.isfinite(all_keys[i])], norm_C=norm, count_C=count,
+                        keys=all_keys[i][np.isfinite(all_keys[i])])
+             for i, (norm, count) in enumerate(zip(gathered(scan.norm_C), gathered(scan.count_C)))]
+    return merge_scans(parts)
 
 
 def _initial_state(cfg: TrainConfig, plan: RunPlan, scan: ScanResult, d_model: int, optimizer, mesh):

@@ -80,6 +80,9 @@ class TrainConfig:
     """Matryoshka group sizes summing to hidden_dim, e.g. 256,256,512,1024,2048 (default: h/16,h/16,h/8,h/4,h/2)."""
     group_weights: tuple[float, ...] = ()
     """Matryoshka: weight of each nested prefix's reconstruction loss, one per group, normalised to sum 1 (default: equal)."""
+    data_lanes: int = 0
+    """Each global batch is this many equal slices, each drawn from its own share of the store's chunks,
+    so a process reads only the slices on its devices (0: the number of processes)."""
     val_fraction: float = 0.1
     """Fraction of samples held out (whole samples, seeded) for validation."""
     val_max_tokens: int = 1_000_000
@@ -132,6 +135,7 @@ class TrainConfig:
             (len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
              f"--adam_betas takes two values in [0, 1), got {','.join(map(str, self.adam_betas))}"),
             (self.aux_k >= 0, "--aux_k must be 0 (d_model/2) or positive"),
+            (self.data_lanes >= 0, f"--data_lanes must be 0 (the number of processes) or positive, got {self.data_lanes}"),
             (self.enc_init_scale > 0, f"--enc_init_scale must be positive, got {self.enc_init_scale}"),
             (not self.group_weights or (all(w >= 0 for w in self.group_weights) and sum(self.group_weights) > 0),
              f"--group_weights must be non-negative with a positive sum, got {','.join(map(str, self.group_weights))}"),

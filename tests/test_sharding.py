@@ -90,20 +90,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_processes_train_the_same_sae_as_one(tmp_path):
-    """2 processes x 2 CPU devices (gloo collectives on localhost) == 1 process x 4 devices."""
+def test_two_processes_train_the_same_sae_as_one(tmp_path, monkeypatch):
+    """2 processes x 2 CPU devices (gloo collectives on localhost) == 1 process x 4 devices, with
+    each process reading only its share of the store (2 lanes: half the chunks each)."""
+    import json
     import os
     import subprocess
 
     import jax_sae
+    from extractor import store as store_module
 
     from .conftest import cli
     from .synthetic import write_store
 
+    monkeypatch.setattr(store_module, "TARGET_CHUNK_BYTES", 500 * 16 * 4)  # 500-row chunks: 12 of them
     write_store(tmp_path / "store", sparse_data(planted_dictionary(16, 32, 0), 6000, active=3, noise=0.05, seed=0))
     args = ["jax_sae.train", "--sae_type", "batch_topk", "--layer_idx", "0", "--hidden_dim", "64", "--top_k", "4",
             "--batch_size", "128", "--epochs", "2", "--lr", "3e-3", "--store", str(tmp_path / "store"),
-            "--mesh_data", "4", "--checkpoint_every", "10", "--no-progress"]
+            "--mesh_data", "4", "--checkpoint_every", "10", "--data_lanes", "2", "--no-progress"]
 
     def env(devices):
         return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
@@ -123,3 +127,8 @@ def test_two_processes_train_the_same_sae_as_one(tmp_path):
         np.testing.assert_allclose(np.asarray(getattr(two.params, name)), np.asarray(getattr(one.params, name)),
                                    atol=1e-5)
     assert float(two.threshold) == pytest.approx(float(one.threshold), abs=1e-5)
+    stats = [json.loads((tmp_path / run / "batch_topk" / "layer0" / "dim64" / "training_stats.json").read_text())
+             for run in ("one", "two")]
+    (alone,), shares = stats[0]["bytes_read_per_process"], stats[1]["bytes_read_per_process"]
+    # Together they read what one process reads (to a few rows of read-ahead), each well under all of it.
+    assert sum(shares) == pytest.approx(alone, rel=1e-3) and all(n <= 0.65 * alone for n in shares), (alone, shares)
