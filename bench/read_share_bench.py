@@ -95,20 +95,22 @@ def run(cfg: ReadShareConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="read-share-") as tmp:
         store = Path(tmp) / "store"
         _store(cfg, store)
-        figures, read, speed = {}, {}, {}
+        figures, read, speed, shares = {}, {}, {}, []
         for repeat in range(cfg.repeats):
             for processes in (1, 2):  # alternate, so drift in the machine's load hits both
-                per, seconds, tokens = _train(cfg, store, Path(tmp) / f"run{processes}", processes)
+                per, seconds, tokens = _train(cfg, store, Path(tmp) / f"run{processes}-{repeat}", processes)
                 read.setdefault(processes, []).append(per)
                 speed.setdefault(processes, []).append(tokens / processes / seconds)
                 print(f"P={processes} repeat {repeat}: bytes read per process {per}, {seconds:.1f} s", flush=True)
+            shares.append(max(read[2][-1]) / read[1][-1][0])
     for processes in (1, 2):
         figures[f"P={processes}: MB read per process"] = summarize(
             [n / 1e6 for per in read[processes] for n in per], "MB")
         figures[f"P={processes}: tokens/s per process"] = summarize(speed[processes], "tok/s")
-    share = figures["P=2: MB read per process"]["max"] / figures["P=1: MB read per process"]["median"]
+    figures["largest P=2 share of the same repeat's P=1 bytes"] = summarize(shares, "ratio")
+    share = max(shares)
     speed_ratio = figures["P=2: tokens/s per process"]["median"] / figures["P=1: tokens/s per process"]["median"]
-    derived = {"largest P=2 share of the P=1 bytes": share, "tokens/s per process, P=2 / P=1": speed_ratio}
+    derived = {"tokens/s per process, P=2 / P=1 (one shared machine)": speed_ratio}
     return report("read_share_bench", figures, params=vars(cfg) | {"store_mb": cfg.rows * cfg.d * 4 / 1e6},
                   derived=derived,
                   targets=[target("bytes per process at P=2", share, "<= ~1/2 of P=1 (0.55)", share <= 0.55)])

@@ -201,6 +201,7 @@ def _train_args(root, out, *extra):
             "--no-progress", *extra]
 
 
+@pytest.mark.slow  # kills at random moments: bench.faults (20/20) and tests/test_faults.py; resume is default-tested in test_damage
 def test_sigkill_then_rerun_ends_with_the_same_parameters(planted):
     root, _ = planted
     subprocess.run(cli(*_train_args(root, root / "ref")), check=True, capture_output=True)
