@@ -30,6 +30,7 @@ from extractor.store import acts_name, sample_blocks
 from jax_sae import model as M
 from jax_sae.api import SAE
 from jax_sae.config import SAEConfig
+from jax_sae.distributed import gather_host
 from jax_sae.sharding import DATA, make_mesh
 
 
@@ -248,12 +249,7 @@ def feature_pass(sae: SAE, store, layer: int, *, examples: int = 20, block_rows:
         raise UsageError(f"every row of layer {layer} of {store.path} is non-finite (NaN/Inf): there is nothing to "
                          "discover; re-extract the store")
     host = jax.tree.map(_local, state)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        read_per_process = tuple(int(n) for n in multihost_utils.process_allgather(np.array([rows_read])).ravel())
-    else:
-        read_per_process = (rows_read,)
+    read_per_process = tuple(int(n) for n in gather_host(np.array([rows_read], np.int64)).ravel())
     return PassResult(
         token_count=host.token_count_H, sample_count=host.sample_count_H, max=host.max_H, sum=host.sum_H,
         top={"max": (host.top_max_HE, host.top_max_sample_HE), "mean": (host.top_mean_HE, host.top_mean_sample_HE),
