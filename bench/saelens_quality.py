@@ -46,11 +46,12 @@ def train_saelens(cfg: Q.QualityConfig, truth: Q.Truth, budget: int, lr: float, 
     torch.manual_seed(seed)
     rows = np.concatenate(list(training_rows(cfg, truth, budget)))
     rows = rows[np.random.default_rng(seed).permutation(len(rows))]  # our trainer shuffles too
-    batches = (torch.from_numpy(rows[i:i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size))
+    steps = len(rows) // cfg.batch_size  # full batches only, as our trainer takes them
+    batches = (torch.from_numpy(rows[i * cfg.batch_size:(i + 1) * cfg.batch_size]) for i in range(steps))
     sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=cfg.d, d_sae=cfg.hidden_dim, k=cfg.top_k,
                                                           device="cpu"))
     trainer_cfg = SAETrainerConfig(
-        n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False, total_training_samples=budget,
+        n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False, total_training_samples=steps * cfg.batch_size,
         device="cpu", autocast=False, lr=lr, lr_end=lr, lr_scheduler_name="constant", lr_warm_up_steps=0,
         adam_beta1=0.9, adam_beta2=0.999, lr_decay_steps=0, n_restart_cycles=1,
         train_batch_size_samples=cfg.batch_size, dead_feature_window=1000, feature_sampling_window=2000,
@@ -60,7 +61,7 @@ def train_saelens(cfg: Q.QualityConfig, truth: Q.Truth, budget: int, lr: float, 
     seconds = time.perf_counter() - started
     state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
     sae.process_state_dict_for_saving_inference(state)  # in place: folds decoder norms, threshold -> JumpReLU
-    return {k: v.numpy() for k, v in state.items()}, seconds
+    return {k: v.numpy() for k, v in state.items()}, seconds, steps * cfg.batch_size
 
 
 def score(weights: dict, truth: Q.Truth, x_ND: np.ndarray) -> dict:
@@ -93,9 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = replace(Q.QualityConfig(), d=args.d, n_true=args.n_true, hidden_dim=args.hidden_dim, top_k=args.top_k,
                   batch_size=args.batch_size, held_out=args.held_out, types=("batch_topk",))
     truth = Q.make_truth(cfg)
-    weights, seconds = train_saelens(cfg, truth, args.budget, args.lr, args.seed)
-    row = {"type": "saelens batch_topk", "budget": args.budget, "seed": args.seed, "lr": args.lr,
-           "tokens_per_s": args.budget / seconds, "seconds": seconds, **score(weights, truth, Q.held_out_rows(cfg, truth))}
+    weights, seconds, tokens = train_saelens(cfg, truth, args.budget, args.lr, args.seed)
+    row = {"type": "saelens batch_topk", "budget": args.budget, "tokens": tokens, "seed": args.seed, "lr": args.lr,
+           "tokens_per_s": tokens / seconds, "seconds": seconds, **score(weights, truth, Q.held_out_rows(cfg, truth))}
     print(json.dumps(row, indent=1))
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / f"saelens_quality-{args.label}.json").write_text(json.dumps({"args": vars(args), "row": row},
