@@ -10,6 +10,10 @@ The training rows are the quality benchmark's store rows, regenerated in the sam
 same seeds (so no tensorstore is needed here), and the scores are ``bench.quality_bench``'s on
 its held-out rows. SAELens runs with its ``train_toy_sae`` settings (constant learning rate, Adam
 0.9/0.999, decoder init norm 0.1, AuxK coefficient 1, running threshold), at the given --lr.
+
+Caution: with these settings it does not reproduce issue 15's SAELens figures at d = 256 (FVU
+0.236 with 77% dead latents, against the issue's 0.144 and 19%), so they are not the settings
+the issue used; see BENCHMARKS.md "A second data size".
 """
 
 from __future__ import annotations
