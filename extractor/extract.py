@@ -19,8 +19,10 @@ from typing import Literal, Sequence
 import numpy as np
 
 from .errors import UsageError
+from .location import Location
 from .prompts import BUNDLED
-from .store import STORE_DTYPES, Store, StoreError, StoreMeta, acts_name, create_store, estimate_bytes, remove_store
+from .store import (STORE_DTYPES, Store, StoreError, StoreMeta, acts_name, create_store, estimate_bytes, foreign_keys,
+                    remove_store)
 
 
 class ExtractError(UsageError):
@@ -43,7 +45,7 @@ class ExtractConfig:
     duration: float = 10.0
     """Seconds of audio to generate per prompt (generate mode)."""
     out: str = "data/activations"
-    """Store directory to create or resume."""
+    """Store to create or resume: a directory, or gs://bucket/prefix, s3://bucket/prefix[?endpoint=URL]."""
     device: str = "auto"
     """auto | cpu | cuda (cuda:N)."""
     mode: Literal["generate", "teacher_forced"] = "generate"
@@ -98,6 +100,7 @@ class ExtractConfig:
                                "or drop --keep_uncond")
         if self.dtype not in STORE_DTYPES:
             raise ExtractError(f"--dtype must be one of {STORE_DTYPES}")
+        Location.parse(self.out)  # a malformed URL is named before anything loads
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -291,20 +294,26 @@ def _check_writable(out: Path) -> None:
 
 def open_or_create(cfg: ExtractConfig, meta: StoreMeta, plan: Plan) -> Store:
     """Resume a store made with the same settings, create a new one, or refuse a different one."""
-    out = Path(cfg.out)
-    if (out / "store.json").exists():
-        existing = Store(out)
+    where = Location.parse(cfg.out)
+    if where.exists("store.json"):
+        existing = Store(cfg.out)
         if existing.meta == meta:
             return existing
         if not cfg.overwrite:
             raise StoreError(
-                f"store {out} was made with other settings: {_describe_mismatch(existing.meta, meta)}; "
+                f"store {where} was made with other settings: {_describe_mismatch(existing.meta, meta)}; "
                 "pass --overwrite to replace it or choose another --out"
             )
         if parse_shard(cfg.shard)[1] > 1:
             raise StoreError("--overwrite with --shard would race between processes; delete the store first")
-        remove_store(out)
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        remove_store(cfg.out)
+    elif where.local is None:  # a bucket: no disk to check; a half-created store of this plan is finished
+        if foreign_keys(where):
+            raise StoreError(f"--out {where} holds objects that are not an activation store's; choose an empty "
+                             "or new prefix")
+        return _create(cfg, meta, plan)
+    out = Path(where.local)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise StoreError(f"--out {out} exists and is not an activation store; choose an empty or new directory")
     _check_writable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -312,9 +321,13 @@ def open_or_create(cfg: ExtractConfig, meta: StoreMeta, plan: Plan) -> Store:
     free = shutil.disk_usage(out.parent).free
     if need > free:
         raise StoreError(f"the store needs ~{need / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free at {out.parent}")
+    return _create(cfg, meta, plan)
+
+
+def _create(cfg: ExtractConfig, meta: StoreMeta, plan: Plan) -> Store:
     equal = len(set(plan.n_frames)) == 1
     unit_rows = cfg.batch_size * plan.n_frames[0] if equal and len(plan.n_frames) >= cfg.batch_size else None
-    return create_store(out, meta, plan.samples, plan.n_frames, plan.codes, unit_rows=unit_rows)
+    return create_store(cfg.out, meta, plan.samples, plan.n_frames, plan.codes, unit_rows=unit_rows)
 
 
 def _run_unit(cfg: ExtractConfig, loaded, store: Store, unit: int, layers: Sequence[int]) -> int:
@@ -357,6 +370,7 @@ def extract(cfg: ExtractConfig) -> Store:
     started = time.time()
     plan = None
     model_config = load_config(cfg.model)  # the configuration alone: checks before loading any weights
+    Location.parse(cfg.out).check_reachable()  # a wrong bucket, endpoint or keys: said now, not after the model loads
     if cfg.mode == "generate" and cfg.audio_dir and model_config.model_type != "musicgen_melody":
         raise ExtractError(f"--audio_dir in generate mode gives the melody condition, which {cfg.model} does not "
                            "take: use a melody checkpoint (facebook/musicgen-melody...) or --mode teacher_forced")
@@ -396,11 +410,16 @@ def extract(cfg: ExtractConfig) -> Store:
 
 
 def _summary(store: Store, rows_done: int, seconds: float) -> None:
-    size = sum(f.stat().st_size for f in store.path.rglob("*") if f.is_file())
+    if store.where.local is not None:
+        size = sum(f.stat().st_size for f in store.where.local.rglob("*") if f.is_file())
+    else:  # listing a bucket gives no sizes; the plan's size is what the arrays take
+        meta = store.meta
+        size = estimate_bytes(meta.n_rows, len(meta.layers), meta.d_model, meta.dtype, meta.n_codebooks,
+                              len(meta.streams))
     state = "complete" if store.complete else f"{len(store.committed_units())}/{store.meta.n_units} batches (other shards pending)"
     print(
         f"store {store.path}: {store.n_samples} samples, {store.n_rows} rows x {store.d_model} "
-        f"(layers {','.join(map(str, store.layers))}), {size / 1e9:.3f} GB on disk, {state}; "
+        f"(layers {','.join(map(str, store.layers))}), {size / 1e9:.3f} GB stored, {state}; "
         f"this run wrote {rows_done} rows in {seconds:.1f} s"
     )
 

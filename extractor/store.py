@@ -1,6 +1,6 @@
 """The activation store: the one module that knows the on-disk layout.
 
-A store is a directory::
+A store is a directory, or a prefix in a bucket (``gs://``, ``s3://``; see ``extractor.location``)::
 
     store.json            model, layers, widths, frame rate, dtype, mode, generation parameters
     samples.jsonl         one line per sample: prompt, source id, tags, seed, n_frames
@@ -9,11 +9,13 @@ A store is a directory::
     frames                zarr3 int32 [n_rows]; the frame index of each row inside its sample
     layer{N}/acts         zarr3 [n_rows, d_model]; the residual stream after decoder block N
     uncond/layer{N}/acts  the unconditional (null-text) stream, only when it was asked for
-    progress/*.jsonl      committed work units, one file per extraction shard
+    progress/*.jsonl      committed work units, one file per extraction shard (a directory)
+    progress/units/{u}    committed work unit u, one object each (a bucket: objects cannot be appended to)
 
 The whole plan (samples, offsets, array shapes) is written before any activation, so
 extraction fills fixed row ranges: a killed run resumes after its last committed unit and
 several processes can fill one store. Reading needs numpy and tensorstore only, never torch.
+Every file goes through ``Location``: the same code reads and writes a directory or a bucket.
 
 Damage is named, not returned as rows: every chunk carries a crc32c checksum (stores made
 before it have none; a truncated chunk still fails), store.json records samples.jsonl's line
@@ -27,7 +29,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Sequence
@@ -36,7 +37,8 @@ import numpy as np
 import tensorstore as ts
 
 from .errors import UsageError
-from .files import staged_dir, write_json, write_text
+from .files import staged_dir, write_text
+from .location import Location
 
 FORMAT_VERSION = 1
 STORE_DTYPES = ("float16", "bfloat16", "float32")
@@ -88,10 +90,6 @@ class StoreMeta:
         return cls(**data)
 
 
-def _array_path(root: Path, name: str) -> Path:
-    return root / name
-
-
 def acts_name(layer: int, stream: str = "cond") -> str:
     """Relative path of a layer's activation array for one guidance stream."""
     return f"layer{layer}/acts" if stream == "cond" else f"{stream}/layer{layer}/acts"
@@ -105,11 +103,11 @@ def _describe_array(name: str) -> str:
     return {"offsets": "sample offsets", "codes": "audio codes", "frames": "frame indices"}.get(name, name)
 
 
-def _spec(path: Path, shape: Sequence[int], dtype: str, chunk_rows: int) -> dict:
+def _spec(kvstore: dict, shape: Sequence[int], dtype: str, chunk_rows: int) -> dict:
     chunk = [min(chunk_rows, max(1, shape[0]))] + list(shape[1:])
     return {
         "driver": "zarr3",
-        "kvstore": {"driver": "file", "path": str(path)},
+        "kvstore": kvstore,
         "metadata": {
             "shape": list(shape),
             "data_type": dtype,
@@ -153,40 +151,46 @@ def create_store(
     ``samples`` are the per-sample records; ``n_frames`` their row counts. ``codes`` (optional,
     [n_rows, n_codebooks]) is written at creation when already known (teacher forcing).
     ``unit_rows``: rows per write unit when all units are equal, to align chunks with writes.
-    Several processes may race to create the same store: one wins, the others open it.
+    Several processes may race to create the same store: one wins, the others open it. In a
+    bucket (no rename) the plan is written in place, store.json last, and every writer writes the
+    same bytes, so racing creators agree; a store without store.json is no store yet.
     """
-    path = Path(path)
+    where = Location.parse(path)
     offsets = np.zeros(len(n_frames) + 1, dtype=np.int64)
     np.cumsum(np.asarray(n_frames, dtype=np.int64), out=offsets[1:])
     if meta.n_rows != int(offsets[-1]) or meta.n_samples != len(samples) or len(samples) != len(n_frames):
         raise StoreError("store plan is inconsistent: rows, samples and frame counts disagree")
-    with staged_dir(path, tag="creating") as tmp:
-        _write_plan(tmp, meta, samples, n_frames, offsets, codes, unit_rows)
+    if where.local is None:
+        _write_plan(where, meta, samples, n_frames, offsets, codes, unit_rows)
+    else:
+        with staged_dir(where.local, tag="creating") as tmp:
+            _write_plan(Location.parse(tmp), meta, samples, n_frames, offsets, codes, unit_rows)
     return Store(path)
 
 
-def _write_plan(root: Path, meta: StoreMeta, samples: Sequence[dict], n_frames: Sequence[int], offsets: np.ndarray,
+def _write_plan(root: Location, meta: StoreMeta, samples: Sequence[dict], n_frames: Sequence[int], offsets: np.ndarray,
                 codes: np.ndarray | None, unit_rows: int | None) -> None:
     """Every file of a new store under ``root``: offsets, codes, frames, empty activation arrays,
     samples.jsonl, progress/ and, last, store.json."""
     n_rows = meta.n_rows
-    _open_new(root / "offsets", [len(offsets)], "int64", len(offsets)).write(offsets).result()
+    _open_new(root.spec("offsets"), [len(offsets)], "int64", len(offsets)).write(offsets).result()
     # Codes and frames share the activations' row chunking: a unit's write touches the same
     # few chunks in every array instead of rewriting one huge codes chunk.
     chunk = chunk_rows_for(meta.d_model * _itemsize(meta.dtype), unit_rows)
-    codes_arr = _open_new(root / "codes", [n_rows, meta.n_codebooks], "int32", chunk)
+    codes_arr = _open_new(root.spec("codes"), [n_rows, meta.n_codebooks], "int32", chunk)
     if codes is not None:
         codes_arr.write(np.asarray(codes, dtype=np.int32)).result()
     frames = np.concatenate([np.arange(n, dtype=np.int32) for n in n_frames]) if n_rows else np.zeros(0, np.int32)
-    _open_new(root / "frames", [n_rows], "int32", chunk).write(frames).result()
+    _open_new(root.spec("frames"), [n_rows], "int32", chunk).write(frames).result()
     for stream in meta.streams:
         for layer in meta.layers:
-            (root / acts_name(layer, stream)).parent.mkdir(parents=True, exist_ok=True)
-            _open_new(root / acts_name(layer, stream), [n_rows, meta.d_model], meta.dtype, chunk)
+            _open_new(root.spec(acts_name(layer, stream)), [n_rows, meta.d_model], meta.dtype, chunk)
     text = "".join(json.dumps(rec) + "\n" for rec in samples)
-    write_text(root / "samples.jsonl", text)
-    (root / "progress").mkdir()
-    write_json(root / "store.json", {**meta.to_json(), "samples_file": _samples_digest(text.encode())})
+    root.write("samples.jsonl", text.encode())
+    if root.local is not None:
+        (root.local / "progress").mkdir()
+    store_json = {**meta.to_json(), "samples_file": _samples_digest(text.encode())}
+    root.write("store.json", (json.dumps(store_json, indent=2) + "\n").encode())
 
 
 def _samples_digest(data: bytes) -> dict:
@@ -194,34 +198,57 @@ def _samples_digest(data: bytes) -> dict:
     return {"lines": data.count(b"\n"), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def _open_new(path: Path, shape, dtype: str, chunk_rows: int):
-    spec = _spec(path, shape, dtype, chunk_rows)
-    return ts.open(spec, create=True, delete_existing=True).result()
+def _open_new(kvstore: dict, shape, dtype: str, chunk_rows: int):
+    """A new array, or (a racing creator of the same store in a bucket) the identical one already there."""
+    spec = _spec(kvstore, shape, dtype, chunk_rows)
+    try:
+        return ts.open(spec, create=True, open=True).result()
+    except ValueError as err:
+        raise StoreError(f"{kvstore['path']} holds an array of other settings ({_first_line(err)}): a store "
+                         "half-created with other settings is there; remove it (python -m extractor.store remove "
+                         "STORE) or choose another --out") from None
 
 
-def remove_store(path: str | os.PathLike) -> None:
-    """Delete a store directory, refusing anything that is not one."""
-    path = Path(path)
-    if not path.exists():
-        return
-    if not (path / "store.json").exists():
-        raise StoreError(f"{path} exists and is not an activation store; refusing to delete it")
-    shutil.rmtree(path)
+def remove_store(path: str | os.PathLike) -> bool:
+    """Delete a store (a directory or a bucket prefix), or one half-created in a bucket; refuse
+    anything else. Returns whether there was anything to delete."""
+    where = Location.parse(path)
+    if where.local is not None and not where.local.exists():
+        return False
+    if not where.exists("store.json"):
+        keys = where.list()
+        if where.local is None and not keys:
+            return False
+        if where.local is not None or foreign_keys(where):
+            raise StoreError(f"{where} exists and is not an activation store; refusing to delete it")
+    where.delete_all()
+    return True
+
+
+def foreign_keys(where: Location) -> list[str]:
+    """Objects under a location that no store would hold (a half-created store has none)."""
+    return [key for key in where.list() if not _LAYOUT_KEY.match(key)]
+
+
+_LAYOUT_KEY = re.compile(r"(store\.json|samples\.jsonl|progress/.*|(uncond/)?layer\d+/acts/.*|(offsets|codes|frames)/.*)")
 
 
 class Store:
     """Reader (and, for extraction, row writer) of one activation store."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        meta_file = self.path / "store.json"
-        if not meta_file.exists():
+        self.where = Location.parse(path)
+        # A directory's Path, or the URL as given (it keeps its endpoint, so str() reopens the same store).
+        self.path: Path | str = self.where.local if self.where.local is not None else self.where.text
+        raw = self.where.read("store.json")
+        if raw is None:
+            self.where.check_reachable()
             raise StoreError(f"no activation store at {self.path} (missing store.json); run python -m extractor.extract first")
         try:
-            data = json.loads(meta_file.read_text())
+            data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise StoreError(f"{meta_file} is damaged (not JSON): the store cannot be read; remove {self.path} "
-                             "and rerun the extract command") from None
+            raise StoreError(f"{self.where.describe('store.json')} is damaged (not JSON): the store cannot be read; "
+                             f"remove {self.path} and rerun the extract command") from None
         self.samples_file: dict | None = data.pop("samples_file", None)  # absent in stores made before it
         self.meta = StoreMeta.from_json(data)
         self._arrays: dict[str, ts.TensorStore] = {}
@@ -233,13 +260,10 @@ class Store:
     def array(self, name: str) -> ts.TensorStore:
         """Open (once) one of the store's arrays by its relative name."""
         if name not in self._arrays:
-            path = _array_path(self.path, name)
-            if not path.exists():
+            if not self.where.exists(f"{name}/zarr.json"):
                 raise StoreError(f"store {self.path} has no array {name}")
             try:
-                self._arrays[name] = ts.open(
-                    {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}, open=True
-                ).result()
+                self._arrays[name] = ts.open({"driver": "zarr3", "kvstore": self.where.spec(name)}, open=True).result()
             except ValueError as err:
                 raise StoreError(f"array {name} of store {self.path} is damaged ({_first_line(err)}): remove the "
                                  "store and rerun the extract command") from None
@@ -291,27 +315,31 @@ class Store:
     @property
     def samples(self) -> list[dict]:
         if self._samples is None:
-            self.check_samples_file(full=True)
-            with open(self.path / "samples.jsonl") as f:
-                self._samples = [json.loads(line) for line in f if line.strip()]
+            data = self.check_samples_file(full=True)
+            self._samples = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
         return self._samples
 
-    def check_samples_file(self, full: bool = False) -> None:
+    def check_samples_file(self, full: bool = False) -> bytes:
         """Refuse a samples.jsonl other than the one written at creation: by its size (cheap, on open)
-        or, ``full``, by its line count and sha256 too. Stores made before this recorded neither."""
-        expected, file = self.samples_file, self.path / "samples.jsonl"
-        if expected is None:
-            return
-        if full:
-            found = _samples_digest(file.read_bytes() if file.exists() else b"")
+        or, ``full``, by its line count and sha256 too (stores made before this recorded neither).
+        Returns its bytes when it read them (``full``, or in a bucket)."""
+        expected, file = self.samples_file, self.where.describe("samples.jsonl")
+        local = self.where.local / "samples.jsonl" if self.where.local is not None else None
+        if full or local is None:
+            data = self.where.read("samples.jsonl") or b""
+            found = _samples_digest(data) if full else {"bytes": len(data)}
         else:
-            found = {"bytes": file.stat().st_size if file.exists() else 0}
+            data = b""
+            found = {"bytes": local.stat().st_size if local.exists() else 0}
+        if expected is None:
+            return data
         if any(found[key] != expected[key] for key in found):
             seen = f"{found['lines']} lines, {found['bytes']} bytes" if full else f"{found['bytes']} bytes"
             raise StoreError(
                 f"{file} is damaged ({seen}; store.json records {expected['lines']} lines, {expected['bytes']} "
                 "bytes and their sha256): which prompt each row came from is lost and cannot be rebuilt from the "
                 f"store; remove {self.path} and rerun the extract command")
+        return data
 
     def check_layer(self, layer: int, stream: str = "cond") -> None:
         if layer not in self.meta.layers:
@@ -327,9 +355,14 @@ class Store:
         return ["offsets", "codes", "frames"] + [acts_name(layer, stream) for stream in self.meta.streams
                                                  for layer in self.meta.layers]
 
-    def chunk_file(self, name: str, index: int) -> Path:
-        """The file of chunk ``index`` (along rows) of one array (zarr3's default chunk keys)."""
-        return self.path / name / "c" / str(index) / Path(*["0"] * (len(self.array(name).shape) - 1))
+    def chunk_key(self, name: str, index: int) -> str:
+        """The key of chunk ``index`` (along rows) of one array (zarr3's default chunk keys)."""
+        return "/".join([name, "c", str(index)] + ["0"] * (len(self.array(name).shape) - 1))
+
+    def chunk_file(self, name: str, index: int) -> Path | str:
+        """Where chunk ``index`` of one array is: its file's Path, or its object's URL."""
+        where = self.where.describe(self.chunk_key(name, index))
+        return Path(where) if self.where.local is not None else where
 
     # -- progress -------------------------------------------------------------------------
     def unit_bounds(self) -> np.ndarray:
@@ -343,8 +376,10 @@ class Store:
         return [u for u in range(self.meta.n_units) if bounds[u] < hi and bounds[u + 1] > lo]
 
     def committed_units(self) -> set[int]:
+        if self.where.local is None:
+            return {int(key.rsplit("/", 1)[1]) for key in self.where.list(_UNITS)}
         done: set[int] = set()
-        for f in (self.path / "progress").glob("*.jsonl"):
+        for f in (self.where.local / "progress").glob("*.jsonl"):
             done.update(_commits(f))
         return done
 
@@ -361,8 +396,13 @@ class Store:
             )
 
     def commit_unit(self, unit: int, shard: str) -> None:
-        """Record that work unit ``unit`` is fully written (durably, after its data)."""
-        log = self.path / "progress" / f"{shard}.jsonl"
+        """Record that work unit ``unit`` is fully written (durably, after its data): a line appended to
+        the shard's log in a directory, an object of its own in a bucket (one PUT, so a kill leaves
+        it whole or absent; two writers of one unit write the same bytes)."""
+        if self.where.local is None:
+            self.where.write(f"{_UNITS}{unit}", json.dumps({"unit": unit, "shard": shard}).encode())
+            return
+        log = self.where.local / "progress" / f"{shard}.jsonl"
         # After a line cut by a kill, a newline first: glued to the fragment, this commit would be lost.
         start = "" if _ends_cleanly(log) else "\n"
         with open(log, "a") as f:
@@ -557,6 +597,7 @@ class Store:
 # `Error reading local file "<array>/c/<row chunk>/0": <what>`: how tensorstore names a chunk it cannot read.
 _CHUNK_FILE = re.compile(r'local file "([^"]*/c/(\d+)(?:/\d+)*)"')
 PLAN_ARRAYS = ("offsets", "frames")  # written at creation from samples.jsonl, never by a batch
+_UNITS = "progress/units/"  # a bucket's commit log: one object per committed unit
 
 
 def sample_blocks(offsets: np.ndarray, max_rows: int, samples: np.ndarray | None = None) -> Iterator[np.ndarray]:
@@ -683,10 +724,11 @@ class Damage:
     (work units) that wrote it."""
 
     array: str
-    file: Path
+    file: Path | str  # as chunk_file gives it: a file, or an object's URL
     rows: tuple[int, int]
     problem: str
     units: tuple[int, ...]
+    key: str = ""  # its key in the store
 
     def line(self) -> str:
         batches = f", {_batches(self.units)}" if self.units else ""
@@ -700,21 +742,22 @@ def find_damage(store: Store, group_chunks: int = 8) -> list[Damage]:
     for name in store.array_names():
         arr, chunk = store.array(name), store.chunk_rows_of(name)
         starts = list(range(0, arr.shape[0], chunk))
+        present = set(store.where.list(f"{name}/c/")) if name.endswith("/acts") else set()
         for first in range(0, len(starts), group_chunks):
             reads = [(lo, min(arr.shape[0], lo + chunk)) for lo in starts[first : first + group_chunks]]
             for (lo, hi), read in zip(reads, [arr[lo:hi].read() for lo, hi in reads]):
                 units = () if name in PLAN_ARRAYS else tuple(store.units_of_rows(lo, hi))
-                file = store.chunk_file(name, lo // chunk)
+                key, file = store.chunk_key(name, lo // chunk), store.chunk_file(name, lo // chunk)
                 try:
                     read.result()
                 except ValueError as err:
-                    damage.append(Damage(name, file, (lo, hi), _problem(err), units))
+                    damage.append(Damage(name, file, (lo, hi), _problem(err), units, key))
                     if name == "offsets":  # the rest is mapped to batches with offsets rebuilt from the plan
                         store._offsets = _planned_offsets(store.samples)
                     continue
                 # A missing chunk reads as zeros; committed activations are never all zero (codes may be).
-                if name.endswith("/acts") and not file.exists() and committed.intersection(units):
-                    damage.append(Damage(name, file, (lo, hi), "is missing", units))
+                if name.endswith("/acts") and key not in present and committed.intersection(units):
+                    damage.append(Damage(name, file, (lo, hi), "is missing", units, key))
     return damage
 
 
@@ -735,13 +778,17 @@ def repair(store: Store) -> list[Damage]:
         raise StoreError(f"store {store.path}: {lost[0].line()}; the codes of a {store.meta.mode} store are its "
                          f"input, not recomputed: remove {store.path} and rerun the extract command")
     for d in damage:
-        d.file.unlink(missing_ok=True)
+        store.where.delete(d.key)
     if any(d.array in PLAN_ARRAYS for d in damage):
         offsets = _planned_offsets(store.samples)
         store.write_rows("offsets", 0, offsets)
         store.write_rows("frames", 0, np.concatenate([np.arange(n, dtype=np.int32) for n in np.diff(offsets)]))
     units = {u for d in damage for u in d.units}
-    for log in (store.path / "progress").glob("*.jsonl") if units else ():
+    if store.where.local is None:
+        for unit in sorted(units):
+            store.where.delete(f"{_UNITS}{unit}")
+        return damage
+    for log in (store.where.local / "progress").glob("*.jsonl") if units else ():
         write_text(log, "".join(json.dumps({"unit": u}) + "\n" for u in _commits(log) if u not in units))
     return damage
 
@@ -750,15 +797,19 @@ def repair(store: Store) -> list[Damage]:
 class StoreCommand:
     """Options of ``python -m extractor.store`` (also ``python -m extractor.store check|repair STORE``)."""
 
-    action: Literal["check", "repair"] = "check"
+    action: Literal["check", "repair", "remove"] = "check"
     """check: read every chunk back and list the damaged ones (exit status 2 if any); repair: remove them
     and un-commit the batches that wrote them, so that rerunning the same extract command recomputes
-    exactly those (run it while no extraction writes to the store)."""
+    exactly those (run it while no extraction writes to the store); remove: delete the store (also one
+    half-created in a bucket), refusing anything that is not one."""
     store: str = "data/activations"
-    """The activation store."""
+    """The activation store: a directory, gs://bucket/prefix or s3://bucket/prefix[?endpoint=URL]."""
 
 
 def run_command(cfg: StoreCommand) -> list[Damage]:
+    if cfg.action == "remove":
+        print(f"removed {cfg.store}" if remove_store(cfg.store) else f"nothing to remove at {cfg.store}")
+        return []
     store = Store(cfg.store)
     where = f"store {store.path}"
     store.check_samples_file(full=True)  # named first: neither command can rebuild it
@@ -771,7 +822,8 @@ def run_command(cfg: StoreCommand) -> list[Damage]:
             raise StoreError(f"{where}: {len(damage)} damaged chunk{'s' * (len(damage) > 1)}"
                              f"{f' ({_batches(units)})' if units else ''}; run python -m extractor.store repair "
                              f"{store.path} and then rerun the same extract command")
-        for log in sorted((store.path / "progress").glob("*.jsonl")):
+        logs = (store.where.local / "progress").glob("*.jsonl") if store.where.local is not None else ()
+        for log in sorted(logs):
             for number in _torn_lines(log):
                 print(f"torn: {log.relative_to(store.path)} line {number} is a commit cut by a kill; its batch "
                       "counts as unfinished: rerun the same extract command to redo it")
@@ -805,9 +857,9 @@ def main(argv: list[str] | None = None):
     argv = [arg for pair in zip(("--action", "--store"), head) for arg in pair] + argv
     return run_main(
         StoreCommand, argv, prog="python -m extractor.store",
-        description="Check an activation store for damaged chunks (check STORE), or repair it (repair STORE): "
+        description="Check an activation store for damaged chunks (check STORE), repair it (repair STORE): "
                     "damaged chunks are removed and their batches un-committed, so rerunning the same extract "
-                    "command recomputes exactly those.",
+                    "command recomputes exactly those; or delete it (remove STORE).",
         run=run_command,
     )
 

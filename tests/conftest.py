@@ -32,3 +32,23 @@ def musiccaps_csv() -> Path:
     if not MUSICCAPS_CSV.exists():
         pytest.skip(f"MusicCaps CSV not found at {MUSICCAPS_CSV}; set MUSICCAPS_CSV to run this test")
     return MUSICCAPS_CSV
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """An S3-compatible server (moto) on 127.0.0.1 with one bucket, and AWS keys in the environment
+    (inherited by subprocesses). Returns a function giving the URL of a fresh prefix in the bucket."""
+    server_module = pytest.importorskip("moto.server", reason="moto[server] (a dev dependency) is not installed")
+    import itertools
+    import urllib.request
+
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server._server.server_port}"
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/sae-test", method="PUT"), timeout=30).read()
+    names = itertools.count()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ACCESS_KEY_ID", "test")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "test")
+        yield lambda name: f"s3://sae-test/{name}-{next(names)}?endpoint={endpoint}"
+    server.stop()

@@ -1,10 +1,12 @@
 """Extraction on tiny-random: both modes agree, rows are attributed right, runs resume and shard."""
 
+import json
 import signal
 import subprocess
 import time
 import wave
 
+import jax
 import numpy as np
 import pytest
 
@@ -42,12 +44,18 @@ def _arrays(store):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The arrays of one uninterrupted extraction (batch 1, seed 7), shared by the tests that compare with it."""
+def reference_store(tmp_path_factory):
+    """One uninterrupted extraction (batch 1, seed 7), shared by the tests that compare with it."""
     root = tmp_path_factory.mktemp("reference")
     prompts = root / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    return _arrays(extract(_cfg(root / "ref", prompts, batch_size=1)))
+    return extract(_cfg(root / "ref", prompts, batch_size=1)).path
+
+
+@pytest.fixture(scope="module")
+def reference(reference_store):
+    """The arrays of the reference extraction."""
+    return _arrays(open_store(reference_store))
 
 
 def test_generate_and_teacher_forced_give_the_same_rows(tmp_path, prompt_file):
@@ -125,6 +133,55 @@ def test_two_shards_fill_one_store(tmp_path, prompt_file, reference):
     for name in reference:
         np.testing.assert_array_equal(reference[name], got[name])
     assert sorted(f.name for f in (out / "progress").iterdir()) == ["shard-0-of-2.jsonl", "shard-1-of-2.jsonl"]
+
+
+def test_a_bucket_store_filled_by_two_shards_one_killed_and_resumed_trains_and_discovers_as_a_local_one(
+        tmp_path, prompt_file, reference_store, reference, s3_server):
+    """extract -> train -> discover with the store at s3://... on a real S3-compatible server; every
+    result equals the same run on the local reference store."""
+    import discovery.discover
+    import jax_sae
+    from extractor.location import Location
+    from jax_sae.train import TrainConfig, train
+
+    url = s3_server("extract")
+    units = Location.parse(url)
+    killed = subprocess.Popen(cli(*_args(url, prompt_file, "--shard", "0/2")), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and killed.poll() is None and not units.list("progress/units/"):
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    done = open_store(url, require_complete=False).committed_units()
+    assert done and done < {0, 2, 4}, f"the kill should land inside shard 0's three batches, got {done}"
+    procs = [subprocess.Popen(cli(*_args(url, prompt_file, "--shard", f"{i}/2")), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+        outs.append(out)
+    assert "resuming" in outs[0]
+    bucket = open_store(url)
+    got = _arrays(bucket)
+    for name in reference:
+        np.testing.assert_array_equal(reference[name], got[name], err_msg=name)
+    assert bucket.samples == open_store(reference_store).samples
+
+    saes, features = [], []
+    for name, store in (("bucket", url), ("local", str(reference_store))):
+        out = tmp_path / name
+        train(TrainConfig(sae_type="topk", layer_idx=3, hidden_dim=16, top_k=2, batch_size=16, epochs=2,
+                          store=store, out=str(out / "models"), progress=False, patience=0))
+        sae = out / "models" / "topk" / "layer3" / "dim16" / "final"
+        saes.append(jax_sae.load(sae))
+        discovery.discover.main(["--sae_path", str(sae), "--store", store, "--output", str(out / "f.json"),
+                                 "--max_features", "8", "--no_filter", "--no-progress"])
+        features.append(json.loads((out / "f.json").read_text()))
+    for a, b in zip(jax.tree.leaves(saes[0].params), jax.tree.leaves(saes[1].params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert features[0] == features[1] and len(features[0]) == 8
 
 
 def _write_wav(path, seconds, rate):
