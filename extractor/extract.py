@@ -21,8 +21,17 @@ import numpy as np
 from .errors import UsageError
 from .location import Location
 from .prompts import BUNDLED
-from .store import (STORE_DTYPES, Store, StoreError, StoreMeta, acts_name, create_store, estimate_bytes, foreign_keys,
-                    remove_store)
+from .store import (
+    STORE_DTYPES,
+    Store,
+    StoreError,
+    StoreMeta,
+    acts_name,
+    create_store,
+    estimate_bytes,
+    foreign_keys,
+    remove_store,
+)
 
 
 class ExtractError(UsageError):

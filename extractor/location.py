@@ -43,7 +43,7 @@ class Location:
     kvstore: dict | None = None
 
     @classmethod
-    def parse(cls, where: str | os.PathLike) -> "Location":
+    def parse(cls, where: str | os.PathLike) -> Location:
         text = os.fspath(where)
         if "://" not in text:
             return cls(text, local=Path(text))

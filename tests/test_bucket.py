@@ -5,7 +5,15 @@ import numpy as np
 import pytest
 
 from extractor.location import Location, LocationError
-from extractor.store import Store, StoreError, acts_name, open_store, remove_store, run_command, StoreCommand
+from extractor.store import (
+    Store,
+    StoreCommand,
+    StoreError,
+    acts_name,
+    open_store,
+    remove_store,
+    run_command,
+)
 
 from .test_store import _make_store
 
@@ -34,7 +42,7 @@ def test_locations_parse_to_the_kvstore_they_name(monkeypatch, tmp_path):
 
 def test_a_store_in_a_bucket_reads_writes_commits_and_repairs_like_a_directory(s3_server, tmp_path, capsys):
     url = s3_server("store")
-    store, acts = _make_store(url, units=2, commit=False)
+    store, _ = _make_store(url, units=2, commit=False)
     assert isinstance(store.path, str) and str(store.path) == url
     with pytest.raises(StoreError, match="incomplete \\(0/2 batches committed\\)"):
         open_store(url)
