@@ -4,7 +4,8 @@ P = 1 and P = 2 processes on this machine (gloo collectives on localhost), and t
 One synthetic store (``--rows`` x ``--d`` float32, the store's usual ~8 MB chunks); the same training
 command with ``--data_lanes 2`` and a 2-device data mesh: one process with 2 CPU devices, or two
 processes with 1 device each. Each run's ``training_stats.json`` records ``bytes_read_per_process``
-(rows read through the store: the scan, the training lanes, validation). Tokens/s per process is
+(rows read through the store: the scan, the training lanes, validation); a third run, P = 1 with
+``--val_split samples``, shows what validation costs when its samples are scattered over the store. Tokens/s per process is
 the tokens of the batches a process holds (its share of each global batch) over the run's wall
 time. The two processes share this machine's cores, so their speed is a floor, not what two
 hosts would reach.
@@ -43,6 +44,9 @@ class ReadShareConfig:
     """Passes over the rows."""
     repeats: int = 2
     """Runs of each process count."""
+    compare_samples: bool = True
+    """Also run P = 1 with ``--val_split samples`` (validation samples scattered over the store, the
+    split before issue 16), to show what holding out whole chunks saves."""
 
 
 def _store(cfg: ReadShareConfig, path: Path) -> None:
@@ -70,11 +74,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _train(cfg: ReadShareConfig, store: Path, out: Path, processes: int) -> tuple[list[int], float, int]:
+def _train(cfg: ReadShareConfig, store: Path, out: Path, processes: int,
+           val_split: str = "chunks") -> tuple[list[int], float, int]:
     """(bytes read per process, wall seconds, training tokens) of one run."""
     args = [sys.executable, "-m", "jax_sae.train", "--store", str(store), "--layer_idx", "0", "--hidden_dim",
             str(cfg.hidden_dim), "--top_k", "32", "--batch_size", str(cfg.batch_size), "--epochs", str(cfg.epochs),
-            "--mesh_data", "2", "--data_lanes", "2", "--out", str(out), "--overwrite", "--no-progress"]
+            "--mesh_data", "2", "--data_lanes", "2", "--out", str(out), "--overwrite", "--no-progress",
+            "--val_split", val_split]
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={2 // processes}"}
     port = _free_port()
     extra = (lambda i: ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", str(processes),
@@ -103,14 +109,22 @@ def run(cfg: ReadShareConfig) -> dict:
                 speed.setdefault(processes, []).append(tokens / processes / seconds)
                 print(f"P={processes} repeat {repeat}: bytes read per process {per}, {seconds:.1f} s", flush=True)
             shares.append(max(read[2][-1]) / read[1][-1][0])
+            if cfg.compare_samples:
+                per, seconds, _ = _train(cfg, store, Path(tmp) / f"run-samples-{repeat}", 1, "samples")
+                read.setdefault("samples", []).append(per)
+                print(f"P=1 --val_split samples repeat {repeat}: bytes read {per}, {seconds:.1f} s", flush=True)
     for processes in (1, 2):
         figures[f"P={processes}: MB read per process"] = summarize(
             [n / 1e6 for per in read[processes] for n in per], "MB")
         figures[f"P={processes}: tokens/s per process"] = summarize(speed[processes], "tok/s")
     figures["largest P=2 share of the same repeat's P=1 bytes"] = summarize(shares, "ratio")
+    if cfg.compare_samples:
+        figures["P=1, --val_split samples: MB read"] = summarize([per[0] / 1e6 for per in read["samples"]], "MB")
     share = max(shares)
     speed_ratio = figures["P=2: tokens/s per process"]["median"] / figures["P=1: tokens/s per process"]["median"]
     derived = {"tokens/s per process, P=2 / P=1 (one shared machine)": speed_ratio}
+    if cfg.compare_samples:
+        derived["P=1 bytes, --val_split chunks / samples"] = read[1][0][0] / read["samples"][0][0]
     return report("read_share_bench", figures, params=vars(cfg) | {"store_mb": cfg.rows * cfg.d * 4 / 1e6},
                   derived=derived,
                   targets=[target("bytes per process at P=2", share, "<= ~1/2 of P=1 (0.55)", share <= 0.55)])

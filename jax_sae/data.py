@@ -49,8 +49,14 @@ def split_samples(
     num_samples: int | None = None,
     max_tokens: int | None = None,
     val_max_tokens: int | None = None,
+    by_chunks_of: int | None = None,
 ) -> DataSplit:
-    """Hold out whole samples for validation (never the last rows), then apply the budgets."""
+    """Hold out whole samples for validation (never the last rows), then apply the budgets.
+
+    ``by_chunks_of`` (the store's rows per chunk): the held-out samples are those lying wholly in a
+    few random whole chunks, so each validation reads about its own rows' worth of chunks instead
+    of nearly every chunk of the store, as randomly scattered samples do. Without it, samples are
+    drawn one by one."""
     notes = []
     order = np.random.default_rng(seed).permutation(store.n_samples)
     if num_samples is not None:
@@ -62,7 +68,9 @@ def split_samples(
         n_val = min(max(1, n_val), len(order) - 1)
     if len(order) - n_val < 1:
         raise DataError(f"the store has {store.n_samples} samples: too few to train and validate")
-    val, train = np.sort(order[:n_val]), order[n_val:]
+    held = _chunks_first(store, order, by_chunks_of, seed) if by_chunks_of else order
+    val = np.sort(held[:n_val])
+    train = order[~np.isin(order, val)]  # in the random order: --max_tokens keeps a random subset
     if max_tokens is not None and _rows_of(store, train) > max_tokens:
         before = _rows_of(store, train)
         train = _take_budget(store, train, max_tokens)
@@ -71,9 +79,24 @@ def split_samples(
             f"({_rows_of(store, train)} of {before} tokens) to fit --max_tokens {max_tokens}"
         )
     if val_max_tokens is not None and len(val) and _rows_of(store, val) > val_max_tokens:
-        val = np.sort(_take_budget(store, np.random.default_rng(seed + 1).permutation(val), val_max_tokens))
+        first = held[:n_val] if by_chunks_of else np.random.default_rng(seed + 1).permutation(val)
+        val = np.sort(_take_budget(store, first, val_max_tokens))
     train = np.sort(train)
     return DataSplit(train, val, _rows_of(store, train), _rows_of(store, val) if len(val) else 0, tuple(notes))
+
+
+def _chunks_first(store: Store, order: np.ndarray, chunk_rows: int, seed: int) -> np.ndarray:
+    """``order``'s samples in the order whole chunks free them: chunks are taken in a seeded random
+    order, and a sample comes once every chunk it has rows in is taken (ties in ``order``'s order).
+    A prefix of this order is the samples of a few whole chunks, so reading them reads no other chunk."""
+    first_S = store.offsets[order] // chunk_rows
+    last_S = np.maximum(store.offsets[order + 1] - 1, store.offsets[order]) // chunk_rows
+    n_chunks = int(last_S.max()) + 1 if len(order) else 0
+    rank_C = np.random.default_rng([seed, 1]).permutation(n_chunks)
+    freed_S = rank_C[first_S]
+    for step in range(1, int((last_S - first_S).max()) + 1 if len(order) else 1):
+        freed_S = np.maximum(freed_S, rank_C[np.minimum(first_S + step, last_S)])
+    return order[np.lexsort((np.arange(len(order)), freed_S))]
 
 
 @dataclass(frozen=True)

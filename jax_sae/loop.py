@@ -95,7 +95,8 @@ def make_plan(cfg: TrainConfig, store: Store, train_rows: int, epoch_steps: list
 
 # What a run saved before a setting existed did instead (its checkpoint has no such key).
 BEFORE_SETTING = {"lr_schedule": "cosine", "adam_betas": [0.9, 0.999], "aux_k": 0, "threshold": "running",
-                  "b_dec_init": "median", "enc_init": "transpose", "enc_init_scale": 1.0, "group_weights": [], "data_lanes": 1}
+                  "b_dec_init": "median", "enc_init": "transpose", "enc_init_scale": 1.0, "group_weights": [], "data_lanes": 1,
+                  "val_split": "samples"}
 
 
 def _other_settings(saved, cfg: TrainConfig) -> list[str]:
@@ -171,6 +172,7 @@ class TrainingRun:
     notes: list[str]
     runtime: dict
     read_lanes: tuple[int, ...]  # the lanes of each batch that land on this process's devices
+    evaluations: int = 0  # validations run so far (by this process, since it started)
 
     @classmethod
     def setup(cls, cfg: TrainConfig) -> TrainingRun:
@@ -183,7 +185,8 @@ class TrainingRun:
         store = open_store(cfg.store)
         store.check_layer(cfg.layer_idx)
         split = split_samples(store, val_fraction=cfg.val_fraction, seed=cfg.seed, num_samples=cfg.num_samples,
-                              max_tokens=cfg.max_tokens, val_max_tokens=cfg.val_max_tokens)
+                              max_tokens=cfg.max_tokens, val_max_tokens=cfg.val_max_tokens,
+                              by_chunks_of=store.chunk_rows(cfg.layer_idx) if cfg.val_split == "chunks" else None)
         make_plan(cfg, store, split.train_rows)  # the batch fits before the rows are read
         files = RunDir(cfg.run_dir())
         checkpoints = open_run(cfg, files, store.d_model)
@@ -288,9 +291,13 @@ class TrainingRun:
             return None
         cfg, samples = self.cfg, self.split.val_samples
         # Each process evaluates every P-th chunk's rows; the sums are added up across processes.
+        # Which process takes which chunks turns with each validation: held-out rows sit in a few
+        # chunks, and a fixed assignment would give one process the odd chunk every time.
+        processes = jax.process_count()
+        lane = ((jax.process_index() + self.evaluations) % processes, processes)
+        self.evaluations += 1
         batches = self.store.iter_rows(cfg.layer_idx, cfg.batch_size, samples=samples,
-                                       exclude_rows=self.val_bad if len(self.val_bad) else None,
-                                       lane=(jax.process_index(), jax.process_count()))
+                                       exclude_rows=self.val_bad if len(self.val_bad) else None, lane=lane)
         acc = evaluate_batches(self.plan.sae, *jax.tree.map(jnp.asarray, self.inference()), batches)
         return _summed(acc)
 

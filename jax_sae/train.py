@@ -87,6 +87,9 @@ class TrainConfig:
     """Fraction of samples held out (whole samples, seeded) for validation."""
     val_max_tokens: int = 1_000_000
     """Cap on validation rows."""
+    val_split: Literal["chunks", "samples"] = "chunks"
+    """How validation samples are drawn: chunks: the samples of a few random whole store chunks, so each
+    validation reads only those chunks (a store in a bucket, many evaluations); samples: one by one at random."""
     patience: int = 5
     """Stop after this many evaluations without a better validation FVU (0 disables)."""
     dead_tokens: int = 10_000_000

@@ -171,6 +171,34 @@ def test_validation_holds_out_whole_seeded_samples(planted):
     assert small.train_rows <= 5000 and "subsampled training data" in small.notes[0]
 
 
+def test_validation_by_chunks_reads_a_few_whole_chunks_instead_of_all(planted):
+    """--val_split chunks: as many held-out samples, seeded, disjoint from training, but from a few
+    chunks, so each validation reads a tenth of the store where scattered samples touch every chunk."""
+    store = open_store(planted[0] / "store")
+    chunk = 400
+
+    def chunks_read(samples, chunk=chunk):
+        return {int(c) for s in samples for c in range(store.offsets[s] // chunk, (store.offsets[s + 1] - 1) // chunk + 1)}
+
+    scattered = split_samples(store, val_fraction=0.1, seed=3)
+    grouped = split_samples(store, val_fraction=0.1, seed=3, by_chunks_of=chunk)
+    assert len(grouped.val_samples) == len(scattered.val_samples)
+    assert not set(grouped.val_samples) & set(grouped.train_samples)
+    assert len(grouped.val_samples) + len(grouped.train_samples) == store.n_samples
+    n_chunks = -(-store.n_rows // chunk)
+    assert len(chunks_read(scattered.val_samples)) > 0.5 * n_chunks
+    assert len(chunks_read(grouped.val_samples)) <= grouped.val_rows / chunk + 1, "a few whole chunks"
+    np.testing.assert_array_equal(grouped.val_samples,
+                                  split_samples(store, val_fraction=0.1, seed=3, by_chunks_of=chunk).val_samples)
+    assert not np.array_equal(grouped.val_samples, split_samples(store, val_fraction=0.1, seed=4,
+                                                                 by_chunks_of=chunk).val_samples)
+    half = int(np.diff(store.offsets).min()) // 2  # every sample spans two or three chunks
+    small = split_samples(store, val_fraction=0.1, seed=3, by_chunks_of=half)
+    assert len(chunks_read(small.val_samples, half)) <= small.val_rows / half + 2, "samples over several chunks"
+    capped = split_samples(store, val_fraction=0.1, seed=3, by_chunks_of=chunk, val_max_tokens=chunk)
+    assert capped.val_rows <= chunk and len(chunks_read(capped.val_samples)) == 1
+
+
 def test_api_encodes_any_leading_shape_and_evaluates(planted):
     root, directions = planted
     cfg = _cfg(root, "topk", epochs=2, out=str(root / "api"))
