@@ -41,7 +41,8 @@ def training_rows(cfg: Q.QualityConfig, truth: Q.Truth, n_rows: int):
         yield Q.make_rows(truth, rows, cfg.noise, rng, tags_SN[first:first + rows // Q.ROWS_PER_SAMPLE])
 
 
-def train_saelens(cfg: Q.QualityConfig, truth: Q.Truth, budget: int, lr: float, seed: int):
+def train_saelens(cfg: Q.QualityConfig, truth: Q.Truth, budget: int, lr: float, seed: int,
+                  dead_feature_window: int = 1000):
     import torch
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
@@ -58,7 +59,7 @@ def train_saelens(cfg: Q.QualityConfig, truth: Q.Truth, budget: int, lr: float, 
         n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False, total_training_samples=steps * cfg.batch_size,
         device="cpu", autocast=False, lr=lr, lr_end=lr, lr_scheduler_name="constant", lr_warm_up_steps=0,
         adam_beta1=0.9, adam_beta2=0.999, lr_decay_steps=0, n_restart_cycles=1,
-        train_batch_size_samples=cfg.batch_size, dead_feature_window=1000, feature_sampling_window=2000,
+        train_batch_size_samples=cfg.batch_size, dead_feature_window=dead_feature_window, feature_sampling_window=2000,
         logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2**31 - 1), n_batches_for_norm_estimate=1000)
     started = time.perf_counter()
     SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=batches, save_checkpoint_fn=lambda path: None).fit()
@@ -93,12 +94,15 @@ def main(argv: list[str] | None = None) -> dict:
                           ("budget", 2_000_000), ("seed", 0), ("held_out", 65_536)):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--dead_feature_window", type=int, default=1000,
+                        help="steps without firing before SAELens counts a latent dead (and AuxK trains it); "
+                             "train_toy_sae's 1000 is longer than a 2M-token run at batch 4096 (488 steps)")
     parser.add_argument("--label", default="saelens")
     args = parser.parse_args(argv)
     cfg = replace(Q.QualityConfig(), d=args.d, n_true=args.n_true, hidden_dim=args.hidden_dim, top_k=args.top_k,
                   batch_size=args.batch_size, held_out=args.held_out, types=("batch_topk",))
     truth = Q.make_truth(cfg)
-    weights, seconds, tokens = train_saelens(cfg, truth, args.budget, args.lr, args.seed)
+    weights, seconds, tokens = train_saelens(cfg, truth, args.budget, args.lr, args.seed, args.dead_feature_window)
     row = {"type": "saelens batch_topk", "budget": args.budget, "tokens": tokens, "seed": args.seed, "lr": args.lr,
            "tokens_per_s": tokens / seconds, "seconds": seconds, **score(weights, truth, Q.held_out_rows(cfg, truth))}
     print(json.dumps(row, indent=1))
