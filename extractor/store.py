@@ -466,6 +466,7 @@ class Store:
         dtype=np.float32,
         buffer_chunks: int = 4,
         lane: tuple[int, int] = (0, 1),
+        chunks: Sequence[int] | None = None,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ([batch_size, d_model] batches, the global row index of every row); the last batch
         may be short unless ``drop_last``.
@@ -477,6 +478,7 @@ class Store:
         drops a few rows (e.g. non-finite ones). ``lane=(j, L)`` reads only lane j of L: every
         L-th chunk of the (shuffled) order from the j-th on, with its own seeded row order; the
         lanes of one seed split the store's chunks between them (``lane_rows`` counts each one's).
+        ``chunks`` reads only those chunks (of the lane's).
         """
         if batch_size <= 0:
             raise StoreError(f"batch_size must be positive, got {batch_size}")
@@ -485,7 +487,10 @@ class Store:
         order = self._chunk_order(layer, stream, shuffle, seed)
         rng = order.rng if lanes == 1 else np.random.default_rng([seed, lanes, j])
         keep = self._row_mask(rows, samples, exclude_rows)
-        groups = self._read_chunk_groups(acts_name(layer, stream), chunk, order.chunks[j::lanes],
+        visit = order.chunks[j::lanes]
+        if chunks is not None:
+            visit = visit[np.isin(visit, np.asarray(chunks, dtype=visit.dtype))]
+        groups = self._read_chunk_groups(acts_name(layer, stream), chunk, visit,
                                          buffer_chunks if shuffle else 1, keep, dtype)
         if shuffle:
             groups = _permuted_groups(groups, rng)

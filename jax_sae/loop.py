@@ -173,6 +173,7 @@ class TrainingRun:
     runtime: dict
     read_lanes: tuple[int, ...]  # the lanes of each batch that land on this process's devices
     evaluations: int = 0  # validations run so far (by this process, since it started)
+    val_chunks: np.ndarray | None = None  # the chunks holding validation rows, in order
 
     @classmethod
     def setup(cls, cfg: TrainConfig) -> TrainingRun:
@@ -290,14 +291,17 @@ class TrainingRun:
         if not len(self.split.val_samples):
             return None
         cfg, samples = self.cfg, self.split.val_samples
-        # Each process evaluates every P-th chunk's rows; the sums are added up across processes.
-        # Which process takes which chunks turns with each validation: held-out rows sit in a few
-        # chunks, and a fixed assignment would give one process the odd chunk every time.
+        exclude = self.val_bad if len(self.val_bad) else None
+        # Each process evaluates every P-th of the chunks holding validation rows, and the sums are
+        # added up across processes. Who takes the odd chunk turns with each validation.
+        if self.val_chunks is None:
+            kept = self.store.kept_rows_per_chunk(cfg.layer_idx, samples=samples, exclude_rows=exclude)
+            self.val_chunks = np.flatnonzero(kept)
         processes = jax.process_count()
-        lane = ((jax.process_index() + self.evaluations) % processes, processes)
+        mine = self.val_chunks[(jax.process_index() + self.evaluations) % processes::processes]
         self.evaluations += 1
-        batches = self.store.iter_rows(cfg.layer_idx, cfg.batch_size, samples=samples,
-                                       exclude_rows=self.val_bad if len(self.val_bad) else None, lane=lane)
+        batches = self.store.iter_rows(cfg.layer_idx, cfg.batch_size, samples=samples, exclude_rows=exclude,
+                                       chunks=mine)
         acc = evaluate_batches(self.plan.sae, *jax.tree.map(jnp.asarray, self.inference()), batches)
         return _summed(acc)
 
