@@ -331,17 +331,15 @@ def test_divergence_stops_and_keeps_only_finite_checkpoints(planted, tmp_path):
 
 def test_width_mismatch_is_refused(planted, tmp_path):
     root, _ = planted
-    train(_cfg(root, "topk", epochs=1, out=str(tmp_path / "m")))
-    sae = jax_sae.load(tmp_path / "m" / "topk" / "layer0" / "dim128" / "final")
-    write_store(tmp_path / "wide", np.ones((200, 48), np.float32))
-    with pytest.raises(ValueError, match="store width 48 does not match the SAE's d_model 32"):
-        jax_sae.evaluate(sae, tmp_path / "wide", 0)
-    with pytest.raises(ValueError, match="input width 48"):
-        sae.encode(np.ones((2, 48), np.float32))
     with pytest.raises(ConfigError):
         SAEConfig(sae_type="topk", d_model=8, hidden_dim=16, top_k=17)
     write_store(tmp_path / "store", np.ones((400, 48), np.float32))
     train(_cfg(tmp_path, "topk", epochs=1, hidden_dim=32, top_k=4, out=str(tmp_path / "r")))
+    sae = jax_sae.load(tmp_path / "r" / "topk" / "layer0" / "dim32" / "final")
+    with pytest.raises(ValueError, match=f"store width {D_MODEL} does not match the SAE's d_model 48"):
+        jax_sae.evaluate(sae, root / "store", 0)
+    with pytest.raises(ValueError, match="input width 32"):
+        sae.encode(np.ones((2, 32), np.float32))
     import shutil
 
     shutil.rmtree(tmp_path / "store")
