@@ -86,3 +86,16 @@ def test_an_unreachable_bucket_is_one_line_naming_what_to_check(s3_server):
     with pytest.raises(LocationError, match="cannot reach the store at s3://no-such-bucket/.*NoSuchBucket.*check the "
                                             "bucket, the credentials"):
         open_store(url)
+
+
+def test_a_late_creator_of_the_same_bucket_store_keeps_what_the_first_one_wrote(s3_server):
+    """Two --shard processes may both create the plan (a bucket has no rename to make one win): the
+    second writes the same bytes and opens the arrays, deleting nothing the first already wrote."""
+    url = s3_server("race")
+    first, acts = _make_store(url, units=2, commit=False)
+    first.commit_unit(0, "shard-0-of-2")
+    again, _ = _make_store(url, units=2, commit=False)  # the late creator: same plan, then its own rows
+    assert Store(url).committed_units() == {0}
+    np.testing.assert_array_equal(again.read_rows(acts_name(2), 0, again.n_rows), acts)
+    with pytest.raises(StoreError, match="half-created with other settings"):
+        _make_store(url, d=7)
