@@ -64,6 +64,8 @@ class ReportConfig:
     """eval.json from extractor.evaluate, to show loss recovered."""
     audio: bool = True
     """Decode audio (off: plots and text only)."""
+    wav: bool = False
+    """Write clips as 16-bit WAV instead of Ogg/Opus (about 8x the bytes; every browser plays both)."""
     device: str = "auto"
     """Device for audio decoding."""
     progress: bool = True
@@ -140,7 +142,7 @@ def build_report(cfg: ReportConfig) -> Path:
                                gaps)
                 for key, info in features.items()}
     if render is not None:
-        requests = [render.AudioRequest(ex["sample"], ex["first"], ex["last"], str(out / "audio" / f"{ex['stem']}.wav"))
+        requests = [render.AudioRequest(ex["sample"], ex["first"], ex["last"], str(out / ex["audio"]))
                     for shown in examples.values() for ex in shown]
         render.render_windows(cfg.model or store.meta.model, store, requests, cfg.device, cfg.progress)
     views = {key: _feature_view(key, info) for key, info in features.items()}
@@ -151,8 +153,17 @@ def build_report(cfg: ReportConfig) -> Path:
     if any(gaps.values()):
         print(f"report: {sum(gaps.values())} non-finite (NaN/Inf) rows of layer {layer} in "
               f"{sum(1 for n in gaps.values() if n)} of the shown samples are gaps in their activation curves")
+    _print_size(out, sum(len(shown) for shown in examples.values()) if render is not None else 0)
     print(f"report: {out / 'index.html'}")
     return out / "index.html"
+
+
+def _print_size(out: Path, clips: int) -> None:
+    """One line: the report's bytes, and its audio's per clip."""
+    total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    audio = sum(f.stat().st_size for f in (out / "audio").iterdir() if f.is_file())
+    per_clip = f", audio {audio / 1e6:.2f} MB in {clips} clips ({audio / max(1, clips) / 1e3:.0f} kB each)" if clips else ""
+    print(f"report: {total / 1e6:.2f} MB{per_clip}")
 
 
 def _activation_curve(store, sae, layer: int, sample: int, feature: int) -> tuple[np.ndarray, int]:
@@ -180,8 +191,9 @@ def _examples(cfg: ReportConfig, store, sae, layer: int, feature: int, top: list
         peak = ex["frame"] if "frame" in ex else int(np.argmax(np.where(np.isnan(curve), -np.inf, curve)))
         first, last = (0, len(curve)) if cfg.full_clips else (max(0, peak - half), min(len(curve), peak + half))
         stem = f"f{feature}_e{i}"
+        clip = f"audio/{stem}.{'wav' if cfg.wav else 'ogg'}"
         plot_activation(curve[first:last], rate, plots / f"{stem}.png", first / rate)
-        out.append({"stem": stem, "sample": ex["sample_index"], "first": first, "last": last, "start": first / rate,
+        out.append({"stem": stem, "audio": clip, "sample": ex["sample_index"], "first": first, "last": last, "start": first / rate,
                     "end": last / rate, "activation": ex["activation"], "type": ex["type"], "prompt": ex["prompt"],
                     "tags": ex.get("tags", [])})
     return out

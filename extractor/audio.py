@@ -60,6 +60,23 @@ def resample(waveform: np.ndarray, rate: int, target: int) -> np.ndarray:
     return resample_poly(waveform, ratio.numerator, ratio.denominator, axis=-1).astype(np.float32)
 
 
+OPUS_RATE = 48_000  # Opus encodes 8, 12, 16, 24 or 48 kHz; MusicGen's 32 kHz is resampled up to 48
+
+
+def write_audio(path: str | Path, waveform: np.ndarray, rate: int) -> None:
+    """Write float audio, mono [samples] or [channels, samples], in the format of ``path``'s suffix:
+    ``.ogg`` Ogg/Opus (lossy, about an eighth of WAV's bytes, at 48 kHz), ``.flac``, else 16-bit WAV."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".ogg":
+        frames = np.atleast_2d(resample(np.asarray(waveform, dtype=np.float32), int(rate), OPUS_RATE)).T
+        _soundfile().write(str(path), np.clip(frames, -1.0, 1.0), OPUS_RATE, format="OGG", subtype="OPUS")
+    elif suffix == ".flac":
+        frames = np.atleast_2d(np.asarray(waveform, dtype=np.float32)).T
+        _soundfile().write(str(path), np.clip(frames, -1.0, 1.0), int(rate), format="FLAC", subtype="PCM_16")
+    else:
+        write_wav(path, waveform, rate)
+
+
 def write_wav(path: str | Path, waveform: np.ndarray, rate: int) -> None:
     """Write float audio, mono [samples] or [channels, samples], as 16-bit PCM WAV."""
     frames = np.atleast_2d(np.asarray(waveform, dtype=np.float32)).T  # [samples, channels]

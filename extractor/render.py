@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from .audio import write_wav
+from .audio import write_audio
 from .capture import decode_codes
 from .errors import UsageError
 from .models import load_model
@@ -32,7 +32,8 @@ class AudioRequest:
 @torch.no_grad()
 def render_windows(model: str, store: Store, requests: Sequence[AudioRequest], device: str = "auto",
                    progress: bool = True) -> list[Path]:
-    """Write one WAV per request (stereo for stereo checkpoints) at the model's sampling rate; returns the paths."""
+    """Write one clip per request (stereo for stereo checkpoints), in the format of its path's suffix
+    (``extractor.audio.write_audio``); returns the paths."""
     from tqdm import tqdm
 
     if not requests:
@@ -46,6 +47,6 @@ def render_windows(model: str, store: Store, requests: Sequence[AudioRequest], d
         audio = decode_codes(loaded, store.sample_codes(req.sample)[req.first:req.last])
         path = Path(req.path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_wav(path, audio, loaded.info.sampling_rate)
+        write_audio(path, audio, loaded.info.sampling_rate)
         written.append(path)
     return written

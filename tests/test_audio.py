@@ -8,7 +8,7 @@ import pytest
 
 soundfile = pytest.importorskip("soundfile", reason="the extract extra (soundfile) is not installed")
 
-from extractor.audio import AudioError, read_audio, write_wav  # noqa: E402
+from extractor.audio import AudioError, read_audio, write_audio, write_wav  # noqa: E402
 
 RATE = 16000
 
@@ -69,6 +69,26 @@ def test_write_wav_is_16_bit_pcm_and_clips(tmp_path):
         pcm = np.frombuffer(f.readframes(f.getnframes()), "<i2").reshape(-1, 2)
     np.testing.assert_allclose(pcm[:, 0] / 32767, stereo[0], atol=2 / 32767)
     assert (pcm[:, 1] == 32767).all(), "out-of-range samples are clipped, not wrapped"
+
+
+def test_report_clips_in_opus_take_under_a_quarter_of_wav_and_keep_their_length_and_pitch(tmp_path):
+    """What the report writes: Ogg/Opus at 48 kHz from 32 kHz audio (a 4 s chord with noise, mono
+    and stereo); the length and the dominant frequency survive, the bytes shrink."""
+    rate, seconds = 32000, 4.0
+    mono = _tone(seconds, 440.0, 0.4, rate) + _tone(seconds, 660.0, 0.2, rate)
+    mono += 0.02 * np.random.default_rng(0).standard_normal(len(mono)).astype(np.float32)
+    for audio in (mono, np.stack([mono, mono[::-1]])):
+        write_wav(tmp_path / "a.wav", audio, rate)
+        write_audio(tmp_path / "a.ogg", audio, rate)
+        ratio = (tmp_path / "a.ogg").stat().st_size / (tmp_path / "a.wav").stat().st_size
+        assert ratio < 0.25, ratio
+        back, back_rate = soundfile.read(str(tmp_path / "a.ogg"), dtype="float32", always_2d=True)
+        assert back_rate == 48000 and back.shape[1] == np.atleast_2d(audio).shape[0]
+        assert abs(len(back) / back_rate - seconds) < 0.03
+        spectrum = np.abs(np.fft.rfft(back[:, 0]))
+        assert abs(np.argmax(spectrum) * back_rate / len(back) - 440.0) < 2.0
+    write_audio(tmp_path / "a.flac", mono, rate)
+    np.testing.assert_allclose(soundfile.read(str(tmp_path / "a.flac"), dtype="float32")[0], mono, atol=1 / 32768)
 
 
 def test_extract_reads_float_wav_and_flac_and_names_an_unreadable_file(tmp_path):

@@ -1,8 +1,10 @@
 """The report renders for a tiny run and loads cleanly in headless Chromium."""
 
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import jax_sae  # noqa: F401  (JAX side loads first, as in the CLI)
@@ -52,7 +54,17 @@ def test_report_files_are_complete_and_relative(rendered):
         text = page.read_text()
         assert text.count("<audio") == 2 and text.count("plots/") == 2
         assert "file://" not in text and str(rendered) not in text, "paths must be relative"
-    assert len(list((rendered / "audio").glob("*.wav"))) == 6 and (rendered / "density.png").exists()
+    soundfile = pytest.importorskip("soundfile", reason="the extract extra (soundfile) is not installed")
+    clips = sorted((rendered / "audio").glob("*.ogg"))
+    assert len(clips) == 6 and not list((rendered / "audio").glob("*.wav")) and (rendered / "density.png").exists()
+    for page in pages:  # each clip is Ogg/Opus that decodes to its example's window, as the page states it
+        text = page.read_text()
+        windows = [float(b) - float(a) for a, b in re.findall(r"(\d+\.\d+)-(\d+\.\d+) s\)", text)]
+        sources = re.findall(r"<audio controls preload='metadata' src='(audio/[^']+\.ogg)'>", text)
+        assert len(windows) == len(sources) == 2, text
+        for source, seconds in zip(sources, windows):
+            audio, rate = soundfile.read(str(rendered / source), dtype="float32")
+            assert rate == 48000 and abs(len(audio) / rate - seconds) < 0.015 and np.isfinite(audio).all(), source
 
 
 def test_report_shows_the_run_the_evaluation_and_escaped_labels(rendered):
