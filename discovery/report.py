@@ -33,7 +33,7 @@ from jax_sae.plots import plot_density
 from jax_sae.run_dir import RunDir
 
 from .discover import FeatureFiles
-from .plotting import plot_activation
+from .plotting import plot_example
 
 
 class ReportError(UsageError):
@@ -145,6 +145,7 @@ def build_report(cfg: ReportConfig) -> Path:
         requests = [render.AudioRequest(ex["sample"], ex["first"], ex["last"], str(out / ex["audio"]))
                     for shown in examples.values() for ex in shown]
         render.render_windows(cfg.model or store.meta.model, store, requests, cfg.device, cfg.progress)
+    _plot_examples(examples, out, store.meta.frame_rate, audio=render is not None)
     views = {key: _feature_view(key, info) for key, info in features.items()}
     for key, view in views.items():
         _write_page(out / f"f{key}.html", "feature.html", f=view, examples=examples[key], layer=layer, audio=cfg.audio)
@@ -192,11 +193,21 @@ def _examples(cfg: ReportConfig, store, sae, layer: int, feature: int, top: list
         first, last = (0, len(curve)) if cfg.full_clips else (max(0, peak - half), min(len(curve), peak + half))
         stem = f"f{feature}_e{i}"
         clip = f"audio/{stem}.{'wav' if cfg.wav else 'ogg'}"
-        plot_activation(curve[first:last], rate, plots / f"{stem}.png", first / rate)
-        out.append({"stem": stem, "audio": clip, "sample": ex["sample_index"], "first": first, "last": last, "start": first / rate,
+        out.append({"stem": stem, "audio": clip, "curve": curve[first:last], "sample": ex["sample_index"], "first": first, "last": last, "start": first / rate,
                     "end": last / rate, "activation": ex["activation"], "type": ex["type"], "prompt": ex["prompt"],
                     "tags": ex.get("tags", [])})
     return out
+
+
+def _plot_examples(examples: dict[str, list[dict]], out: Path, frame_rate: float, audio: bool) -> None:
+    """Each example's plot: the activation curve, under the clip's log-mel spectrogram (read back
+    from the clip just written) when the report has audio."""
+    from extractor.audio import read_audio
+
+    for shown in examples.values():
+        for ex in shown:
+            sound, rate = read_audio(out / ex["audio"]) if audio else (None, None)
+            plot_example(ex.pop("curve"), frame_rate, out / "plots" / f"{ex['stem']}.png", ex["start"], sound, rate)
 
 
 def _feature_view(key: str, info: dict) -> dict:

@@ -65,6 +65,22 @@ def test_report_files_are_complete_and_relative(rendered):
         for source, seconds in zip(sources, windows):
             audio, rate = soundfile.read(str(rendered / source), dtype="float32")
             assert rate == 48000 and abs(len(audio) / rate - seconds) < 0.015 and np.isfinite(audio).all(), source
+    from matplotlib.image import imread
+
+    heights = {imread(plot).shape[0] for plot in (rendered / "plots").glob("*.png")}
+    assert heights == {306}, f"each plot is the clip's spectrogram above the activation (3.4 in at 90 dpi): {heights}"
+
+
+def test_log_mel_puts_a_tone_in_its_band_at_its_time():
+    from discovery.plotting import log_mel
+
+    rate = 48000
+    t = np.arange(rate) / rate
+    audio = np.where(t < 0.5, np.sin(2 * np.pi * 1000 * t), np.sin(2 * np.pi * 6000 * t)).astype(np.float32)
+    db, centres = log_mel(audio, rate)
+    assert db.shape[0] == len(centres) == 64 and abs(db.shape[1] - 100) <= 2  # 10 ms hops over 1 s
+    early, late = db[:, 10:40].mean(axis=1), db[:, 60:90].mean(axis=1)
+    assert abs(centres[np.argmax(early)] - 1000) < 150 and abs(centres[np.argmax(late)] - 6000) < 600
 
 
 def test_report_shows_the_run_the_evaluation_and_escaped_labels(rendered):
