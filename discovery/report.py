@@ -149,7 +149,8 @@ def build_report(cfg: ReportConfig) -> Path:
     views = {key: _feature_view(key, info) for key, info in features.items()}
     for key, view in views.items():
         _write_page(out / f"f{key}.html", "feature.html", f=view, examples=examples[key], layer=layer, audio=cfg.audio)
-    _write_page(out / "index.html", "index.html", layer=layer, features=list(views.values()), metrics=metrics,
+    tags = sorted({a["tag"] for view in views.values() for a in view["aligned_tags"]})
+    _write_page(out / "index.html", "index.html", layer=layer, features=list(views.values()), metrics=metrics, tags=tags,
                 density=_density(out / "density.png", Path(sae_path), files))
     if any(gaps.values()):
         print(f"report: {sum(gaps.values())} non-finite (NaN/Inf) rows of layer {layer} in "

@@ -124,11 +124,39 @@ def test_report_loads_in_headless_chromium(rendered):
             assert result["images"] and all(ok for _, ok in result["images"]), result["images"]
             assert all(ok and duration > 0 for _, ok, duration in result["audios"]), result["audios"]
             if page.name == "index.html":
-                driver.find_elements("css selector", "th")[2].click()  # sorting runs without errors
+                _sort_and_filter(driver)
+            else:  # a feature page: the tag bars, and each example's audio beside its spectrogram plot
+                assert driver.find_elements("css selector", "#aligned .bar") or "Aligned tags</h2>\n<p>-" in \
+                    driver.page_source
+                assert len(driver.find_elements("css selector", ".ex audio")) == len(
+                    driver.find_elements("css selector", ".ex img[src^='plots/']")) == 2
             errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
             assert not errors, errors
     finally:
         driver.quit()
+
+
+VISIBLE = "return [...document.querySelectorAll('#features tbody tr')].filter(r => r.style.display !== 'none')"
+
+
+def _sort_and_filter(driver):
+    """Sort by a column; filter by a word of a label, then by an aligned tag; the count follows."""
+    from selenium.webdriver.support.ui import Select
+
+    driver.find_elements("css selector", "th")[2].click()
+    frequencies = driver.execute_script(VISIBLE + ".map(r => parseFloat(r.cells[2].dataset.v))")
+    assert len(frequencies) == 3 and frequencies == sorted(frequencies)
+    driver.find_element("id", "filter").send_keys("bright")
+    texts = driver.execute_script(VISIBLE + ".map(r => r.dataset.text)")
+    assert texts and all("bright" in t for t in texts) and len(texts) < 3, texts
+    assert driver.find_element("id", "shown").text == f"{len(texts)} of 3 features"
+    driver.execute_script("const f = document.getElementById('filter'); f.value = '';"
+                          "f.dispatchEvent(new Event('input'));")
+    choice = Select(driver.find_element("id", "tag"))
+    tag = choice.options[1].get_attribute("value")
+    choice.select_by_index(1)
+    tagged = driver.execute_script(VISIBLE + ".map(r => r.dataset.tags.split('|'))")
+    assert tagged and all(tag in tags for tags in tagged), (tag, tagged)
 
 
 @pytest.mark.slow
