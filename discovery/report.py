@@ -63,9 +63,13 @@ class ReportConfig:
     eval: str | None = None
     """eval.json from extractor.evaluate, to show loss recovered."""
     audio: bool = True
-    """Decode audio (off: plots and text only)."""
+    """Use the model: decode audio, and compute output effects unless --no-effects (off: plots and text
+    only, no PyTorch needed)."""
     wav: bool = False
     """Write clips as 16-bit WAV instead of Ogg/Opus (about 8x the bytes; every browser plays both)."""
+    effects: bool = True
+    """Show each feature's output effects: the codes its decoder direction promotes and suppresses in
+    each codebook's logits (needs PyTorch, as audio does)."""
     device: str = "auto"
     """Device for audio decoding."""
     progress: bool = True
@@ -106,25 +110,29 @@ def _summary_metrics(sae_path: Path, eval_path: str | None, summary: dict) -> li
     return [(k, v) for k, v in metrics.items() if isinstance(v, (int, float))]
 
 
-def _audio_renderer():
-    """``extractor.render`` (torch and transformers); a MissingExtraError on a JAX-only install."""
+def _torch_side(module: str, what: str, without: str):
+    """``extractor.{module}`` (torch and transformers: it loads the model); a MissingExtraError naming
+    ``without`` on a JAX-only install, before any work."""
+    import importlib
+
     from jax_sae.export import missing_extract
 
     try:
-        import transformers  # noqa: F401 - rendering loads the model with it; checked before any work
-        from extractor import render
+        import transformers  # noqa: F401 - checked before any work
+        return importlib.import_module(f"extractor.{module}")
     except ModuleNotFoundError as err:
         if err.name not in ("torch", "transformers"):
             raise
-        raise missing_extract("the report's audio needs PyTorch and transformers (EnCodec decodes the stored codes)",
-                              "--no-audio builds the report without sound") from None
-    return render
+        raise missing_extract(f"{what} needs PyTorch and transformers (they load the model)",
+                              f"{without} builds the report without it") from None
 
 
 def build_report(cfg: ReportConfig) -> Path:
     import jax_sae
 
-    render = _audio_renderer() if cfg.audio else None
+    render = _torch_side("render", "the report's audio", "--no-audio") if cfg.audio else None
+    effects = _torch_side("effects", "the report's output effects", "--no-effects") if cfg.audio and cfg.effects \
+        else None
     files = FeatureFiles(cfg.features)
     features = files.read_features()
     summary = files.read_summary() or {}
@@ -147,6 +155,12 @@ def build_report(cfg: ReportConfig) -> Path:
         render.render_windows(cfg.model or store.meta.model, store, requests, cfg.device, cfg.progress)
     _plot_examples(examples, out, store.meta.frame_rate, audio=render is not None)
     views = {key: _feature_view(key, info) for key, info in features.items()}
+    if effects is not None:
+        directions = np.asarray(sae.params.W_dec_HD)[[int(key) for key in views]]
+        per_feature = effects.output_effects(cfg.model or store.meta.model, directions, top=8, device=cfg.device,
+                                             d_model=sae.cfg.d_model)
+        for view, found in zip(views.values(), per_feature):
+            view["effects"] = found
     for key, view in views.items():
         _write_page(out / f"f{key}.html", "feature.html", f=view, examples=examples[key], layer=layer, audio=cfg.audio)
     tags = sorted({a["tag"] for view in views.values() for a in view["aligned_tags"]})
@@ -218,7 +232,7 @@ def _feature_view(key: str, info: dict) -> dict:
     return {"key": key, "label": info["label"], "frequency": info.get("frequency") or 0,
             "max_activation": info.get("max_activation") or 0, "label_source": info.get("label_source", ""),
             "description": info.get("description"), "aligned_tags": aligned, "best_tag": best.get("tag", "-"),
-            "best_auroc": best.get("auroc") or 0, "detection": info.get("detection_score")}
+            "best_auroc": best.get("auroc") or 0, "detection": info.get("detection_score"), "effects": []}
 
 
 def _density(path: Path, sae_path: Path, files: FeatureFiles) -> bool:

@@ -23,7 +23,7 @@ DRIVER = shutil.which("chromedriver")
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
-    planted_store(root / "store", n_samples=60)
+    planted_store(root / "store", n_samples=60, d=64)  # tiny-random's width: output effects go through its heads
     train(TrainConfig(sae_type="topk", layer_idx=0, hidden_dim=32, top_k=4, batch_size=256, epochs=2, lr=4e-3,
                       store=str(root / "store"), out=str(root / "models"), progress=False, patience=0))
     features = root / "results" / "features_layer0.json"
@@ -54,6 +54,8 @@ def test_report_files_are_complete_and_relative(rendered):
         text = page.read_text()
         assert text.count("<audio") == 2 and text.count("plots/") == 2
         assert "file://" not in text and str(rendered) not in text, "paths must be relative"
+        effects = text.split("<table class='effects' id='effects'>")[1].split("</table>")[0]
+        assert effects.count("<tr><td>") == 4 and effects.count(": +") == effects.count(": -") == 4 * 8, effects
     soundfile = pytest.importorskip("soundfile", reason="the extract extra (soundfile) is not installed")
     clips = sorted((rendered / "audio").glob("*.ogg"))
     assert len(clips) == 6 and not list((rendered / "audio").glob("*.wav")) and (rendered / "density.png").exists()

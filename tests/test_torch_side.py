@@ -1,9 +1,10 @@
-"""Spliced-in evaluation and steering on tiny-random."""
+"""Spliced-in evaluation, steering and output effects on tiny-random."""
 
 import json
 
 import numpy as np
 import pytest
+import torch
 
 from extractor.extract import ExtractConfig, extract
 from extractor.torch_sae import save_torch_export
@@ -92,3 +93,24 @@ def test_steering_rejects_a_feature_out_of_range(store, tmp_path):
         main(["--model", "tiny-random", "--sae", str(_sae(tmp_path / "r.pt", "random")), "--feature", "256",
               "--out", str(tmp_path / "s"), "--device", "cpu"])
     assert "feature 256 is out of range: the SAE has 256 features (0-255)" in str(exc.value)
+
+
+def test_output_effects_rank_the_codes_a_direction_writes_toward(tiny_model):
+    """A direction built from head k's row for code j (through the final norm's gain) promotes j in
+    codebook k above every other code, and its negation suppresses j; the model's own logits agree
+    on the sign when the direction is added to a real final hidden state."""
+    from extractor.effects import logit_effects
+
+    heads = [h.weight.detach() for h in tiny_model.model.decoder.lm_heads]
+    gain = tiny_model.decoder.layer_norm.weight.detach()
+    k, j = 2, 17
+    direction = (heads[k][j] / gain).numpy()
+    effects = logit_effects(gain, heads, np.stack([direction, -direction]), top=5)
+    assert [e.codebook for e in effects[0]] == list(range(len(heads)))
+    assert effects[0][k].promoted[0][0] == j and effects[1][k].suppressed[0][0] == j
+    values = [v for _, v in effects[0][k].promoted]
+    assert values == sorted(values, reverse=True) and all(v < 0 for _, v in effects[0][k].suppressed)
+    h = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    before = tiny_model.model.decoder.lm_heads[k](tiny_model.decoder.layer_norm(h))
+    after = tiny_model.model.decoder.lm_heads[k](tiny_model.decoder.layer_norm(h + 0.5 * torch.as_tensor(direction)))
+    assert int(torch.argmax(after - before)) == j
