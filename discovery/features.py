@@ -29,7 +29,7 @@ from extractor.errors import UsageError
 from .align import Alignment, align, average_precision, layer_summary
 from .discover import FeatureFiles
 from .labels import Corpus, detection_score, heuristic_label
-from .stats import PassResult, feature_pass
+from .stats import HIST_EDGES, PassResult, feature_pass
 
 AGGREGATIONS = ("max", "mean", "moments")
 
@@ -76,6 +76,15 @@ def _examples(stats: PassResult, store, feature: int, aggregation: str, n: int) 
 
 def _sample_indices(examples: list[dict]) -> list[int]:
     return list(dict.fromkeys(ex["sample_index"] for ex in examples))
+
+
+def _histogram(stats: PassResult, feature: int) -> dict:
+    """The feature's activation histogram for the JSON: rows per half-octave bin (HIST_EDGES; the first
+    bin is everything below the first edge, the last everything above the last), where it fires."""
+    if stats.histogram is None:
+        return {}
+    return {"activation_histogram": {"edges": [float(e) for e in HIST_EDGES],
+                                     "counts": [int(c) for c in stats.histogram[feature]]}}
 
 
 def _number(value, digits: int | None = None) -> float | None:
@@ -164,6 +173,7 @@ class FeatureDiscovery:
                 "sample_count": int(stats.sample_count[feature]),
                 "max_activation": _number(stats.max[feature]),
                 "mean_activation": _number(stats.sum[feature] / max(stats.token_count[feature], 1)),
+                **_histogram(stats, feature),
                 "aligned_tags": aligned,
             }
         summary = {

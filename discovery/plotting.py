@@ -76,3 +76,25 @@ def plot_example(curve: np.ndarray, frame_rate: float, path: Path, offset_second
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
+
+
+def plot_histogram(edges: np.ndarray, counts: np.ndarray, frequency: float, path: Path) -> None:
+    """A feature's activation histogram over the rows where it fires: half-octave bins on a log axis
+    (the outer bins hold what lies below the first edge and above the last)."""
+    plt = pyplot()
+    edges = np.asarray(edges, np.float64)
+    counts = np.asarray(counts, np.float64)
+    lows = np.concatenate([[edges[0] / np.sqrt(2)], edges])  # the outer bins drawn half an octave wide
+    highs = np.concatenate([edges, [edges[-1] * np.sqrt(2)]])
+    used = np.flatnonzero(counts)
+    fig, ax = plt.subplots(figsize=(6, 1.9))
+    ax.bar(lows, counts, width=highs - lows, align="edge", alpha=0.75)
+    ax.set_xscale("log", base=2)
+    if len(used):
+        ax.set_xlim(lows[used[0]], highs[used[-1]])
+    ax.set_xlabel(f"activation where the feature fires (density: {frequency:.3%} of rows)", fontsize=8)
+    ax.set_ylabel("rows", fontsize=8)
+    ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

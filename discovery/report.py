@@ -33,7 +33,7 @@ from jax_sae.plots import plot_density
 from jax_sae.run_dir import RunDir
 
 from .discover import FeatureFiles
-from .plotting import plot_example
+from .plotting import plot_example, plot_histogram
 
 
 class ReportError(UsageError):
@@ -155,6 +155,11 @@ def build_report(cfg: ReportConfig) -> Path:
         render.render_windows(cfg.model or store.meta.model, store, requests, cfg.device, cfg.progress)
     _plot_examples(examples, out, store.meta.frame_rate, audio=render is not None)
     views = {key: _feature_view(key, info) for key, info in features.items()}
+    for key, view in views.items():
+        histogram = features[key].get("activation_histogram")
+        if histogram and sum(histogram["counts"]):
+            plot_histogram(histogram["edges"], histogram["counts"], view["frequency"], out / "plots" / f"f{key}_hist.png")
+            view["histogram"] = f"plots/f{key}_hist.png"
     if effects is not None:
         directions = np.asarray(sae.params.W_dec_HD)[[int(key) for key in views]]
         per_feature = effects.output_effects(cfg.model or store.meta.model, directions, top=8, device=cfg.device,
@@ -232,7 +237,8 @@ def _feature_view(key: str, info: dict) -> dict:
     return {"key": key, "label": info["label"], "frequency": info.get("frequency") or 0,
             "max_activation": info.get("max_activation") or 0, "label_source": info.get("label_source", ""),
             "description": info.get("description"), "aligned_tags": aligned, "best_tag": best.get("tag", "-"),
-            "best_auroc": best.get("auroc") or 0, "detection": info.get("detection_score"), "effects": []}
+            "best_auroc": best.get("auroc") or 0, "detection": info.get("detection_score"), "effects": [],
+            "histogram": None}
 
 
 def _density(path: Path, sae_path: Path, files: FeatureFiles) -> bool:

@@ -34,6 +34,18 @@ from jax_sae.distributed import gather_host
 from jax_sae.sharding import DATA, make_mesh
 
 
+# Edges of each feature's activation histogram: half-octaves from 2^-8 to 2^8 (activations are of
+# the SAE's scaled inputs; the first and last bins catch what falls outside).
+HIST_EDGES = 2.0 ** (np.arange(-16, 17) / 2.0)
+
+
+def histogram_counts(token_count_H: np.ndarray, above_HE: np.ndarray) -> np.ndarray:
+    """[H, len(HIST_EDGES) + 1] rows per bin: below the first edge, between each pair, above the last;
+    from the rows firing and the rows above each edge."""
+    cumulative = np.concatenate([token_count_H[:, None], above_HE], axis=1).astype(np.int64)
+    return np.concatenate([cumulative[:, :-1] - cumulative[:, 1:], cumulative[:, -1:]], axis=1)
+
+
 @struct.dataclass
 class FeatureState:
     """Running per-feature statistics (H features, E examples each)."""
@@ -48,6 +60,7 @@ class FeatureState:
     top_mean_sample_HE: jax.Array
     top_token_HE: jax.Array  # best single-token activations
     top_token_row_HE: jax.Array
+    above_HE: jax.Array  # rows whose activation is above each of HIST_EDGES
 
 
 def init_state(hidden: int, examples: int) -> FeatureState:
@@ -59,7 +72,8 @@ def init_state(hidden: int, examples: int) -> FeatureState:
 
     return FeatureState(jnp.zeros((hidden,), jnp.int32), jnp.zeros((hidden,), jnp.int32),
                         jnp.zeros((hidden,), jnp.float32), jnp.zeros((hidden,), jnp.float32),
-                        neg(), none(), neg(), none(), neg(), none())
+                        neg(), none(), neg(), none(), neg(), none(),
+                        jnp.zeros((hidden, len(HIST_EDGES)), jnp.int32))
 
 
 def _merge(vals_HE, ids_HE, new_vals_HN, new_ids_HN, examples: int):
@@ -95,9 +109,11 @@ def _block_stats(cfg: SAEConfig, examples: int, max_samples: int, token_examples
     else:
         top = jnp.full((f_RH.shape[1], examples), -jnp.inf, jnp.float32)
         top_rows = jnp.full((f_RH.shape[1], examples), -1, jnp.int32)
+    # One fused compare-and-count per edge (a [R, H, edges] one-hot would not fit at real widths).
+    above_HE = jnp.stack([jnp.sum(f_RH > edge, axis=0, dtype=jnp.int32) for edge in HIST_EDGES.tolist()], axis=1)
     return (lax.psum(jnp.sum(f_RH > 0, axis=0, dtype=jnp.int32), DATA), lax.psum(jnp.sum(f_RH, axis=0), DATA),
             lax.pmax(jnp.max(f_RH, axis=0), DATA), smax_SH, ssum_SH / jnp.maximum(length_S, 1)[:, None],
-            top, top_rows, length_S, bad_R)
+            top, top_rows, length_S, bad_R, lax.psum(above_HE, DATA))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=5)
@@ -112,9 +128,9 @@ def update(cfg: SAEConfig, examples: int, max_samples: int, mesh, token_examples
     [S, H], each slot's finite row count [S] and the block's NaN/Inf row mask [R], all replicated.
     """
     stats = jax.shard_map(functools.partial(_block_stats, cfg, examples, max_samples, token_examples), mesh=mesh,
-                          in_specs=(P(), P(), P(), P(DATA), P(DATA), P(DATA)), out_specs=(P(),) * 9,
+                          in_specs=(P(), P(), P(), P(DATA), P(DATA), P(DATA)), out_specs=(P(),) * 10,
                           check_vma=False)  # every output comes out of a psum/pmax/all_gather: replicated
-    token_count, total, peak, smax_SH, smean_SH, block_top, block_rows, length_S, bad_R = stats(
+    token_count, total, peak, smax_SH, smean_SH, block_top, block_rows, length_S, bad_R, above_HE = stats(
         params, threshold, scale, x_RD, segment_R, row_R)
     slot_ok = (sample_S >= 0)[None, :]
     sample_HS = jnp.broadcast_to(sample_S[None, :], (smax_SH.shape[1], max_samples))
@@ -131,6 +147,7 @@ def update(cfg: SAEConfig, examples: int, max_samples: int, mesh, token_examples
         top_max_HE=top_max, top_max_sample_HE=top_max_s,
         top_mean_HE=top_mean, top_mean_sample_HE=top_mean_s,
         top_token_HE=top_tok, top_token_row_HE=top_tok_row,
+        above_HE=state.above_HE + above_HE,
     )
     return new, smax_SH, smean_SH, length_S, bad_R
 
@@ -151,6 +168,7 @@ class PassResult:
     nonfinite_rows: np.ndarray  # global indices of the skipped NaN/Inf rows, ascending
     finite_rows_per_sample: np.ndarray  # [n_samples]: the rows each sample's scores come from
     rows_read_per_process: tuple[int, ...] = ()  # store rows each process read (its devices' share)
+    histogram: np.ndarray | None = None  # [H, len(HIST_EDGES) + 1] rows per activation bin (HIST_EDGES)
 
     @property
     def finite_rows(self) -> int:
@@ -256,5 +274,5 @@ def feature_pass(sae: SAE, store, layer: int, *, examples: int = 20, block_rows:
              "moments": (host.top_token_HE, host.top_token_row_HE)},
         sample_max=sample_max, sample_mean=sample_mean, n_rows=store.n_rows, n_samples=store.n_samples,
         nonfinite_rows=nonfinite_rows, finite_rows_per_sample=finite_per_sample,
-        rows_read_per_process=read_per_process,
+        rows_read_per_process=read_per_process, histogram=histogram_counts(host.token_count_H, host.above_HE),
     )

@@ -11,7 +11,7 @@ from discovery.align import align, average_precision
 from discovery.discover import DiscoverError, FeatureFiles, main
 from discovery.features import FeatureDiscovery
 from discovery.labels import Corpus, heuristic_label
-from discovery.stats import feature_pass
+from discovery.stats import HIST_EDGES, feature_pass
 from extractor.store import StoreMeta, acts_name, create_store, open_store
 from jax_sae.train import TrainConfig, train
 
@@ -92,7 +92,11 @@ def test_streaming_statistics_equal_brute_force(tmp_path, planted, devices):
     np.testing.assert_allclose(result.sample_max, smax, rtol=2e-3, atol=2e-3)
     np.testing.assert_allclose(result.sample_mean, smean, rtol=2e-3, atol=2e-3)
     np.testing.assert_array_equal(result.sample_count, (smax > 0).sum(0))
+    edges = np.concatenate([[0.0], HIST_EDGES, [np.inf]])  # the first bin is (0, 2^-8], the last above 2^8
     for h in range(f.shape[1]):
+        fired = f[f[:, h] > 0, h]
+        want = [int(np.sum((fired > lo) & (fired <= hi))) for lo, hi in zip(edges[:-1], edges[1:])]
+        assert result.histogram[h].tolist() == want, h
         want = np.sort(smax[:, h])[::-1][:5]
         np.testing.assert_allclose(result.top["max"][0][h], want, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(result.top["moments"][0][h], np.sort(f[:, h])[::-1][:5], rtol=1e-5, atol=1e-6)

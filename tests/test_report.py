@@ -52,7 +52,8 @@ def test_report_files_are_complete_and_relative(rendered):
     assert len(pages) == 3 and all(f"href='{p.name}'" in index for p in pages)
     for page in pages:
         text = page.read_text()
-        assert text.count("<audio") == 2 and text.count("plots/") == 2
+        assert text.count("<audio") == 2 and text.count("plots/") == 3  # two examples and the histogram
+        assert f"src='plots/{page.stem}_hist.png'" in text
         assert "file://" not in text and str(rendered) not in text, "paths must be relative"
         effects = text.split("<table class='effects' id='effects'>")[1].split("</table>")[0]
         assert effects.count("<tr><td>") == 4 and effects.count(": +") == effects.count(": -") == 4 * 8, effects
@@ -69,7 +70,7 @@ def test_report_files_are_complete_and_relative(rendered):
             assert rate == 48000 and abs(len(audio) / rate - seconds) < 0.015 and np.isfinite(audio).all(), source
     from matplotlib.image import imread
 
-    heights = {imread(plot).shape[0] for plot in (rendered / "plots").glob("*.png")}
+    heights = {imread(plot).shape[0] for plot in (rendered / "plots").glob("*_e*.png")}
     assert heights == {306}, f"each plot is the clip's spectrogram above the activation (3.4 in at 90 dpi): {heights}"
 
 
