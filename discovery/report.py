@@ -67,6 +67,16 @@ class ReportConfig:
     only, no PyTorch needed)."""
     wav: bool = False
     """Write clips as 16-bit WAV instead of Ogg/Opus (about 8x the bytes; every browser plays both)."""
+    steer: int = 0
+    """Steer the first N reported features with extractor.steer (unsteered, steered and an equal-norm
+    random control, one seed) and put the three clips on each one's page with the feature's measured
+    activation in each (needs PyTorch)."""
+    steer_prompt: str = "an upbeat pop song with drums and a catchy melody"
+    """Prompt of the --steer generations."""
+    steer_seconds: float = 5.0
+    """Seconds generated per --steer clip."""
+    steer_strength: float = 4.0
+    """--steer adds this multiple of the feature's max activation along its direction."""
     effects: bool = True
     """Show each feature's output effects: the codes its decoder direction promotes and suppresses in
     each codebook's logits (needs PyTorch, as audio does)."""
@@ -80,6 +90,8 @@ class ReportConfig:
             raise ReportError("--features is required (results/features_layer{N}.json)")
         if not self.window > 0 or self.examples <= 0:
             raise ReportError("--window and --examples must be positive")
+        if self.steer < 0 or (self.steer and not self.steer_seconds > 0):
+            raise ReportError("--steer must be >= 0 and --steer_seconds > 0")
 
 
 @functools.cache
@@ -133,6 +145,7 @@ def build_report(cfg: ReportConfig) -> Path:
     render = _torch_side("render", "the report's audio", "--no-audio") if cfg.audio else None
     effects = _torch_side("effects", "the report's output effects", "--no-effects") if cfg.audio and cfg.effects \
         else None
+    steering = _torch_side("steer", "--steer", "--steer 0") if cfg.steer else None
     files = FeatureFiles(cfg.features)
     features = files.read_features()
     summary = files.read_summary() or {}
@@ -166,6 +179,8 @@ def build_report(cfg: ReportConfig) -> Path:
                                              d_model=sae.cfg.d_model)
         for view, found in zip(views.values(), per_feature):
             view["effects"] = found
+    if steering is not None:
+        _steer(cfg, steering, list(views.values())[: cfg.steer], sae_path, store.meta.model, out)
     for key, view in views.items():
         _write_page(out / f"f{key}.html", "feature.html", f=view, examples=examples[key], layer=layer, audio=cfg.audio)
     tags = sorted({a["tag"] for view in views.values() for a in view["aligned_tags"]})
@@ -219,6 +234,27 @@ def _examples(cfg: ReportConfig, store, sae, layer: int, feature: int, top: list
     return out
 
 
+def _steer(cfg: ReportConfig, steering, views: list[dict], sae_path: str, store_model: str, out: Path) -> None:
+    """Steer each of ``views``' features (the SAE exported to torch once, in a temporary directory);
+    the page shows the three runs' clips and the feature's activation in each."""
+    import tempfile
+
+    from jax_sae.export import ExportConfig, export
+
+    with tempfile.TemporaryDirectory(prefix="report-steer-") as tmp:
+        exported = export(ExportConfig(checkpoint=str(sae_path), format="torch", out=str(Path(tmp) / "sae.pt")))
+        for view in views:
+            where = out / "steer" / f"f{view['key']}"
+            found = steering.steer(steering.SteerConfig(
+                model=cfg.model or store_model, sae=str(exported), feature=int(view["key"]), prompt=cfg.steer_prompt,
+                duration=cfg.steer_seconds, strength=cfg.steer_strength, out=str(where), device=cfg.device,
+                audio_format="wav" if cfg.wav else "ogg"))
+            view["steer"] = {"prompt": cfg.steer_prompt, "strength": cfg.steer_strength, "runs": [
+                {"name": name, "audio": f"steer/f{view['key']}/{run['audio']}",
+                 "mean": run["feature_mean_activation"], "max": run["feature_max_activation"]}
+                for name, run in ((n, found["runs"][n]) for n in ("unsteered", "steered", "control"))]}
+
+
 def _plot_examples(examples: dict[str, list[dict]], out: Path, frame_rate: float, audio: bool) -> None:
     """Each example's plot: the activation curve, under the clip's log-mel spectrogram (read back
     from the clip just written) when the report has audio."""
@@ -237,7 +273,7 @@ def _feature_view(key: str, info: dict) -> dict:
     return {"key": key, "label": info["label"], "frequency": info.get("frequency") or 0,
             "max_activation": info.get("max_activation") or 0, "label_source": info.get("label_source", ""),
             "description": info.get("description"), "aligned_tags": aligned, "best_tag": best.get("tag", "-"),
-            "best_auroc": best.get("auroc") or 0, "detection": info.get("detection_score"), "effects": [],
+            "best_auroc": best.get("auroc") or 0, "detection": info.get("detection_score"), "effects": [], "steer": None,
             "histogram": None}
 
 

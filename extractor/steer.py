@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .audio import write_wav
+from .audio import write_audio
 from .capture import generate_batch, layer_hook
 from .errors import UsageError
 from .evaluate import checked_layer
@@ -67,6 +67,8 @@ class SteerConfig:
     """auto | cpu | cuda."""
     model_dtype: str = "auto"
     """Compute dtype."""
+    audio_format: Literal["wav", "ogg"] = "wav"
+    """Clips as 16-bit WAV, or Ogg/Opus (about an eighth of the bytes)."""
 
     def __post_init__(self) -> None:
         if not self.sae or self.feature is None:
@@ -121,13 +123,16 @@ def _steer_fn(cfg: SteerConfig, sae: TorchSAE, direction: torch.Tensor, delta: t
     return lambda h: delta.expand_as(h)
 
 
-def _write_runs(out: Path, report: dict, runs: dict, feature_acts, window: slice, sampling_rate: int) -> None:
-    """Each run's WAV and its feature activation figures (into ``report``), then steer.json."""
+def _write_runs(out: Path, report: dict, runs: dict, feature_acts, window: slice, sampling_rate: int,
+                audio_format: str = "wav") -> None:
+    """Each run's clip and its feature activation figures (into ``report``), then steer.json."""
     out.mkdir(parents=True, exist_ok=True)
     for name, batch in runs.items():
-        write_wav(out / f"{name}.wav", batch.audio[0], sampling_rate)
+        clip = f"{name}.{audio_format}"
+        write_audio(out / clip, batch.audio[0], sampling_rate)
         f = feature_acts(batch)[window]
-        report["runs"][name] = {"wav": f"{name}.wav", "feature_mean_activation": float(f.mean()),
+        report["runs"][name] = {"audio": clip, **({"wav": clip} if audio_format == "wav" else {}),
+                                "feature_mean_activation": float(f.mean()),
                                 "feature_max_activation": float(f.max()), "feature_active_fraction": float((f > 0).mean())}
     write_json(out / "steer.json", report)
 
@@ -168,7 +173,7 @@ def steer(cfg: SteerConfig) -> dict:
               "seed": cfg.seed, "window_seconds": [cfg.start, min(last, n_frames) / rate], "streams": cfg.streams,
               "delta_norm": float(delta.norm()), "runs": {}}
     _write_runs(out, report, {"unsteered": plain, "steered": steered, "control": controlled}, feature_acts,
-                slice(first, min(last, n_frames)), loaded.info.sampling_rate)
+                slice(first, min(last, n_frames)), loaded.info.sampling_rate, cfg.audio_format)
     runs = report["runs"]
     print(f"{out}: feature {cfg.feature} mean activation unsteered {runs['unsteered']['feature_mean_activation']:.3f}, "
           f"steered {runs['steered']['feature_mean_activation']:.3f}, control "

@@ -39,7 +39,8 @@ def rendered(tmp_path_factory):
                                     "stream": "cond", "mean_ablation_from": "st", "predictions": 1, "overall": losses,
                                     "per_codebook": [losses]})
     report(["--features", str(features), "--out", str(root / "report"), "--model", "tiny-random", "--examples", "2",
-            "--window", "0.5", "--device", "cpu", "--no-progress", "--eval", str(root / "eval.json")])
+            "--window", "0.5", "--device", "cpu", "--no-progress", "--eval", str(root / "eval.json"),
+            "--steer", "1", "--steer_seconds", "0.5"])
     return root / "report"
 
 
@@ -52,7 +53,8 @@ def test_report_files_are_complete_and_relative(rendered):
     assert len(pages) == 3 and all(f"href='{p.name}'" in index for p in pages)
     for page in pages:
         text = page.read_text()
-        assert text.count("<audio") == 2 and text.count("plots/") == 3  # two examples and the histogram
+        steered = 3 * ("id='steer'" in text)  # --steer 1: the three runs' clips on one page
+        assert text.count("<audio") == 2 + steered and text.count("plots/") == 3  # two examples, the histogram
         assert f"src='plots/{page.stem}_hist.png'" in text
         assert "file://" not in text and str(rendered) not in text, "paths must be relative"
         effects = text.split("<table class='effects' id='effects'>")[1].split("</table>")[0]
@@ -68,6 +70,15 @@ def test_report_files_are_complete_and_relative(rendered):
         for source, seconds in zip(sources, windows):
             audio, rate = soundfile.read(str(rendered / source), dtype="float32")
             assert rate == 48000 and abs(len(audio) / rate - seconds) < 0.015 and np.isfinite(audio).all(), source
+    steered = [page for page in pages if "id='steer'" in page.read_text()]
+    assert len(steered) == 1, "--steer 1: the first reported feature's page"
+    text = steered[0].read_text()
+    runs = re.findall(r"<b>(\w+)</b><audio controls preload='metadata' src='(steer/[^']+\.ogg)'></audio>"
+                      r"<span class='tags'>feature activation: mean (-?[\d.]+)", text)
+    assert [name for name, _, _ in runs] == ["unsteered", "steered", "control"], text
+    for _, source, _ in runs:
+        audio, rate = soundfile.read(str(rendered / source), dtype="float32")
+        assert rate == 48000 and abs(len(audio) / rate - 0.5) < 0.05
     from matplotlib.image import imread
 
     heights = {imread(plot).shape[0] for plot in (rendered / "plots").glob("*_e*.png")}
