@@ -44,14 +44,15 @@ class ReportError(UsageError):
 class ReportConfig:
     """Options of ``python -m discovery.report``."""
 
-    features: str | None = None
-    """Features JSON written by discovery.discover."""
+    features: tuple[str, ...] = ()
+    """Features JSON written by discovery.discover; several (one per layer) make one report with a
+    page set per layer, linked to each other."""
     store: str | None = None
-    """Activation store (default: the one recorded beside the features)."""
+    """Activation store (default: the one recorded beside the features; one features file only)."""
     sae: str | None = None
-    """SAE checkpoint (default: the one recorded beside the features)."""
+    """SAE checkpoint (default: the one recorded beside the features; one features file only)."""
     out: str | None = None
-    """Report directory (default: beside the features, report_layer{N}/)."""
+    """Report directory (default: beside the features, report_layer{N}/, or report/ for several layers)."""
     model: str | None = None
     """Model whose EnCodec decodes the audio (default: the store's model)."""
     window: float = 4.0
@@ -88,6 +89,8 @@ class ReportConfig:
     def __post_init__(self) -> None:
         if not self.features:
             raise ReportError("--features is required (results/features_layer{N}.json)")
+        if len(self.features) > 1 and (self.store or self.sae):
+            raise ReportError("--store and --sae name one layer's; with several --features each summary records its own")
         if not self.window > 0 or self.examples <= 0:
             raise ReportError("--window and --examples must be positive")
         if self.steer < 0 or (self.steer and not self.steer_seconds > 0):
@@ -140,13 +143,35 @@ def _torch_side(module: str, what: str, without: str):
 
 
 def build_report(cfg: ReportConfig) -> Path:
+    """The report of one layer's features, or of several layers with a page set per layer."""
+    torch_side = (_torch_side("render", "the report's audio", "--no-audio") if cfg.audio else None,
+                  _torch_side("effects", "the report's output effects", "--no-effects") if cfg.audio and cfg.effects
+                  else None,
+                  _torch_side("steer", "--steer", "--steer 0") if cfg.steer else None)
+    if len(cfg.features) == 1:
+        return _build_layer(cfg, FeatureFiles(cfg.features[0]), cfg.out, torch_side, [])[0]
+    files = [FeatureFiles(path) for path in cfg.features]
+    layers = [(files_.read_summary() or {}).get("layer") for files_ in files]
+    if None in layers or len(set(layers)) < len(layers):
+        raise ReportError(f"--features of several layers need each one's summary, one per layer; found layers {layers}")
+    out = Path(cfg.out or files[0].features.parent / "report")
+    built = []
+    for files_, layer in zip(files, layers):
+        nav = [(other, f"../layer{other}/index.html", other == layer) for other in layers]
+        built.append(_build_layer(cfg, files_, out / f"layer{layer}", torch_side, nav))
+    _write_page(out / "index.html", "layers.html", nav=[], layers=[(layer, f"layer{layer}/index.html", metrics)
+                                                                  for layer, (_, metrics) in zip(layers, built)])
+    print(f"report: {out / 'index.html'} ({len(layers)} layers)")
+    return out / "index.html"
+
+
+def _build_layer(cfg: ReportConfig, files: FeatureFiles, out: Path | None, torch_side: tuple,
+                 nav: list[tuple]) -> tuple[Path, list[tuple[str, float]]]:
+    """One layer's pages (into ``out``, default beside its features); ``nav`` links the other layers'.
+    Returns its index page and its headline metrics."""
     import jax_sae
 
-    render = _torch_side("render", "the report's audio", "--no-audio") if cfg.audio else None
-    effects = _torch_side("effects", "the report's output effects", "--no-effects") if cfg.audio and cfg.effects \
-        else None
-    steering = _torch_side("steer", "--steer", "--steer 0") if cfg.steer else None
-    files = FeatureFiles(cfg.features)
+    render, effects, steering = torch_side
     features = files.read_features()
     summary = files.read_summary() or {}
     store_path, sae_path = cfg.store or summary.get("store"), cfg.sae or summary.get("sae_path")
@@ -155,7 +180,7 @@ def build_report(cfg: ReportConfig) -> Path:
     metrics = _summary_metrics(Path(sae_path), cfg.eval, summary)
     store, sae = open_store(store_path), jax_sae.load(sae_path)
     layer = summary.get("layer", sae.cfg.layer)
-    out = Path(cfg.out or files.features.parent / f"report_layer{layer}")
+    out = Path(out or files.features.parent / f"report_layer{layer}")
     (out / "audio").mkdir(parents=True, exist_ok=True)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     gaps: dict[int, int] = {}
@@ -182,16 +207,17 @@ def build_report(cfg: ReportConfig) -> Path:
     if steering is not None:
         _steer(cfg, steering, list(views.values())[: cfg.steer], sae_path, store.meta.model, out)
     for key, view in views.items():
-        _write_page(out / f"f{key}.html", "feature.html", f=view, examples=examples[key], layer=layer, audio=cfg.audio)
+        _write_page(out / f"f{key}.html", "feature.html", f=view, examples=examples[key], layer=layer, audio=cfg.audio,
+                    nav=nav)
     tags = sorted({a["tag"] for view in views.values() for a in view["aligned_tags"]})
     _write_page(out / "index.html", "index.html", layer=layer, features=list(views.values()), metrics=metrics, tags=tags,
-                density=_density(out / "density.png", Path(sae_path), files))
+                density=_density(out / "density.png", Path(sae_path), files), nav=nav)
     if any(gaps.values()):
         print(f"report: {sum(gaps.values())} non-finite (NaN/Inf) rows of layer {layer} in "
               f"{sum(1 for n in gaps.values() if n)} of the shown samples are gaps in their activation curves")
     _print_size(out, sum(len(shown) for shown in examples.values()) if render is not None else 0)
     print(f"report: {out / 'index.html'}")
-    return out / "index.html"
+    return out / "index.html", metrics
 
 
 def _print_size(out: Path, clips: int) -> None:

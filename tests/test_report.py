@@ -191,3 +191,29 @@ def test_pipeline_rejects_unknown_stages():
 
     with pytest.raises(PipelineError, match="unknown stage"):
         PipelineConfig(stages="extract,listen")
+
+
+def test_several_layers_make_one_report_with_linked_page_sets(tmp_path):
+    """--features of two layers: report/layer{N}/ for each, an index of the layers, and every page of
+    a layer linking the other layer's index."""
+    from tests.synthetic import planted_dictionary, sparse_data, write_store
+
+    found = []
+    for layer in (2, 5):
+        store = tmp_path / f"store{layer}"
+        write_store(store, sparse_data(planted_dictionary(16, 24, layer), 1200, 3, 0.05, layer), layer=layer)
+        train(TrainConfig(sae_type="topk", layer_idx=layer, hidden_dim=24, top_k=3, batch_size=200, epochs=1, lr=4e-3,
+                          store=str(store), out=str(tmp_path / "models"), progress=False, patience=0))
+        found.append(tmp_path / f"features_layer{layer}.json")
+        discover(["--sae_path", str(tmp_path / f"models/topk/layer{layer}/dim24/best"), "--store", str(store),
+                  "--output", str(found[-1]), "--no_filter", "--max_features", "2", "--examples", "2",
+                  "--no-progress"])
+    report(["--features", *map(str, found), "--out", str(tmp_path / "report"), "--no-audio", "--no-progress"])
+    index = (tmp_path / "report" / "index.html").read_text()
+    assert "href='layer2/index.html'" in index and "href='layer5/index.html'" in index
+    for layer, other in ((2, 5), (5, 2)):
+        pages = sorted((tmp_path / "report" / f"layer{layer}").glob("*.html"))
+        assert len(pages) == 3  # the layer's index and its two features
+        for page in pages:
+            text = page.read_text()
+            assert f"<a href='../layer{other}/index.html'>{other}</a>" in text and f"<b>{layer}</b>" in text, page
