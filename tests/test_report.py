@@ -144,6 +144,8 @@ def test_report_loads_in_headless_chromium(rendered):
                     driver.page_source
                 assert len(driver.find_elements("css selector", ".ex audio")) == len(
                     driver.find_elements("css selector", ".ex img[src^='plots/']")) == 2
+                assert len(driver.find_elements("css selector", "img.hist")) == 1  # the activation histogram
+                assert len(driver.find_elements("css selector", "#effects tbody tr")) == 4  # one row per codebook
             errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
             assert not errors, errors
     finally:
