@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = replace(Q.QualityConfig(), d=args.d, n_true=args.n_true, hidden_dim=args.hidden_dim, top_k=args.top_k,
                   batch_size=args.batch_size, held_out=args.held_out, types=("batch_topk",))
     truth = Q.make_truth(cfg)
-    window = args.dead_feature_window or max(1, min(10_000_000, args.budget // 10) // args.batch_size)
+    window = args.dead_feature_window or max(1, -(-min(10_000_000, args.budget // 10) // args.batch_size))
     weights, seconds, tokens = train_saelens(cfg, truth, args.budget, args.lr, args.seed, window)
     row = {"type": "saelens batch_topk", "budget": args.budget, "tokens": tokens, "seed": args.seed, "lr": args.lr,
            "tokens_per_s": tokens / seconds, "seconds": seconds, **score(weights, truth, Q.held_out_rows(cfg, truth))}
