@@ -122,6 +122,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, prompt_file, r
         np.testing.assert_array_equal(reference[name], got[name])
 
 
+@pytest.mark.slow  # two shards also fill the bucket store of the next test by default (and race in bench.faults)
 def test_two_shards_fill_one_store(tmp_path, prompt_file, reference):
     out = tmp_path / "sharded"
     procs = [subprocess.Popen(cli(*_args(out, prompt_file, "--shard", f"{i}/2")), stdout=subprocess.PIPE,
