@@ -13,7 +13,7 @@ import sys
 import time
 
 SUITE = ("store_bench", "extract_bench", "train_bench", "step_pieces", "aux_bench", "train_memory_bench",
-         "discovery_bench", "quality_bench")
+         "discovery_bench", "quality_bench", "report_bench")
 ON_REQUEST = ("faults",)
 
 
