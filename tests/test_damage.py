@@ -220,6 +220,7 @@ def _truncate_checkpoint(step_dir) -> None:
 
 # orbax leaves the sibling reads of a failed restore unfinished; their cleanup warns, harmlessly
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.slow  # bench.faults also truncates the latest checkpoint and resumes (5/5 damaged-file cases)
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(store, tmp_path, capsys):
     import orbax.checkpoint as ocp
 

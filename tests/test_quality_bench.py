@@ -42,6 +42,7 @@ def test_best_cosines_of_a_dictionary_with_itself_are_one():
     np.testing.assert_allclose(Q.best_cosines(d, 3.0 * d), 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow  # the benchmark itself runs in python -m bench; the scoring functions are tested above
 def test_a_small_run_through_the_trainer_recovers_an_easy_dictionary(tmp_path):
     argv = ["--types", "topk", "--budgets", "131072", "--seeds", "0", "--d", "32", "--n_true", "32",
             "--active", "3", "--hidden_dim", "64", "--top_k", "3", "--batch_size", "1024", "--epochs", "1",

@@ -195,6 +195,7 @@ def test_pipeline_rejects_unknown_stages():
         PipelineConfig(stages="extract,listen")
 
 
+@pytest.mark.slow  # two trainings and two discoveries; the single-layer report is tested by default
 def test_several_layers_make_one_report_with_linked_page_sets(tmp_path):
     """--features of two layers: report/layer{N}/ for each, an index of the layers, and every page of
     a layer linking the other layer's index."""

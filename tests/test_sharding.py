@@ -37,8 +37,8 @@ def _run(sae_type, data, model, steps=20, batch=64):
     return np.array(losses), jax.device_get(state)
 
 
-@pytest.mark.parametrize("sae_type", [  # the threshold types by default; vanilla and topk in the slow suite
-    pytest.param(t, marks=pytest.mark.slow if t in ("vanilla", "topk") else ()) for t in TYPES])
+@pytest.mark.parametrize("sae_type", [  # BatchTopK by default (the threshold and the batch-wide selection);
+    pytest.param(t, marks=pytest.mark.slow if t != "batch_topk" else ()) for t in TYPES])  # the rest: slow suite
 def test_meshes_agree_on_losses_and_parameters(sae_type):
     ref_losses, ref = _run(sae_type, 1, 1)
     assert np.all(np.isfinite(ref_losses)) and ref_losses[-1] < ref_losses[0]
