@@ -93,10 +93,17 @@ def make_plan(cfg: TrainConfig, store: Store, train_rows: int, epoch_steps: list
                    cfg.checkpoint_every or max(1, total // 10), dead, warmup, notes)
 
 
+def improves(fvu: float, best: float, min_delta: float) -> bool:
+    """Whether a validation FVU counts as better than the best so far: lower by more than
+    ``min_delta`` of it. Smaller gains (float noise, a stalled run) neither save best/ nor reset
+    patience; NaN never improves."""
+    return fvu < best * (1.0 - min_delta)
+
+
 # What a run saved before a setting existed did instead (its checkpoint has no such key).
 BEFORE_SETTING = {"lr_schedule": "cosine", "adam_betas": [0.9, 0.999], "aux_k": 0, "threshold": "running",
                   "b_dec_init": "median", "enc_init": "transpose", "enc_init_scale": 1.0, "group_weights": [], "data_lanes": 1,
-                  "val_split": "samples"}
+                  "val_split": "samples", "min_delta": 0.0}
 
 
 def _other_settings(saved, cfg: TrainConfig) -> list[str]:
@@ -225,7 +232,8 @@ class TrainingRun:
                 step, stopped = self._run_epoch(epoch, step, meta, progress)
                 if stopped:
                     if is_primary():
-                        print(f"early stop at step {step}: no better validation FVU in {cfg.patience} evaluations")
+                        print(f"early stop at step {step}: the validation FVU has not improved by more than "
+                              f"{cfg.min_delta:g} of its best in {cfg.patience} evaluations")
                     break
                 self._set(epoch=int(self.state.epoch) + 1, batch_in_epoch=0)
             progress.finish(step)
@@ -261,7 +269,7 @@ class TrainingRun:
         progress.validation(step, result)
         if step < self.plan.warmup_steps:
             return False  # sparsity and lr still warming up: neither a best model nor a reason to stop
-        if result["fvu"] < float(self.state.best_val_fvu):
+        if improves(result["fvu"], float(self.state.best_val_fvu), self.cfg.min_delta):
             save_model(self.files.best, self.plan.sae, self.model_tree(), {"step": step, "val": result})
             self._set(best_val_fvu=result["fvu"], evals_since_best=0)
         else:

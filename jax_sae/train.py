@@ -92,6 +92,9 @@ class TrainConfig:
     validation reads only those chunks (a store in a bucket, many evaluations); samples: one by one at random."""
     patience: int = 5
     """Stop after this many evaluations without a better validation FVU (0 disables)."""
+    min_delta: float = 1e-3
+    """Smallest improvement that counts for --patience and best/, relative to the best validation FVU
+    (1e-3: a new FVU must be below 0.999 x the best); 0 counts any decrease, however small."""
     dead_tokens: int = 10_000_000
     """A latent is dead after this many tokens without firing (capped at a tenth of the run)."""
     weight_decay: float = 0.0
@@ -132,6 +135,7 @@ class TrainConfig:
             (self.batch_size > 0, f"--batch_size must be positive, got {self.batch_size}"),
             (self.lr == "auto" or self.lr > 0, f"--lr must be positive or auto, got {self.lr}"),
             (0 <= self.val_fraction < 1, f"--val_fraction must be in [0, 1), got {self.val_fraction}"),
+            (0 <= self.min_delta < 1, f"--min_delta must be in [0, 1) (relative to the best FVU), got {self.min_delta}"),
             (self.max_tokens is None or self.max_tokens > 0, "--max_tokens must be positive"),
             (self.num_samples is None or self.num_samples > 0, "--num_samples must be positive"),
             (self.dead_tokens > 0, "--dead_tokens must be positive"),
