@@ -1,5 +1,7 @@
-"""What the docs say must be true: every command in README.md and BENCHMARKS.md names a module
-that exists and only flags (and choice values) that module's parser accepts.
+"""What the docs say must be true: every command in README.md, the reference pages in docs/ and
+BENCHMARKS.md names a module that exists and only flags (and choice values) that module's parser
+accepts; every relative link and image in README.md and docs/ points at a file (and heading) that
+exists; the README stays a front page of at most 200 lines.
 
 Commands are read from fenced code blocks and inline code spans, in the forms the docs use:
 ``python -m MODULE ...``, ``./run.sh ...`` (the pipeline), ``bench/gpu_check.sh ...``,
@@ -25,7 +27,10 @@ from unittest import mock
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = ("README.md", "BENCHMARKS.md")
+PAGES = ("README.md", *sorted(f"docs/{page.name}" for page in (REPO / "docs").glob("*.md")))
+"""The front page and the reference pages: commands, flags and links checked."""
+DOCS = (*PAGES, "BENCHMARKS.md")
+README_MAX_LINES = 200
 SCRIPTS = {"run.sh": "launch.pipeline", "bench/gpu_check.sh": "bench.gpu_check"}
 LAUNCHERS = ("launch/cpu.sh", "launch/gpu.sh", "launch/tpu.sh", "launch/slurm.sh")
 SEPARATORS = {"&", "&&", "|", "||", ";"}
@@ -223,7 +228,7 @@ def options_of():
 @pytest.mark.parametrize("doc", DOCS)
 def test_documented_commands_use_real_modules_and_flags(doc, launch_modules, options_of):
     found = commands((REPO / doc).read_text(), doc, launch_modules)
-    assert found, f"no commands found in {doc}"
+    assert found or doc.startswith("docs/"), f"no commands found in {doc}"  # a reference page may have none
     problems = [p for cmd in found for p in problems_of(cmd, options_of)]
     assert not problems, "\n".join(problems)
 
@@ -239,14 +244,102 @@ def test_flags_named_in_prose_exist(doc, launch_modules, options_of):
 
 
 def test_readme_commands_cover_every_form(launch_modules):
-    """The parser sees the README's commands in every form it uses, not just a few."""
-    found = commands((REPO / "README.md").read_text(), "README.md", launch_modules)
+    """The parser sees the commands of the README and docs/ together in every form they use, not
+    just a few: each stage's module, the pipeline, the GPU check, and a launcher inside gcloud's
+    quoted ``--command``."""
+    found = [cmd for page in PAGES for cmd in commands((REPO / page).read_text(), page, launch_modules)]
     modules = {cmd.module for cmd in found}
     assert {"extractor.prompts", "extractor.extract", "jax_sae.train", "discovery.discover", "discovery.report",
             "jax_sae.export", "extractor.evaluate", "extractor.steer", "launch.pipeline", "bench.gpu_check"} <= modules
     tpu = [cmd for cmd in found if cmd.module == "jax_sae.train" and "--mesh_model" in cmd.args
            and "262144" in cmd.args]
     assert tpu, "the launcher inside gcloud's --command was not read"
+
+
+def test_readme_is_a_front_page():
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines; move reference text to docs/"
+
+
+@pytest.mark.parametrize("page", [page for page in PAGES if page.startswith("docs/")])
+def test_each_reference_page_has_a_title_and_leads_back_to_the_readme(page):
+    lines = [line for line in (REPO / page).read_text().splitlines() if line.strip()]
+    assert lines[0].startswith("# "), f"{page} does not start with a title"
+    assert "](../README.md)" in lines[1], f"{page}'s second line does not link back to the README"
+
+
+MARKDOWN_LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+
+
+def relative_links(markdown: str) -> list[tuple[int, str]]:
+    """(line number, target) of each markdown link and image outside code whose target is in the
+    repo (not a URL): ``[text](docs/store.md)``, ``![alt](report-index.png)``, ``[x](#tests)``."""
+    found, fenced = [], False
+    for number, line in enumerate(markdown.splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        if fenced:
+            continue
+        for target in MARKDOWN_LINK.findall(re.sub(r"`[^`]*`", "", line)):
+            if not re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*:", target):  # http:, https:, mailto:
+                found.append((number, target))
+    return found
+
+
+def heading_anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces to hyphens."""
+    headings = [line.lstrip("#").strip() for line in re.sub(r"```.*?```", "", markdown, flags=re.S).splitlines()
+                if re.match(r"#{1,6} ", line)]
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
+def broken_links(page: Path, repo: Path = REPO) -> list[str]:
+    """Relative links of one page whose file, or heading after ``#``, does not exist."""
+    problems = []
+    for number, target in relative_links(page.read_text()):
+        path, _, anchor = target.partition("#")
+        resolved = (page.parent / path).resolve() if path else page
+        where = f"{page.relative_to(repo)}:{number}: {target}"
+        if not resolved.is_relative_to(repo.resolve()) or not resolved.exists():
+            problems.append(f"{where}: no such file")
+        elif anchor and resolved.suffix == ".md" and anchor not in heading_anchors(resolved.read_text()):
+            problems.append(f"{where}: no heading #{anchor} in {resolved.relative_to(repo)}")
+    return problems
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_relative_links_point_at_files_that_exist(page):
+    problems = broken_links(REPO / page)
+    assert not problems, "\n".join(problems)
+
+
+def test_readme_links_every_reference_page():
+    linked = {target for _, target in relative_links((REPO / "README.md").read_text())}
+    missing = [page for page in PAGES if page.startswith("docs/") and page not in linked]
+    assert not missing, f"README.md links no {', '.join(missing)}"
+
+
+def test_link_checker_reports_missing_files_and_headings(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.png").write_bytes(b"")
+    (tmp_path / "README.md").write_text("# Top\n\n## The real run: `x`\n")
+    page = tmp_path / "docs" / "page.md"
+    page.write_text("\n".join([
+        "# Page",
+        "[back](../README.md) [run](../README.md#the-real-run-x) ![shot](a.png) [web](https://example.com)",
+        "[gone](missing.md) ![gone](b.png) [bad anchor](../README.md#nowhere) [here](#page) [not here](#other)",
+        "`[in code](nowhere.md)` and a fence:",
+        "```",
+        "[in a fence](nowhere.md)",
+        "```",
+    ]))
+    assert broken_links(page, tmp_path) == [
+        "docs/page.md:3: missing.md: no such file",
+        "docs/page.md:3: b.png: no such file",
+        "docs/page.md:3: ../README.md#nowhere: no heading #nowhere in README.md",
+        "docs/page.md:3: #other: no heading #other in docs/page.md",
+    ]
 
 
 def test_checker_reports_made_up_flags_modules_stages_and_choices(launch_modules, options_of):
