@@ -33,7 +33,8 @@ from jax_sae.plots import plot_density
 from jax_sae.run_dir import RunDir
 
 from .discover import FeatureFiles
-from .plotting import plot_example, plot_histogram
+from .examples import ExampleJob, ExampleWorkers
+from .plotting import HistogramPlots
 
 
 class ReportError(UsageError):
@@ -83,6 +84,9 @@ class ReportConfig:
     each codebook's logits (needs PyTorch, as audio does)."""
     device: str = "auto"
     """Device for audio decoding."""
+    plot_workers: int = 0
+    """Processes writing the examples' clips and drawing their plots (0: one per core; 1: this
+    process). Several are used from 48 examples on."""
     progress: bool = True
     """Show progress."""
 
@@ -93,6 +97,8 @@ class ReportConfig:
             raise ReportError("--store and --sae name one layer's; with several --features each summary records its own")
         if not self.window > 0 or self.examples <= 0:
             raise ReportError("--window and --examples must be positive")
+        if self.plot_workers < 0:
+            raise ReportError(f"--plot_workers must be 0 (one per core) or positive, got {self.plot_workers}")
         if self.steer < 0 or (self.steer and not self.steer_seconds > 0):
             raise ReportError("--steer must be >= 0 and --steer_seconds > 0")
 
@@ -125,54 +131,58 @@ def _summary_metrics(sae_path: Path, eval_path: str | None, summary: dict) -> li
     return [(k, v) for k, v in metrics.items() if isinstance(v, (int, float))]
 
 
-def _torch_side(module: str, what: str, without: str):
-    """``extractor.{module}`` (torch and transformers: it loads the model); a MissingExtraError naming
-    ``without`` on a JAX-only install, before any work."""
-    import importlib
+def _torch_side(cfg: ReportConfig) -> list[str | None]:
+    """The torch-side modules this report uses (render, effects, steer; None where not), after
+    checking that torch and transformers are installed (without importing them): a
+    MissingExtraError naming the flag that does without, before any work."""
+    from importlib.util import find_spec
 
     from jax_sae.export import missing_extract
 
-    try:
-        import transformers  # noqa: F401 - checked before any work
-        return importlib.import_module(f"extractor.{module}")
-    except ModuleNotFoundError as err:
-        if err.name not in ("torch", "transformers"):
-            raise
-        raise missing_extract(f"{what} needs PyTorch and transformers (they load the model)",
-                              f"{without} builds the report without it") from None
+    wanted = [("render", cfg.audio, "the report's audio", "--no-audio"),
+              ("effects", cfg.audio and cfg.effects, "the report's output effects", "--no-effects"),
+              ("steer", bool(cfg.steer), "--steer", "--steer 0")]
+    for module, used, what, without in wanted:
+        if used and not all(find_spec(name) for name in ("torch", "transformers")):
+            raise missing_extract(f"{what} needs PyTorch and transformers (they load the model)",
+                                  f"{without} builds the report without it")
+    return [module if used else None for module, used, *_ in wanted]
 
 
 def build_report(cfg: ReportConfig) -> Path:
     """The report of one layer's features, or of several layers with a page set per layer."""
-    torch_side = (_torch_side("render", "the report's audio", "--no-audio") if cfg.audio else None,
-                  _torch_side("effects", "the report's output effects", "--no-effects") if cfg.audio and cfg.effects
-                  else None,
-                  _torch_side("steer", "--steer", "--steer 0") if cfg.steer else None)
-    if len(cfg.features) == 1:
-        return _build_layer(cfg, FeatureFiles(cfg.features[0]), cfg.out, torch_side, [])[0]
+    import importlib
+
+    modules = _torch_side(cfg)
     files = [FeatureFiles(path) for path in cfg.features]
     layers = [(files_.read_summary() or {}).get("layer") for files_ in files]
-    if None in layers or len(set(layers)) < len(layers):
+    if len(files) > 1 and (None in layers or len(set(layers)) < len(layers)):
         raise ReportError(f"--features of several layers need each one's summary, one per layer; found layers {layers}")
-    out = Path(cfg.out or files[0].features.parent / "report")
-    built = []
-    for files_, layer in zip(files, layers):
-        nav = [(other, f"../layer{other}/index.html", other == layer) for other in layers]
-        built.append(_build_layer(cfg, files_, out / f"layer{layer}", torch_side, nav))
+    features = [files_.read_features() for files_ in files]
+    expected = sum(min(len(info["top_examples"]), cfg.examples) for found in features for info in found.values())
+    # The workers start first, so that their start-up overlaps the torch side's imports.
+    with ExampleWorkers(expected, cfg.plot_workers, cfg.progress) as workers:
+        torch_side = tuple(importlib.import_module(f"extractor.{m}") if m else None for m in modules)
+        if len(files) == 1:
+            return _build_layer(cfg, files[0], features[0], cfg.out, torch_side, [], workers)[0]
+        out = Path(cfg.out or files[0].features.parent / "report")
+        built = []
+        for files_, found, layer in zip(files, features, layers):
+            nav = [(other, f"../layer{other}/index.html", other == layer) for other in layers]
+            built.append(_build_layer(cfg, files_, found, out / f"layer{layer}", torch_side, nav, workers))
     _write_page(out / "index.html", "layers.html", nav=[], layers=[(layer, f"layer{layer}/index.html", metrics)
                                                                   for layer, (_, metrics) in zip(layers, built)])
     print(f"report: {out / 'index.html'} ({len(layers)} layers)")
     return out / "index.html"
 
 
-def _build_layer(cfg: ReportConfig, files: FeatureFiles, out: Path | None, torch_side: tuple,
-                 nav: list[tuple]) -> tuple[Path, list[tuple[str, float]]]:
+def _build_layer(cfg: ReportConfig, files: FeatureFiles, features: dict, out: Path | None, torch_side: tuple,
+                 nav: list[tuple], workers: ExampleWorkers) -> tuple[Path, list[tuple[str, float]]]:
     """One layer's pages (into ``out``, default beside its features); ``nav`` links the other layers'.
-    Returns its index page and its headline metrics."""
+    Its examples' clips and plots are made by ``workers``. Returns its index page and its headline metrics."""
     import jax_sae
 
     render, effects, steering = torch_side
-    features = files.read_features()
     summary = files.read_summary() or {}
     store_path, sae_path = cfg.store or summary.get("store"), cfg.sae or summary.get("sae_path")
     if not store_path or not sae_path:
@@ -187,17 +197,18 @@ def _build_layer(cfg: ReportConfig, files: FeatureFiles, out: Path | None, torch
     examples = {key: _examples(cfg, store, sae, layer, int(key), info["top_examples"][: cfg.examples], out / "plots",
                                gaps)
                 for key, info in features.items()}
-    if render is not None:
-        requests = [render.AudioRequest(ex["sample"], ex["first"], ex["last"], str(out / ex["audio"]))
-                    for shown in examples.values() for ex in shown]
-        render.render_windows(cfg.model or store.meta.model, store, requests, cfg.device, cfg.progress)
-    _plot_examples(examples, out, store.meta.frame_rate, audio=render is not None)
+    _make_examples(cfg, examples, out, store, render, workers)
     views = {key: _feature_view(key, info) for key, info in features.items()}
-    for key, view in views.items():
-        histogram = features[key].get("activation_histogram")
-        if histogram and sum(histogram["counts"]):
-            plot_histogram(histogram["edges"], histogram["counts"], view["frequency"], out / "plots" / f"f{key}_hist.png")
-            view["histogram"] = f"plots/f{key}_hist.png"
+    histograms = HistogramPlots()
+    try:
+        for key, view in views.items():
+            histogram = features[key].get("activation_histogram")
+            if histogram and sum(histogram["counts"]):
+                histograms.draw(histogram["edges"], histogram["counts"], view["frequency"],
+                                out / "plots" / f"f{key}_hist.png")
+                view["histogram"] = f"plots/f{key}_hist.png"
+    finally:
+        histograms.close()
     if effects is not None:
         directions = np.asarray(sae.params.W_dec_HD)[[int(key) for key in views]]
         per_feature = effects.output_effects(cfg.model or store.meta.model, directions, top=8, device=cfg.device,
@@ -206,6 +217,7 @@ def _build_layer(cfg: ReportConfig, files: FeatureFiles, out: Path | None, torch
             view["effects"] = found
     if steering is not None:
         _steer(cfg, steering, list(views.values())[: cfg.steer], sae_path, store.meta.model, out)
+    workers.finish()
     for key, view in views.items():
         _write_page(out / f"f{key}.html", "feature.html", f=view, examples=examples[key], layer=layer, audio=cfg.audio,
                     nav=nav)
@@ -281,15 +293,23 @@ def _steer(cfg: ReportConfig, steering, views: list[dict], sae_path: str, store_
                 for name, run in ((n, found["runs"][n]) for n in ("unsteered", "steered", "control"))]}
 
 
-def _plot_examples(examples: dict[str, list[dict]], out: Path, frame_rate: float, audio: bool) -> None:
-    """Each example's plot: the activation curve, under the clip's log-mel spectrogram (read back
-    from the clip just written) when the report has audio."""
-    from extractor.audio import read_audio
-
-    for shown in examples.values():
-        for ex in shown:
-            sound, rate = read_audio(out / ex["audio"]) if audio else (None, None)
-            plot_example(ex.pop("curve"), frame_rate, out / "plots" / f"{ex['stem']}.png", ex["start"], sound, rate)
+def _make_examples(cfg: ReportConfig, examples: dict[str, list[dict]], out: Path, store, render,
+                   workers: ExampleWorkers) -> None:
+    """Hand every example to ``workers``: its activation curve, and with audio its clip's samples
+    as the torch side decodes them (the workers write the clip, read it back for the spectrogram
+    and draw the plot)."""
+    shown = [ex for group in examples.values() for ex in group]
+    jobs = {str(out / ex["audio"]): ExampleJob(ex.pop("curve"), store.meta.frame_rate, out / "plots" / f"{ex['stem']}.png",
+                                               ex["start"], out / ex["audio"] if render is not None else None)
+            for ex in shown}
+    if render is None:
+        for job in jobs.values():
+            workers.add(job)
+        return
+    requests = [render.AudioRequest(ex["sample"], ex["first"], ex["last"], str(out / ex["audio"])) for ex in shown]
+    for request, audio, rate in render.decode_windows(cfg.model or store.meta.model, store, requests, cfg.device,
+                                                      cfg.progress, busy_cores=workers.processes):
+        workers.add(jobs[request.path].with_audio(audio, rate))
 
 
 def _feature_view(key: str, info: dict) -> dict:

@@ -276,8 +276,16 @@ def encode_audio(loaded: LoadedModel, waveform: np.ndarray, sampling_rate: int) 
 @torch.no_grad()
 def decode_codes(loaded: LoadedModel, codes: np.ndarray) -> np.ndarray:
     """Codes [n_frames, K] back to audio [channels, samples] with the model's EnCodec."""
-    ids = torch.from_numpy(np.ascontiguousarray(np.asarray(codes).T)).long()[None, None].to(loaded.device)
+    return decode_codes_batch(loaded, np.asarray(codes)[None])[0]
+
+
+@torch.no_grad()
+def decode_codes_batch(loaded: LoadedModel, codes_BTK: np.ndarray) -> np.ndarray:
+    """Codes of equally long clips [B, n_frames, K] to audio [B, channels, samples]: one EnCodec
+    forward per channel for the whole batch."""
+    ids = torch.from_numpy(np.ascontiguousarray(np.asarray(codes_BTK).transpose(0, 2, 1))).long()[None]
+    ids = ids.to(loaded.device)
     channels = loaded.info.audio_channels
-    audio = [loaded.model.audio_encoder.decode(ids[:, :, c::channels], [None]).audio_values[0, 0]
+    audio = [loaded.model.audio_encoder.decode(ids[:, :, c::channels], [None]).audio_values[:, 0]
              for c in range(channels)]
-    return torch.stack(audio).float().cpu().numpy()
+    return torch.stack(audio, dim=1).float().cpu().numpy()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .errors import UsageError
-from .models import load_model
+from .models import shared_model
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def logit_effects(norm_weight: torch.Tensor, heads: list[torch.Tensor], directio
 def output_effects(model: str, directions_FD: np.ndarray, top: int = 8, device: str = "auto",
                    d_model: int | None = None) -> list[list[CodebookEffect]]:
     """Load ``model`` and give each direction's per-codebook effects (see the module's docstring)."""
-    loaded = load_model(model, device, "float32")
+    loaded = shared_model(model, device, "float32")
     if d_model is not None and d_model != loaded.info.d_model:
         raise UsageError(f"the SAE's width {d_model} is not {model}'s d_model {loaded.info.d_model}; pass --model, "
                          "the model the store was made with")

@@ -3,6 +3,8 @@ and offline random builds of them (``tiny-random*`` toys, ``random:FAMILY[:LAYER
 
 from __future__ import annotations
 
+import functools
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,3 +246,9 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
         chroma = ChromaExtractor.from_pretrained(source)
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, device=dev, dtype=torch_dtype, chroma=chroma)
 
+
+@functools.lru_cache(maxsize=1)
+def shared_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """``load_model``, kept for the next caller in this process that asks for the same model (a
+    report decodes audio and computes output effects with one load); one model is kept at a time."""
+    return load_model(name, device, dtype)
