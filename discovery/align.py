@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from scipy.stats import rankdata
 
 
 @dataclass
@@ -50,12 +49,30 @@ def align(scores_NH: np.ndarray, samples: Sequence[dict], min_support: int = 5) 
     tags, presence = tag_matrix(samples, min_support)
     if not tags:
         return Alignment([], np.zeros((0, scores_NH.shape[1])), presence)
-    ranks_NH = rankdata(scores_NH.astype(np.float32), axis=0, method="average")
+    ranks_NH = average_ranks(scores_NH.astype(np.float32))
     n_pos = presence.sum(axis=0).astype(np.float64)
     n_neg = len(samples) - n_pos
     rank_sums_TH = presence.T.astype(np.float64) @ ranks_NH
     auroc = (rank_sums_TH - (n_pos * (n_pos + 1) / 2)[:, None]) / (n_pos * n_neg)[:, None]
     return Alignment(tags, auroc, presence)
+
+
+def average_ranks(x_NH: np.ndarray) -> np.ndarray:
+    """Ranks 1..N down each column, tied values sharing their mean rank (``scipy.stats.rankdata``'s
+    "average", without importing scipy.stats: half a second of every discovery's start)."""
+    n = len(x_NH)
+    order = np.argsort(x_NH, axis=0, kind="stable")
+    ordered = np.take_along_axis(x_NH, order, axis=0)
+    starts = np.ones(ordered.shape, bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    ends = np.ones(ordered.shape, bool)
+    ends[:-1] = starts[1:]
+    position = np.arange(n)[:, None]
+    first = np.maximum.accumulate(np.where(starts, position, 0), axis=0)
+    last = np.minimum.accumulate(np.where(ends, position, n - 1)[::-1], axis=0)[::-1]
+    ranks = np.empty(x_NH.shape, np.float64)
+    np.put_along_axis(ranks, order, (first + last) / 2.0 + 1.0, axis=0)
+    return ranks
 
 
 def average_precision(scores_N: np.ndarray, positive_N: np.ndarray) -> float:

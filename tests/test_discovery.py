@@ -174,6 +174,11 @@ def test_auroc_matches_pairwise_definition():
         pairwise = ((p[:, None] > n[None, :]).sum() + 0.5 * (p[:, None] == n[None, :]).sum()) / (len(p) * len(n))
         assert result.auroc_TH[result.tags.index("a"), h] == pytest.approx(pairwise)
     assert average_precision(np.array([3.0, 2.0, 1.0]), np.array([True, False, True])) == pytest.approx((1 + 2 / 3) / 2)
+    from scipy.stats import rankdata
+
+    from discovery.align import average_ranks
+
+    np.testing.assert_array_equal(average_ranks(scores), rankdata(scores, axis=0, method="average"))
 
 
 def test_heuristic_label_sees_past_boilerplate():
