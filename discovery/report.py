@@ -153,7 +153,10 @@ def build_report(cfg: ReportConfig) -> Path:
     """The report of one layer's features, or of several layers with a page set per layer."""
     import importlib
 
+    from jax_sae.runtime import use_compilation_cache
+
     modules = _torch_side(cfg)
+    use_compilation_cache()
     files = [FeatureFiles(path) for path in cfg.features]
     layers = [(files_.read_summary() or {}).get("layer") for files_ in files]
     if len(files) > 1 and (None in layers or len(set(layers)) < len(layers)):

@@ -18,7 +18,11 @@ from extractor.errors import UsageError
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> None:
-    """Join a multi-process run when one is configured; a no-op for a single process."""
+    """Start a JAX stage: the persistent compilation cache (``runtime.use_compilation_cache``), then
+    join a multi-process run when one is configured."""
+    from .runtime import use_compilation_cache
+
+    use_compilation_cache()
     if coordinator_address or (num_processes or 1) > 1 or process_id:
         if not coordinator_address or num_processes is None or process_id is None:
             raise UsageError("multi-process runs need --coordinator_address, --num_processes and --process_id "
