@@ -36,7 +36,8 @@ def plot_training_curves(records: list[dict], path: Path, title: str = "") -> No
         ax.set_title(label)
         ax.set_xlabel("step")
     fig.suptitle(title)
-    fig.tight_layout()
+    # Fixed margins: tight_layout measures every label (most of a short run's plotting time).
+    fig.subplots_adjust(left=0.035, right=0.99, bottom=0.15, top=0.83, wspace=0.25)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -52,6 +53,6 @@ def plot_density(density_H: np.ndarray, path: Path) -> None:
     ax.set_xlabel("log10 feature density")
     ax.set_ylabel("latents")
     ax.set_title(f"{len(alive)} alive, {int(np.sum(density_H == 0))} dead of {len(density_H)}")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.14, right=0.97, bottom=0.15, top=0.9)
     fig.savefig(path, dpi=110)
     plt.close(fig)

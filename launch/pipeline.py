@@ -51,8 +51,8 @@ class PipelineConfig:
     """Training epochs."""
     train_batch_size: int = 256
     """Rows per optimizer step."""
-    lr: float = 1e-3
-    """Peak learning rate."""
+    lr: float | Literal["auto"] = 1e-3
+    """Peak learning rate (auto: jax_sae.train's width-scaled rule, for real models)."""
     max_features: int = 20
     """Features to report."""
     device: str = "auto"
@@ -139,9 +139,9 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         if result.returncode != 0:
             raise PipelineError(f"stage {stage} failed (exit {result.returncode}); fix the error above and rerun: "
                                 "finished stages are skipped")
-        print(f"[{stage}] finished in {time.time() - t0:.0f} s", flush=True)
+        print(f"[{stage}] finished in {time.time() - t0:.1f} s", flush=True)
     write_json(Path(cfg.out) / PIPELINE_FILE, {k: str(v) for k, v in paths.items()})
-    print(f"pipeline finished in {time.time() - started:.0f} s; open the report: {paths['report'] / 'index.html'}")
+    print(f"pipeline finished in {time.time() - started:.1f} s; open the report: {paths['report'] / 'index.html'}")
     return paths["report"] / "index.html"
 
 
