@@ -87,14 +87,18 @@ def update_threshold(threshold: jax.Array, smallest: jax.Array, step: jax.Array)
 
 
 def calibrated_threshold(cfg: SAEConfig, params: SAEParams, x_ND: np.ndarray, max_values: int = 1 << 25) -> float:
-    """The JumpReLU threshold at which the mean L0 on the (scaled) rows ``x_ND`` is exactly k: the
-    (k*N+1)-th largest pre-activation of at most ``max_values`` // h of the rows."""
+    """The JumpReLU threshold at which the mean L0 on the (scaled) rows ``x_ND`` is exactly k, over
+    at most ``max_values`` // h of the rows: halfway between the (k*N+1)-th and the k*N-th largest
+    pre-activation, so that pre-activations recomputed another way (eagerly, on another CPU, a
+    rounding off) still keep exactly k*N."""
     rows = max(1, min(len(x_ND), max_values // cfg.hidden_dim))
     pre = np.asarray(jax.jit(pre_activations)(params, jnp.asarray(x_ND[:rows], jnp.float32))).ravel()
     kept = cfg.top_k * rows
     if kept >= pre.size:
         return 0.0
-    return max(0.0, float(np.partition(pre, pre.size - kept - 1)[pre.size - kept - 1]))
+    below, lowest_kept = np.partition(pre, [pre.size - kept - 1, pre.size - kept])[pre.size - kept - 1:pre.size - kept + 1]
+    halfway = np.float32((np.float64(below) + np.float64(lowest_kept)) / 2)
+    return max(0.0, float(halfway if halfway < lowest_kept else below))  # adjacent floats: no room halfway
 
 
 def project_decoder_grad(W_dec_HD: jax.Array, grad_HD: jax.Array) -> jax.Array:

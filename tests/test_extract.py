@@ -13,7 +13,7 @@ import pytest
 from extractor.extract import ExtractConfig, extract, main, parse_layers
 from extractor.store import open_store
 
-from .conftest import cli
+from .conftest import assert_same_rows, cli
 
 PROMPTS = [
     "a slow sad jazz piece with a mellow piano",
@@ -69,8 +69,7 @@ def test_generate_and_teacher_forced_give_the_same_rows(tmp_path, prompt_file):
     for name in ("offsets", "codes", "frames"):
         np.testing.assert_array_equal(a[name], b[name])
     for layer in (1, 3):
-        diff = np.abs(a[f"layer{layer}/acts"] - b[f"layer{layer}/acts"]).max()
-        assert diff <= 1e-5, f"layer {layer}: generate vs teacher-forced differ by {diff}"
+        assert_same_rows(b[f"layer{layer}/acts"], a[f"layer{layer}/acts"], f"layer {layer}: generate vs teacher-forced")
     assert [s["prompt"] for s in tf.samples] == PROMPTS
     assert a["frames"][:20].tolist() == list(range(20))
 
@@ -82,7 +81,7 @@ def test_conditional_rows_belong_to_their_own_prompt(tmp_path, prompt_file, tiny
     store = extract(_cfg(tmp_path / "gen", prompt_file, batch_size=5, keep_uncond=True))
     for i, text in enumerate(PROMPTS):
         alone = teacher_forced_batch(tiny_model, [text], [store.sample_codes(i)], [3])[3][0]
-        np.testing.assert_allclose(store.sample_rows(i, 3), alone, atol=1e-5)
+        assert_same_rows(store.sample_rows(i, 3), alone, f"prompt {i}")
     uncond = store.sample_rows(0, 3, stream="uncond")
     assert np.abs(uncond - store.sample_rows(0, 3)).max() > 1e-2, "uncond stream must be its own stream"
 

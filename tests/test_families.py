@@ -13,6 +13,7 @@ import pytest
 from extractor.extract import ExtractConfig, extract, main
 from extractor.families import FAMILIES
 
+from .conftest import assert_same_rows
 from .test_torch_side import _sae
 
 PROMPTS = ["a slow sad jazz piece with a mellow piano", "fast energetic rock", "hip hop beat",
@@ -55,7 +56,7 @@ def _rows_equal_after_teacher_forcing(model, root, prompt_file, **kw):
     b = np.asarray(tf.acts(1).read().result())
     np.testing.assert_array_equal(np.asarray(gen.array("codes").read().result()),
                                   np.asarray(tf.array("codes").read().result()))
-    assert np.abs(a - b).max() <= 1e-5, f"{model}: generate vs teacher-forced differ by {np.abs(a - b).max()}"
+    assert_same_rows(b, a, f"{model}: generate vs teacher-forced")
     return gen
 
 
@@ -134,7 +135,7 @@ def test_melody_condition_from_audio_dir_is_recorded_and_steers_generation(tmp_p
     tf = _extract("tiny-random-melody", tmp_path / "tf", mode="teacher_forced", codes_from=str(tmp_path / "gen"),
                   batch_size=1)
     assert tf.samples[0]["melody_chroma"] == gen.samples[0]["melody_chroma"]
-    np.testing.assert_allclose(tf.sample_rows(1, 1), gen.sample_rows(1, 1), atol=1e-5)
+    assert_same_rows(tf.sample_rows(1, 1), gen.sample_rows(1, 1), "melody: teacher-forced vs generate")
 
 
 def test_melody_audio_dir_in_generate_mode_needs_a_melody_checkpoint(tmp_path, capsys):

@@ -236,6 +236,6 @@ def test_changing_the_choice_or_pyproject_reinstalls(machine):
 def test_a_silent_pytorch_index_costs_seconds_not_minutes(machine):
     start = time.monotonic()
     _, commands = planned(install(machine, "http://10.255.255.1/whl"))  # unroutable: no answer at all
-    assert time.monotonic() - start < 8
+    assert time.monotonic() - start < 20  # the probes time out after 2-3 s; a wait for the network takes minutes
     assert torch_command(commands).endswith("install -q torch==2.13.0")
 

@@ -125,12 +125,13 @@ def test_malformed_reply(api, provider):
 
 def test_cache_and_concurrency(provider, tmp_path):
     in_flight, most, lock = [0], [0], threading.Lock()
+    together = threading.Barrier(3, timeout=20)  # no reply until 3 calls are in flight (not a sleep: no race)
 
-    def slow(_request, _index):  # holds each call long enough for the others to overlap it
+    def slow(_request, _index):
         with lock:
             in_flight[0] += 1
             most[0] = max(most[0], in_flight[0])
-        time.sleep(0.2)
+        together.wait()
         with lock:
             in_flight[0] -= 1
         return 200, GOOD, {}

@@ -209,7 +209,8 @@ def test_api_encodes_any_leading_shape_and_evaluates(planted):
     assert f.shape == (3, 20, 128) and (np.asarray(jnp.sum(f > 0, axis=-1)) <= 6).all()
     assert sae.decode(f).shape == x.shape
     batches = list(sae.encode_batches([x[0], x[1]]))
-    np.testing.assert_allclose(batches[1], np.asarray(f[1]), atol=1e-6)
+    # 20 rows against the same rows inside a 60-row matmul: float32 rounding of O(1-10) activations
+    np.testing.assert_allclose(batches[1], np.asarray(f[1]), rtol=1e-5, atol=1e-6)
     store = open_store(root / "store")
     assert sae.cfg == cfg.sae_config(D_MODEL, store.meta.model), "the checkpoint rebuilds the trained config"
     metrics = jax_sae.evaluate(sae, store, 0, samples=np.arange(10))
