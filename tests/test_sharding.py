@@ -90,6 +90,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow  # 22 s of two JAX processes; the default suite keeps multi-process discovery (test_discovery)
 def test_two_processes_train_the_same_sae_as_one(tmp_path, monkeypatch):
     """2 processes x 2 CPU devices (gloo collectives on localhost) == 1 process x 4 devices, with
     each process reading only its share of the store (2 lanes: half the chunks each)."""
