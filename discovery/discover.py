@@ -26,7 +26,6 @@ import numpy as np
 
 from extractor.errors import UsageError
 from extractor.files import write_json, write_text
-from extractor.store import open_store
 
 
 class DiscoverError(UsageError):
@@ -161,6 +160,7 @@ def discover(cfg: DiscoverConfig) -> dict:
     import jax
 
     import jax_sae
+    from extractor.store import open_store
     from jax_sae.distributed import initialize, is_primary
     from jax_sae.runtime import announce
     from jax_sae.sharding import make_mesh

@@ -97,6 +97,8 @@ class ExampleWorkers:
 
             self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=_warm_up)
+            # The pool starts a process per task submitted: one no-op each starts them all now.
+            self._pending.extend((self._pool.submit(int), 0) for _ in range(self.processes))
             self._bar = tqdm(total=expected, desc="examples (clip and plot)", unit="example", disable=not progress)
 
     def __enter__(self) -> ExampleWorkers:

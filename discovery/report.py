@@ -28,7 +28,6 @@ import numpy as np
 from extractor.errors import UsageError
 from extractor.eval_file import read_eval
 from extractor.files import write_text
-from extractor.store import open_store
 from jax_sae.plots import plot_density
 from jax_sae.run_dir import RunDir
 
@@ -184,6 +183,7 @@ def _build_layer(cfg: ReportConfig, files: FeatureFiles, features: dict, out: Pa
     """One layer's pages (into ``out``, default beside its features); ``nav`` links the other layers'.
     Its examples' clips and plots are made by ``workers``. Returns its index page and its headline metrics."""
     import jax_sae
+    from extractor.store import open_store  # here, not at the top: spawned example workers import this module
 
     render, effects, steering = torch_side
     summary = files.read_summary() or {}

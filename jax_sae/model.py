@@ -96,7 +96,8 @@ def calibrated_threshold(cfg: SAEConfig, params: SAEParams, x_ND: np.ndarray, ma
     kept = cfg.top_k * rows
     if kept >= pre.size:
         return 0.0
-    below, lowest_kept = np.partition(pre, [pre.size - kept - 1, pre.size - kept])[pre.size - kept - 1:pre.size - kept + 1]
+    ordered = np.partition(pre, pre.size - kept - 1)  # one pass; the kept values lie above position n-kept-1
+    below, lowest_kept = ordered[pre.size - kept - 1], ordered[pre.size - kept:].min()
     halfway = np.float32((np.float64(below) + np.float64(lowest_kept)) / 2)
     return max(0.0, float(halfway if halfway < lowest_kept else below))  # adjacent floats: no room halfway
 
