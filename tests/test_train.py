@@ -36,7 +36,7 @@ def planted(tmp_path_factory):
 
 
 def _cfg(root, sae_type, **kw):
-    base = dict(sae_type=sae_type, layer_idx=0, hidden_dim=128, top_k=6, batch_size=256, epochs=15, lr=4e-3,
+    base = dict(sae_type=sae_type, layer_idx=0, hidden_dim=128, top_k=6, batch_size=256, epochs=8, lr=4e-3,
                 store=str(root / "store"), out=str(root / "models"), progress=False, patience=0,
                 sparsity_coef=0.5, group_sizes=(64, 64) if sae_type == "matryoshka" else (),
                 mesh_data=1)  # one device: the mesh equivalence tests cover the sharded paths
