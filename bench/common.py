@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from extractor.files import write_json
+from sae_core.files import write_json
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 VERSIONED = ("torch", "transformers", "tensorstore", "numpy", "jax")
@@ -42,7 +42,7 @@ def summarize(values: Sequence[float], unit: str = "s") -> dict:
 def run_bench(config_cls: type, run: Callable, argv: list[str] | None, name: str, description: str):
     """The entry point of a benchmark configured by a dataclass: flags -> config -> ``run(config)``,
     a bad flag as one line."""
-    from extractor.cli import run_main
+    from sae_core.cli import run_main
 
     return run_main(config_cls, argv, prog=f"python -m bench.{name}", description=description, run=run)
 
@@ -80,7 +80,7 @@ def synthetic_store(path: Path, *, n_samples: int, frames: int, d_model: int, dt
                     layer: int = 0, n_codebooks: int = 4):
     """An empty store of ``n_samples`` samples of ``frames`` rows each, one layer, planned as
     extraction plans one: work units of ``unit_samples`` samples, chunks aligned to them."""
-    from extractor.store import StoreMeta, create_store
+    from sae_core.store import StoreMeta, create_store
 
     meta = StoreMeta(model="bench", layers=(layer,), d_model=d_model, n_codebooks=n_codebooks, frame_rate=50.0,
                      sampling_rate=32000, dtype=dtype, mode="generate", n_samples=n_samples,

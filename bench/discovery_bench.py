@@ -41,7 +41,7 @@ from typing import Literal
 
 import numpy as np
 
-from extractor.errors import UsageError
+from sae_core.errors import UsageError
 
 from .common import (
     device_seconds,
@@ -115,7 +115,7 @@ class DiscoveryBenchConfig:
 
 def _write_store(path: Path, n_samples: int, cfg: DiscoveryBenchConfig, concepts_CD: np.ndarray, seed: int):
     """A float16 store whose samples each carry 1-3 planted concepts on about half their frames."""
-    from extractor.store import acts_name
+    from sae_core.store import acts_name
 
     rng = np.random.default_rng(seed)
     unit_samples = max(1, 4000 // cfg.frames)
@@ -160,7 +160,7 @@ def _ours(sae_path: str, store_path: str, warm_path: str, cfg: DiscoveryBenchCon
     import jax_sae
     from discovery.features import select_features
     from discovery.stats import feature_pass
-    from extractor.store import open_store
+    from sae_core.store import open_store
 
     sae = jax_sae.load(sae_path)
     store, warm = open_store(store_path), open_store(warm_path)
@@ -349,7 +349,7 @@ def _top_samples(column: np.ndarray, starts: list, lengths: list, k: int) -> np.
 
 def _baseline(sae_path: str, store_path: str, cfg: DiscoveryBenchConfig, check: bool) -> dict:
     import jax_sae
-    from extractor.store import open_store
+    from sae_core.store import open_store
 
     sae = jax_sae.load(sae_path)
     store = open_store(store_path)

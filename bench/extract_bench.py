@@ -30,7 +30,7 @@ from typing import Literal
 
 import numpy as np
 
-from extractor.errors import UsageError
+from sae_core.errors import UsageError
 
 from .common import report, run_bench, summarize, target, timed
 

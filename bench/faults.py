@@ -14,8 +14,8 @@ that every output can be compared with the reference's:
   with EFBIG. The run must stop with exit status 2 and one ``error:`` line; with room again the
   same command must resume from what it had kept and finish with the reference's result.
 - damage: a truncated and a garbled activation chunk, a torn progress line and a truncated
-  ``samples.jsonl`` must be named by ``python -m extractor.store check`` and, after
-  ``python -m extractor.store repair``, refilled by the same extract command; a truncated latest
+  ``samples.jsonl`` must be named by ``python -m sae_core.store check`` and, after
+  ``python -m sae_core.store repair``, refilled by the same extract command; a truncated latest
   checkpoint must be named by the resumed training run, which falls back to the previous one.
 - concurrent: the same extract command twice at once on one store (the second started at once,
   then at seeded random delays): both finish, or one refuses with one line.
@@ -52,8 +52,8 @@ from typing import Literal
 
 import numpy as np
 
-from extractor.errors import UsageError
-from extractor.files import write_json
+from sae_core.errors import UsageError
+from sae_core.files import write_json
 
 from . import common
 from .common import report, run_bench, summarize, target
@@ -580,17 +580,17 @@ def disk_full_case(ws: Workspace, stage: str, mechanism: str) -> Case:
 
 
 def _damage_store(ws: Workspace, name: str, damage: Callable[[Path], str], expect: str) -> Case:
-    """Damage a copy of the reference store. ``python -m extractor.store check`` must name it
+    """Damage a copy of the reference store. ``python -m sae_core.store check`` must name it
     (``expect``, a pattern) and say what to do: its remedy (``repair``, or removing the store) is
     applied, then the same extract command must refill the store to equal the reference."""
     trial = ws.trial(f"damage-{name.replace(' ', '-')}")
     shutil.copytree(ws.ref / "store", trial / "store")
     case = Case("damage", name, damage(trial / "store"), False, "")
-    check = ws.run(("extractor.store", "check", "store"), trial)
+    check = ws.run(("sae_core.store", "check", "store"), trial)
     said = " ".join((check.out + check.err).split())
     named = re.search(expect, said)
-    if "extractor.store repair" in said:
-        remedy, repair = "repair", ws.run(("extractor.store", "repair", "store"), trial)
+    if "sae_core.store repair" in said:
+        remedy, repair = "repair", ws.run(("sae_core.store", "repair", "store"), trial)
         if repair.rc:
             case.why = f"repair exited {repair.rc}: {_escaped(repair.err)}"
             return case

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from extractor.files import write_json
+from sae_core.files import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -74,7 +74,7 @@ def _read(path: Path) -> dict | None:
 def _pipeline_runtime(out: Path) -> dict:
     """Where each pipeline stage ran, read through each stage's own reader."""
     from discovery.discover import FeatureFiles
-    from extractor.store import Store, StoreError
+    from sae_core.store import Store, StoreError
     from jax_sae.run_dir import RunDir
     from launch.pipeline import read_paths
 

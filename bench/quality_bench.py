@@ -91,7 +91,7 @@ class QualityConfig:
     """BatchTopK only, the smallest budget, one seed: about two minutes (plus one for the data)."""
 
     def __post_init__(self) -> None:
-        from extractor.errors import UsageError
+        from sae_core.errors import UsageError
 
         unknown = [t for t in self.types if t not in TYPES]
         if unknown:
@@ -164,8 +164,8 @@ def build_store(cfg: QualityConfig, truth: Truth, n_rows: int) -> Path:
     """The training store (reused when one with the same data settings is complete)."""
     from tqdm import tqdm
 
-    from extractor.files import staged_dir
-    from extractor.store import StoreMeta, acts_name, create_store, open_store
+    from sae_core.files import staged_dir
+    from sae_core.store import StoreMeta, acts_name, create_store, open_store
 
     path = Path(cfg.work_dir).absolute() / f"store-{_data_key(cfg, n_rows)}"
     if path.exists():

@@ -50,7 +50,7 @@ class ReadShareConfig:
 
 
 def _store(cfg: ReadShareConfig, path: Path) -> None:
-    from extractor import store as S
+    from sae_core import store as S
 
     rng = np.random.default_rng(0)
     n_samples, per = cfg.rows // 500, 500

@@ -72,7 +72,7 @@ def _scale(cfg: ReportBenchConfig, root: Path) -> tuple[float, dict[str, list[fl
     from discovery.discover import main as discover
     from discovery.report import main as build
     from jax_sae.train import TrainConfig, train
-    from extractor.store import acts_name
+    from sae_core.store import acts_name
 
     rng = np.random.default_rng(0)
     directions = rng.normal(size=(cfg.hidden, 32)).astype(np.float32)

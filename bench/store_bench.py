@@ -22,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 
-from extractor.errors import UsageError
+from sae_core.errors import UsageError
 
 from .common import (
     in_fresh_process,
@@ -126,7 +126,7 @@ def _write(store, cfg: StoreBenchConfig, rows_per_batch: int, array=None) -> dic
     covers a chunk partly reads it back and rewrites it whole). ``array`` (the activations
     opened another way) replaces ``store.write_rows`` for the activations.
     """
-    from extractor.store import acts_name
+    from sae_core.store import acts_name
 
     acts, codes = _batches(cfg, rows_per_batch)
     name = acts_name(LAYER)
@@ -156,7 +156,7 @@ def _write(store, cfg: StoreBenchConfig, rows_per_batch: int, array=None) -> dic
 
 def _read_pass(path: str, batch: int, shuffle: bool, cold: bool) -> dict:
     """One full pass of iter_rows in this (fresh) process: seconds, rows, dtype, RSS."""
-    from extractor.store import Store, acts_name
+    from sae_core.store import Store, acts_name
 
     store = Store(path)
     if cold:
@@ -174,7 +174,7 @@ def _read_pass(path: str, batch: int, shuffle: bool, cold: bool) -> dict:
 
 
 def _aligned_rows(cfg: StoreBenchConfig) -> int:
-    from extractor.store import chunk_rows_for
+    from sae_core.store import chunk_rows_for
 
     return chunk_rows_for(cfg.d_model * np.dtype(cfg.dtype).itemsize, cfg.batch_samples * cfg.frames)
 
@@ -182,7 +182,7 @@ def _aligned_rows(cfg: StoreBenchConfig) -> int:
 def _nosync_array(store):
     import tensorstore as ts
 
-    from extractor.store import acts_name
+    from sae_core.store import acts_name
 
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(store.path / acts_name(LAYER))}}
     return ts.open(spec, open=True, context=ts.Context({"file_io_sync": False})).result()

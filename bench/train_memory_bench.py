@@ -33,7 +33,7 @@ print(json.dumps({"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss 
 
 def write_store(path: Path, rows: int, d: int, rows_per_sample: int = 500, chunk: int = 100_000, seed: int = 0):
     """A complete one-layer store of ``rows`` low-rank-plus-noise rows, written in chunks."""
-    from extractor.store import StoreMeta, acts_name, create_store
+    from sae_core.store import StoreMeta, acts_name, create_store
 
     n_samples = rows // rows_per_sample
     meta = StoreMeta(model="synthetic", layers=(0,), d_model=d, n_codebooks=4, frame_rate=50.0,

@@ -1,7 +1,7 @@
 """Feature discovery in JAX: a streaming pass over the store, labels, tag alignment and reports.
 Never imports torch; heavy modules load on first use."""
 
-from extractor.lazy import lazy_getattr
+from sae_core.lazy import lazy_getattr
 
 __all__ = ["DiscoverConfig", "FeatureDiscovery", "FeatureFiles", "discover"]
 

@@ -24,8 +24,8 @@ from typing import Literal, Mapping
 
 import numpy as np
 
-from extractor.errors import UsageError
-from extractor.files import write_json, write_text
+from sae_core.errors import UsageError
+from sae_core.files import write_json, write_text
 
 
 class DiscoverError(UsageError):
@@ -160,7 +160,7 @@ def discover(cfg: DiscoverConfig) -> dict:
     import jax
 
     import jax_sae
-    from extractor.store import open_store
+    from sae_core.store import open_store
     from jax_sae.distributed import initialize, is_primary
     from jax_sae.runtime import announce
     from jax_sae.sharding import make_mesh
@@ -212,7 +212,7 @@ def _all_stats(found) -> dict[str, np.ndarray]:
 
 
 def main(argv: list[str] | None = None):
-    from extractor.cli import run_main
+    from sae_core.cli import run_main
 
     return run_main(DiscoverConfig, argv, prog="python -m discovery.discover",
                     description="Discover, label and align SAE features.", run=discover)

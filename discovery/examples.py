@@ -48,7 +48,7 @@ def make_examples(jobs: Sequence[ExampleJob]) -> None:
     """Write the jobs' clips, read them back, compute their spectrograms in batches and draw their
     plots, in this process."""
     global _PLOTS
-    from extractor.audio import read_audio, write_audio
+    from sae_core.audio import read_audio, write_audio
 
     for job in jobs:
         if job.audio is not None:

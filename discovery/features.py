@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from extractor.errors import UsageError
+from sae_core.errors import UsageError
 
 from .align import Alignment, align, average_precision, layer_summary
 from .discover import FeatureFiles

@@ -5,7 +5,7 @@ histogram; ``f{N}.html`` shows each feature's top examples with an audio player 
 the feature's activation over the clip's seconds. The pages are Jinja2 templates
 (``discovery/templates``, autoescaped). Every input is read through its owner: the features and
 their summary through ``FeatureFiles``, the training run through ``RunDir``, eval.json through
-``extractor.eval_file``. Audio is decoded from the stored codes by the torch side
+``sae_core.eval_file``. Audio is decoded from the stored codes by the torch side
 (``extractor.render``, imported only here, lazily; a JAX-only install gets one line saying so, or
 ``--no-audio``). All paths are relative.
 
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from extractor.errors import UsageError
-from extractor.eval_file import read_eval
-from extractor.files import write_text
+from sae_core.errors import UsageError
+from sae_core.eval_file import read_eval
+from sae_core.files import write_text
 from jax_sae.plots import plot_density
 from jax_sae.run_dir import RunDir
 
@@ -130,29 +130,29 @@ def _summary_metrics(sae_path: Path, eval_path: str | None, summary: dict) -> li
     return [(k, v) for k, v in metrics.items() if isinstance(v, (int, float))]
 
 
-def _torch_side(cfg: ReportConfig) -> list[str | None]:
-    """The torch-side modules this report uses (render, effects, steer; None where not), after
-    checking that torch and transformers are installed (without importing them): a
-    MissingExtraError naming the flag that does without, before any work."""
-    from importlib.util import find_spec
+def _torch_side(cfg: ReportConfig) -> list[tuple[str, str, str] | None]:
+    """The torch-side modules this report uses (render, effects, steer; None where not), each with
+    what needs it and what does without, after checking that their packages are installed
+    (without importing them): a MissingExtraError naming the flag that does without, before any work."""
+    from jax_sae.torch_side import require
 
-    from jax_sae.export import missing_extract
-
-    wanted = [("render", cfg.audio, "the report's audio", "--no-audio"),
-              ("effects", cfg.audio and cfg.effects, "the report's output effects", "--no-effects"),
-              ("steer", bool(cfg.steer), "--steer", "--steer 0")]
-    for module, used, what, without in wanted:
-        if used and not all(find_spec(name) for name in ("torch", "transformers")):
-            raise missing_extract(f"{what} needs PyTorch and transformers (they load the model)",
-                                  f"{without} builds the report without it")
-    return [module if used else None for module, used, *_ in wanted]
+    wanted = [("render", cfg.audio, "the report's audio needs PyTorch and transformers (they load the model)",
+               "--no-audio builds the report without it"),
+              ("effects", cfg.audio and cfg.effects,
+               "the report's output effects need PyTorch and transformers (they load the model)",
+               "--no-effects builds the report without it"),
+              ("steer", bool(cfg.steer), "--steer needs PyTorch and transformers (they load the model)",
+               "--steer 0 builds the report without it")]
+    for module, used, need, instead in wanted:
+        if used:
+            require(module, need, instead)
+    return [(module, need, instead) if used else None for module, used, need, instead in wanted]
 
 
 def build_report(cfg: ReportConfig) -> Path:
     """The report of one layer's features, or of several layers with a page set per layer."""
-    import importlib
-
     from jax_sae.runtime import use_compilation_cache
+    from jax_sae.torch_side import torch_module
 
     modules = _torch_side(cfg)
     use_compilation_cache()
@@ -164,7 +164,7 @@ def build_report(cfg: ReportConfig) -> Path:
     expected = sum(min(len(info["top_examples"]), cfg.examples) for found in features for info in found.values())
     # The workers start first, so that their start-up overlaps the torch side's imports.
     with ExampleWorkers(expected, cfg.plot_workers, cfg.progress) as workers:
-        torch_side = tuple(importlib.import_module(f"extractor.{m}") if m else None for m in modules)
+        torch_side = tuple(torch_module(*wanted) if wanted else None for wanted in modules)
         if len(files) == 1:
             return _build_layer(cfg, files[0], features[0], cfg.out, torch_side, [], workers)[0]
         out = Path(cfg.out or files[0].features.parent / "report")
@@ -183,7 +183,7 @@ def _build_layer(cfg: ReportConfig, files: FeatureFiles, features: dict, out: Pa
     """One layer's pages (into ``out``, default beside its features); ``nav`` links the other layers'.
     Its examples' clips and plots are made by ``workers``. Returns its index page and its headline metrics."""
     import jax_sae
-    from extractor.store import open_store  # here, not at the top: spawned example workers import this module
+    from sae_core.store import open_store  # here, not at the top: spawned example workers import this module
 
     render, effects, steering = torch_side
     summary = files.read_summary() or {}
@@ -340,7 +340,7 @@ def _density(path: Path, sae_path: Path, files: FeatureFiles) -> bool:
 
 
 def main(argv: list[str] | None = None):
-    from extractor.cli import run_main
+    from sae_core.cli import run_main
 
     return run_main(ReportConfig, argv, prog="python -m discovery.report",
                     description="Build a static HTML report of discovered features.", run=build_report)

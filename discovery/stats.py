@@ -25,8 +25,8 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from extractor.errors import UsageError
-from extractor.store import acts_name, sample_blocks
+from sae_core.errors import UsageError
+from sae_core.store import acts_name, sample_blocks
 from jax_sae import model as M
 from jax_sae.api import SAE
 from jax_sae.config import SAEConfig

@@ -1,20 +1,18 @@
-"""PyTorch side of sae-music-jax: prompts, MusicGen loading, activation capture and the store.
+"""PyTorch side of sae-music-jax: prompts, MusicGen loading, activation capture, the torch SAE,
+spliced-in evaluation, steering and audio decoding. What it shares with the JAX side (the store,
+files, errors, the CLI runner, export formats) is ``sae_core``.
 
-Importing this package is light: ``extractor.store`` and ``extractor.prompts`` need no torch,
-and the torch-backed names below are imported on first use.
+Importing this package is light: the names below are imported on first use.
 """
 
-from .lazy import lazy_getattr
+from sae_core.lazy import lazy_getattr
 
 __all__ = [
     "ExtractConfig",
     "Prompt",
-    "Store",
-    "StoreError",
     "extract",
     "load_model",
     "load_prompt_file",
-    "open_store",
 ]
 
 _LOCATIONS = {
@@ -23,9 +21,6 @@ _LOCATIONS = {
     "load_model": "extractor.models",
     "Prompt": "extractor.prompts",
     "load_prompt_file": "extractor.prompts",
-    "Store": "extractor.store",
-    "StoreError": "extractor.store",
-    "open_store": "extractor.store",
 }
 
 __getattr__ = lazy_getattr("extractor", _LOCATIONS)

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .errors import UsageError
+from sae_core.errors import UsageError
 from .models import LoadedModel
 
 

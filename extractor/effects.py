@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import UsageError
+from sae_core.errors import UsageError
 from .models import shared_model
 
 

@@ -10,7 +10,7 @@ skipped), with KL(clean || SAE) and
 
 for zero and mean ablation: 1 means the SAE loses nothing, 0 means it is as bad as ablation.
 Where an ablation costs about nothing, loss recovered is undefined: null, with a note
-(``extractor.eval_file`` owns the file).
+(``sae_core.eval_file`` owns the file).
 
 The store's activations are read for one thing only, the mean of (d) (the SAE reconstructs the
 model's live output, and the codes drive the model). NaN/Inf rows in them are skipped and
@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from .capture import layer_hook, model_inputs, padded_input_ids
-from .errors import UsageError
-from .eval_file import MODES, summarize_losses, write_eval
+from sae_core.errors import UsageError
+from sae_core.eval_file import MODES, summarize_losses, write_eval
 from .models import load_model
-from .store import StoreError, open_store
+from sae_core.store import StoreError, open_store
 from .torch_sae import TorchSAE
 
 
@@ -233,7 +233,7 @@ def _clean_mean(loaded, store, layer: int, cfg: EvaluateConfig) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None):
-    from .cli import run_main
+    from sae_core.cli import run_main
 
     return run_main(EvaluateConfig, argv, prog="python -m extractor.evaluate",
                     description="Spliced-in evaluation of an SAE inside MusicGen.", run=evaluate)

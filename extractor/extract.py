@@ -18,10 +18,10 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from .errors import UsageError
-from .location import Location
+from sae_core.errors import UsageError
+from sae_core.location import Location
 from .prompts import BUNDLED
-from .store import (
+from sae_core.store import (
     STORE_DTYPES,
     Store,
     StoreError,
@@ -215,7 +215,7 @@ def _read_audio_dir(cfg: ExtractConfig, loaded, encode: bool) -> tuple[list[dict
     checkpoints, its chroma."""
     from tqdm import tqdm
 
-    from .audio import list_audio_files, read_audio, resample
+    from sae_core.audio import list_audio_files, read_audio, resample
     from .capture import encode_audio
 
     files = list_audio_files(cfg.audio_dir)
@@ -434,7 +434,7 @@ def _summary(store: Store, rows_done: int, seconds: float) -> None:
 
 
 def main(argv: list[str] | None = None):
-    from .cli import run_main
+    from sae_core.cli import run_main
 
     return run_main(
         ExtractConfig, argv, prog="python -m extractor.extract",

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .errors import UsageError
-from .files import staged_dir, write_json
+from sae_core.errors import UsageError
+from sae_core.files import staged_dir, write_json
 
 CODEBOOK_SIZE = 2048
 NUM_CHROMA = 12

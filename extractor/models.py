@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from sae_core.errors import UsageError
 from .families import SUPPORTED, FamilyError, build_random, codebook_delays, family_of, get_family
 
 TINY_RANDOM = "tiny-random"

@@ -13,9 +13,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .cli import run_main
-from .errors import UsageError
-from .files import write_all
+from sae_core.cli import run_main
+from sae_core.errors import UsageError
+from sae_core.files import write_all
 
 BUNDLED = "bundled"
 META_FILENAME = "musiccaps_meta.jsonl"

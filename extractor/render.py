@@ -22,11 +22,11 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .audio import write_audio
+from sae_core.audio import write_audio
 from .capture import decode_codes_batch
-from .errors import UsageError
+from sae_core.errors import UsageError
 from .models import shared_model
-from .store import Store
+from sae_core.store import Store
 
 BATCH_FRAMES = 4096
 """Most frames decoded in one forward on an accelerator (about 80 s of audio at 50 frames/s): bounds
@@ -130,7 +130,7 @@ def decode_windows(model: str, store: Store, requests: Sequence[AudioRequest], d
 def render_windows(model: str, store: Store, requests: Sequence[AudioRequest], device: str = "auto",
                    progress: bool = True) -> list[Path]:
     """Write one clip per request (stereo for stereo checkpoints), in the format of its path's suffix
-    (``extractor.audio.write_audio``), on ``WRITERS`` threads while the next spans decode; returns
+    (``sae_core.audio.write_audio``), on ``WRITERS`` threads while the next spans decode; returns
     the paths, in the order of ``requests``."""
     with ThreadPoolExecutor(WRITERS) as pool:
         writes = [pool.submit(_write, Path(req.path), clip, rate)

@@ -16,11 +16,11 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .audio import write_audio
+from sae_core.audio import write_audio
 from .capture import generate_batch, layer_hook
-from .errors import UsageError
+from sae_core.errors import UsageError
 from .evaluate import checked_layer
-from .files import write_json
+from sae_core.files import write_json
 from .models import load_config, load_model
 from .torch_sae import TorchSAE
 
@@ -182,7 +182,7 @@ def steer(cfg: SteerConfig) -> dict:
 
 
 def main(argv: list[str] | None = None):
-    from .cli import run_main
+    from sae_core.cli import run_main
 
     return run_main(SteerConfig, argv, prog="python -m extractor.steer",
                     description="Steer MusicGen generation with an SAE feature.", run=steer)

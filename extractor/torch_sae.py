@@ -1,6 +1,6 @@
 """The SAE in PyTorch, loaded from either export format, for use beside the PyTorch MusicGen.
 
-Both formats (written by ``python -m jax_sae.export``) are defined in ``extractor.formats``; this
+Both formats (written by ``python -m jax_sae.export``) are defined in ``sae_core.formats``; this
 module only moves the torch format's payload through ``torch.save`` and ``torch.load``, the one
 step that needs torch. The JAX side never imports this module at import time.
 """
@@ -21,8 +21,8 @@ except ModuleNotFoundError as err:  # a JAX-only install (SAE_MUSIC_JAX_ONLY=1) 
     raise ModuleNotFoundError("the torch SAE needs PyTorch, which this install left out: pip install -e '.[extract]' "
                               "(or rerun scripts/install.sh without SAE_MUSIC_JAX_ONLY)", name="torch") from None
 
-from .files import staged_file
-from .formats import INFERENCE_KIND, SAEFormatError, read_saelens, read_torch_payload, torch_payload
+from sae_core.files import staged_file
+from sae_core.formats import INFERENCE_KIND, SAEFormatError, read_saelens, read_torch_payload, torch_payload
 
 
 def save_torch_export(path: str | Path, config: dict, arrays: dict[str, np.ndarray]) -> None:

@@ -1,7 +1,7 @@
 """JAX side of sae-music-jax: Flax SAEs (vanilla, TopK, BatchTopK, Matryoshka), training,
 checkpoints and evaluation. Never imports torch; heavy modules load on first use."""
 
-from extractor.lazy import lazy_getattr
+from sae_core.lazy import lazy_getattr
 
 __all__ = ["SAE", "SAEConfig", "TrainConfig", "evaluate", "load", "train"]
 

@@ -1,6 +1,6 @@
 """The user-facing SAE: load a checkpoint, encode and decode any leading shape, evaluate on a store.
 
-Exports are read through ``extractor.formats`` (torch-free, like the other helpers of
+Exports are read through ``sae_core.formats`` (torch-free, like the other helpers of
 ``extractor/`` the JAX side may import: store, CLI runner, formats, files); only a ``.pt`` file
 needs torch, imported when one is loaded."""
 
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from extractor.errors import UsageError
+from sae_core.errors import UsageError
 
 from . import model as M
 from .checkpoint import load_model_tree, params_from_tree
@@ -46,13 +46,15 @@ class SAE:
     @classmethod
     def load(cls, path: str | Path) -> "SAE":
         """A JAX checkpoint directory, a torch-format ``.pt`` export or a SAELens directory."""
-        from extractor.formats import is_saelens_dir
+        from sae_core.formats import is_saelens_dir
 
         path = Path(path)
         if path.is_file():
-            from extractor.torch_sae import read_torch_export  # torch only for the torch format
+            from .torch_side import torch_module
 
-            config, arrays = read_torch_export(path)
+            torch_sae = torch_module("torch_sae", "reading a .pt export needs PyTorch",
+                                     "export it with --format saelens, which needs no torch")
+            config, arrays = torch_sae.read_torch_export(path)
             cfg = SAEConfig.from_json(config)
             return cls(cfg, _params(arrays), config["threshold"], config["input_scale"], {"format": "torch"})
         if is_saelens_dir(path):
@@ -94,7 +96,7 @@ def _params(arrays: dict) -> M.SAEParams:
 def _from_saelens(path: Path) -> SAE:
     """SAELens weights act on raw activations (scale folded): input scale 1; JumpReLU keeps its
     per-feature threshold."""
-    from extractor.formats import read_saelens
+    from sae_core.formats import read_saelens
 
     lens = read_saelens(path)
     threshold = lens.arrays.get("threshold", np.zeros((), np.float32))
@@ -109,7 +111,7 @@ def load(path: str | Path) -> SAE:
 
 def evaluate(sae: SAE, store, layer: int, *, batch_size: int = 4096, samples: np.ndarray | None = None) -> dict:
     """FVU, explained variance, MSE, L0, dead and dense fractions, cosine and l2 ratio on a store layer."""
-    from extractor.store import Store
+    from sae_core.store import Store
 
     store = store if isinstance(store, Store) else Store(store)
     store.require_complete()

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from extractor.errors import UsageError, disk_full_error
-from extractor.files import publish_dir, write_json
+from sae_core.errors import UsageError, disk_full_error
+from sae_core.files import publish_dir, write_json
 
 from . import model as M
 from .config import SAEConfig

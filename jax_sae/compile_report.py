@@ -28,7 +28,7 @@ def compile_report(cfg) -> dict:
     runtime = announce(mesh, "train --compile_only")
     d_model = cfg.d_model
     if d_model is None:
-        from extractor.store import open_store
+        from sae_core.store import open_store
 
         d_model = open_store(cfg.store).d_model
     if d_model <= 0:

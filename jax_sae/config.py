@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from extractor.errors import UsageError
+from sae_core.errors import UsageError
 
 SAEType = Literal["vanilla", "topk", "batch_topk", "matryoshka"]
 SAE_TYPES: tuple[str, ...] = ("vanilla", "topk", "batch_topk", "matryoshka")

@@ -10,8 +10,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from extractor.errors import UsageError
-from extractor.store import Store
+from sae_core.errors import UsageError
+from sae_core.store import Store
 
 
 class DataError(UsageError):

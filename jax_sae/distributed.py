@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from extractor.errors import UsageError
+from sae_core.errors import UsageError
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,

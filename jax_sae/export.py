@@ -1,13 +1,13 @@
 """``python -m jax_sae.export``: a trained SAE's parameters in the torch or SAELens format.
 
 Parameters only. Both formats (tensor names and shapes, config fields, the SAELens architecture
-and cfg.json) are defined in ``extractor.formats``, torch-free like the other helpers of
-``extractor/`` the JAX side may import (store, CLI runner, formats, files). The checkpoint's
+and cfg.json) are defined in ``sae_core.formats``, torch-free like the rest of the core. The checkpoint's
 tensors keep their names and [in, out] layout in both formats (none is transposed) and each shape
 is checked before writing; the dataset input scale is kept apart in the torch format and folded
 into the weights for SAELens. Writing a ``.pt`` file needs torch, which the torch side
-(``extractor.torch_sae``) owns and this module imports only when asked for that format; on a
-JAX-only install (no ``extract`` extra) that format is refused with one line and exit status 2.
+(``extractor.torch_sae``) owns and this module reaches through ``torch_side`` only when asked for
+that format; on a JAX-only install (no ``extract`` extra) that format is refused with one line and
+exit status 2.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from typing import Literal
 
 import numpy as np
 
-from extractor import formats
-from extractor.errors import UsageError
+from sae_core import formats
+from sae_core.errors import UsageError
 
 from .checkpoint import load_model_tree
 from .config import SAEConfig
+from .torch_side import torch_module
 
 # Tensors the formats store transposed relative to the checkpoint: none, both are [in, out] under
 # the same names.
@@ -31,16 +32,6 @@ TRANSPOSED: frozenset[str] = frozenset()
 
 class ExportError(UsageError):
     """An export that cannot be made."""
-
-
-class MissingExtraError(UsageError):
-    """A step needs packages this install left out; the message names the extra that brings them."""
-
-
-def missing_extract(need: str, instead: str) -> MissingExtraError:
-    """The error for a step that needs the torch side (``need``) on a JAX-only install."""
-    return MissingExtraError(f"{need}, which this JAX-only install left out: pip install -e '.[extract]' (or rerun "
-                             f"scripts/install.sh without SAE_MUSIC_JAX_ONLY); {instead}")
 
 
 @dataclass(frozen=True)
@@ -85,13 +76,8 @@ def write_export(out: Path, cfg: SAEConfig, tree: dict, info: dict, save_torch_e
 
 def _torch_writer():
     """``save_torch_export`` of the torch side; a MissingExtraError where torch is not installed."""
-    try:
-        from extractor.torch_sae import save_torch_export
-    except ModuleNotFoundError as err:
-        if err.name != "torch":
-            raise
-        raise missing_extract("the torch export format needs PyTorch", "--format saelens needs no torch") from None
-    return save_torch_export
+    return torch_module("torch_sae", "the torch export format needs PyTorch",
+                        "--format saelens needs no torch").save_torch_export
 
 
 def _check_out(out: Path, fmt: str) -> None:
@@ -127,7 +113,7 @@ def export(cfg: ExportConfig) -> Path:
 
 
 def main(argv: list[str] | None = None):
-    from extractor.cli import run_main
+    from sae_core.cli import run_main
 
     return run_main(ExportConfig, argv, prog="python -m jax_sae.export",
                     description="Export a trained SAE to the torch or SAELens format.", run=export)

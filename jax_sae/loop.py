@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from extractor.store import Store, open_store
+from sae_core.store import Store, open_store
 
 from . import model as M
 from .checkpoint import (

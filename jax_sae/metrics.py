@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from extractor.errors import UsageError
+from sae_core.errors import UsageError
 
 from . import model as M
 from .config import SAEConfig

@@ -9,7 +9,7 @@ import time
 import jax
 import numpy as np
 
-from extractor.errors import UsageError
+from sae_core.errors import UsageError
 
 from .distributed import is_primary
 from .run_dir import RunDir

@@ -17,8 +17,8 @@ import json
 import os
 from pathlib import Path
 
-from extractor.errors import UsageError
-from extractor.files import write_json, write_text
+from sae_core.errors import UsageError
+from sae_core.files import write_json, write_text
 
 
 class RunDirError(UsageError):

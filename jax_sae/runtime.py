@@ -15,7 +15,7 @@ import platform
 from pathlib import Path
 from typing import NamedTuple
 
-from extractor.errors import UsageError
+from sae_core.errors import UsageError
 
 FIXES = {
     "gpu": "the JAX CUDA build is missing or no GPU is visible: run `SAE_MUSIC_ACCEL=cuda12 scripts/install.sh` "

@@ -10,7 +10,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from extractor.errors import UsageError
+from sae_core.errors import UsageError
 
 DATA, MODEL = "data", "model"
 # Leaves named like these fields get these specs wherever they sit (params, Adam moments, state).

@@ -199,7 +199,7 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None):
-    from extractor.cli import run_main
+    from sae_core.cli import run_main
 
     return run_main(TrainConfig, argv, prog="python -m jax_sae.train", description="Train a sparse autoencoder.",
                     run=train)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from extractor.errors import UsageError
-from extractor.files import write_json
+from sae_core.errors import UsageError
+from sae_core.files import write_json
 
 STAGES = ("extract", "train", "discover", "report")
 PIPELINE_FILE = "pipeline.json"
@@ -81,7 +81,7 @@ def _paths(cfg: PipelineConfig) -> dict[str, Path]:
 def _done(stage: str, paths: dict[str, Path]) -> bool:
     """Whether a stage's outputs exist and are complete."""
     if stage == "extract":
-        from extractor.store import Store, StoreError
+        from sae_core.store import Store, StoreError
 
         try:
             return Store(paths["store"]).complete
@@ -146,7 +146,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
 
 
 def main(argv: list[str] | None = None):
-    from extractor.cli import run_main
+    from sae_core.cli import run_main
 
     return run_main(PipelineConfig, argv, prog="python -m launch.pipeline",
                     description="Run extract -> train -> discover -> report.", run=run_pipeline)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from extractor.store import StoreMeta, acts_name, create_store
+from sae_core.store import StoreMeta, acts_name, create_store
 
 
 def planted_dictionary(d: int, n_features: int, seed: int) -> np.ndarray:

@@ -8,7 +8,7 @@ import pytest
 
 soundfile = pytest.importorskip("soundfile", reason="the extract extra (soundfile) is not installed")
 
-from extractor.audio import AudioError, read_audio, write_audio, write_wav  # noqa: E402
+from sae_core.audio import AudioError, read_audio, write_audio, write_wav  # noqa: E402
 
 RATE = 16000
 

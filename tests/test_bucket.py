@@ -4,8 +4,8 @@ S3-compatible server (moto) on 127.0.0.1. Extraction into a bucket is tested in 
 import numpy as np
 import pytest
 
-from extractor.location import Location, LocationError
-from extractor.store import (
+from sae_core.location import Location, LocationError
+from sae_core.store import (
     Store,
     StoreCommand,
     StoreError,

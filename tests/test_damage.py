@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-import extractor.store as store_module
-from extractor.store import Store, StoreError, acts_name, open_store
-from extractor.store import main as store_main
+import sae_core.store as store_module
+from sae_core.store import Store, StoreError, acts_name, open_store
+from sae_core.store import main as store_main
 
 from .synthetic import planted_dictionary, sparse_data, write_store
 
@@ -40,7 +40,7 @@ def _garble(path) -> None:
 
 
 def _command(*argv) -> tuple[int, str]:
-    """Exit status and the one error line of ``python -m extractor.store ...`` (run in-process)."""
+    """Exit status and the one error line of ``python -m sae_core.store ...`` (run in-process)."""
     try:
         store_main(list(argv))
     except SystemExit as exit_:
@@ -76,7 +76,7 @@ def test_a_damaged_chunk_is_named_by_every_reader_with_the_repair(store, damage,
     for message in _every_reader(open_store(store.path)):
         assert f"store {store.path}: layer 0 (cond stream) rows 512:768 (batch 0)" in message, message
         assert f"chunk file {chunk} {problem}" in message, message
-        assert f"python -m extractor.store repair {store.path}" in message, message
+        assert f"python -m sae_core.store repair {store.path}" in message, message
     status, line = _command("check", str(store.path))
     assert status == 2 and "1 damaged chunk (batch 0)" in line and "repair" in line, line
 
@@ -91,7 +91,7 @@ def test_the_training_command_stops_with_one_line_naming_the_chunk(store, tmp_pa
                     "--batch_size", "64", "--out", str(tmp_path / "m"), "--no-progress", "--mesh_data", "1"])
     line = str(exit_.value)
     assert exit_.value.code == 2 and "\n" not in line
-    assert f"{chunk} fails its crc32c checksum" in line and "python -m extractor.store repair" in line, line
+    assert f"{chunk} fails its crc32c checksum" in line and "python -m sae_core.store repair" in line, line
 
 
 def test_stores_without_checksums_stay_readable(tmp_path, monkeypatch, small_chunks):

@@ -4,7 +4,7 @@ lanes reads the same rows as the whole, and a row scan split by chunk merges int
 import numpy as np
 import pytest
 
-from extractor import store as store_module
+from sae_core import store as store_module
 from jax_sae.data import epoch_batches, epoch_lengths, merge_scans, scan_rows
 
 from .synthetic import write_store

@@ -12,7 +12,7 @@ from discovery.discover import DiscoverError, FeatureFiles, main
 from discovery.features import FeatureDiscovery
 from discovery.labels import Corpus, heuristic_label
 from discovery.stats import HIST_EDGES, feature_pass
-from extractor.store import StoreMeta, acts_name, create_store, open_store
+from sae_core.store import StoreMeta, acts_name, create_store, open_store
 from jax_sae.train import TrainConfig, train
 
 TAGS = ["distorted electric guitar", "piano", "violin", "drums", "synthesizer", "flute"]

@@ -14,7 +14,7 @@ from discovery.discover import main as discover_main
 from discovery.report import main as report_main
 from extractor.extract import main as extract_main
 from extractor.steer import main as steer_main
-from extractor.store import StoreMeta, create_store, open_store
+from sae_core.store import StoreMeta, create_store, open_store
 from extractor.torch_sae import save_torch_export
 from jax_sae import model as M
 from jax_sae.checkpoint import model_tree, save_model

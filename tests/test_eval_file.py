@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from extractor.eval_file import EvalFileError, read_eval, summarize_losses, write_eval
+from sae_core.eval_file import EvalFileError, read_eval, summarize_losses, write_eval
 
 
 def _result(overall: dict, books: int = 2) -> dict:

@@ -15,7 +15,7 @@ from packaging.version import Version
 from safetensors.numpy import load_file, save_file
 
 import jax_sae
-from extractor.formats import SAEFormatError
+from sae_core.formats import SAEFormatError
 from extractor.torch_sae import TorchSAE, save_torch_export
 from jax_sae import model as M
 from jax_sae.checkpoint import model_tree, save_model
@@ -174,7 +174,7 @@ def test_the_jax_side_imports_no_torch():
     probe = ("import importlib, pkgutil, sys, jax_sae\n"
              "for m in pkgutil.iter_modules(jax_sae.__path__):\n"
              "    importlib.import_module('jax_sae.' + m.name)\n"
-             "import extractor.formats, extractor.files\n"
+             "import sae_core.formats, sae_core.files\n"
              "heavy = sorted(n for n in sys.modules if n.split('.')[0] in ('torch', 'transformers'))\n"
              "assert not heavy, heavy\n")
     result = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parents[1], check=False,

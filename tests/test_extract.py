@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from extractor.extract import ExtractConfig, extract, main, parse_layers
-from extractor.store import open_store
+from sae_core.store import open_store
 
 from .conftest import assert_same_rows, cli
 
@@ -141,7 +141,7 @@ def test_a_bucket_store_filled_by_two_shards_one_killed_and_resumed_trains_and_d
     result equals the same run on the local reference store."""
     import discovery.discover
     import jax_sae
-    from extractor.location import Location
+    from sae_core.location import Location
     from jax_sae.train import TrainConfig, train
 
     url = s3_server("extract")

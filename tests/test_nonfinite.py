@@ -13,7 +13,7 @@ from discovery.discover import FeatureFiles
 from discovery.discover import main as discover
 from discovery.report import main as report
 from discovery.stats import feature_pass
-from extractor.store import Store, StoreMeta, acts_name, create_store, open_store
+from sae_core.store import Store, StoreMeta, acts_name, create_store, open_store
 from jax_sae.train import TrainConfig, train
 
 from .synthetic import write_store

@@ -11,7 +11,7 @@ import jax_sae  # noqa: F401  (JAX side loads first, as in the CLI)
 from discovery.discover import FeatureFiles
 from discovery.discover import main as discover
 from discovery.report import main as report
-from extractor.eval_file import summarize_losses, write_eval
+from sae_core.eval_file import summarize_losses, write_eval
 from jax_sae.train import TrainConfig, train
 
 from .test_discovery import planted_store

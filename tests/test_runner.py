@@ -5,7 +5,7 @@ from typing import Literal
 
 import pytest
 
-from extractor.cli import build_parser, run_main
+from sae_core.cli import build_parser, run_main
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from extractor.store import Store, StoreError, StoreMeta, acts_name, create_store, open_store
+from sae_core.store import Store, StoreError, StoreMeta, acts_name, create_store, open_store
 
 
 def _make_store(path, n_frames=(5, 3, 7, 4), d=6, units=2, commit=True):
@@ -74,7 +74,7 @@ def test_incomplete_store_is_refused_and_missing_layer_named(tmp_path):
 def test_reading_a_store_does_not_import_torch(tmp_path):
     _make_store(tmp_path / "s")
     code = (
-        "import sys; from extractor.store import open_store; s = open_store(sys.argv[1]); "
+        "import sys; from sae_core.store import open_store; s = open_store(sys.argv[1]); "
         "sum(len(b) for b in s.iter_rows(2, 4, shuffle=True)); "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'"
     )
@@ -84,7 +84,7 @@ def test_reading_a_store_does_not_import_torch(tmp_path):
 def test_light_packages_do_not_import_torch():
     code = (
         "import sys, importlib\n"
-        "for name in ('extractor', 'extractor.store', 'extractor.prompts', 'jax_sae', 'discovery'):\n"
+        "for name in ('extractor', 'sae_core.store', 'extractor.prompts', 'jax_sae', 'discovery'):\n"
         "    importlib.import_module(name)\n"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n"
     )

@@ -19,7 +19,7 @@ from jax_sae.config import ConfigError, SAEConfig
 from jax_sae.data import split_samples
 from jax_sae.run_dir import RunDir
 from jax_sae.train import TrainConfig, main, train
-from extractor.store import open_store
+from sae_core.store import open_store
 
 from .conftest import cli
 from .synthetic import mean_max_cosine, planted_dictionary, sparse_data, write_store
@@ -309,7 +309,7 @@ def test_nonfinite_rows_are_reported_and_skipped_on_request(tmp_path):
 
 
 def _ns(argv):
-    from extractor.cli import build_parser
+    from sae_core.cli import build_parser
 
     return build_parser(TrainConfig, "t", "").parse_args(argv)
 

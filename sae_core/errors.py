@@ -2,7 +2,7 @@
 
 Anything the user asked for that cannot work raises a ``UsageError`` (each stage has its own
 subclass: ``StoreError``, ``ConfigError``, ...) whose message is one line saying what is wrong and
-what to do. The CLI runner (``extractor.cli.run_main``) turns it into ``error: <message>`` on
+what to do. The CLI runner (``sae_core.cli.run_main``) turns it into ``error: <message>`` on
 stderr and exit status 2, with no traceback; no entry point keeps its own list of exceptions.
 Anything else is a bug, and keeps its traceback.
 """

@@ -12,9 +12,8 @@
   below ``6.0.0-rc.0`` through its pre-6 rewrite, which drops metadata it does not know; 6.0.0 is
   the first 6.x release, so every SAELens 6 loader takes our config as written.
 
-Torch-free and JAX-free: the JAX side may import the torch-free helpers of ``extractor/`` (the
-store, the CLI runner, these formats, the atomic file writers); writes go through
-``extractor.files`` so a reader never sees half a file.
+Torch-free and JAX-free, like the rest of ``sae_core``; writes go through ``sae_core.files`` so a
+reader never sees half a file.
 """
 
 from __future__ import annotations

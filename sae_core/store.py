@@ -1,6 +1,6 @@
 """The activation store: the one module that knows the on-disk layout.
 
-A store is a directory, or a prefix in a bucket (``gs://``, ``s3://``; see ``extractor.location``)::
+A store is a directory, or a prefix in a bucket (``gs://``, ``s3://``; see ``sae_core.location``)::
 
     store.json            model, layers, widths, frame rate, dtype, mode, generation parameters
     samples.jsonl         one line per sample: prompt, source id, tags, seed, n_frames
@@ -19,7 +19,7 @@ Every file goes through ``Location``: the same code reads and writes a directory
 
 Damage is named, not returned as rows: every chunk carries a crc32c checksum (stores made
 before it have none; a truncated chunk still fails), store.json records samples.jsonl's line
-count and sha256, and ``python -m extractor.store check|repair STORE`` finds damaged chunks and
+count and sha256, and ``python -m sae_core.store check|repair STORE`` finds damaged chunks and
 un-commits the batches that wrote them, so rerunning the same extract command recomputes them.
 """
 
@@ -205,7 +205,7 @@ def _open_new(kvstore: dict, shape, dtype: str, chunk_rows: int):
         return ts.open(spec, create=True, open=True).result()
     except ValueError as err:
         raise StoreError(f"{kvstore['path']} holds an array of other settings ({_first_line(err)}): a store "
-                         "half-created with other settings is there; remove it (python -m extractor.store remove "
+                         "half-created with other settings is there; remove it (python -m sae_core.store remove "
                          "STORE) or choose another --out") from None
 
 
@@ -288,7 +288,7 @@ class Store:
             what = f"are damaged: chunk file {found.group(1)} {_problem(err)}"
         batches = "" if name in PLAN_ARRAYS else f" ({_batches(self.units_of_rows(lo, hi))})"
         return (f"store {self.path}: {_describe_array(name)} rows {lo}:{hi}{batches} {what}; run "
-                f"python -m extractor.store repair {self.path} and then rerun the same extract command")
+                f"python -m sae_core.store repair {self.path} and then rerun the same extract command")
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -800,7 +800,7 @@ def repair(store: Store) -> list[Damage]:
 
 @dataclass(frozen=True)
 class StoreCommand:
-    """Options of ``python -m extractor.store`` (also ``python -m extractor.store check|repair STORE``)."""
+    """Options of ``python -m sae_core.store`` (also ``python -m sae_core.store check|repair STORE``)."""
 
     action: Literal["check", "repair", "remove"] = "check"
     """check: read every chunk back and list the damaged ones (exit status 2 if any); repair: remove them
@@ -825,7 +825,7 @@ def run_command(cfg: StoreCommand) -> list[Damage]:
         if damage:
             units = {u for d in damage for u in d.units}
             raise StoreError(f"{where}: {len(damage)} damaged chunk{'s' * (len(damage) > 1)}"
-                             f"{f' ({_batches(units)})' if units else ''}; run python -m extractor.store repair "
+                             f"{f' ({_batches(units)})' if units else ''}; run python -m sae_core.store repair "
                              f"{store.path} and then rerun the same extract command")
         logs = (store.where.local / "progress").glob("*.jsonl") if store.where.local is not None else ()
         for log in sorted(logs):
@@ -861,7 +861,7 @@ def main(argv: list[str] | None = None):
         head.append(argv.pop(0))
     argv = [arg for pair in zip(("--action", "--store"), head) for arg in pair] + argv
     return run_main(
-        StoreCommand, argv, prog="python -m extractor.store",
+        StoreCommand, argv, prog="python -m sae_core.store",
         description="Check an activation store for damaged chunks (check STORE), repair it (repair STORE): "
                     "damaged chunks are removed and their batches un-committed, so rerunning the same extract "
                     "command recomputes exactly those; or delete it (remove STORE).",
