@@ -23,8 +23,9 @@ that every output can be compared with the reference's:
 Equal to the reference means: the store byte for byte (the progress files as sets of committed
 batches: repairs and racing writers reorder or repeat their lines); parameters of ``best/`` and
 ``final/`` within 1e-6 with every other run file equal except ``training_stats.json``'s
-``seconds`` and the orbax files, which carry timestamps and random file names; the features JSON
-and its summary equal; the exported ``.pt`` byte for byte. Hidden temporary files a killed run
+``seconds`` and ``bytes_read_per_process`` (a resumed run reads only from its checkpoint on) and
+the orbax files, which carry timestamps and random file names; the features JSON and its
+summary equal; the exported ``.pt`` byte for byte. Hidden temporary files a killed run
 leaves behind are reported, not counted as failures. Every case prints one line; the results
 JSON counts cases tried and survived per category.
 """
@@ -65,7 +66,8 @@ CATEGORIES = ("kill", "disk_full", "damage", "concurrent")
 RUN = Path("models/batch_topk/layer1/dim128")  # the training run directory, relative to a trial
 PARAM_TOL = 1e-6
 # Files of a training run that legitimately differ between two identical runs.
-VOLATILE_STATS = ("seconds",)  # training_stats.json: wall-clock time
+# training_stats.json: wall-clock time, and the bytes this process read (a resumed run reads from its checkpoint on)
+VOLATILE_STATS = ("seconds", "bytes_read_per_process")
 # Orbax checkpoint files hold a timestamp (_CHECKPOINT_METADATA, commit_success.txt) and random
 # data-file names (and so manifests): checkpoints are compared by their restored parameters.
 CHECKPOINT_DIRS = ("best", "final", "ckpt")
@@ -281,15 +283,11 @@ def _wait_until(ready: Callable[[], bool], proc: subprocess.Popen, timeout: floa
 
 # -- where a run got to --------------------------------------------------------------------------
 def _committed(store: Path) -> list[int]:
-    """Committed batches of a store, one entry per well-formed progress line."""
-    units = []
-    for f in sorted((store / "progress").glob("*.jsonl")):
-        for line in f.read_text().splitlines():
-            try:
-                units.append(int(json.loads(line)["unit"]))
-            except (ValueError, KeyError, TypeError, json.JSONDecodeError):
-                continue
-    return units
+    """Committed batches of a store, one entry per commit written (a batch committed twice counts twice)."""
+    from sae_core.location import Location
+    from sae_core.store import commit_log
+
+    return [entry.unit for entry in commit_log(Location.parse(store)).entries()]
 
 
 def _checkpoint_steps(run: Path) -> list[int]:

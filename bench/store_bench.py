@@ -2,7 +2,7 @@
 
 Writes a musicgen-small-wide store (d_model 1024, float16) the way extraction does, in
 ``write_rows`` calls of batch_samples x frames rows, then reads it back sequentially and
-shuffled through ``Store.iter_rows`` (float32 out, as the trainer reads). Each read runs in a
+shuffled as the trainer reads (``jax_sae.order``, float32 out). Each read runs in a
 fresh process so its peak RSS is its own. Reads are timed twice: warm (the file was just
 written and sits in the page cache) and cold (its pages dropped with posix_fadvise first).
 
@@ -156,6 +156,7 @@ def _write(store, cfg: StoreBenchConfig, rows_per_batch: int, array=None) -> dic
 
 def _read_pass(path: str, batch: int, shuffle: bool, cold: bool) -> dict:
     """One full pass of iter_rows in this (fresh) process: seconds, rows, dtype, RSS."""
+    from jax_sae.order import lane_rows_shuffled
     from sae_core.store import Store, acts_name
 
     store = Store(path)
@@ -165,7 +166,8 @@ def _read_pass(path: str, batch: int, shuffle: bool, cold: bool) -> dict:
     rss_before = peak_rss_mib()
     rows, dtype = 0, None
     start = time.perf_counter()
-    for x in store.iter_rows(LAYER, batch, shuffle=shuffle, seed=0):
+    batches = lane_rows_shuffled(store, LAYER, batch, seed=0) if shuffle else store.iter_rows_indexed(LAYER, batch)
+    for x, _ in batches:
         rows += len(x)
         dtype = x.dtype
     seconds = time.perf_counter() - start

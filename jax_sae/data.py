@@ -196,55 +196,6 @@ def geometric_median(x_ND: np.ndarray, iters: int = 100, eps: float = 1e-6) -> n
     return median.astype(np.float32)
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    return seed * 100_003 + epoch
-
-
-def lane_buffer_chunks(lanes: int) -> int:
-    """Chunks each lane shuffles its rows within: 4 in all for one lane, 1 per lane from 4 lanes on."""
-    return max(1, 4 // lanes)
-
-
-def epoch_batches(store: Store, layer: int, samples: np.ndarray, batch_size: int, *, seed: int, epoch: int,
-                  skip: int = 0, exclude_rows: np.ndarray | None = None, lanes: int = 1,
-                  read_lanes: Sequence[int] | None = None, batches: int | None = None) -> Iterator[np.ndarray]:
-    """One epoch of full batches in a seeded chunk-shuffled order; ``skip`` resumes mid-epoch.
-
-    Each batch is ``lanes`` equal slices, slice j drawn from lane j of the store (its own share of
-    the chunks, see ``Store.iter_rows_indexed``), so a batch never depends on who reads it. Only
-    the ``read_lanes`` (default all) are read and filled; the rest of each batch is left as zeros
-    (a process fills the slices that land on its own devices). ``batches`` is the epoch's length
-    (``epoch_lengths``); by default, the full batches every lane can fill."""
-    per_lane = batch_size // lanes
-    read = range(lanes) if read_lanes is None else sorted(read_lanes)
-    options = dict(shuffle=True, seed=epoch_seed(seed, epoch), samples=samples, exclude_rows=exclude_rows,
-                   drop_last=True, buffer_chunks=lane_buffer_chunks(lanes))
-    streams = {j: store.iter_rows_indexed(layer, per_lane, lane=(j, lanes), **options) for j in read}
-    if batches is None:
-        batches = int(store.lane_rows(layer, lanes, shuffle=True, seed=options["seed"], samples=samples,
-                                      exclude_rows=exclude_rows).min()) // per_lane
-    for i in range(batches):
-        x = np.zeros((batch_size, store.d_model), np.float32) if len(read) < lanes else None
-        parts = []
-        for j, stream in streams.items():
-            part, _ = next(stream)
-            if x is None:
-                parts.append(part)
-            else:
-                x[j * per_lane:(j + 1) * per_lane] = part
-        if i >= skip:
-            yield np.concatenate(parts) if x is None else x
-
-
-def epoch_lengths(store: Store, layer: int, samples: np.ndarray, batch_size: int, *, seed: int, epochs: int,
-                  lanes: int, exclude_rows: np.ndarray | None = None) -> list[int]:
-    """Full batches in each epoch (every lane fills its slice of each; from metadata, nothing is read)."""
-    kept = store.kept_rows_per_chunk(layer, samples=samples, exclude_rows=exclude_rows)
-    per_lane = batch_size // lanes
-    return [int(store.lane_rows(layer, lanes, shuffle=True, seed=epoch_seed(seed, e), kept_per_chunk=kept).min())
-            // per_lane for e in range(epochs)]
-
-
 def prefetch(iterator: Iterator, size: int = 3, transform=None) -> Iterator:
     """Run ``iterator`` (and ``transform``, e.g. a device put) in a thread, ``size`` items ahead."""
     q: queue.Queue = queue.Queue(maxsize=size)

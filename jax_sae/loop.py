@@ -31,8 +31,6 @@ from .data import (
     DataError,
     DataSplit,
     ScanResult,
-    epoch_batches,
-    epoch_lengths,
     geometric_median,
     input_scale,
     merge_scans,
@@ -43,6 +41,7 @@ from .data import (
 from .distributed import barrier, gather_host, global_batch, is_primary, to_host
 from .forward import LossSettings
 from .metrics import MetricAccumulator, evaluate_batches
+from .order import epoch_batches, epoch_lengths
 from .progress import Progress
 from .run_dir import RunDir
 from .runtime import announce

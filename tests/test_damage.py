@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-import sae_core.store as store_module
+import sae_core.store.layout as store_module
 from sae_core.store import Store, StoreError, acts_name, open_store
 from sae_core.store import main as store_main
 
@@ -51,7 +51,8 @@ def _command(*argv) -> tuple[int, str]:
 def _every_reader(store: Store, layer: int = 0) -> list[str]:
     """The error of each way the project reads activations: training's scan and its shuffled
     epochs, evaluation's sequential pass, discovery's sample blocks, one sample."""
-    from jax_sae.data import epoch_batches, prefetch, scan_rows
+    from jax_sae.data import prefetch, scan_rows
+    from jax_sae.order import epoch_batches
 
     samples = np.arange(store.n_samples)
     reads = [

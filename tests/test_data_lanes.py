@@ -4,8 +4,9 @@ lanes reads the same rows as the whole, and a row scan split by chunk merges int
 import numpy as np
 import pytest
 
-from sae_core import store as store_module
-from jax_sae.data import epoch_batches, epoch_lengths, merge_scans, scan_rows
+from sae_core.store import layout as store_module
+from jax_sae.data import merge_scans, scan_rows
+from jax_sae.order import epoch_batches, epoch_lengths, lane_rows_shuffled
 
 from .synthetic import write_store
 
@@ -48,8 +49,7 @@ def test_lanes_read_disjoint_chunks_and_any_subset_equals_the_whole(chunked):
 def test_one_lane_is_the_single_shuffled_stream(chunked):
     store, _ = chunked
     samples = np.arange(store.n_samples)
-    plain = [b for b, _ in store.iter_rows_indexed(0, 64, shuffle=True, seed=100_003 * 3 + 1, samples=samples,
-                                                   drop_last=True)]
+    plain = [b for b, _ in lane_rows_shuffled(store, 0, 64, seed=100_003 * 3 + 1, samples=samples, drop_last=True)]
     laned = list(epoch_batches(store, 0, samples, 64, seed=3, epoch=1, lanes=1))
     assert len(plain) == len(laned) and all(np.array_equal(a, b, equal_nan=True) for a, b in zip(plain, laned))
 

@@ -99,7 +99,7 @@ def test_two_processes_train_the_same_sae_as_one(tmp_path, monkeypatch):
     import subprocess
 
     import jax_sae
-    from sae_core import store as store_module
+    from sae_core.store import layout as store_module
     from jax_sae.train import main as train_main
 
     from .conftest import cli
