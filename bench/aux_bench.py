@@ -18,20 +18,18 @@ def step_times(sae_type: str, d: int, h: int, k: int, batch: int, dead: float, s
     import jax.numpy as jnp
 
     from jax_sae import model as M
-    from jax_sae.config import SAEConfig, default_group_sizes
-    from jax_sae.forward import LossSettings
-    from jax_sae.sharding import make_mesh, shardings
-    from jax_sae.step import compile_train_step, init_state, make_optimizer
+    from jax_sae.config import TrainConfig
+    from jax_sae.sharding import make_mesh
+    from jax_sae.step import build_step, init_state
 
-    cfg = SAEConfig(sae_type=sae_type, d_model=d, hidden_dim=h, top_k=k,
-                    group_sizes=default_group_sizes(h) if sae_type == "matryoshka" else ())
-    mesh, optimizer = make_mesh(1, 1), make_optimizer(1e-4, 1000, 0.0)
+    cfg = TrainConfig.of(sae_type=sae_type, hidden_dim=h, top_k=k, batch_size=batch, lr=1e-4)
+    built = build_step(cfg, cfg.sae_config(d), make_mesh(1, 1), total_steps=1000, dead_tokens=10**7)
     dead_H = jnp.arange(h) < int(dead * h)
-    params = M.init_params(jax.random.PRNGKey(0), cfg, np.zeros(d, np.float32))
-    state = init_state(params.replace(b_enc_H=jnp.where(dead_H, -1e3, 0.0)), optimizer, 1.0)
+    params = M.init_params(jax.random.PRNGKey(0), built.settings.sae, np.zeros(d, np.float32))
+    state = init_state(params.replace(b_enc_H=jnp.where(dead_H, -1e3, 0.0)), built.optimizer, 1.0)
     state = state.replace(tokens_since_fired_H=jnp.where(dead_H, 10**8, 0).astype(jnp.int32))
-    state = jax.device_put(state, shardings(state, mesh))
-    step = compile_train_step(optimizer, LossSettings(cfg, 1.0, 50, 1 / 32, 10**7), mesh, state, batch)
+    state = jax.device_put(state, built.shardings)
+    step = built.fn
     x = jax.device_put(np.random.default_rng(0).normal(size=(batch, d)).astype(np.float32))
     state, metrics = step(state, x)
     times = []

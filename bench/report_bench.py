@@ -53,7 +53,7 @@ def _audio_sizes(cfg: ReportBenchConfig, root: Path) -> dict[str, float]:
                                                  for i in range(cfg.prompts)) + "\n")
     extract(ExtractConfig(model="tiny-random", layers="2", prompt_file=str(root / "prompts.txt"), batch_size=2,
                           duration=cfg.seconds, out=str(root / "store"), device="cpu", dtype="float32", top_k=50))
-    train(TrainConfig(sae_type="topk", layer_idx=2, hidden_dim=64, top_k=4, batch_size=64, epochs=2,
+    train(TrainConfig.of(sae_type="topk", layer_idx=2, hidden_dim=64, top_k=4, batch_size=64, epochs=2,
                       store=str(root / "store"), out=str(root / "models"), progress=False, patience=0))
     features = root / "features_layer2.json"
     discover(["--sae_path", str(root / "models/topk/layer2/dim64/best"), "--store", str(root / "store"),
@@ -80,7 +80,7 @@ def _scale(cfg: ReportBenchConfig, root: Path) -> tuple[float, dict[str, list[fl
     store = synthetic_store(root / "store", n_samples=400, frames=50, d_model=32, dtype="float32", unit_samples=400)
     store.write_rows(acts_name(0), 0, (codes @ directions).astype(np.float32))
     store.commit_unit(0, "shard-0-of-1")
-    train(TrainConfig(sae_type="topk", layer_idx=0, hidden_dim=cfg.hidden, top_k=8, batch_size=512, epochs=1,
+    train(TrainConfig.of(sae_type="topk", layer_idx=0, hidden_dim=cfg.hidden, top_k=8, batch_size=512, epochs=1,
                       store=str(root / "store"), out=str(root / "models"), progress=False, patience=0))
     features = root / "features_layer0.json"
     discover(["--sae_path", str(root / f"models/topk/layer0/dim{cfg.hidden}/best"), "--store", str(root / "store"),

@@ -47,20 +47,15 @@ def ours(sae_type: str, d: int, h: int, k: int, batch: int, steps: int, backward
          compute_dtype: str = "float32"):
     import jax
 
-    from jax_sae import model as M
-    from jax_sae.config import SAEConfig, default_group_sizes
-    from jax_sae.forward import LossSettings
-    from jax_sae.sharding import make_mesh, shardings
-    from jax_sae.step import compile_train_step, init_state, make_optimizer
+    from jax_sae.config import TrainConfig
+    from jax_sae.sharding import make_mesh
+    from jax_sae.step import build_step, fresh_state
 
-    cfg = SAEConfig(sae_type=sae_type, d_model=d, hidden_dim=h, top_k=k,
-                    group_sizes=default_group_sizes(h) if sae_type == "matryoshka" else ())
-    mesh = make_mesh(1, 1)
-    optimizer = make_optimizer(1e-4, 1000, 0.0)
-    state = init_state(M.init_params(jax.random.PRNGKey(0), cfg, np.zeros(d, np.float32)), optimizer, 1.0)
-    state = jax.device_put(state, shardings(state, mesh))
-    settings = LossSettings(cfg, 1.0, 50, 1 / 32, 10**7, backward, compute_dtype)
-    step_fn = compile_train_step(optimizer, settings, mesh, state, batch)
+    cfg = TrainConfig.of(sae_type=sae_type, hidden_dim=h, top_k=k, batch_size=batch, lr=1e-4, backward=backward,
+                         compute_dtype=compute_dtype)
+    built = build_step(cfg, cfg.sae_config(d), make_mesh(1, 1), total_steps=1000, dead_tokens=10**7)
+    state = fresh_state(built, jax.random.PRNGKey(0), np.zeros(d, np.float32), 1.0, "transpose", 1.0)
+    step_fn = built.fn
     x = jax.device_put(_data(d, batch))
 
     def step(st, x):

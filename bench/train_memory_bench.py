@@ -23,7 +23,7 @@ from .common import report, summarize
 CHILD = """
 import json, resource, sys, time
 from jax_sae.train import TrainConfig, train
-cfg = TrainConfig(**json.loads(sys.argv[1]))
+cfg = TrainConfig.of(**json.loads(sys.argv[1]))
 t0 = time.perf_counter()
 stats = train(cfg)
 print(json.dumps({"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -12,38 +12,33 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from . import model as M
-from .config import ConfigError
-from .forward import LossSettings
+from .config import ConfigError, TrainConfig
 from .runtime import announce
-from .sharding import BATCH, check_divisible, make_mesh, shardings
-from .step import compile_train_step, init_state, make_optimizer
+from .sharding import BATCH, check_divisible, make_mesh
+from .step import build_step
 
 _GIB = 1024**3
+SCHEDULE_STEPS = 1000
+"""The learning-rate and sparsity schedules' length for the compile (without a store there is no
+run length): it changes constants in the program, not its memory or FLOPs."""
 
 
-def compile_report(cfg) -> dict:
-    mesh = make_mesh(cfg.mesh_data or None, cfg.mesh_model)
-    check_divisible(mesh, cfg.batch_size, cfg.hidden_dim)
+def compile_report(cfg: TrainConfig) -> dict:
+    mesh = make_mesh(cfg.runtime.mesh_data or None, cfg.runtime.mesh_model)
+    check_divisible(mesh, cfg.train.batch_size, cfg.sae.hidden_dim)
     runtime = announce(mesh, "train --compile_only")
-    d_model = cfg.d_model
+    d_model = cfg.runtime.d_model
     if d_model is None:
         from sae_core.store import open_store
 
-        d_model = open_store(cfg.store).d_model
+        d_model = open_store(cfg.train.store).d_model
     if d_model <= 0:
         raise ConfigError(f"--d_model must be positive, got {d_model}")
     sae = cfg.sae_config(d_model)
-    optimizer = make_optimizer(cfg.peak_lr, 1000, cfg.weight_decay)
-    abstract = jax.eval_shape(lambda: init_state(
-        M.init_params(jax.random.PRNGKey(0), sae, jnp.zeros(d_model)), optimizer, 1.0))
-    state_shardings = shardings(abstract, mesh)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                            state_shardings)
-    batch = jax.ShapeDtypeStruct((cfg.batch_size, d_model), jnp.float32, sharding=NamedSharding(mesh, BATCH))
-    settings = LossSettings(sae, cfg.sparsity_coef, 50, cfg.aux_penalty, cfg.dead_tokens, cfg.backward,
-                            cfg.compute_dtype, cfg.aux_k, cfg.prefix_weights())
-    compiled = compile_train_step(optimizer, settings, mesh, abstract, cfg.batch_size).lower(abstract, batch).compile()
+    step = build_step(cfg, sae, mesh, SCHEDULE_STEPS, cfg.train.dead_tokens)
+    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, d_model), jnp.float32, sharding=NamedSharding(mesh, BATCH))
+    abstract = step.abstract
+    compiled = step.fn.lower(abstract, batch).compile()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -55,8 +50,8 @@ def compile_report(cfg) -> dict:
     report["flops_per_step"] = float((cost or {}).get("flops", float("nan")))
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     report.update(mesh=dict(mesh.shape), devices=[str(d) for d in mesh.devices.flat], parameters=params,
-                  sae=sae.to_json(), batch_size=cfg.batch_size, runtime=runtime)
-    print(f"compiled {sae.sae_type} d={d_model} h={cfg.hidden_dim} k={cfg.top_k} batch={cfg.batch_size} on a "
+                  sae=sae.to_json(), batch_size=cfg.train.batch_size, runtime=runtime)
+    print(f"compiled {sae.sae_type} d={d_model} h={cfg.sae.hidden_dim} k={cfg.sae.top_k} batch={cfg.train.batch_size} on a "
           f"{mesh.shape['data']}x{mesh.shape['model']} mesh ({mesh.devices.flat[0].platform}): "
           f"{params / 1e6:.1f} M parameters")
     print("per device (XLA memory analysis):")

@@ -5,11 +5,9 @@ through ``Progress``."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +24,7 @@ from .checkpoint import (
     read_config,
     save_model,
 )
-from .config import SAEConfig
+from .config import SAEConfig, TrainConfig
 from .data import (
     DataError,
     DataSplit,
@@ -39,25 +37,13 @@ from .data import (
     split_samples,
 )
 from .distributed import barrier, gather_host, global_batch, is_primary, to_host
-from .forward import LossSettings
 from .metrics import MetricAccumulator, evaluate_batches
 from .order import epoch_batches, epoch_lengths
 from .progress import Progress
 from .run_dir import RunDir
 from .runtime import announce
-from .sharding import BATCH, check_divisible, make_mesh, shardings
-from .step import (
-    TrainState,
-    compile_train_step,
-    init_state,
-    lr_schedule,
-    lr_warmup_steps,
-    make_optimizer,
-    sparsity_warmup_steps,
-)
-
-if TYPE_CHECKING:
-    from .train import TrainConfig
+from .sharding import BATCH, check_divisible, make_mesh
+from .step import Step, TrainState, build_step, fresh_state, lr_schedule, lr_warmup_steps, sparsity_warmup_steps
 
 
 @dataclass(frozen=True)
@@ -74,22 +60,24 @@ class RunPlan:
     notes: tuple[str, ...]
 
 
-def make_plan(cfg: TrainConfig, store: Store, train_rows: int, epoch_steps: list[int] | None = None) -> RunPlan:
-    """The run's fixed quantities; ``epoch_steps`` (``epoch_lengths``) gives each epoch's batches
-    exactly, else every epoch takes train_rows // batch_size."""
-    sae = cfg.sae_config(store.d_model, store.meta.model)
-    if train_rows // cfg.batch_size == 0:
-        raise DataError(f"--batch_size {cfg.batch_size} exceeds the {train_rows} training rows; lower it")
-    epoch_steps = epoch_steps or [train_rows // cfg.batch_size] * cfg.epochs
+def check_batch(cfg: TrainConfig, train_rows: int) -> None:
+    """Refuse a batch larger than the training rows (before they are read)."""
+    if train_rows // cfg.train.batch_size == 0:
+        raise DataError(f"--batch_size {cfg.train.batch_size} exceeds the {train_rows} training rows; lower it")
+
+
+def make_plan(cfg: TrainConfig, sae: SAEConfig, epoch_steps: list[int]) -> RunPlan:
+    """The run's fixed quantities, from each epoch's batches (``epoch_lengths``)."""
+    train = cfg.train
     if min(epoch_steps) == 0:
-        raise DataError(f"--data_lanes {cfg.data_lanes} splits the store's chunks too thinly: some lane cannot fill "
-                        f"its {cfg.batch_size // cfg.data_lanes} rows of a batch; lower --data_lanes")
+        raise DataError(f"--data_lanes {train.data_lanes} splits the store's chunks too thinly: some lane cannot fill "
+                        f"its {train.batch_size // train.data_lanes} rows of a batch; lower --data_lanes")
     total = sum(epoch_steps)
-    dead = min(cfg.dead_tokens, max(cfg.batch_size, total * cfg.batch_size // 10))
-    notes = () if dead == cfg.dead_tokens else (f"dead-latent window scaled to {dead} tokens for this short run",)
+    dead = min(train.dead_tokens, max(train.batch_size, total * train.batch_size // 10))
+    notes = () if dead == train.dead_tokens else (f"dead-latent window scaled to {dead} tokens for this short run",)
     warmup = max(lr_warmup_steps(total), sparsity_warmup_steps(total))
-    return RunPlan(sae, tuple(epoch_steps), total, cfg.eval_every or max(1, total // 20),
-                   cfg.checkpoint_every or max(1, total // 10), dead, warmup, notes)
+    return RunPlan(sae, tuple(epoch_steps), total, train.eval_every or max(1, total // 20),
+                   train.checkpoint_every or max(1, total // 10), dead, warmup, notes)
 
 
 def improves(fvu: float, best: float, min_delta: float) -> bool:
@@ -134,7 +122,7 @@ def open_run(cfg: TrainConfig, files: RunDir, d_model: int) -> RunCheckpoints:
         try:
             meta = checkpoints.latest_meta()
         except CheckpointError:
-            if not cfg.overwrite:
+            if not cfg.runtime.overwrite:
                 checkpoints.close()
                 raise
             meta = None
@@ -142,7 +130,7 @@ def open_run(cfg: TrainConfig, files: RunDir, d_model: int) -> RunCheckpoints:
             same = _same_settings(meta.get("resume_key"), cfg)
             if same and meta.get("d_model") == d_model:
                 return checkpoints
-            if not cfg.overwrite:
+            if not cfg.runtime.overwrite:
                 checkpoints.close()
                 raise CheckpointError(
                     f"the checkpoint in {files.path} has width {meta.get('d_model')} but the store has {d_model}; "
@@ -152,7 +140,7 @@ def open_run(cfg: TrainConfig, files: RunDir, d_model: int) -> RunCheckpoints:
                     "--overwrite to replace it, or another --out")
         checkpoints.close()
     if is_primary():
-        if files.path.exists() and cfg.overwrite:
+        if files.path.exists() and cfg.runtime.overwrite:
             shutil.rmtree(files.path)
         files.path.mkdir(parents=True, exist_ok=True)
     barrier("open-run")
@@ -184,55 +172,44 @@ class TrainingRun:
     @classmethod
     def setup(cls, cfg: TrainConfig) -> TrainingRun:
         """Cheap checks first (mesh, layer, batch vs rows, resume compatibility), then the pass over
-        the rows (scale, non-finite rows), then the state (restored when resuming) and the step."""
-        mesh = make_mesh(cfg.mesh_data or None, cfg.mesh_model)
-        check_divisible(mesh, cfg.batch_size, cfg.hidden_dim)
+        the rows (scale, non-finite rows), then the step and the state (restored when resuming)."""
+        mesh = make_mesh(cfg.runtime.mesh_data or None, cfg.runtime.mesh_model)
+        check_divisible(mesh, cfg.train.batch_size, cfg.sae.hidden_dim)
         cfg = _with_lanes(cfg)
+        train = cfg.train
         runtime = announce(mesh, "train")
-        store = open_store(cfg.store)
-        store.check_layer(cfg.layer_idx)
-        split = split_samples(store, val_fraction=cfg.val_fraction, seed=cfg.seed, num_samples=cfg.num_samples,
-                              max_tokens=cfg.max_tokens, val_max_tokens=cfg.val_max_tokens,
-                              by_chunks_of=store.chunk_rows(cfg.layer_idx) if cfg.val_split == "chunks" else None)
-        make_plan(cfg, store, split.train_rows)  # the batch fits before the rows are read
+        store = open_store(train.store)
+        store.check_layer(train.layer_idx)
+        split = split_samples(store, val_fraction=train.val_fraction, seed=train.seed, num_samples=train.num_samples,
+                              max_tokens=train.max_tokens, val_max_tokens=train.val_max_tokens,
+                              by_chunks_of=store.chunk_rows(train.layer_idx) if train.val_split == "chunks" else None)
+        check_batch(cfg, split.train_rows)
         files = RunDir(cfg.run_dir())
         checkpoints = open_run(cfg, files, store.d_model)
         scan, val_bad = _scan_for_bad_rows(cfg, store, split)
-        lengths = epoch_lengths(store, cfg.layer_idx, split.train_samples, cfg.batch_size, seed=cfg.seed,
-                                epochs=cfg.epochs, lanes=cfg.data_lanes, exclude_rows=scan.nonfinite_rows)
-        plan = make_plan(cfg, store, split.train_rows - len(scan.nonfinite_rows), lengths)
-        bad = len(scan.nonfinite_rows) + len(val_bad)
-        notes = list(split.notes) + list(plan.notes) + ([f"skipping {bad} non-finite rows"] if bad else [])
-        if cfg.data_lanes > 1:
-            used = min(lengths) * cfg.batch_size
-            notes.append(f"{cfg.data_lanes} data lanes: each epoch uses at least {used} of the "
-                         f"{split.train_rows - len(scan.nonfinite_rows)} training rows")
-        for note in notes if is_primary() else ():
-            print(note)
-        optimizer = make_optimizer(cfg.peak_lr, plan.total_steps, cfg.weight_decay, cfg.lr_schedule, cfg.adam_betas)
-        state, state_shardings = _initial_state(cfg, plan, scan, store.d_model, optimizer, mesh)
-        state = _resume(checkpoints, files, state, cfg.overwrite)
-        settings = LossSettings(plan.sae, cfg.sparsity_coef, sparsity_warmup_steps(plan.total_steps),
-                                cfg.aux_penalty, plan.dead_tokens, cfg.backward, cfg.compute_dtype, cfg.aux_k,
-                                cfg.prefix_weights())
-        step_fn = compile_train_step(optimizer, settings, mesh, state, cfg.batch_size)
+        lengths = epoch_lengths(store, train.layer_idx, split.train_samples, train.batch_size, seed=train.seed,
+                                epochs=train.epochs, lanes=train.data_lanes, exclude_rows=scan.nonfinite_rows)
+        plan = make_plan(cfg, cfg.sae_config(store.d_model, store.meta.model), lengths)
+        notes = _notes(cfg, split, scan, val_bad, plan, lengths)
+        step = build_step(cfg, plan.sae, mesh, plan.total_steps, plan.dead_tokens)
+        state = _resume(checkpoints, files, _initial_state(cfg, step, scan, store.d_model), cfg.runtime.overwrite)
         batch_sharding = NamedSharding(mesh, BATCH)
-        return cls(cfg, plan, store, split, scan, val_bad, files, checkpoints, state, state_shardings, step_fn,
+        return cls(cfg, plan, store, split, scan, val_bad, files, checkpoints, state, step.shardings, step.fn,
                    lambda x: global_batch(x, batch_sharding), notes, runtime,
-                   local_lanes(batch_sharding, cfg.batch_size, store.d_model, cfg.data_lanes))
+                   local_lanes(batch_sharding, train.batch_size, store.d_model, train.data_lanes))
 
     # the loop
     def run(self) -> None:
         cfg, step = self.cfg, int(self.state.step)
         meta = {"resume_key": cfg.resume_key(), "d_model": self.store.d_model}
-        with Progress(self.files, lr_schedule(cfg.peak_lr, self.plan.total_steps, cfg.lr_schedule), self.plan.total_steps, step,
-                      cfg.batch_size, f"train {cfg.sae_type}", cfg.progress) as progress:
-            for epoch in range(int(self.state.epoch), cfg.epochs):
+        with Progress(self.files, lr_schedule(cfg.peak_lr, self.plan.total_steps, cfg.train.lr_schedule), self.plan.total_steps, step,
+                      cfg.train.batch_size, f"train {cfg.sae.sae_type}", cfg.runtime.progress) as progress:
+            for epoch in range(int(self.state.epoch), cfg.train.epochs):
                 step, stopped = self._run_epoch(epoch, step, meta, progress)
                 if stopped:
                     if is_primary():
                         print(f"early stop at step {step}: the validation FVU has not improved by more than "
-                              f"{cfg.min_delta:g} of its best in {cfg.patience} evaluations")
+                              f"{cfg.train.min_delta:g} of its best in {cfg.train.patience} evaluations")
                     break
                 self._set(epoch=int(self.state.epoch) + 1, batch_in_epoch=0)
             progress.finish(step)
@@ -241,9 +218,9 @@ class TrainingRun:
 
     def _run_epoch(self, epoch: int, step: int, meta: dict, progress: Progress) -> tuple[int, bool]:
         """One epoch from the state's position in it; returns (step, stopped early)."""
-        batches = epoch_batches(self.store, self.cfg.layer_idx, self.split.train_samples, self.cfg.batch_size,
-                                seed=self.cfg.seed, epoch=epoch, skip=int(self.state.batch_in_epoch),
-                                exclude_rows=self.scan.nonfinite_rows, lanes=self.cfg.data_lanes,
+        batches = epoch_batches(self.store, self.cfg.train.layer_idx, self.split.train_samples, self.cfg.train.batch_size,
+                                seed=self.cfg.train.seed, epoch=epoch, skip=int(self.state.batch_in_epoch),
+                                exclude_rows=self.scan.nonfinite_rows, lanes=self.cfg.train.data_lanes,
                                 read_lanes=self.read_lanes, batches=self.plan.epoch_steps[epoch])
         for x in prefetch(batches, transform=self.put_batch):
             self.state, metrics = self.step_fn(self.state, x)
@@ -268,12 +245,12 @@ class TrainingRun:
         progress.validation(step, result)
         if step < self.plan.warmup_steps:
             return False  # sparsity and lr still warming up: neither a best model nor a reason to stop
-        if improves(result["fvu"], float(self.state.best_val_fvu), self.cfg.min_delta):
+        if improves(result["fvu"], float(self.state.best_val_fvu), self.cfg.train.min_delta):
             save_model(self.files.best, self.plan.sae, self.model_tree(), {"step": step, "val": result})
             self._set(best_val_fvu=result["fvu"], evals_since_best=0)
         else:
             self._set(evals_since_best=int(self.state.evals_since_best) + 1)
-        return self.cfg.patience > 0 and int(self.state.evals_since_best) >= self.cfg.patience
+        return self.cfg.train.patience > 0 and int(self.state.evals_since_best) >= self.cfg.train.patience
 
     def _set(self, **values) -> None:
         """Replace scalar fields of the state, placed where the step expects them."""
@@ -289,7 +266,7 @@ class TrainingRun:
         """Host copies of what inference uses: parameters, threshold (calibrated on the scan's sample
         of training rows with --threshold calibrated) and input scale."""
         params, threshold, scale = to_host((self.state.params, self.state.threshold, self.state.input_scale))
-        if self.cfg.threshold == "calibrated" and self.plan.sae.uses_threshold:
+        if self.cfg.sae.threshold == "calibrated" and self.plan.sae.uses_threshold:
             threshold = np.float32(M.calibrated_threshold(self.plan.sae, params, self.scan.sample_BD * scale))
         return params, threshold, scale
 
@@ -302,12 +279,12 @@ class TrainingRun:
         # Each process evaluates every P-th of the chunks holding validation rows, and the sums are
         # added up across processes. Who takes the odd chunk turns with each validation.
         if self.val_chunks is None:
-            kept = self.store.kept_rows_per_chunk(cfg.layer_idx, samples=samples, exclude_rows=exclude)
+            kept = self.store.kept_rows_per_chunk(cfg.train.layer_idx, samples=samples, exclude_rows=exclude)
             self.val_chunks = np.flatnonzero(kept)
         processes = jax.process_count()
         mine = self.val_chunks[(jax.process_index() + self.evaluations) % processes::processes]
         self.evaluations += 1
-        batches = self.store.iter_rows(cfg.layer_idx, cfg.batch_size, samples=samples, exclude_rows=exclude,
+        batches = self.store.iter_rows(cfg.train.layer_idx, cfg.train.batch_size, samples=samples, exclude_rows=exclude,
                                        chunks=mine)
         acc = evaluate_batches(self.plan.sae, *jax.tree.map(jnp.asarray, self.inference()), batches)
         return _summed(acc)
@@ -326,7 +303,7 @@ class TrainingRun:
         read = _per_process(self.store.bytes_read)
         if not is_primary():
             return {"final_val": final_val, "best_val": best.get("val")}
-        stats = self._stats(final_val, best, seconds) | {"data_lanes": self.cfg.data_lanes,
+        stats = self._stats(final_val, best, seconds) | {"data_lanes": self.cfg.train.data_lanes,
                                                          "bytes_read_per_process": read}
         self.files.write_stats(stats)
         self._plots(acc)
@@ -338,7 +315,7 @@ class TrainingRun:
     def _stats(self, final_val: dict | None, best: dict, seconds: float) -> dict:
         split, state = self.split, self.state
         return {
-            "config": dataclasses.asdict(self.cfg),
+            "config": self.cfg.settings(),
             "sae": self.plan.sae.to_json(),
             "steps": int(state.step),
             "total_steps": self.plan.total_steps,
@@ -361,7 +338,7 @@ class TrainingRun:
         from .plots import plot_density, plot_training_curves
 
         plot_training_curves(self.files.read_metrics(), self.files.curves,
-                             title=f"{self.cfg.sae_type} layer {self.cfg.layer_idx}")
+                             title=f"{self.cfg.sae.sae_type} layer {self.cfg.train.layer_idx}")
         if acc is not None:
             plot_density(acc.density_H, self.files.density)
 
@@ -385,10 +362,10 @@ def _per_process(value: int) -> list[int]:
 
 def _with_lanes(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with --data_lanes resolved (0: the number of processes), checked against the batch."""
-    lanes = cfg.data_lanes or jax.process_count()
-    if cfg.batch_size % lanes:
-        raise DataError(f"--batch_size {cfg.batch_size} is not a multiple of --data_lanes {lanes}; make it one")
-    return dataclasses.replace(cfg, data_lanes=lanes)
+    lanes = cfg.train.data_lanes or jax.process_count()
+    if cfg.train.batch_size % lanes:
+        raise DataError(f"--batch_size {cfg.train.batch_size} is not a multiple of --data_lanes {lanes}; make it one")
+    return cfg.replace(data_lanes=lanes)
 
 
 def local_lanes(sharding, batch_size: int, d_model: int, lanes: int) -> tuple[int, ...]:
@@ -407,14 +384,14 @@ def _scan_for_bad_rows(cfg: TrainConfig, store: Store, split: DataSplit) -> tupl
     rows' NaN/Inf rows; non-finite rows stop the run unless --skip_nonfinite. Each process scans
     every P-th chunk (P processes) and the parts are merged: the same result as one process."""
     part = (jax.process_index(), jax.process_count())
-    scan = _merged(scan_rows(store, cfg.layer_idx, split.train_samples, seed=cfg.seed, progress=cfg.progress,
+    scan = _merged(scan_rows(store, cfg.train.layer_idx, split.train_samples, seed=cfg.train.seed, progress=cfg.runtime.progress,
                              part=part))
-    val_bad = _merged(scan_rows(store, cfg.layer_idx, split.val_samples, seed=cfg.seed, progress=False,
+    val_bad = _merged(scan_rows(store, cfg.train.layer_idx, split.val_samples, seed=cfg.train.seed, progress=False,
                                 part=part)).nonfinite_rows if len(split.val_samples) else np.zeros(0, np.int64)
     bad = np.concatenate([scan.nonfinite_rows, val_bad])
-    if len(bad) and not cfg.skip_nonfinite:
+    if len(bad) and not cfg.train.skip_nonfinite:
         raise DataError(
-            f"layer {cfg.layer_idx} of {cfg.store} has {len(bad)} non-finite (NaN/Inf) rows (first: row {bad[0]}); "
+            f"layer {cfg.train.layer_idx} of {cfg.train.store} has {len(bad)} non-finite (NaN/Inf) rows (first: row {bad[0]}); "
             "pass --skip_nonfinite to train without them, or re-extract"
         )
     return scan, val_bad
@@ -443,16 +420,27 @@ def _merged(scan: ScanResult) -> ScanResult:
     return merge_scans(parts)
 
 
-def _initial_state(cfg: TrainConfig, plan: RunPlan, scan: ScanResult, d_model: int, optimizer, mesh):
-    """A fresh state on the mesh (b_dec at the geometric median or mean of the scaled sample), and its shardings."""
+def _initial_state(cfg: TrainConfig, step: Step, scan: ScanResult, d_model: int) -> TrainState:
+    """A fresh state, made sharded on the mesh: b_dec at the geometric median or mean of the scaled sample."""
     scale = input_scale(scan.mean_norm, d_model)
     sample = scan.sample_BD * scale
-    b_dec = geometric_median(sample) if cfg.b_dec_init == "median" else sample.mean(axis=0)
-    params = M.init_params(jax.random.PRNGKey(cfg.seed), plan.sae, b_dec, enc_init=cfg.enc_init,
-                           enc_scale=cfg.enc_init_scale)
-    state = init_state(params, optimizer, scale)
-    state_shardings = shardings(state, mesh)
-    return jax.device_put(state, state_shardings), state_shardings
+    b_dec = geometric_median(sample) if cfg.train.b_dec_init == "median" else sample.mean(axis=0)
+    return fresh_state(step, jax.random.PRNGKey(cfg.train.seed), b_dec, scale, cfg.train.enc_init,
+                       cfg.train.enc_init_scale)
+
+
+def _notes(cfg: TrainConfig, split: DataSplit, scan: ScanResult, val_bad: np.ndarray, plan: RunPlan,
+           lengths: list[int]) -> list[str]:
+    """What the run changed or skipped, printed once before it starts (and kept in its stats)."""
+    bad = len(scan.nonfinite_rows) + len(val_bad)
+    notes = list(split.notes) + list(plan.notes) + ([f"skipping {bad} non-finite rows"] if bad else [])
+    if cfg.train.data_lanes > 1:
+        used = min(lengths) * cfg.train.batch_size
+        notes.append(f"{cfg.train.data_lanes} data lanes: each epoch uses at least {used} of the "
+                     f"{split.train_rows - len(scan.nonfinite_rows)} training rows")
+    for note in notes if is_primary() else ():
+        print(note)
+    return notes
 
 
 def _resume(checkpoints: RunCheckpoints, files: RunDir, state: TrainState, overwrite: bool) -> TrainState:

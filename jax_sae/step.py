@@ -1,8 +1,11 @@
-"""One state pytree and the pure, jitted training step."""
+"""One state pytree and the pure, jitted training step, built in one place (``build_step``) for
+the trainer, ``--compile_only`` and the benchmarks."""
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +16,11 @@ from jax.sharding import PartitionSpec as P
 
 from . import model as M
 from . import sharding as S
+from .config import SAEConfig, TrainConfig, TrainingSettings
 from .forward import LossSettings, sharded_loss_and_grads
 
+DEFAULTS = TrainingSettings()
+"""The training defaults, the one source of the schedule's and Adam's defaults here too."""
 # Counters saturate here instead of overflowing int32.
 _COUNTER_CAP = 1 << 30
 
@@ -44,7 +50,7 @@ def sparsity_warmup_steps(total_steps: int) -> int:
     return max(1, total_steps // 20)
 
 
-def lr_schedule(lr: float, total_steps: int, kind: str = "cosine") -> optax.Schedule:
+def lr_schedule(lr: float, total_steps: int, kind: str = DEFAULTS.lr_schedule) -> optax.Schedule:
     """Linear warm-up over min(1000 steps, 10%), then ``cosine`` decay to 1% of lr, or ``wsd``
     (warm-up, stable): lr held until the last 20% of the steps, then a linear decay to 1%."""
     warmup = lr_warmup_steps(total_steps)
@@ -60,8 +66,8 @@ def lr_schedule(lr: float, total_steps: int, kind: str = "cosine") -> optax.Sche
     )
 
 
-def make_optimizer(lr: float, total_steps: int, weight_decay: float, schedule: str = "cosine",
-                   betas: tuple[float, float] = (0.9, 0.999)) -> optax.GradientTransformation:
+def make_optimizer(lr: float, total_steps: int, weight_decay: float, schedule: str = DEFAULTS.lr_schedule,
+                   betas: tuple[float, ...] = DEFAULTS.adam_betas) -> optax.GradientTransformation:
     """Clip at global norm 1, then AdamW on ``lr_schedule``."""
     return optax.chain(optax.clip_by_global_norm(1.0),
                        optax.adamw(lr_schedule(lr, total_steps, schedule), b1=betas[0], b2=betas[1],
@@ -110,3 +116,45 @@ def compile_train_step(optimizer, settings: LossSettings, mesh, state: TrainStat
     replicated = NamedSharding(mesh, P())
     return jax.jit(step, in_shardings=(state_shardings, NamedSharding(mesh, S.BATCH)),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+@dataclass(frozen=True)
+class Step:
+    """The train step of one configuration on one mesh, with what it was built from."""
+
+    optimizer: optax.GradientTransformation
+    settings: LossSettings
+    shardings: TrainState
+    """Where each leaf of the state lives on the mesh."""
+    abstract: TrainState
+    """The state's shapes and dtypes, with their shardings (nothing allocated)."""
+    fn: Callable
+    """``(state, batch) -> (state, metrics)``, jitted once, the state donated."""
+
+
+def build_step(cfg: TrainConfig, sae: SAEConfig, mesh, total_steps: int, dead_tokens: int) -> Step:
+    """The step ``cfg`` trains ``sae`` with on ``mesh`` over ``total_steps`` (the schedules' length),
+    a latent counting as dead after ``dead_tokens``: its optimizer and loss settings from the
+    config, and the state's shardings from its abstract shapes."""
+    train, runtime = cfg.train, cfg.runtime
+    optimizer = make_optimizer(cfg.peak_lr, total_steps, train.weight_decay, train.lr_schedule, train.adam_betas)
+    settings = LossSettings(sae, train.sparsity_coef, sparsity_warmup_steps(total_steps), train.aux_penalty,
+                            dead_tokens, runtime.backward, runtime.compute_dtype, train.aux_k, cfg.prefix_weights())
+    abstract = jax.eval_shape(lambda: init_state(
+        M.init_params(jax.random.PRNGKey(0), sae, jnp.zeros(sae.d_model, jnp.float32)), optimizer, 1.0))
+    shardings = S.shardings(abstract, mesh)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return Step(optimizer, settings, shardings, abstract,
+                compile_train_step(optimizer, settings, mesh, abstract, train.batch_size))
+
+
+def fresh_state(step: Step, key: jax.Array, b_dec_D, input_scale: float, enc_init: str, enc_scale: float) -> TrainState:
+    """A new state made where it lives: initialised by one jitted call whose outputs are already
+    sharded, so nothing the size of the dictionary passes through one host."""
+    sae = step.settings.sae
+
+    def make(b_dec):
+        params = M.init_params(key, sae, b_dec, enc_init=enc_init, enc_scale=enc_scale)
+        return init_state(params, step.optimizer, input_scale)
+
+    return jax.jit(make, out_shardings=step.shardings)(jnp.asarray(b_dec_D, jnp.float32))

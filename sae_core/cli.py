@@ -134,25 +134,88 @@ def _argument(name: str, hint, default) -> dict:
     return kwargs
 
 
+def _is_config(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def flag_fields(cls: type) -> list[tuple[tuple[str, ...], dataclasses.Field, object]]:
+    """(path, field, type) of every flag of ``cls``: its own fields, and the fields of each field
+    that is itself a config dataclass (a nested group of settings), depth first. Flag names are
+    the fields' own names, so they must be unique across the groups."""
+    hints = typing.get_type_hints(cls)
+    found = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if _is_config(hints[f.name]):
+            found += [((f.name, *path), sub, tp) for path, sub, tp in flag_fields(hints[f.name])]
+        else:
+            found.append(((f.name,), f, hints[f.name]))
+    names = [path[-1] for path, _, _ in found]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise TypeError(f"{cls.__name__}: settings {repeated} appear in more than one group; flags must be unique")
+    return found
+
+
+def from_flags(cls: type[T], values: dict) -> T:
+    """An instance of ``cls`` from flat ``{flag: value}`` (as ``build_parser`` parses them): each
+    nested group built from its own fields; a setting not given keeps its default."""
+    hints = typing.get_type_hints(cls)
+    names = {path[-1] for path, _, _ in flag_fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no setting(s) {', '.join(unknown)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if _is_config(hints[f.name]):
+            mine = {path[-1] for path, _, _ in flag_fields(hints[f.name])}
+            kwargs[f.name] = from_flags(hints[f.name], {k: v for k, v in values.items() if k in mine})
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+    return cls(**kwargs)
+
+
+def to_flags(config) -> dict:
+    """A config's settings as flat ``{flag: value}``, nested groups included (the inverse of ``from_flags``)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out.update(to_flags(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else
+                   {f.name: value})
+    return out
+
+
 def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one ``--field`` per dataclass field of ``cls``: bools as
+    """An argparse parser with one ``--field`` per dataclass field of ``cls`` (the fields of a
+    nested config dataclass in a group of their own, under their own names): bools as
     ``--x/--no-x``, ``Literal`` as choices, ``X | None`` also accepting ``none``,
     ``float | Literal["auto"]`` a number or the word, and ``tuple[X, ...]`` as a list (space- or
     comma-separated)."""
-    docs = field_docs(cls)
-    hints = typing.get_type_hints(cls)
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=_HelpFormatter
     )
+    _add_flags(parser, cls, parser)
+    return parser
+
+
+def _add_flags(parser: argparse.ArgumentParser, cls: type, group) -> None:
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
+            continue
+        if _is_config(hints[f.name]):
+            title = (hints[f.name].__doc__ or f.name).strip().splitlines()[0]
+            _add_flags(parser, hints[f.name], parser.add_argument_group(f.name, docs.get(f.name, title)))
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = docs.get(f.name, " ").replace("%", "%%")
         if _unwrap_optional(hints[f.name])[1] and default is not None:
             help_text += " (none switches it off)"
-        parser.add_argument(f"--{f.name}", default=default, help=help_text, **_argument(f.name, hints[f.name], default))
-    return parser
+        group.add_argument(f"--{f.name}", default=default, help=help_text, **_argument(f.name, hints[f.name], default))
 
 
 def run_main(cls: type[T], argv: list[str] | None, prog: str, description: str, run: Callable[[T], object]):
@@ -160,7 +223,7 @@ def run_main(cls: type[T], argv: list[str] | None, prog: str, description: str, 
     anywhere in the run) or a full disk ends it with one line on stderr and exit status 2."""
     args = build_parser(cls, prog, description).parse_args(argv)
     try:
-        return run(cls(**vars(args)))
+        return run(from_flags(cls, vars(args)))
     except UsageError as err:
         exit_usage(err)
     except Exception as err:  # a full disk arrives as OSError, or inside tensorstore's or orbax's errors

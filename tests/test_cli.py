@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from launch.__main__ import MODULES
+from sae_core.cli import flag_fields
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,10 +22,11 @@ def test_help_names_the_module_and_has_a_flag_for_every_config_field(stage, caps
         module.main(["--help"])
     out = capsys.readouterr().out
     assert exc.value.code == 0 and out.startswith(f"usage: python -m {MODULES[stage]} ")
-    (config,) = [v for v in vars(module).values() if isinstance(v, type) and v.__name__.endswith("Config")
-                 and dataclasses.is_dataclass(v) and v.__module__ == module.__name__]
+    exported = getattr(module, "__all__", ())
+    (config,) = [v for name, v in vars(module).items() if isinstance(v, type) and name.endswith("Config")
+                 and dataclasses.is_dataclass(v) and (v.__module__ == module.__name__ or name in exported)]
     flags = set(re.findall(r"--[\w-]+", out))
-    missing = [f.name for f in dataclasses.fields(config) if f.init and f"--{f.name}" not in flags]
+    missing = [path[-1] for path, _, _ in flag_fields(config) if f"--{path[-1]}" not in flags]
     assert not missing, f"{MODULES[stage]} --help lacks {missing}"
 
 

@@ -210,7 +210,7 @@ def _train_cfg(tmp_path, **kw):
                 store=str(tmp_path / "store"), out=str(tmp_path / "models"), progress=False, patience=0,
                 checkpoint_every=5, eval_every=50, mesh_data=1)
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.of(**base)
 
 
 def _truncate_checkpoint(step_dir) -> None:
@@ -253,8 +253,8 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(store, tmp_p
     like = ocp.StandardCheckpointer().restore((run / "ckpt" / str(latest) / "state").absolute())
     for step in (p for p in (run / "ckpt").iterdir() if p.name.isdigit()):
         _truncate_checkpoint(step)
-    argv = ["--sae_type", "topk", "--store", cfg.store, "--layer_idx", "0", "--hidden_dim", "32", "--top_k", "4",
-            "--batch_size", "64", "--epochs", "1", "--lr", "4e-3", "--out", cfg.out, "--no-progress", "--patience",
+    argv = ["--sae_type", "topk", "--store", cfg.train.store, "--layer_idx", "0", "--hidden_dim", "32", "--top_k", "4",
+            "--batch_size", "64", "--epochs", "1", "--lr", "4e-3", "--out", cfg.train.out, "--no-progress", "--patience",
             "0", "--checkpoint_every", "5", "--eval_every", "50", "--mesh_data", "1"]
     with pytest.raises(SystemExit) as exit_:
         train_main(argv)

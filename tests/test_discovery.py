@@ -52,7 +52,7 @@ def planted_store(path, n_samples=300, d=32, seed=0, lengths=None):
 def planted(tmp_path_factory):
     root = tmp_path_factory.mktemp("concepts")
     store, x = planted_store(root / "store")
-    train(TrainConfig(sae_type="topk", layer_idx=0, hidden_dim=32, top_k=4, batch_size=256, epochs=8, lr=4e-3,
+    train(TrainConfig.of(sae_type="topk", layer_idx=0, hidden_dim=32, top_k=4, batch_size=256, epochs=8, lr=4e-3,
                       store=str(root / "store"), out=str(root / "models"), progress=False, patience=0))
     return root, store, jax_sae.load(root / "models" / "topk" / "layer0" / "dim32" / "final"), x
 

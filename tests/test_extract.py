@@ -172,7 +172,7 @@ def test_a_bucket_store_filled_by_two_shards_one_killed_and_resumed_trains_and_d
     saes, features = [], []
     for name, store in (("bucket", url), ("local", str(reference_store))):
         out = tmp_path / name
-        train(TrainConfig(sae_type="topk", layer_idx=3, hidden_dim=16, top_k=2, batch_size=16, epochs=2,
+        train(TrainConfig.of(sae_type="topk", layer_idx=3, hidden_dim=16, top_k=2, batch_size=16, epochs=2,
                           store=store, out=str(out / "models"), progress=False, patience=0))
         sae = out / "models" / "topk" / "layer3" / "dim16" / "final"
         saes.append(jax_sae.load(sae))

@@ -37,7 +37,7 @@ def dirty(tmp_path_factory):
     """An SAE trained on a clean planted store, and a copy of that store with NaN/Inf rows planted."""
     root = tmp_path_factory.mktemp("nonfinite")
     _, x = planted_store(root / "clean", n_samples=40)
-    train(TrainConfig(sae_type="topk", layer_idx=0, hidden_dim=32, top_k=4, batch_size=256, epochs=1, lr=4e-3,
+    train(TrainConfig.of(sae_type="topk", layer_idx=0, hidden_dim=32, top_k=4, batch_size=256, epochs=1, lr=4e-3,
                       store=str(root / "clean"), out=str(root / "models"), progress=False, patience=0))
     shutil.copytree(root / "clean", root / "dirty")
     bad = x.copy()

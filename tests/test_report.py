@@ -24,7 +24,7 @@ DRIVER = shutil.which("chromedriver")
 def rendered(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     planted_store(root / "store", n_samples=60, d=64)  # tiny-random's width: output effects go through its heads
-    train(TrainConfig(sae_type="topk", layer_idx=0, hidden_dim=32, top_k=4, batch_size=256, epochs=2, lr=4e-3,
+    train(TrainConfig.of(sae_type="topk", layer_idx=0, hidden_dim=32, top_k=4, batch_size=256, epochs=2, lr=4e-3,
                       store=str(root / "store"), out=str(root / "models"), progress=False, patience=0))
     features = root / "results" / "features_layer0.json"
     discover(["--sae_path", str(root / "models/topk/layer0/dim32/best"), "--store", str(root / "store"),
@@ -205,7 +205,7 @@ def test_several_layers_make_one_report_with_linked_page_sets(tmp_path):
     for layer in (2, 5):
         store = tmp_path / f"store{layer}"
         write_store(store, sparse_data(planted_dictionary(16, 24, layer), 1200, 3, 0.05, layer), layer=layer)
-        train(TrainConfig(sae_type="topk", layer_idx=layer, hidden_dim=24, top_k=3, batch_size=200, epochs=1, lr=4e-3,
+        train(TrainConfig.of(sae_type="topk", layer_idx=layer, hidden_dim=24, top_k=3, batch_size=200, epochs=1, lr=4e-3,
                           store=str(store), out=str(tmp_path / "models"), progress=False, patience=0))
         found.append(tmp_path / f"features_layer{layer}.json")
         discover(["--sae_path", str(tmp_path / f"models/topk/layer{layer}/dim24/best"), "--store", str(store),

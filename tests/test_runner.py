@@ -5,7 +5,7 @@ from typing import Literal
 
 import pytest
 
-from sae_core.cli import build_parser, run_main
+from sae_core.cli import build_parser, from_flags, run_main
 
 
 @dataclass(frozen=True)
@@ -78,12 +78,12 @@ def test_every_entry_points_config_parses_with_the_runner():
 
     cfg = Options(**vars(build_parser(Options, "p", "d").parse_args([])))
     assert cfg == Options()
-    train = TrainConfig(**vars(build_parser(TrainConfig, "p", "d").parse_args(
+    train = from_flags(TrainConfig, vars(build_parser(TrainConfig, "p", "d").parse_args(
         ["--sae_type", "matryoshka", "--hidden_dim", "64", "--top_k", "4", "--group_sizes", "16,16,32",
          "--max_tokens", "none"])))
-    assert train.group_sizes == (16, 16, 32) and train.max_tokens is None
+    assert train.sae.group_sizes == (16, 16, 32) and train.train.max_tokens is None
     assert train.sae_config(d_model=8).group_sizes == (16, 16, 32)
-    assert TrainConfig(sae_type="matryoshka", hidden_dim=64, top_k=4).sae_config(d_model=8).group_sizes == \
+    assert TrainConfig.of(sae_type="matryoshka", hidden_dim=64, top_k=4).sae_config(d_model=8).group_sizes == \
         (4, 4, 8, 16, 32)
     assert PipelineConfig(**vars(build_parser(PipelineConfig, "p", "d").parse_args(
         ["--stages", "train", "discover"]))).stages == ("train", "discover")

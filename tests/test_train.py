@@ -41,7 +41,7 @@ def _cfg(root, sae_type, **kw):
                 sparsity_coef=0.5, group_sizes=(64, 64) if sae_type == "matryoshka" else (),
                 mesh_data=1)  # one device: the mesh equivalence tests cover the sharded paths
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.of(**base)
 
 
 @pytest.mark.parametrize("sae_type, min_cosine, backward", [
@@ -304,7 +304,7 @@ def test_nonfinite_rows_are_reported_and_skipped_on_request(tmp_path):
     argv = _train_args(tmp_path, tmp_path / "m")[1:] + ["--max_tokens", "4000", "--val_fraction", "0.1"]
     text = _error(argv)
     assert "4 non-finite (NaN/Inf) rows" in text and "--skip_nonfinite" in text
-    stats = train(TrainConfig(**{**vars(_ns(argv)), "skip_nonfinite": True}))
+    stats = train(TrainConfig.of(**{**vars(_ns(argv)), "skip_nonfinite": True}))
     assert np.isfinite(stats["final_val"]["fvu"]) and "skipping 4 non-finite rows" in stats["notes"]
 
 
@@ -390,9 +390,9 @@ def test_patience_stops_a_run_that_no_longer_improves_by_min_delta_and_keeps_its
     records = [r for r in RunDir(cfg.run_dir()).read_metrics() if "val" in r]
     assert [r["step"] for r in records] == list(range(20, stats["steps"] + 1, 20))
     warmup = max(stats["total_steps"] // 10, stats["total_steps"] // 20, 1)
-    best_step, stop_step = _patience_replay(records, warmup, cfg.patience, cfg.min_delta)
+    best_step, stop_step = _patience_replay(records, warmup, cfg.train.patience, cfg.train.min_delta)
     assert (stats["best_step"], stats["steps"]) == (best_step, stop_step)
-    assert stop_step == best_step + cfg.eval_every * cfg.patience
+    assert stop_step == best_step + cfg.train.eval_every * cfg.train.patience
     best_fvu = next(r["val"]["fvu"] for r in records if r["step"] == best_step)
     assert stats["best_val"]["fvu"] == pytest.approx(best_fvu, rel=1e-6)
 
@@ -412,7 +412,7 @@ def test_a_calibrated_threshold_gives_exactly_k_latents_per_row_on_its_rows():
 def test_wsd_holds_the_rate_then_decays_over_the_last_fifth():
     from jax_sae.step import lr_schedule
 
-    wsd, cosine = lr_schedule(1.0, 1000, "wsd"), lr_schedule(1.0, 1000)
+    wsd, cosine = lr_schedule(1.0, 1000, "wsd"), lr_schedule(1.0, 1000, "cosine")
     assert float(wsd(50)) == pytest.approx(0.5) and float(wsd(100)) == pytest.approx(1.0)
     assert float(wsd(799)) == pytest.approx(1.0) and float(wsd(900)) == pytest.approx(0.505, abs=1e-6)
     assert float(wsd(1000)) == pytest.approx(0.01) and float(cosine(1000)) == pytest.approx(0.01)
@@ -446,11 +446,11 @@ def test_a_run_saved_before_a_setting_existed_resumes_only_with_what_it_did_then
 
 
 def test_lr_auto_scales_with_one_over_sqrt_of_the_latents():
-    assert TrainConfig(hidden_dim=2048).peak_lr == pytest.approx(3e-3)
-    assert TrainConfig(hidden_dim=8192).peak_lr == pytest.approx(1.5e-3)
-    assert TrainConfig(hidden_dim=8192, lr=1e-4).peak_lr == 1e-4
+    assert TrainConfig.of(hidden_dim=2048).peak_lr == pytest.approx(3e-3)
+    assert TrainConfig.of(hidden_dim=8192).peak_lr == pytest.approx(1.5e-3)
+    assert TrainConfig.of(hidden_dim=8192, lr=1e-4).peak_lr == 1e-4
     with pytest.raises(ConfigError, match="--lr must be positive or auto"):
-        TrainConfig(lr=-1.0)
+        TrainConfig.of(lr=-1.0)
 
 
 def test_a_run_with_other_settings_is_refused_naming_what_it_had(planted, tmp_path):
