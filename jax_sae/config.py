@@ -19,6 +19,26 @@ SAEType = Literal["vanilla", "topk", "batch_topk", "matryoshka"]
 SAE_TYPES: tuple[str, ...] = ("vanilla", "topk", "batch_topk", "matryoshka")
 
 
+@dataclass(frozen=True)
+class Behaviour:
+    """What an SAE type does, in the terms the training and inference code ask about."""
+
+    selection: Literal["relu", "row_topk", "batch_topk"]
+    """How latents are chosen: all positive ones (sparsity from an L1 penalty), the k largest per
+    row, or the k x batch largest over the batch (with a JumpReLU threshold at inference)."""
+    nested: bool
+    """Reconstructions of nested prefixes of the dictionary, each with its own loss (Matryoshka)."""
+
+
+BEHAVIOURS = {
+    "vanilla": Behaviour("relu", nested=False),
+    "topk": Behaviour("row_topk", nested=False),
+    "batch_topk": Behaviour("batch_topk", nested=False),
+    "matryoshka": Behaviour("batch_topk", nested=True),
+}
+"""Every SAE type's behaviour: the one place the types are told apart."""
+
+
 class ConfigError(UsageError):
     """A configuration that cannot describe a working SAE or run."""
 
@@ -47,9 +67,9 @@ class SAEConfig:
             raise ConfigError(f"unknown sae_type {self.sae_type!r}; choose one of {', '.join(SAE_TYPES)}")
         if self.d_model <= 0 or self.hidden_dim <= 0:
             raise ConfigError(f"d_model and hidden_dim must be positive, got {self.d_model} and {self.hidden_dim}")
-        if self.sae_type != "vanilla" and not 0 < self.top_k <= self.hidden_dim:
+        if self.uses_k and not 0 < self.top_k <= self.hidden_dim:
             raise ConfigError(f"--top_k must be in 1..hidden_dim ({self.hidden_dim}), got {self.top_k}")
-        if self.sae_type == "matryoshka":
+        if self.nested:
             if not self.group_sizes or any(g <= 0 for g in self.group_sizes):
                 raise ConfigError("matryoshka needs positive --group_sizes")
             if sum(self.group_sizes) != self.hidden_dim:
@@ -59,9 +79,35 @@ class SAEConfig:
                 )
 
     @property
+    def behaviour(self) -> Behaviour:
+        return BEHAVIOURS[self.sae_type]
+
+    @property
+    def l1(self) -> bool:
+        """Codes are the ReLU'd pre-activations, kept sparse by an L1 penalty (Vanilla)."""
+        return self.behaviour.selection == "relu"
+
+    @property
+    def row_topk(self) -> bool:
+        """The k largest latents of each row are kept (TopK)."""
+        return self.behaviour.selection == "row_topk"
+
+    @property
     def uses_threshold(self) -> bool:
-        """BatchTopK and Matryoshka use a learned JumpReLU threshold at inference."""
-        return self.sae_type in ("batch_topk", "matryoshka")
+        """The k x batch largest latents over the batch are kept in training, and a learned
+        JumpReLU threshold stands in for that selection at inference (BatchTopK, Matryoshka)."""
+        return self.behaviour.selection == "batch_topk"
+
+    @property
+    def uses_k(self) -> bool:
+        """A top-k selection (every type but Vanilla): ``top_k`` matters, dead latents get AuxK's
+        loss, and the sparse backward applies."""
+        return not self.l1
+
+    @property
+    def nested(self) -> bool:
+        """Nested prefixes of the dictionary, each with its own reconstruction loss (Matryoshka)."""
+        return self.behaviour.nested
 
     @property
     def prefix_ends(self) -> tuple[int, ...]:
@@ -108,7 +154,7 @@ class SAESettings:
     def config(self, d_model: int, layer: int | None = None, model: str | None = None,
                store: str | None = None) -> SAEConfig:
         """The architecture to build, on inputs of width ``d_model`` (Matryoshka's default groups filled in)."""
-        groups = (self.group_sizes or default_group_sizes(self.hidden_dim)) if self.sae_type == "matryoshka" else ()
+        groups = (self.group_sizes or default_group_sizes(self.hidden_dim)) if BEHAVIOURS[self.sae_type].nested else ()
         return SAEConfig(sae_type=self.sae_type, d_model=d_model, hidden_dim=self.hidden_dim, top_k=self.top_k,
                          group_sizes=groups, layer=layer, model=model, store=store)
 
@@ -248,7 +294,7 @@ class TrainConfig:
             raise ConfigError(
                 f"--group_weights has {len(weights)} values but "
                 + (f"there are {len(groups)} Matryoshka groups; give one weight per group"
-                   if self.sae.sae_type == "matryoshka" else "only --sae_type matryoshka takes them; drop it"))
+                   if BEHAVIOURS[self.sae.sae_type].nested else "only --sae_type matryoshka takes them; drop it"))
 
     @classmethod
     def of(cls, **settings) -> TrainConfig:

@@ -52,7 +52,7 @@ class LossSettings:
 
     def weights(self) -> tuple[float, ...]:
         """Matryoshka's prefix-loss weights (one per group, summing to 1); (1.0,) for the other types."""
-        groups = len(self.sae.group_sizes) if self.sae.sae_type == "matryoshka" else 1
+        groups = len(self.sae.group_sizes) if self.sae.nested else 1
         if groups == 1 or not self.prefix_weights:
             return (1.0 / groups,) * groups
         return self.prefix_weights
@@ -69,10 +69,10 @@ def _mm(a, b, dtype: str):
     return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def _group_parts(cfg: SAEConfig, f_BH, W_dec_HD, model_shards: int, dtype: str):
+def _group_parts(cfg: SAEConfig, f_BH, W_dec_HD, dtype: str):
     """Each Matryoshka group's share of the reconstruction from this shard's latents. Unsplit
     latents take static slices (one decoder GEMM in all); split ones mask by group."""
-    if model_shards == 1:
+    if lax.axis_size(S.MODEL) == 1:
         starts = (0,) + cfg.prefix_ends[:-1]
         return [_mm(f_BH[:, a:b], W_dec_HD[a:b], dtype) for a, b in zip(starts, cfg.prefix_ends)]
     groups = _group_ids(cfg, f_BH.shape[1])
@@ -103,18 +103,18 @@ def _pre(params: SAEParams, x_BD, dtype: str):
     return _mm(x_BD, params.W_enc_DH, dtype) + (params.b_enc_H - params.b_dec_D @ params.W_enc_DH)
 
 
-def _dense_recon(params: SAEParams, x_BD, f_BH, *, cfg: SAEConfig, global_batch: int, model_shards: int,
-                 dtype: str, weights: tuple[float, ...]):
+def _dense_recon(params: SAEParams, x_BD, f_BH, *, cfg: SAEConfig, global_batch: int, dtype: str,
+                 weights: tuple[float, ...]):
     """Reconstruction loss of codes ``f_BH`` (Matryoshka: the ``weights``-weighted sum over
     prefixes) and the reconstruction."""
 
     def per_data_mean(value):
         return lax.psum(value, S.DATA) / global_batch
 
-    if cfg.sae_type == "matryoshka":
+    if cfg.nested:
         x_hat_BD = params.b_dec_D + jnp.zeros_like(x_BD)
         prefix_losses = []
-        for part in _group_parts(cfg, f_BH, params.W_dec_HD, model_shards, dtype):
+        for part in _group_parts(cfg, f_BH, params.W_dec_HD, dtype):
             x_hat_BD = x_hat_BD + lax.psum(part, S.MODEL)
             prefix_losses.append(per_data_mean(jnp.sum((x_BD - x_hat_BD) ** 2)))
         return jnp.stack(prefix_losses) @ jnp.asarray(weights, jnp.float32), x_hat_BD
@@ -122,14 +122,14 @@ def _dense_recon(params: SAEParams, x_BD, f_BH, *, cfg: SAEConfig, global_batch:
     return per_data_mean(jnp.sum((x_BD - x_hat_BD) ** 2)), x_hat_BD
 
 
-def _dense_main(params: SAEParams, step, x_BD, *, s: LossSettings, global_batch: int, model_shards: int):
+def _dense_main(params: SAEParams, step, x_BD, *, s: LossSettings, global_batch: int):
     """Reconstruction loss (plus L1 for Vanilla) by dense matmuls, for autodiff."""
     cfg = s.sae
     act_BH = jax.nn.relu(_pre(params, x_BD, s.compute_dtype))
     smallest = jnp.float32(0.0)
-    if cfg.sae_type == "vanilla":
+    if cfg.l1:
         f_BH = act_BH
-    elif cfg.sae_type == "topk":
+    elif cfg.row_topk:
         mask, _ = top_mask(lax.stop_gradient(act_BH), cfg.top_k, (S.MODEL,), row_wise=True)
         f_BH = jnp.where(mask, act_BH, 0.0)
     else:
@@ -137,10 +137,10 @@ def _dense_main(params: SAEParams, step, x_BD, *, s: LossSettings, global_batch:
                                   row_candidates=s.batch_candidates())
         f_BH = jnp.where(mask, act_BH, 0.0)
 
-    recon, x_hat_BD = _dense_recon(params, x_BD, f_BH, cfg=cfg, global_batch=global_batch, model_shards=model_shards,
+    recon, x_hat_BD = _dense_recon(params, x_BD, f_BH, cfg=cfg, global_batch=global_batch,
                                    dtype=s.compute_dtype, weights=s.weights())
     loss, l1 = recon, jnp.float32(0.0)
-    if cfg.sae_type == "vanilla":
+    if cfg.l1:
         l1 = lax.psum(jnp.sum(f_BH * jnp.linalg.norm(params.W_dec_HD, axis=1)), BOTH) / global_batch
         loss = loss + s.sparsity_coef * jnp.minimum(1.0, (step + 1) / s.sparsity_warmup_steps) * l1
     l0 = lax.psum(jnp.sum(f_BH > 0), BOTH) / global_batch
@@ -149,7 +149,7 @@ def _dense_main(params: SAEParams, step, x_BD, *, s: LossSettings, global_batch:
 
 def use_sparse(s: LossSettings, hidden_local: int, tuning: Tuning) -> bool:
     """Whether this step takes the sparse reconstruction and backward."""
-    if s.sae.sae_type == "vanilla" or s.backward == "dense":
+    if not s.sae.uses_k or s.backward == "dense":
         return False
     return s.backward == "sparse" or hidden_local >= tuning.min_ratio * s.sae.top_k
 
@@ -160,7 +160,7 @@ def _sparse_part(params: SAEParams, x_BD, cand, *, cfg: SAEConfig, weights: tupl
     x = b_dec there, so they add nothing), plus what the metrics need."""
     hidden_local = params.b_enc_H.shape[0]
     val_BC = jnp.where(cand.keep_BC, cand.val_BC, 0.0)
-    groups = _group_ids(cfg, hidden_local)[cand.idx_BC] if cfg.sae_type == "matryoshka" else None
+    groups = _group_ids(cfg, hidden_local)[cand.idx_BC] if cfg.nested else None
     result = recon_and_grads(params, x_BD, Active(cand.idx_BC, val_BC, groups), weights=weights,
                              global_batch=global_batch, tuning=tuning)
     kept = val_BC > 0
@@ -173,8 +173,7 @@ def _overflow_tiers(batch_local: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, batch_local // 32), max(1, batch_local // 4)}))
 
 
-def _sparse_main(params: SAEParams, step, x_BD, *, s: LossSettings, global_batch: int, model_shards: int,
-                 tuning: Tuning):
+def _sparse_main(params: SAEParams, step, x_BD, *, s: LossSettings, global_batch: int, tuning: Tuning):
     """(Main, grads, fallback): the sparse path. For the batch-wide selection, rows whose
     candidates may not hold all their kept latents (heavy tokens) are done densely, as a block
     of R rows (R from ``_overflow_tiers``); beyond the largest tier the whole step is dense
@@ -182,7 +181,7 @@ def _sparse_main(params: SAEParams, step, x_BD, *, s: LossSettings, global_batch
     cfg = s.sae
     part = functools.partial(_sparse_part, cfg=cfg, weights=s.weights(), global_batch=global_batch, tuning=tuning)
     pre_BH = _pre(params, x_BD, s.compute_dtype)
-    if cfg.sae_type == "topk":
+    if cfg.row_topk:
         result, fired_H, kept = part(params, x_BD, top_candidates(pre_BH, cfg.top_k, (S.MODEL,)))
         main, grads = _sparse_result(result.recon, result.x_hat_BD, result.grads, fired_H, kept, jnp.float32(0.0),
                                      global_batch)
@@ -197,11 +196,11 @@ def _sparse_main(params: SAEParams, step, x_BD, *, s: LossSettings, global_batch
 
     def overflow(rows: int):
         return functools.partial(_with_dense_overflow_rows, params, x_BD, pre_BH, first, rows, part=part, s=s,
-                                 global_batch=global_batch, model_shards=model_shards)
+                                 global_batch=global_batch)
 
     def dense():
         (_, main), grads = jax.value_and_grad(_dense_main, has_aux=True)(
-            params, step, x_BD, s=s, global_batch=global_batch, model_shards=model_shards)
+            params, step, x_BD, s=s, global_batch=global_batch)
         return main, grads
 
     tiers = _overflow_tiers(x_BD.shape[0])
@@ -217,16 +216,18 @@ def _sparse_result(recon, x_hat_BD, grads, fired_H, kept, kth, global_batch: int
     return Main(recon, jnp.float32(0.0), x_hat_BD, fired_H, l0, kth), grads
 
 
+def _tier(count, limits: tuple[int, ...]):
+    """The index of the first of ``limits`` (ascending) that ``count`` fits under, len(limits) if none."""
+    return jnp.sum(count > jnp.asarray(limits, jnp.int32)).astype(jnp.int32)
+
+
 def _overflow_branch(count, tiers: tuple[int, ...]):
     """Which branch handles ``count`` overflow rows: 0 none, i + 1 the i-th tier, len(tiers) + 1 dense."""
-    branch = jnp.where(count == 0, 0, len(tiers) + 1)
-    for i, rows in reversed(list(enumerate(tiers))):
-        branch = jnp.where((count > 0) & (count <= rows), i + 1, branch)
-    return branch
+    return jnp.where(count == 0, 0, 1 + _tier(count, tiers))
 
 
 def _with_dense_overflow_rows(params: SAEParams, x_BD, pre_BH, first, rows: int, *, part, s: LossSettings,
-                              global_batch: int, model_shards: int):
+                              global_batch: int):
     """(Main, grads) of the batch-wide selection with up to ``rows`` overflow rows per shard done
     densely, as a block beside the sparse main list."""
     cfg, B = s.sae, x_BD.shape[0]
@@ -238,7 +239,7 @@ def _with_dense_overflow_rows(params: SAEParams, x_BD, pre_BH, first, rows: int,
 
     def rows_loss(p):
         f_RH = jnp.where(sel.keep_RH, jax.nn.relu(_pre(p, x_RD, s.compute_dtype)), 0.0)
-        return _dense_recon(p, x_RD, f_RH, cfg=cfg, global_batch=global_batch, model_shards=model_shards,
+        return _dense_recon(p, x_RD, f_RH, cfg=cfg, global_batch=global_batch,
                             dtype=s.compute_dtype, weights=s.weights())
 
     (recon_R, x_hat_RD), grads_R = jax.value_and_grad(rows_loss, has_aux=True)(params)
@@ -283,10 +284,7 @@ def _aux_value_and_grad(params: SAEParams, x_BD, x_hat_BD, dead_H, s: LossSettin
     ``AUX_FEW_DEAD`` of a shard's latents are dead (the smallest that fits), else through all h."""
     hidden = dead_H.shape[0]
     caps = sorted({c for c in (int(hidden * f) for f in AUX_FEW_DEAD) if 0 < c < hidden})
-    count = lax.pmax(jnp.sum(dead_H), S.MODEL)
-    branch = jnp.int32(len(caps))  # all h
-    for i, cap in reversed(list(enumerate(caps))):
-        branch = jnp.where(count <= cap, i, branch)
+    branch = _tier(lax.pmax(jnp.sum(dead_H), S.MODEL), tuple(caps))  # past the last cap: all h
 
     def run(cap):
         return lambda: jax.value_and_grad(_aux_loss)(params, x_BD, x_hat_BD, dead_H, s, global_batch, cap)
@@ -309,12 +307,11 @@ def _metrics(main: Main, aux_loss, x_BD, global_batch: int, **extra):
     return metrics, fired_H
 
 
-def _shard_loss(params: SAEParams, counters_H, step, x_BD, *, s: LossSettings, global_batch: int,
-                model_shards: int):
+def _shard_loss(params: SAEParams, counters_H, step, x_BD, *, s: LossSettings, global_batch: int):
     """The whole loss, differentiable: reconstruction (+ L1) + AuxK while latents are dead."""
-    loss, main = _dense_main(params, step, x_BD, s=s, global_batch=global_batch, model_shards=model_shards)
+    loss, main = _dense_main(params, step, x_BD, s=s, global_batch=global_batch)
     aux_loss = jnp.float32(0.0)
-    if s.sae.sae_type != "vanilla":
+    if s.sae.uses_k:
         dead_H, any_dead = _any_dead(counters_H, s)
         x_hat_BD = lax.stop_gradient(main.x_hat_BD)
         aux_loss = lax.cond(any_dead, lambda: _aux_loss(params, x_BD, x_hat_BD, dead_H, s, global_batch),
@@ -324,11 +321,11 @@ def _shard_loss(params: SAEParams, counters_H, step, x_BD, *, s: LossSettings, g
 
 
 def _shard_loss_and_grads(params: SAEParams, counters_H, step, x_BD, *, s: LossSettings, global_batch: int,
-                          model_shards: int, tuning: Tuning):
+                          tuning: Tuning):
     """(loss, grads, metrics, fired_H). AuxK's dense gradient is computed only while some
     latent is dead (inside a ``cond``), so it costs nothing in the common case."""
     cfg = s.sae
-    kwargs = dict(s=s, global_batch=global_batch, model_shards=model_shards)
+    kwargs = dict(s=s, global_batch=global_batch)
     fallback = jnp.float32(0.0)
     if use_sparse(s, params.b_enc_H.shape[0], tuning):
         main, grads, fallback = _sparse_main(params, step, x_BD, tuning=tuning, **kwargs)
@@ -336,7 +333,7 @@ def _shard_loss_and_grads(params: SAEParams, counters_H, step, x_BD, *, s: LossS
     else:
         (loss, main), grads = jax.value_and_grad(_dense_main, has_aux=True)(params, step, x_BD, **kwargs)
     aux_loss = jnp.float32(0.0)
-    if cfg.sae_type != "vanilla":
+    if cfg.uses_k:
         dead_H, any_dead = _any_dead(counters_H, s)
         x_hat_BD = lax.stop_gradient(main.x_hat_BD)
 
@@ -362,8 +359,7 @@ def sharded_loss(settings: LossSettings, mesh: Mesh, global_batch: int):
     differentiable: the reference the sparse gradients are tested against)."""
 
     def local(params, counters_H, step, x_BD):
-        return _shard_loss(params, counters_H, step, x_BD, s=settings, global_batch=global_batch,
-                           model_shards=mesh.shape[S.MODEL])
+        return _shard_loss(params, counters_H, step, x_BD, s=settings, global_batch=global_batch)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(_param_specs(), P(S.MODEL), P(), S.BATCH),
                          out_specs=(P(), ({k: P() for k in METRICS}, P(S.MODEL))))
@@ -374,8 +370,7 @@ def sharded_loss_and_grads(settings: LossSettings, mesh: Mesh, global_batch: int
     tuning = tuning_for(mesh.devices.flat[0].platform)
 
     def local(params, counters_H, step, x_BD):
-        return _shard_loss_and_grads(params, counters_H, step, x_BD, s=settings, global_batch=global_batch,
-                                     model_shards=mesh.shape[S.MODEL], tuning=tuning)
+        return _shard_loss_and_grads(params, counters_H, step, x_BD, s=settings, global_batch=global_batch, tuning=tuning)
 
     metric_specs = {k: P() for k in METRICS + ("dense_fallback",)}
     return jax.shard_map(local, mesh=mesh, in_specs=(_param_specs(), P(S.MODEL), P(), S.BATCH),

@@ -74,9 +74,9 @@ def encode_infer(cfg: SAEConfig, params: SAEParams, threshold: jax.Array, x_BD: 
     """Inference codes: per-row top-k for TopK, a JumpReLU threshold for the BatchTopK family.
     (Training codes are made per shard in ``forward``.)"""
     pre_BH = pre_activations(params, x_BD)
-    if cfg.sae_type == "vanilla":
+    if cfg.l1:
         return jax.nn.relu(pre_BH)
-    if cfg.sae_type == "topk":
+    if cfg.row_topk:
         return topk_rows(pre_BH, cfg.top_k)
     return jumprelu(pre_BH, threshold)
 
