@@ -469,6 +469,18 @@ def kill_case(ws: Workspace, index: int, stage: str, delay: float) -> Case:
     return _verdict(ws, stage, trial, ws.run(ws.commands[stage], trial), case)
 
 
+def _pause_between_saves(proc: subprocess.Popen, run: Path | None, tries: int = 500) -> None:
+    """SIGSTOP ``proc`` at a moment when no checkpoint of ``run`` is being written (no orbax
+    temporary directory, no ``.best.saving``/``.final.saving``); ``run`` None: at once."""
+    for _ in range(tries):
+        proc.send_signal(signal.SIGSTOP)
+        saving = run is not None and (any(run.glob("ckpt/*.orbax-checkpoint-tmp*")) or any(run.glob(".*.saving")))
+        if not saving:
+            return
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.005)
+
+
 def _fill(mount: Path, slack: int) -> Path:
     """Fill the filesystem at ``mount`` with a file, then free ``slack`` bytes of it."""
     filler = mount / "filler"
@@ -551,8 +563,13 @@ def disk_full_case(ws: Workspace, stage: str, mechanism: str) -> Case:
                 ws.finish(proc, kill=True)
                 return Case("disk_full", name, "the run ended before the disk could be filled", False,
                             "no fault injected", injected=False)
+            # Paused between two saves while the disk fills, as a disk that filled up meanwhile:
+            # the next save then finds no room before it writes. (A disk that fills during a save
+            # ends the same way, after orbax's own reports of the failed writes.)
+            _pause_between_saves(proc, trial / RUN if stage == "train" else None)
             at = _progress(stage, trial)
             filler = _fill(trial, slack)
+            proc.send_signal(signal.SIGCONT)
             failed = ws.finish(proc, timeout=600)
             done = f"filled the tmpfs ({slack >> 10} KiB left) at {at}"
             filler.unlink()

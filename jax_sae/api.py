@@ -56,7 +56,7 @@ class SAE:
                                      "export it with --format saelens, which needs no torch")
             config, arrays = torch_sae.read_torch_export(path)
             cfg = SAEConfig.from_json(config)
-            return cls(cfg, _params(arrays), config["threshold"], config["input_scale"], {"format": "torch"})
+            return cls(cfg, M.params_from_named(arrays), config["threshold"], config["input_scale"], {"format": "torch"})
         if is_saelens_dir(path):
             return _from_saelens(path)
         cfg, tree, info = load_model_tree(path)
@@ -88,11 +88,6 @@ class SAE:
             yield np.asarray(self.encode(x))
 
 
-def _params(arrays: dict) -> M.SAEParams:
-    return M.SAEParams(W_enc_DH=jnp.asarray(arrays["W_enc"]), b_enc_H=jnp.asarray(arrays["b_enc"]),
-                       W_dec_HD=jnp.asarray(arrays["W_dec"]), b_dec_D=jnp.asarray(arrays["b_dec"]))
-
-
 def _from_saelens(path: Path) -> SAE:
     """SAELens weights act on raw activations (scale folded): input scale 1; JumpReLU keeps its
     per-feature threshold."""
@@ -100,7 +95,7 @@ def _from_saelens(path: Path) -> SAE:
 
     lens = read_saelens(path)
     threshold = lens.arrays.get("threshold", np.zeros((), np.float32))
-    return SAE(SAEConfig.from_json(lens.config), _params(lens.arrays), threshold, 1.0, {"format": "saelens"})
+    return SAE(SAEConfig.from_json(lens.config), M.params_from_named(lens.arrays), threshold, 1.0, {"format": "saelens"})
 
 
 def load(path: str | Path) -> SAE:

@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import re
 import shutil
-import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -23,6 +20,7 @@ import orbax.checkpoint as ocp
 
 from sae_core.errors import UsageError, disk_full_error
 from sae_core.files import publish_dir, write_json
+from sae_core.formats import tensor_shapes
 
 from . import model as M
 from .config import SAEConfig
@@ -32,85 +30,57 @@ class CheckpointError(UsageError):
     """A checkpoint that is missing, unfinished, or of another kind."""
 
 
-class _BackgroundErrors:
-    """Orbax writes from background threads; when one write fails (a full disk) the others fail too
-    and report it themselves: absl and asyncio ERROR records with tracebacks, and tensorstore
-    callbacks into orbax's closed event loop (unraisable exceptions). While a save runs these are
-    held back. They are printed after all when the save succeeds or fails for another reason, and
-    dropped (for a minute, while the other writes fail) when it failed on a full disk: that ends
-    the run with one line naming the checkpoint."""
+class NonFiniteError(CheckpointError):
+    """Parameters that are not finite: no checkpoint is ever saved from them."""
 
-    _LOGGERS = ("absl", "asyncio")
-    STRAGGLERS_S = 60.0  # how long reports of a failed save are dropped after it returned
 
-    def __init__(self):
-        self.records: list[logging.LogRecord] = []
-        self.unraisable: list = []
-        self.dropping = False
-        self._lock = threading.Lock()
-        self._hook = sys.unraisablehook
+ROOM_MARGIN = 1 << 20
+"""Bytes a save needs beyond its arrays' (orbax's metadata and manifests)."""
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and not self.dropping:
-            with self._lock:
-                self.records.append(record)
-        return record.levelno < logging.ERROR
 
-    def _unraisable(self, info) -> None:
-        if not self.dropping:
-            with self._lock:
-                self.unraisable.append(info)
-        elif not (isinstance(info.exc_value, RuntimeError) and "loop is closed" in str(info.exc_value)):
-            self._hook(info)
+def _tree_bytes(tree) -> int:
+    return sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
 
-    @contextlib.contextmanager
-    def held(self):
-        loggers = [logging.getLogger(name) for name in self._LOGGERS]
-        for logger in loggers:
-            logger.addFilter(self)
-        sys.unraisablehook = self._unraisable
-        try:
-            yield
-        except BaseException as err:
-            if disk_full_error(err) is not None:
-                self.dropping = True  # the other writes keep failing for a while after the save returned
-                timer = threading.Timer(self.STRAGGLERS_S, self._release, (loggers,))
-                timer.daemon = True  # never holds the process open
-                timer.start()
-                raise
-            self._release(loggers)
-            raise
-        self._release(loggers)
 
-    def _release(self, loggers) -> None:
-        for logger in loggers:
-            logger.removeFilter(self)
-        if sys.unraisablehook == self._unraisable:
-            sys.unraisablehook = self._hook
-        if self.dropping:
-            return
-        for record in self.records:
-            logging.getLogger(record.name).handle(record)
-        for info in self.unraisable:
-            self._hook(info)
+def _room_needed(nbytes: int, directory: Path) -> str | None:
+    """Why ``nbytes`` cannot be written under ``directory`` now (too little free space, or a file
+    size limit below it), or None when they fit."""
+    import resource
+
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(existing).free
+    if free < nbytes + ROOM_MARGIN:
+        return f"{free / 2**20:.1f} MiB free, {nbytes / 2**20:.1f} MiB needed"
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and limit < nbytes + ROOM_MARGIN:
+        return f"files may not exceed {limit / 2**20:.1f} MiB, {nbytes / 2**20:.1f} MiB needed"
+    return None
+
+
+def _out_of_space(what: str, directory: Path, resumes: str) -> CheckpointError:
+    return CheckpointError(f"out of disk space saving {what} in {directory}: free space and rerun the same "
+                           f"command; {resumes}")
 
 
 @contextlib.contextmanager
-def _saving(what: str, directory: Path, partial: Callable[[], list[Path]],
+def _saving(what: str, directory: Path, tree, partial: Callable[[], list[Path]],
             resumes: str = "it resumes from the last checkpoint"):
-    """Run an orbax save. A full disk becomes one CheckpointError naming ``directory``; the
-    half-written directories ``partial()`` lists are removed to free their space, and orbax's own
-    reports of the failure are dropped."""
+    """The one way every checkpoint is saved: refuse non-finite parameters, check there is room for
+    the tree before writing anything, then run the write. A disk that fills during the write
+    still ends with the same line, after the half-written directories ``partial()`` lists are
+    removed to free their space (orbax may print its own reports of that failure first)."""
+    if not all_finite(tree):
+        raise NonFiniteError(f"refusing to save non-finite parameters as {what} in {directory}")
+    if _room_needed(_tree_bytes(tree), directory) is not None:
+        raise _out_of_space(what, directory, resumes)
     try:
-        with _BackgroundErrors().held():
-            yield
+        yield
     except Exception as err:
         if disk_full_error(err) is None:
             raise
         for half_written in partial():
             shutil.rmtree(half_written, ignore_errors=True)
-        raise CheckpointError(f"out of disk space saving {what} in {directory}: free space and rerun the same "
-                              f"command; {resumes}") from None
+        raise _out_of_space(what, directory, resumes) from None
 
 
 def _abstract(tree):
@@ -119,20 +89,13 @@ def _abstract(tree):
 
 
 def model_tree(params: M.SAEParams, threshold, input_scale) -> dict:
-    return {
-        "W_enc": params.W_enc_DH, "b_enc": params.b_enc_H, "W_dec": params.W_dec_HD, "b_dec": params.b_dec_D,
-        "threshold": jnp.asarray(threshold, jnp.float32), "input_scale": jnp.asarray(input_scale, jnp.float32),
-    }
+    return {**M.named_params(params), "threshold": jnp.asarray(threshold, jnp.float32),
+            "input_scale": jnp.asarray(input_scale, jnp.float32)}
 
 
 def abstract_model_tree(cfg: SAEConfig) -> dict:
-    d, h = cfg.d_model, cfg.hidden_dim
-    f32 = jnp.float32
-    return {
-        "W_enc": jax.ShapeDtypeStruct((d, h), f32), "b_enc": jax.ShapeDtypeStruct((h,), f32),
-        "W_dec": jax.ShapeDtypeStruct((h, d), f32), "b_dec": jax.ShapeDtypeStruct((d,), f32),
-        "threshold": jax.ShapeDtypeStruct((), f32), "input_scale": jax.ShapeDtypeStruct((), f32),
-    }
+    shapes = tensor_shapes(cfg.d_model, cfg.hidden_dim) | {"threshold": (), "input_scale": ()}
+    return {name: jax.ShapeDtypeStruct(shape, jnp.float32) for name, shape in shapes.items()}
 
 
 @jax.jit
@@ -150,16 +113,14 @@ def save_model(path: str | Path, cfg: SAEConfig, tree: dict, info: dict) -> None
     checkpoint is ever poisoned. Every process calls it; process 0 writes the files."""
     from .distributed import barrier, is_primary
 
-    if not all_finite(tree):
-        raise CheckpointError(f"refusing to save non-finite parameters to {path}")
-    tree = jax.tree.map(lambda leaf: np.asarray(jax.device_get(leaf)), tree)  # host copies, written once
     path = Path(path).absolute()
     tmp = path.with_name(f".{path.name}.saving")  # the same name in every process: they write one checkpoint
-    if is_primary():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(f"save-model-start-{path.name}")
-    with _saving(path.name + "/", path.parent, lambda: [tmp] if is_primary() else []):
+    with _saving(path.name + "/", path.parent, tree, lambda: [tmp] if is_primary() else []):
+        tree = jax.tree.map(lambda leaf: np.asarray(jax.device_get(leaf)), tree)  # host copies, written once
+        if is_primary():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier(f"save-model-start-{path.name}")
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / "state", tree)
         checkpointer.wait_until_finished()
@@ -204,7 +165,7 @@ def load_model_tree(path: str | Path) -> tuple[SAEConfig, dict, dict]:
 
 
 def params_from_tree(tree: dict) -> M.SAEParams:
-    return M.SAEParams(W_enc_DH=tree["W_enc"], b_enc_H=tree["b_enc"], W_dec_HD=tree["W_dec"], b_dec_D=tree["b_dec"])
+    return M.params_from_named(tree)
 
 
 class Resumed(NamedTuple):
@@ -293,8 +254,9 @@ class RunCheckpoints:
                                f"newest: {why}): pass --overwrite to start the run over")
 
     def save(self, step: int, state, meta: dict) -> bool:
-        """Save unless the state is non-finite or this step is saved already; returns whether it saved."""
-        if step in self.manager.all_steps() or not all_finite(state.params):
+        """Save unless this step is saved already (returns whether it saved); non-finite parameters
+        are refused (NonFiniteError), as every save refuses them."""
+        if step in self.manager.all_steps():
             return False
         last = self.manager.latest_step()
         resumes = (f"it resumes from step {last}" if last is not None
@@ -304,7 +266,7 @@ class RunCheckpoints:
         def partial() -> list[Path]:
             return [*self.directory.glob(f"{step}.orbax-checkpoint-tmp*")] if is_primary() else []
 
-        with _saving(f"checkpoint step {step}", self.directory, partial, resumes):
+        with _saving(f"checkpoint step {step}", self.directory, state.params, partial, resumes):
             self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                              meta=ocp.args.JsonSave(meta)))
             self.manager.wait_until_finished()

@@ -19,6 +19,7 @@ from sae_core.store import Store, open_store
 from . import model as M
 from .checkpoint import (
     CheckpointError,
+    NonFiniteError,
     RunCheckpoints,
     model_tree,
     read_config,
@@ -231,7 +232,11 @@ class TrainingRun:
                 progress.flush()
                 stopped = self._validate(step, progress)
             if step % self.plan.checkpoint_every == 0:
-                self.checkpoints.save(step, self.state, meta)
+                try:
+                    self.checkpoints.save(step, self.state, meta)
+                except NonFiniteError:
+                    progress.flush()  # a non-finite loss is the likelier first sign: its line comes first
+                    raise progress.diverged(step, "its parameters are no longer finite") from None
             if stopped:
                 return step, True
         return step, False

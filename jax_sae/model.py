@@ -27,6 +27,21 @@ class SAEParams:
     b_dec_D: jax.Array
 
 
+TENSOR_FIELDS = {"W_enc": "W_enc_DH", "b_enc": "b_enc_H", "W_dec": "W_dec_HD", "b_dec": "b_dec_D"}
+"""Each parameter's name in files (checkpoints, and both export formats: ``sae_core.formats``) and
+its field of ``SAEParams``: the one table between them."""
+
+
+def named_params(params: SAEParams) -> dict:
+    """The parameters under their file names."""
+    return {name: getattr(params, field) for name, field in TENSOR_FIELDS.items()}
+
+
+def params_from_named(arrays) -> SAEParams:
+    """``SAEParams`` from arrays under their file names."""
+    return SAEParams(**{field: jnp.asarray(arrays[name]) for name, field in TENSOR_FIELDS.items()})
+
+
 def init_params(key: jax.Array, cfg: SAEConfig, b_dec_D: np.ndarray | jax.Array, *, enc_init: str = "transpose",
                 enc_scale: float = 1.0) -> SAEParams:
     """Decoder rows random unit vectors; the encoder their transpose (or, with ``enc_init``

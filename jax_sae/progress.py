@@ -64,16 +64,19 @@ class Progress:
     def _record(self, step: int, metrics: dict) -> None:
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not np.isfinite(host["loss"]):
-            kept = [d.name + "/" for d in (self.files.best, self.files.ckpt) if d.exists() and any(d.iterdir())]
-            raise TrainError(
-                f"training diverged at step {step} (loss {host['loss']}); "
-                + (f"the last good checkpoints are kept in {self.files.path} ({', '.join(kept)}); " if kept else "")
-                + "lower --lr and rerun with --overwrite"
-            )
+            raise self.diverged(step, f"loss {host['loss']}")
         host["lr"] = float(self.lr_at(step - 1))
         self._log({"step": step, **host})
         self.shown.update(loss=f"{host['loss']:.4g}", fvu=f"{host['fvu']:.3f}", l0=f"{host['l0']:.1f}",
                           dead=f"{host['dead_fraction']:.2f}")
+
+    def diverged(self, step: int, why: str) -> TrainError:
+        """The one line for a run whose loss or parameters stopped being finite at ``step``."""
+        kept = [d.name + "/" for d in (self.files.best, self.files.ckpt) if d.exists() and any(d.iterdir())]
+        return TrainError(
+            f"training diverged at step {step} ({why}); "
+            + (f"the last good checkpoints are kept in {self.files.path} ({', '.join(kept)}); " if kept else "")
+            + "lower --lr and rerun with --overwrite")
 
     def _refresh(self, step: int) -> None:
         now = time.time()

@@ -298,11 +298,17 @@ def _file_size_limit(limit: int):
         signal.signal(signal.SIGXFSZ, handler)
 
 
-def test_a_full_disk_during_a_checkpoint_save_is_one_line_naming_it_and_leaves_no_partial_step(tmp_path, capfd):
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_a_checkpoint_without_room_is_one_line_naming_it_and_leaves_no_partial_step(tmp_path, capfd, monkeypatch,
+                                                                                       when):
+    """Without room the save is refused before anything is written (the size is known from the
+    state); a disk that fills during the write (the check passed) ends with the same line and the
+    half-written step removed."""
     from typing import NamedTuple
 
     import jax.numpy as jnp
 
+    from jax_sae import checkpoint
     from jax_sae.checkpoint import CheckpointError, RunCheckpoints
 
     class State(NamedTuple):
@@ -313,15 +319,40 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line_naming_it_and_leaves_n
     checkpoints = RunCheckpoints(tmp_path / "ckpt")
     assert checkpoints.save(1, small, {"step": 1})
     capfd.readouterr()
+    if when == "during":
+        monkeypatch.setattr(checkpoint, "_room_needed", lambda nbytes, directory: None)
     with _file_size_limit(64 * 1024), pytest.raises(CheckpointError) as err:
         checkpoints.save(2, large, {"step": 2})
     line = str(err.value)
     assert line.startswith(f"out of disk space saving checkpoint step 2 in {tmp_path / 'ckpt'}: ") and \
         "it resumes from step 1" in line, line
-    assert "Traceback" not in capfd.readouterr().err  # orbax's own reports of the failed writes are held back
+    if when == "before":
+        assert capfd.readouterr().err == ""  # nothing was written, so nothing failed
     assert not [*(tmp_path / "ckpt").glob("2.*")] and checkpoints.latest_step() == 1
+    monkeypatch.undo()
     assert checkpoints.save(2, large, {"step": 2}) and checkpoints.latest_step() == 2  # with room again
     checkpoints.close()
+
+
+def test_non_finite_parameters_are_refused_by_every_save(tmp_path):
+    from typing import NamedTuple
+
+    import jax.numpy as jnp
+
+    from jax_sae.checkpoint import NonFiniteError, RunCheckpoints
+
+    class State(NamedTuple):
+        params: dict
+
+    checkpoints = RunCheckpoints(tmp_path / "ckpt")
+    with pytest.raises(NonFiniteError):
+        checkpoints.save(1, State({"W": jnp.full((4, 4), jnp.nan)}), {"step": 1})
+    checkpoints.close()
+    cfg = SAEConfig(sae_type="topk", d_model=8, hidden_dim=16, top_k=4)
+    params = M.init_params(jax.random.PRNGKey(0), cfg, np.zeros(8, np.float32))
+    with pytest.raises(NonFiniteError):
+        save_model(tmp_path / "best", cfg, model_tree(params.replace(b_enc_H=params.b_enc_H * np.inf), 0.0, 1.0), {})
+    assert not list(tmp_path.glob("*best*")) and not list((tmp_path / "ckpt").glob("1*"))
 
 
 def test_a_full_disk_while_saving_a_model_names_it_and_keeps_the_old_one(tmp_path):
