@@ -8,7 +8,7 @@ __all__ = ["DiscoverConfig", "FeatureDiscovery", "FeatureFiles", "discover"]
 _LOCATIONS = {
     "DiscoverConfig": "discovery.discover",
     "discover": "discovery.discover",
-    "FeatureFiles": "discovery.discover",
+    "FeatureFiles": "discovery.feature_files",
     "FeatureDiscovery": "discovery.features",
 }
 

@@ -27,7 +27,7 @@ import numpy as np
 from sae_core.errors import UsageError
 
 from .align import Alignment, align, average_precision, layer_summary
-from .discover import FeatureFiles
+from .feature_files import FeatureFiles
 from .labels import Corpus, detection_score, heuristic_label
 from .stats import HIST_EDGES, PassResult, feature_pass
 

@@ -31,7 +31,7 @@ from sae_core.files import write_text
 from jax_sae.plots import plot_density
 from jax_sae.run_dir import RunDir
 
-from .discover import FeatureFiles
+from .feature_files import FeatureFiles
 from .examples import ExampleJob, ExampleWorkers
 from .plotting import HistogramPlots
 

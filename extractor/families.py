@@ -152,6 +152,14 @@ def _configs(family: Family, size: Literal["toy", "real"], num_layers: int, voca
     return text, audio, decoder
 
 
+def quiet_transformers() -> None:
+    """Its per-weight progress bars and token-id warnings only add noise to our own progress."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def build_random(family: Family | str, path: str | os.PathLike, size: Literal["toy", "real"] = "toy",
                  num_layers: int | None = None, seed: int = 0) -> Path:
     """Build ``family`` with seeded random weights, save model and tokenizer (and the melody
@@ -164,8 +172,6 @@ def build_random(family: Family | str, path: str | os.PathLike, size: Literal["t
         MusicgenMelodyForConditionalGeneration,
         T5Tokenizer,
     )
-
-    from .models import quiet_transformers
 
     quiet_transformers()
     family = get_family(family) if isinstance(family, str) else family

@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from sae_core.errors import UsageError
-from .families import SUPPORTED, FamilyError, build_random, codebook_delays, family_of, get_family
+from .families import (
+    SUPPORTED,
+    FamilyError,
+    build_random,
+    codebook_delays,
+    family_of,
+    get_family,
+    quiet_transformers,
+)
 
 TINY_RANDOM = "tiny-random"
 # Toy builds of the structurally different families (tiny-random itself is the mono one).
@@ -112,14 +120,6 @@ def resolve_dtype(dtype: str, device):
         return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     except KeyError:
         raise ModelError(f"unknown model dtype {dtype!r}; use auto, float16, bfloat16 or float32") from None
-
-
-def quiet_transformers() -> None:
-    """Its per-weight progress bars and token-id warnings only add noise to our own progress."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def _built(directory: Path, build) -> Path:

@@ -68,3 +68,53 @@ def test_the_walker_sees_every_kind_of_import(tmp_path):
                      "def f():\n    from extractor.steer import steer\n    importlib.import_module('extractor.effects')\n")
     found = imported(probe, package="jax_sae")
     assert {"torch.nn", "extractor.render", "extractor.steer", "extractor.effects", "extractor"} <= found
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Every project module and the project modules it imports (anywhere in its code)."""
+    files = {}
+    for package in ("sae_core", "extractor", "jax_sae", "discovery", "launch"):
+        for path in (REPO / package).rglob("*.py"):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def owner(name: str) -> str | None:
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    return {name: {found for imp in imported(path) if (found := owner(imp)) not in (None, name)}
+            for name, path in files.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while not group or group[-1] != v:
+                group.append(stack.pop())
+                on_stack.discard(group[-1])
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_module_imports_itself_through_others():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the finder finds one
+    assert not cycles(_module_graph())

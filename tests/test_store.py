@@ -34,6 +34,8 @@ def test_layout_offsets_and_sample_rows(tmp_path):
     frames = np.asarray(reopened.array("frames").read().result())
     assert frames[8:15].tolist() == list(range(7))
     assert reopened.row_sample_index(np.array([0, 4, 5, 18])).tolist() == [0, 0, 1, 3]
+    assert reopened.counts() == {"samples": 4, "rows": 19, "layers": [2], "d_model": 6, "bytes_per_layer": 19 * 6 * 4,
+                                 "seconds_of_audio": 19 / 50.0, "complete": True}
     assert json.loads((tmp_path / "s" / "store.json").read_text())["format_version"] == 1
 
 

@@ -347,13 +347,13 @@ class Store:
 
     def counts(self) -> dict:
         """Sizes a user wants at a glance."""
-        itemsize = itemsize(self.meta.dtype)
+        element = itemsize(self.meta.dtype)
         return {
             "samples": self.n_samples,
             "rows": self.n_rows,
             "layers": list(self.layers),
             "d_model": self.d_model,
-            "bytes_per_layer": self.n_rows * self.d_model * itemsize,
+            "bytes_per_layer": self.n_rows * self.d_model * element,
             "seconds_of_audio": self.n_rows / self.meta.frame_rate if self.meta.frame_rate else 0.0,
             "complete": self.complete,
         }
