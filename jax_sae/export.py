@@ -22,7 +22,6 @@ import numpy as np
 from sae_core import formats
 from sae_core.errors import UsageError
 
-from .checkpoint import load_model_tree
 from .config import SAEConfig
 from .torch_side import torch_module
 
@@ -105,6 +104,8 @@ def export(cfg: ExportConfig) -> Path:
     save_torch_export = _torch_writer() if cfg.format == "torch" else None  # before any work
     out = Path(cfg.out)
     _check_out(out, cfg.format)
+    from .checkpoint import load_model_tree  # orbax and JAX load only when exporting
+
     sae_cfg, tree, info = load_model_tree(cfg.checkpoint)
     write_export(out, sae_cfg, tree, info, save_torch_export, source=cfg.checkpoint)
     print(f"exported {cfg.checkpoint} ({sae_cfg.sae_type}, {sae_cfg.d_model} -> {sae_cfg.hidden_dim}) to {out} "

@@ -167,6 +167,7 @@ class TrainingRun:
     notes: list[str]
     runtime: dict
     read_lanes: tuple[int, ...]  # the lanes of each batch that land on this process's devices
+    resumed_from: int | None = None  # the checkpoint step this process started from (None: a new run)
     evaluations: int = 0  # validations run so far (by this process, since it started)
     val_chunks: np.ndarray | None = None  # the chunks holding validation rows, in order
 
@@ -197,7 +198,8 @@ class TrainingRun:
         batch_sharding = NamedSharding(mesh, BATCH)
         return cls(cfg, plan, store, split, scan, val_bad, files, checkpoints, state, step.shardings, step.fn,
                    lambda x: global_batch(x, batch_sharding), notes, runtime,
-                   local_lanes(batch_sharding, train.batch_size, store.d_model, train.data_lanes))
+                   local_lanes(batch_sharding, train.batch_size, store.d_model, train.data_lanes),
+                   resumed_from=int(state.step) or None)
 
     # the loop
     def run(self) -> None:
@@ -335,6 +337,7 @@ class TrainingRun:
             "best_val": best.get("val"),
             "best_step": best.get("step"),
             "notes": self.notes,
+            "resumed_from": self.resumed_from,
             "runtime": self.runtime,
             "seconds": seconds,
         }

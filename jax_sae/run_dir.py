@@ -48,6 +48,17 @@ class RunDir:
     def finished(self) -> bool:
         return (self.final / "config.json").exists() and self.stats.exists()
 
+    def checkpoint_steps(self) -> list[int]:
+        """The steps of the finished resumable checkpoints in ``ckpt/`` (one directory each, named by
+        its step; one being written has a temporary name), without loading orbax."""
+        if not self.ckpt.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.ckpt.iterdir() if p.name.isdigit() and p.is_dir())
+
+    def saving(self) -> bool:
+        """Whether a checkpoint of this run is being written now (a temporary directory exists)."""
+        return any(self.ckpt.glob("*.orbax-checkpoint-tmp*")) or any(self.path.glob(".*.saving"))
+
     # metrics.jsonl
     def restart_metrics(self, step: int | None) -> None:
         """Keep the records up to ``step`` (a resumed run), or start an empty log (``None``)."""

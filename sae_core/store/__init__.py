@@ -16,6 +16,7 @@ from .layout import (
     StoreError,
     StoreMeta,
     acts_name,
+    chunk_key,
     chunk_rows_for,
     estimate_bytes,
     foreign_keys,
@@ -27,6 +28,6 @@ from .repair import Damage, StoreCommand, find_damage, main, repair, run_command
 
 __all__ = [
     "FORMAT_VERSION", "PLAN_ARRAYS", "STORE_DTYPES", "CommitLog", "Damage", "Store", "StoreCommand", "StoreError",
-    "StoreMeta", "acts_name", "chunk_rows_for", "commit_log", "create_store", "estimate_bytes", "find_damage",
+    "StoreMeta", "acts_name", "chunk_key", "chunk_rows_for", "commit_log", "create_store", "estimate_bytes", "find_damage",
     "foreign_keys", "main", "open_store", "rebatched", "remove_store", "repair", "run_command", "sample_blocks",
 ]

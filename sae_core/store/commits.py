@@ -63,7 +63,8 @@ class DirectoryLog:
 
     folder: Path
 
-    def _logs(self) -> list[Path]:
+    def files(self) -> list[Path]:
+        """The log files, one per shard that committed anything."""
         return sorted(self.folder.glob("*.jsonl"))
 
     @staticmethod
@@ -78,7 +79,7 @@ class DirectoryLog:
         return units, torn
 
     def entries(self) -> list[Entry]:
-        return [Entry(unit, log.name) for log in self._logs() for unit in self._parse(log)[0]]
+        return [Entry(unit, log.name) for log in self.files() for unit in self._parse(log)[0]]
 
     def committed(self) -> set[int]:
         return {entry.unit for entry in self.entries()}
@@ -97,12 +98,12 @@ class DirectoryLog:
         units = set(units)
         if not units:
             return
-        for log in self._logs():
+        for log in self.files():
             kept = [u for u in self._parse(log)[0] if u not in units]
             write_text(log, "".join(json.dumps({"unit": u}) + "\n" for u in kept))
 
     def torn(self) -> list[tuple[str, int]]:
-        return [(f"progress/{log.name}", number) for log in self._logs() for number in self._parse(log)[1]]
+        return [(f"progress/{log.name}", number) for log in self.files() for number in self._parse(log)[1]]
 
 
 @dataclass(frozen=True)

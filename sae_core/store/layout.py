@@ -112,6 +112,11 @@ def _spec(kvstore: dict, shape: Sequence[int], dtype: str, chunk_rows: int) -> d
     }
 
 
+def chunk_key(name: str, index: int, rank: int) -> str:
+    """The key of row chunk ``index`` of array ``name`` of ``rank`` dimensions (zarr3's default keys)."""
+    return "/".join([name, "c", str(index)] + ["0"] * (rank - 1))
+
+
 def chunk_rows_for(row_bytes: int, unit_rows: int | None = None) -> int:
     """Rows per chunk so that a chunk holds about TARGET_CHUNK_BYTES: a whole number of write
     units when every unit has ``unit_rows`` rows (writes then never straddle chunks), else a

@@ -28,6 +28,7 @@ from .layout import (
     StoreMeta,
     acts_name,
     batches_text,
+    chunk_key,
     describe_array,
     first_line,
     itemsize,
@@ -162,7 +163,7 @@ class Store:
 
     def chunk_key(self, name: str, index: int) -> str:
         """The key of chunk ``index`` (along rows) of one array (zarr3's default chunk keys)."""
-        return "/".join([name, "c", str(index)] + ["0"] * (len(self.array(name).shape) - 1))
+        return chunk_key(name, index, len(self.array(name).shape))
 
     def chunk_file(self, name: str, index: int) -> Path | str:
         """Where chunk ``index`` of one array is: its file's Path, or its object's URL."""
