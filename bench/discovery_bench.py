@@ -245,17 +245,16 @@ def _encoder_and_update_ms(sae, blocks: list, matmul, encode, max_samples: int, 
     """Milliseconds over all ``blocks``: the encoder matmul, the whole encoder, the whole update."""
     import jax
 
-    from discovery.stats import init_state, update
+    from discovery.stats import PassShape, init_state, update
     from jax_sae.sharding import make_mesh
 
-    mesh = make_mesh(1, 1)
+    shape = PassShape(sae.cfg, examples, max_samples, make_mesh(1, 1), False)
     params, threshold, scale = sae.params, sae.threshold, sae.input_scale
 
     def run_update():
         state = init_state(sae.cfg.hidden_dim, examples)
         for b in blocks:
-            state, smax, smean, _, _ = update(sae.cfg, examples, max_samples, mesh, False, state, params, threshold, scale,
-                                        *b)
+            state, smax, smean, _, _ = update(shape, state, params, threshold, scale, *b)
             np.asarray(smax), np.asarray(smean)  # feature_pass copies these to the host every block
         jax.block_until_ready(state)
 

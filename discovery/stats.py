@@ -84,31 +84,46 @@ def _merge(vals_HE, ids_HE, new_vals_HN, new_ids_HN, examples: int):
     return top, jnp.take_along_axis(ids, where, axis=1)
 
 
-def _block_stats(cfg: SAEConfig, examples: int, max_samples: int, token_examples: bool, params, threshold, scale,
-                 x_RD, segment_R, row_R):
+@dataclass(frozen=True)
+class PassShape:
+    """What the compiled update is specialised on: the SAE, the block's sample slots, the mesh and
+    whether the top single tokens are collected (the costliest statistic, so on request)."""
+
+    cfg: SAEConfig
+    examples: int
+    max_samples: int
+    mesh: jax.sharding.Mesh
+    token_examples: bool
+
+
+def _top_tokens(shape: PassShape, f_RH, valid_R, row_R):
+    """The block's ``examples`` best single tokens per feature, merged across the data axis."""
+    if not shape.token_examples:
+        return (jnp.full((f_RH.shape[1], shape.examples), -jnp.inf, jnp.float32),
+                jnp.full((f_RH.shape[1], shape.examples), -1, jnp.int32))
+    local_top, where = lax.top_k(jnp.where(valid_R[None, :], f_RH.T, -jnp.inf), shape.examples)
+    candidates = lax.all_gather(local_top, DATA, axis=1, tiled=True)  # [H, devices * E] candidates
+    candidate_rows = lax.all_gather(row_R[where], DATA, axis=1, tiled=True)
+    top, pick = lax.top_k(candidates, shape.examples)
+    return top, jnp.take_along_axis(candidate_rows, pick, axis=1)
+
+
+def _block_stats(shape: PassShape, params, threshold, scale, x_RD, segment_R, row_R):
     """One device's rows of a block -> statistics merged across the data axis (replicated).
     Rows with ``row_R`` -1 are padding; rows with a NaN/Inf are skipped like padding and come
     back flagged in the (replicated) ``bad`` mask of the whole block."""
+    slots = shape.max_samples + 1  # the last slot collects the padding
     finite_R = jnp.all(jnp.isfinite(x_RD), axis=1)
     valid_R = (row_R >= 0) & finite_R
     bad_R = lax.all_gather((row_R >= 0) & ~finite_R, DATA, tiled=True)
     row_R = jnp.where(valid_R, row_R, -1)
-    length_S = lax.psum(jax.ops.segment_sum(valid_R.astype(jnp.int32), segment_R,
-                                            num_segments=max_samples + 1)[:max_samples], DATA)
-    f_RH = M.encode_infer(cfg, params, threshold, jnp.where(valid_R[:, None], x_RD, 0.0) * scale)
+    length_S = lax.psum(jax.ops.segment_sum(valid_R.astype(jnp.int32), segment_R, num_segments=slots)[:-1], DATA)
+    f_RH = M.encode_infer(shape.cfg, params, threshold, jnp.where(valid_R[:, None], x_RD, 0.0) * scale)
     f_RH = jnp.where(valid_R[:, None], f_RH, 0.0)
-    smax_SH = lax.pmax(jax.ops.segment_max(f_RH, segment_R, num_segments=max_samples + 1)[:max_samples], DATA)
+    smax_SH = lax.pmax(jax.ops.segment_max(f_RH, segment_R, num_segments=slots)[:-1], DATA)
     smax_SH = jnp.where((length_S > 0)[:, None], jnp.maximum(smax_SH, 0.0), 0.0)
-    ssum_SH = lax.psum(jax.ops.segment_sum(f_RH, segment_R, num_segments=max_samples + 1)[:max_samples], DATA)
-    if token_examples:  # the top single tokens ("moments"); the costliest statistic, so on request
-        local_top, where = lax.top_k(jnp.where(valid_R[None, :], f_RH.T, -jnp.inf), examples)
-        candidates = lax.all_gather(local_top, DATA, axis=1, tiled=True)  # [H, devices * E] candidates
-        candidate_rows = lax.all_gather(row_R[where], DATA, axis=1, tiled=True)
-        top, pick = lax.top_k(candidates, examples)
-        top_rows = jnp.take_along_axis(candidate_rows, pick, axis=1)
-    else:
-        top = jnp.full((f_RH.shape[1], examples), -jnp.inf, jnp.float32)
-        top_rows = jnp.full((f_RH.shape[1], examples), -1, jnp.int32)
+    ssum_SH = lax.psum(jax.ops.segment_sum(f_RH, segment_R, num_segments=slots)[:-1], DATA)
+    top, top_rows = _top_tokens(shape, f_RH, valid_R, row_R)
     # One fused compare-and-count per edge (a [R, H, edges] one-hot would not fit at real widths).
     above_HE = jnp.stack([jnp.sum(f_RH > edge, axis=0, dtype=jnp.int32) for edge in HIST_EDGES.tolist()], axis=1)
     return (lax.psum(jnp.sum(f_RH > 0, axis=0, dtype=jnp.int32), DATA), lax.psum(jnp.sum(f_RH, axis=0), DATA),
@@ -116,9 +131,8 @@ def _block_stats(cfg: SAEConfig, examples: int, max_samples: int, token_examples
             top, top_rows, length_S, bad_R, lax.psum(above_HE, DATA))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=5)
-def update(cfg: SAEConfig, examples: int, max_samples: int, mesh, token_examples: bool, state: FeatureState, params,
-           threshold, scale, x_RD, segment_R, row_R, sample_S):
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def update(shape: PassShape, state: FeatureState, params, threshold, scale, x_RD, segment_R, row_R, sample_S):
     """Fold one block of whole samples into the state; rows are split over the mesh's data axis
     (the mesh may span processes: each one holds only its devices' rows).
 
@@ -127,18 +141,22 @@ def update(cfg: SAEConfig, examples: int, max_samples: int, mesh, token_examples
     each slot (-1 padding). Returns the new state, the block's per-sample (max, mean) scores
     [S, H], each slot's finite row count [S] and the block's NaN/Inf row mask [R], all replicated.
     """
-    stats = jax.shard_map(functools.partial(_block_stats, cfg, examples, max_samples, token_examples), mesh=mesh,
+    stats = jax.shard_map(functools.partial(_block_stats, shape), mesh=shape.mesh,
                           in_specs=(P(), P(), P(), P(DATA), P(DATA), P(DATA)), out_specs=(P(),) * 10,
                           check_vma=False)  # every output comes out of a psum/pmax/all_gather: replicated
     token_count, total, peak, smax_SH, smean_SH, block_top, block_rows, length_S, bad_R, above_HE = stats(
         params, threshold, scale, x_RD, segment_R, row_R)
     slot_ok = (sample_S >= 0)[None, :]
-    sample_HS = jnp.broadcast_to(sample_S[None, :], (smax_SH.shape[1], max_samples))
-    top_max, top_max_s = _merge(state.top_max_HE, state.top_max_sample_HE,
-                                jnp.where(slot_ok, smax_SH.T, -jnp.inf), sample_HS, examples)
-    top_mean, top_mean_s = _merge(state.top_mean_HE, state.top_mean_sample_HE,
-                                  jnp.where(slot_ok, smean_SH.T, -jnp.inf), sample_HS, examples)
-    top_tok, top_tok_row = _merge(state.top_token_HE, state.top_token_row_HE, block_top, block_rows, examples)
+    sample_HS = jnp.broadcast_to(sample_S[None, :], (smax_SH.shape[1], shape.max_samples))
+
+    def merged(vals_HE, ids_HE, new_vals_HN, new_ids_HN):
+        return _merge(vals_HE, ids_HE, new_vals_HN, new_ids_HN, shape.examples)
+
+    top_max, top_max_s = merged(state.top_max_HE, state.top_max_sample_HE, jnp.where(slot_ok, smax_SH.T, -jnp.inf),
+                                sample_HS)
+    top_mean, top_mean_s = merged(state.top_mean_HE, state.top_mean_sample_HE,
+                                  jnp.where(slot_ok, smean_SH.T, -jnp.inf), sample_HS)
+    top_tok, top_tok_row = merged(state.top_token_HE, state.top_token_row_HE, block_top, block_rows)
     new = FeatureState(
         token_count_H=state.token_count_H + token_count,
         sample_count_H=state.sample_count_H + jnp.sum((smax_SH > 0) & slot_ok.T, axis=0, dtype=jnp.int32),
@@ -195,6 +213,58 @@ def _local(x: jax.Array) -> np.ndarray:
     return np.asarray(x.addressable_data(0))
 
 
+class _BlockReader:
+    """Reads, for one block of rows, only the rows that land on this process's devices (padded to
+    ``block_rows`` with zeros), and counts the rows it read."""
+
+    def __init__(self, store, layer: int, block_rows: int, sharding: NamedSharding):
+        self.store, self.name, self.block_rows, self.sharding = store, acts_name(layer), block_rows, sharding
+        self.rows_read = 0
+
+    def __call__(self, lo: int, hi: int) -> jax.Array:
+        def read(index):  # this device's rows of the padded block [lo, lo + block_rows)
+            part = index[0]
+            start, stop = part.start or 0, part.stop if part.stop is not None else self.block_rows
+            x = np.zeros((stop - start, self.store.d_model), np.float32)
+            a, b = lo + start, min(lo + stop, hi)
+            if b > a:
+                x[: b - a] = self.store.read_rows(self.name, a, b)
+                self.rows_read += b - a
+            return x
+        return jax.make_array_from_callback((self.block_rows, self.store.d_model), self.sharding, read)
+
+
+class _SampleScores:
+    """The host side of the pass: per-sample scores, finite rows per sample, the skipped rows."""
+
+    def __init__(self, n_samples: int, hidden: int):
+        self.max = np.zeros((n_samples, hidden), np.float16)
+        self.mean = np.zeros((n_samples, hidden), np.float16)
+        self.finite_per_sample = np.zeros(n_samples, np.int64)
+        self.nonfinite: list[np.ndarray] = []
+
+    def add(self, samples: np.ndarray, lo: int, smax, smean, length, bad) -> None:
+        self.max[samples] = _local(smax)[: len(samples)]
+        self.mean[samples] = _local(smean)[: len(samples)]
+        self.finite_per_sample[samples] = _local(length)[: len(samples)]
+        bad_rows = np.flatnonzero(_local(bad))
+        if len(bad_rows):
+            self.nonfinite.append(lo + bad_rows)
+
+    def nonfinite_rows(self) -> np.ndarray:
+        return np.concatenate(self.nonfinite) if self.nonfinite else np.zeros(0, np.int64)
+
+
+def _block_sizes(offsets: np.ndarray, block_rows: int, devices: int) -> tuple[int, int]:
+    """Rows per block (at least the longest sample, split evenly over the devices) and the most
+    samples a block can hold."""
+    lengths = offsets[1:] - offsets[:-1]
+    block_rows = max(block_rows, int(np.max(lengths)) if len(lengths) else 0)
+    block_rows = -(-block_rows // devices) * devices
+    max_samples = int(min(len(lengths), max(1, block_rows // max(1, int(np.min(lengths)) if len(lengths) else 1))))
+    return block_rows, max_samples
+
+
 def feature_pass(sae: SAE, store, layer: int, *, examples: int = 20, block_rows: int = 4096,
                  progress: bool = True, devices: int | None = None, token_examples: bool = True) -> PassResult:
     """Stream every sample of ``layer`` through the SAE once, rows split over ``devices``
@@ -206,73 +276,46 @@ def feature_pass(sae: SAE, store, layer: int, *, examples: int = 20, block_rows:
     by the step's collectives, and every process returns the same result."""
     from tqdm import tqdm
 
+    if store.d_model != sae.cfg.d_model:
+        raise UsageError(f"store width {store.d_model} does not match the SAE's d_model {sae.cfg.d_model}")
+    store.check_layer(layer)
     mesh = make_mesh(devices or jax.device_count(), 1)
-    rows_on_devices = NamedSharding(mesh, P(DATA))
-    replicated = NamedSharding(mesh, P())
+    rows_on_devices, replicated = NamedSharding(mesh, P(DATA)), NamedSharding(mesh, P())
 
     def put(value, sharding=replicated):
         value = np.asarray(value)
         return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
-    if store.d_model != sae.cfg.d_model:
-        raise UsageError(f"store width {store.d_model} does not match the SAE's d_model {sae.cfg.d_model}")
-    store.check_layer(layer)
     offsets = store.offsets
-    longest = int(np.max(offsets[1:] - offsets[:-1])) if store.n_samples else 0
-    block_rows = max(block_rows, longest)
-    block_rows = -(-block_rows // mesh.size) * mesh.size  # rows split evenly over the devices
-    max_samples = int(min(store.n_samples, max(1, block_rows // max(1, int(np.min(offsets[1:] - offsets[:-1]))))))
-    hidden = sae.cfg.hidden_dim
-    examples = min(examples, max(1, store.n_samples))
-    state = jax.tree.map(put, init_state(hidden, max(examples, 1)))
-    params = jax.tree.map(put, sae.params)
-    threshold, scale = put(sae.threshold), put(np.float32(sae.input_scale))
-    sample_max = np.zeros((store.n_samples, hidden), np.float16)
-    sample_mean = np.zeros((store.n_samples, hidden), np.float16)
-    finite_per_sample = np.zeros(store.n_samples, np.int64)
-    nonfinite = []
-    name = acts_name(layer)
-    rows_read = 0
-
-    def block_rows_of(lo: int, hi: int):
-        def read(index):  # this device's rows of the padded block [lo, lo + block_rows)
-            part = index[0]
-            start, stop = part.start or 0, part.stop if part.stop is not None else block_rows
-            x = np.zeros((stop - start, store.d_model), np.float32)
-            a, b = lo + start, min(lo + stop, hi)
-            if b > a:
-                nonlocal rows_read
-                x[: b - a] = store.read_rows(name, a, b)
-                rows_read += b - a
-            return x
-        return jax.make_array_from_callback((block_rows, store.d_model), rows_on_devices, read)
-
-    primary = jax.process_index() == 0
-    with tqdm(total=store.n_rows, desc=f"discover layer {layer}", unit="row", disable=not (progress and primary)) as bar:
+    block_rows, max_samples = _block_sizes(offsets, block_rows, mesh.size)
+    shape = PassShape(sae.cfg, min(examples, max(1, store.n_samples)), max_samples, mesh, token_examples)
+    state = jax.tree.map(put, init_state(sae.cfg.hidden_dim, max(shape.examples, 1)))
+    constants = jax.tree.map(put, (sae.params, sae.threshold, np.float32(sae.input_scale)))
+    read, scores = _BlockReader(store, layer, block_rows, rows_on_devices), _SampleScores(store.n_samples,
+                                                                                         sae.cfg.hidden_dim)
+    with tqdm(total=store.n_rows, desc=f"discover layer {layer}", unit="row",
+              disable=not (progress and jax.process_index() == 0)) as bar:
         for samples in sample_blocks(offsets, block_rows):
             lo, hi = int(offsets[samples[0]]), int(offsets[samples[-1] + 1])
             segment, rows, sample_ids = _block_layout(samples, offsets, block_rows, max_samples)
-            state, smax, smean, length, bad = update(
-                sae.cfg, examples, max_samples, mesh, token_examples, state, params, threshold, scale,
-                block_rows_of(lo, hi), put(segment, rows_on_devices), put(rows, rows_on_devices), put(sample_ids))
-            sample_max[samples] = _local(smax)[: len(samples)]
-            sample_mean[samples] = _local(smean)[: len(samples)]
-            finite_per_sample[samples] = _local(length)[: len(samples)]
-            bad_rows = np.flatnonzero(_local(bad))
-            if len(bad_rows):
-                nonfinite.append(lo + bad_rows)
+            state, *block = update(shape, state, *constants, read(lo, hi), put(segment, rows_on_devices),
+                                   put(rows, rows_on_devices), put(sample_ids))
+            scores.add(samples, lo, *block)
             bar.update(hi - lo)
-    nonfinite_rows = np.concatenate(nonfinite) if nonfinite else np.zeros(0, np.int64)
+    return _result(store, layer, jax.tree.map(_local, state), scores, read.rows_read)
+
+
+def _result(store, layer: int, host: FeatureState, scores: _SampleScores, rows_read: int) -> PassResult:
+    nonfinite_rows = scores.nonfinite_rows()
     if store.n_rows and len(nonfinite_rows) == store.n_rows:
         raise UsageError(f"every row of layer {layer} of {store.path} is non-finite (NaN/Inf): there is nothing to "
                          "discover; re-extract the store")
-    host = jax.tree.map(_local, state)
     read_per_process = tuple(int(n) for n in gather_host(np.array([rows_read], np.int64)).ravel())
     return PassResult(
         token_count=host.token_count_H, sample_count=host.sample_count_H, max=host.max_H, sum=host.sum_H,
         top={"max": (host.top_max_HE, host.top_max_sample_HE), "mean": (host.top_mean_HE, host.top_mean_sample_HE),
              "moments": (host.top_token_HE, host.top_token_row_HE)},
-        sample_max=sample_max, sample_mean=sample_mean, n_rows=store.n_rows, n_samples=store.n_samples,
-        nonfinite_rows=nonfinite_rows, finite_rows_per_sample=finite_per_sample,
+        sample_max=scores.max, sample_mean=scores.mean, n_rows=store.n_rows, n_samples=store.n_samples,
+        nonfinite_rows=nonfinite_rows, finite_rows_per_sample=scores.finite_per_sample,
         rows_read_per_process=read_per_process, histogram=histogram_counts(host.token_count_H, host.above_HE),
     )
