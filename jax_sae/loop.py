@@ -14,8 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from sae_core.store import Store, open_store
-
 from . import model as M
 from .checkpoint import (
     CheckpointError,
@@ -26,24 +24,14 @@ from .checkpoint import (
     save_model,
 )
 from .config import SAEConfig, TrainConfig
-from .data import (
-    DataError,
-    DataSplit,
-    ScanResult,
-    geometric_median,
-    input_scale,
-    merge_scans,
-    prefetch,
-    scan_rows,
-    split_samples,
-)
-from .distributed import barrier, gather_host, global_batch, is_primary, to_host
+from .data import DataError, ScanResult, geometric_median, input_scale
+from .distributed import barrier, gather_host, is_primary, to_host
 from .metrics import MetricAccumulator, evaluate_batches
-from .order import epoch_batches, epoch_lengths
 from .progress import Progress
 from .run_dir import RunDir
 from .runtime import announce
 from .sharding import BATCH, check_divisible, make_mesh
+from .sources import StoreData, SyntheticData, open_data
 from .step import Step, TrainState, build_step, fresh_state, lr_schedule, lr_warmup_steps, sparsity_warmup_steps
 
 
@@ -59,12 +47,6 @@ class RunPlan:
     dead_tokens: int
     warmup_steps: int
     notes: tuple[str, ...]
-
-
-def check_batch(cfg: TrainConfig, train_rows: int) -> None:
-    """Refuse a batch larger than the training rows (before they are read)."""
-    if train_rows // cfg.train.batch_size == 0:
-        raise DataError(f"--batch_size {cfg.train.batch_size} exceeds the {train_rows} training rows; lower it")
 
 
 def make_plan(cfg: TrainConfig, sae: SAEConfig, epoch_steps: list[int]) -> RunPlan:
@@ -154,57 +136,43 @@ class TrainingRun:
 
     cfg: TrainConfig
     plan: RunPlan
-    store: Store
-    split: DataSplit
+    data: StoreData | SyntheticData
     scan: ScanResult
-    val_bad: np.ndarray
     files: RunDir
     checkpoints: RunCheckpoints
     state: TrainState
     state_shardings: TrainState
     step_fn: object
-    put_batch: object
     notes: list[str]
     runtime: dict
-    read_lanes: tuple[int, ...]  # the lanes of each batch that land on this process's devices
     resumed_from: int | None = None  # the checkpoint step this process started from (None: a new run)
-    evaluations: int = 0  # validations run so far (by this process, since it started)
-    val_chunks: np.ndarray | None = None  # the chunks holding validation rows, in order
 
     @classmethod
     def setup(cls, cfg: TrainConfig) -> TrainingRun:
-        """Cheap checks first (mesh, layer, batch vs rows, resume compatibility), then the pass over
+        """Cheap checks first (mesh, data, batch vs rows, resume compatibility), then the pass over
         the rows (scale, non-finite rows), then the step and the state (restored when resuming)."""
         mesh = make_mesh(cfg.runtime.mesh_data or None, cfg.runtime.mesh_model)
         check_divisible(mesh, cfg.train.batch_size, cfg.sae.hidden_dim)
         cfg = _with_lanes(cfg)
-        train = cfg.train
         runtime = announce(mesh, "train")
-        store = open_store(train.store)
-        store.check_layer(train.layer_idx)
-        split = split_samples(store, val_fraction=train.val_fraction, seed=train.seed, num_samples=train.num_samples,
-                              max_tokens=train.max_tokens, val_max_tokens=train.val_max_tokens,
-                              by_chunks_of=store.chunk_rows(train.layer_idx) if train.val_split == "chunks" else None)
-        check_batch(cfg, split.train_rows)
+        data = open_data(cfg, NamedSharding(mesh, BATCH))
         files = RunDir(cfg.run_dir())
-        checkpoints = open_run(cfg, files, store.d_model)
-        scan, val_bad = _scan_for_bad_rows(cfg, store, split)
-        lengths = epoch_lengths(store, train.layer_idx, split.train_samples, train.batch_size, seed=train.seed,
-                                epochs=train.epochs, lanes=train.data_lanes, exclude_rows=scan.nonfinite_rows)
-        plan = make_plan(cfg, cfg.sae_config(store.d_model, store.meta.model), lengths)
-        notes = _notes(cfg, split, scan, val_bad, plan, lengths)
+        checkpoints = open_run(cfg, files, data.d_model)
+        scan = data.scan()
+        lengths = data.epoch_lengths()
+        plan = make_plan(cfg, cfg.sae_config(data.d_model, data.model), lengths)
+        notes = data.notes(lengths) + list(plan.notes)
+        for note in notes if is_primary() else ():
+            print(note)
         step = build_step(cfg, plan.sae, mesh, plan.total_steps, plan.dead_tokens)
-        state = _resume(checkpoints, files, _initial_state(cfg, step, scan, store.d_model), cfg.runtime.overwrite)
-        batch_sharding = NamedSharding(mesh, BATCH)
-        return cls(cfg, plan, store, split, scan, val_bad, files, checkpoints, state, step.shardings, step.fn,
-                   lambda x: global_batch(x, batch_sharding), notes, runtime,
-                   local_lanes(batch_sharding, train.batch_size, store.d_model, train.data_lanes),
+        state = _resume(checkpoints, files, _initial_state(cfg, step, scan, data.d_model), cfg.runtime.overwrite)
+        return cls(cfg, plan, data, scan, files, checkpoints, state, step.shardings, step.fn, notes, runtime,
                    resumed_from=int(state.step) or None)
 
     # the loop
     def run(self) -> None:
         cfg, step = self.cfg, int(self.state.step)
-        meta = {"resume_key": cfg.resume_key(), "d_model": self.store.d_model}
+        meta = {"resume_key": cfg.resume_key(), "d_model": self.data.d_model}
         with Progress(self.files, lr_schedule(cfg.peak_lr, self.plan.total_steps, cfg.train.lr_schedule), self.plan.total_steps, step,
                       cfg.train.batch_size, f"train {cfg.sae.sae_type}", cfg.runtime.progress) as progress:
             for epoch in range(int(self.state.epoch), cfg.train.epochs):
@@ -221,11 +189,7 @@ class TrainingRun:
 
     def _run_epoch(self, epoch: int, step: int, meta: dict, progress: Progress) -> tuple[int, bool]:
         """One epoch from the state's position in it; returns (step, stopped early)."""
-        batches = epoch_batches(self.store, self.cfg.train.layer_idx, self.split.train_samples, self.cfg.train.batch_size,
-                                seed=self.cfg.train.seed, epoch=epoch, skip=int(self.state.batch_in_epoch),
-                                exclude_rows=self.scan.nonfinite_rows, lanes=self.cfg.train.data_lanes,
-                                read_lanes=self.read_lanes, batches=self.plan.epoch_steps[epoch])
-        for x in prefetch(batches, transform=self.put_batch):
+        for x in self.data.batches(epoch, int(self.state.batch_in_epoch), self.plan.epoch_steps[epoch]):
             self.state, metrics = self.step_fn(self.state, x)
             step += 1
             progress.step(step, metrics)
@@ -278,21 +242,10 @@ class TrainingRun:
         return params, threshold, scale
 
     def validation(self) -> MetricAccumulator | None:
-        """Metrics of the current model over the validation rows (None without any)."""
-        if not len(self.split.val_samples):
+        """Metrics of the current model over the validation rows, summed over processes (None without any)."""
+        batches = self.data.validation_batches()
+        if batches is None:
             return None
-        cfg, samples = self.cfg, self.split.val_samples
-        exclude = self.val_bad if len(self.val_bad) else None
-        # Each process evaluates every P-th of the chunks holding validation rows, and the sums are
-        # added up across processes. Who takes the odd chunk turns with each validation.
-        if self.val_chunks is None:
-            kept = self.store.kept_rows_per_chunk(cfg.train.layer_idx, samples=samples, exclude_rows=exclude)
-            self.val_chunks = np.flatnonzero(kept)
-        processes = jax.process_count()
-        mine = self.val_chunks[(jax.process_index() + self.evaluations) % processes::processes]
-        self.evaluations += 1
-        batches = self.store.iter_rows(cfg.train.layer_idx, cfg.train.batch_size, samples=samples, exclude_rows=exclude,
-                                       chunks=mine)
         acc = evaluate_batches(self.plan.sae, *jax.tree.map(jnp.asarray, self.inference()), batches)
         return _summed(acc)
 
@@ -307,7 +260,7 @@ class TrainingRun:
         if not self.files.best.exists():
             save_model(self.files.best, self.plan.sae, tree, info)
         _, best = read_config(self.files.best)
-        read = _per_process(self.store.bytes_read)
+        read = _per_process(self.data.bytes_read())
         if not is_primary():
             return {"final_val": final_val, "best_val": best.get("val")}
         stats = self._stats(final_val, best, seconds) | {"data_lanes": self.cfg.train.data_lanes,
@@ -320,16 +273,13 @@ class TrainingRun:
         return stats
 
     def _stats(self, final_val: dict | None, best: dict, seconds: float) -> dict:
-        split, state = self.split, self.state
+        state = self.state
         return {
             "config": self.cfg.settings(),
             "sae": self.plan.sae.to_json(),
             "steps": int(state.step),
             "total_steps": self.plan.total_steps,
-            "train_rows": split.train_rows,
-            "val_rows": split.val_rows,
-            "train_samples": len(split.train_samples),
-            "val_samples": len(split.val_samples),
+            **self.data.counts(),
             "input_scale": float(state.input_scale),
             "threshold": float(state.threshold),
             "dead_tokens": self.plan.dead_tokens,
@@ -376,58 +326,6 @@ def _with_lanes(cfg: TrainConfig) -> TrainConfig:
     return cfg.replace(data_lanes=lanes)
 
 
-def local_lanes(sharding, batch_size: int, d_model: int, lanes: int) -> tuple[int, ...]:
-    """The lanes (equal slices of a batch's rows) that overlap this process's devices' rows."""
-    per_lane = batch_size // lanes
-    mine = set()
-    for index in sharding.addressable_devices_indices_map((batch_size, d_model)).values():
-        rows = index[0]
-        start, stop = rows.start or 0, batch_size if rows.stop is None else rows.stop
-        mine.update(range(start // per_lane, -(-stop // per_lane)))
-    return tuple(sorted(mine))
-
-
-def _scan_for_bad_rows(cfg: TrainConfig, store: Store, split: DataSplit) -> tuple[ScanResult, np.ndarray]:
-    """The pass over the training rows (norms, a sample for b_dec, NaN/Inf rows) and the validation
-    rows' NaN/Inf rows; non-finite rows stop the run unless --skip_nonfinite. Each process scans
-    every P-th chunk (P processes) and the parts are merged: the same result as one process."""
-    part = (jax.process_index(), jax.process_count())
-    scan = _merged(scan_rows(store, cfg.train.layer_idx, split.train_samples, seed=cfg.train.seed, progress=cfg.runtime.progress,
-                             part=part))
-    val_bad = _merged(scan_rows(store, cfg.train.layer_idx, split.val_samples, seed=cfg.train.seed, progress=False,
-                                part=part)).nonfinite_rows if len(split.val_samples) else np.zeros(0, np.int64)
-    bad = np.concatenate([scan.nonfinite_rows, val_bad])
-    if len(bad) and not cfg.train.skip_nonfinite:
-        raise DataError(
-            f"layer {cfg.train.layer_idx} of {cfg.train.store} has {len(bad)} non-finite (NaN/Inf) rows (first: row {bad[0]}); "
-            "pass --skip_nonfinite to train without them, or re-extract"
-        )
-    return scan, val_bad
-
-
-def _merged(scan: ScanResult) -> ScanResult:
-    """Every process's part of a scan merged into the whole (the part itself in one process)."""
-    if jax.process_count() == 1:
-        return scan
-    gathered = gather_host
-
-    size = len(scan.keys)
-    sizes = gathered(np.array([size, len(scan.nonfinite_rows)]))
-    longest, width = max(1, int(sizes[:, 0].max())), max(1, int(sizes[:, 1].max()))
-    keys = np.full(longest, np.inf)
-    keys[:size] = scan.keys
-    sample = np.zeros((longest, scan.sample_BD.shape[1]), np.float32)
-    sample[:size] = scan.sample_BD
-    bad = np.full(width, -1, np.int64)
-    bad[: len(scan.nonfinite_rows)] = scan.nonfinite_rows
-    all_keys, all_sample, all_bad = gathered(keys), gathered(sample), gathered(bad)
-    parts = [ScanResult(nonfinite_rows=all_bad[i][all_bad[i] >= 0], mean_norm=float("nan"),
-                        sample_BD=all_sample[i][np.isfinite(all_keys[i])], norm_C=norm, count_C=count,
-                        keys=all_keys[i][np.isfinite(all_keys[i])])
-             for i, (norm, count) in enumerate(zip(gathered(scan.norm_C), gathered(scan.count_C)))]
-    return merge_scans(parts)
-
-
 def _initial_state(cfg: TrainConfig, step: Step, scan: ScanResult, d_model: int) -> TrainState:
     """A fresh state, made sharded on the mesh: b_dec at the geometric median or mean of the scaled sample."""
     scale = input_scale(scan.mean_norm, d_model)
@@ -435,20 +333,6 @@ def _initial_state(cfg: TrainConfig, step: Step, scan: ScanResult, d_model: int)
     b_dec = geometric_median(sample) if cfg.train.b_dec_init == "median" else sample.mean(axis=0)
     return fresh_state(step, jax.random.PRNGKey(cfg.train.seed), b_dec, scale, cfg.train.enc_init,
                        cfg.train.enc_init_scale)
-
-
-def _notes(cfg: TrainConfig, split: DataSplit, scan: ScanResult, val_bad: np.ndarray, plan: RunPlan,
-           lengths: list[int]) -> list[str]:
-    """What the run changed or skipped, printed once before it starts (and kept in its stats)."""
-    bad = len(scan.nonfinite_rows) + len(val_bad)
-    notes = list(split.notes) + list(plan.notes) + ([f"skipping {bad} non-finite rows"] if bad else [])
-    if cfg.train.data_lanes > 1:
-        used = min(lengths) * cfg.train.batch_size
-        notes.append(f"{cfg.train.data_lanes} data lanes: each epoch uses at least {used} of the "
-                     f"{split.train_rows - len(scan.nonfinite_rows)} training rows")
-    for note in notes if is_primary() else ():
-        print(note)
-    return notes
 
 
 def _resume(checkpoints: RunCheckpoints, files: RunDir, state: TrainState, overwrite: bool) -> TrainState:

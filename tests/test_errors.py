@@ -99,7 +99,7 @@ def test_train_refuses_a_mesh_or_process_setup_before_reading_rows_or_making_the
     def no_scan(*_args, **_kw):
         raise AssertionError("the store's rows were read before the cheap checks")
 
-    monkeypatch.setattr("jax_sae.loop.scan_rows", no_scan)
+    monkeypatch.setattr("jax_sae.sources.scan_rows", no_scan)
     n = jax.device_count()
     extra = [a.format(twice_the_devices=2 * n) for a in extra]
     message = message.format(devices=n, twice=2 * n)
