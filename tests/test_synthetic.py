@@ -1,0 +1,164 @@
+"""The synthetic model (SynthSAEBench's generative process), its metrics, and training on it.
+
+Statistical checks state their tolerance: a count of Bernoulli events is compared with its
+expectation within 5 standard deviations (a false failure about once in 3 million runs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_sae.synthetic import SynthConfig, load, preset
+from jax_sae.synthetic import build as B
+from jax_sae.synthetic.metrics import generator_stats, score, score_batches
+from jax_sae.synthetic.sample import key, samples
+from sae_core.errors import UsageError
+
+from .conftest import cli
+
+TINY = preset("synthsaebench-tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load(TINY)
+
+
+def test_overlap_gradient_in_closed_form_equals_autodiff():
+    E = jax.random.normal(jax.random.PRNGKey(0), (40, 8))
+    np.testing.assert_allclose(B.overlap_grad(E), jax.grad(B.overlap_loss)(E), rtol=1e-4, atol=1e-3)
+    gram = E @ E.T
+    pairs = jnp.sum(gram**2) - jnp.sum(jnp.diag(gram) ** 2)
+    np.testing.assert_allclose(B.overlap_loss(E), pairs + 40 * jnp.sum((jnp.diag(gram) - 1) ** 2), rtol=1e-5)
+
+
+def test_orthogonalising_lowers_the_overlap_and_keeps_unit_rows():
+    E = B._unit_rows(np.random.default_rng(0).standard_normal((256, 16)))
+    after = B.orthogonalise(E, steps=50, lr=3e-3)
+    np.testing.assert_allclose(np.linalg.norm(after, axis=1), 1.0, rtol=1e-6)
+    assert float(B.overlap_loss(jnp.asarray(after))) < float(B.overlap_loss(jnp.asarray(E)))
+
+
+def test_zipf_probabilities_and_the_tree_layout():
+    cfg = SynthConfig(n_features=30, d_model=4, roots=2, branching=3, depth=2, corr_rank=2, ortho_steps=0)
+    p = B.zipf_probabilities(cfg)
+    assert p[0] == pytest.approx(cfg.p_max) and p[-1] == pytest.approx(cfg.p_min) and np.all(np.diff(p) < 0)
+    assert cfg.level_starts() == [0, 2, 8, 26]
+    parent = B.parents(cfg)
+    assert list(parent[:8]) == [-1, -1, 0, 0, 0, 1, 1, 1]
+    assert list(parent[8:11]) == [2, 2, 2] and parent[25] == 7 and list(parent[26:]) == [-1] * 4
+    compensated = B.compensated(cfg, p)
+    siblings = p[2] + p[3] + p[4]
+    assert compensated[3] == pytest.approx(min(1.0, p[3] / p[0] * (1 + (siblings - p[3]) / p[0])))
+    assert compensated[0] == p[0] and compensated[29] == p[29]
+
+
+def test_bad_configurations_are_refused_with_one_line():
+    with pytest.raises(UsageError, match="the hierarchy needs 340 features but there are 100"):
+        dataclasses.replace(TINY, n_features=100)
+    with pytest.raises(UsageError, match="unknown synthetic model 'nope'"):
+        preset("nope")
+    assert preset("synthsaebench-tiny@7").seed == 7
+
+
+def test_the_model_is_cached_and_read_back_equal(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAE_MUSIC_CACHE", str(tmp_path))
+    built = load(TINY)
+    assert len(list((tmp_path / "synthetic").glob("*.npz"))) == 1
+    again = load(TINY)
+    for name in B.ARRAYS:
+        np.testing.assert_array_equal(getattr(built, name), getattr(again, name))
+        np.testing.assert_array_equal(getattr(built, name), getattr(tiny, name))  # seeded: the same anywhere
+
+
+def test_samples_obey_the_hierarchy_and_the_firing_rates(tiny):
+    stats = generator_stats(tiny, n_samples=40_960)
+    assert stats["children_without_parent"] == 0 and stats["families_with_two_children"] == 0
+    _, a, over = jax.jit(samples, static_argnums=2)(tiny, key(1), 40_960)
+    assert int(over) == 0
+    fires = np.asarray(a > 0)
+    free = np.arange(TINY.tree_features, TINY.n_features)  # outside the trees: exactly their Zipf rate
+    p = B.zipf_probabilities(TINY)[free]
+    expected, sd = 40_960 * p.sum(), np.sqrt(40_960 * np.sum(p * (1 - p)))
+    assert abs(fires[:, free].sum() - expected) < 5 * sd
+    roots = np.arange(TINY.roots)  # roots are gated by nothing: their Zipf rate too
+    p = B.zipf_probabilities(TINY)[roots]
+    assert abs(fires[:, roots].sum() - 40_960 * p.sum()) < 5 * np.sqrt(40_960 * np.sum(p * (1 - p)))
+    # a child's magnitude is its own draw times its parent's value over the parent's mean
+    child, parent = TINY.level_starts()[1], 0
+    both = fires[:, child] & fires[:, parent]
+    ratio = np.asarray(a[both, child]) / (np.asarray(a[both, parent]) / float(tiny.mean[parent]))
+    assert abs(ratio.mean() - float(tiny.mean[child])) < 5 * float(tiny.std[child]) / np.sqrt(both.sum()) + 0.05
+
+
+def test_a_key_gives_the_same_batch_and_another_key_another(tiny):
+    draw = jax.jit(samples, static_argnums=2)
+    x1, x2, x3 = draw(tiny, key(3), 256)[0], draw(tiny, key(3), 256)[0], draw(tiny, key(4), 256)[0]
+    np.testing.assert_array_equal(x1, x2)
+    assert not np.allclose(x1, x3)
+
+
+def test_metrics_on_batches_whose_answer_is_known():
+    directions = jnp.eye(4)  # 4 true features along the axes
+    W_dec = jnp.asarray([[1.0, 0, 0, 0], [0, 0.6, 0.8, 0]])  # latent 0 = feature 0; latent 1 nearest feature 2
+    a = jnp.asarray([[1.0, 0, 0, 0], [0, 0, 2, 0], [1, 0, 2, 0], [0, 0, 0, 0]])
+    f = jnp.asarray([[1.0, 0], [0, 1], [0, 1], [1, 0]])  # latent 0: TP, -, FN, FP; latent 1: -, TP, TP, -
+    x = a @ directions
+    x_hat = f @ W_dec
+    s = score_batches(W_dec, directions, [(x, a, f, x_hat)])
+    assert s["mcc"] == pytest.approx((1.0 + 0.8) / 2) and s["uniqueness"] == 1.0
+    assert s["precision"] == pytest.approx((0.5 + 1.0) / 2) and s["recall"] == pytest.approx((0.5 + 1.0) / 2)
+    assert s["f1"] == pytest.approx((0.5 + 1.0) / 2)
+    xs, xh = np.asarray(x, np.float64), np.asarray(x_hat, np.float64)
+    variance = np.mean(np.sum(xs**2, 1)) - np.sum(xs.mean(0) ** 2)
+    assert s["explained_variance"] == pytest.approx(1 - np.mean(np.sum((xs - xh) ** 2, 1)) / variance)
+    norms = np.linalg.norm(xs, axis=1)
+    assert s["shrinkage"] == pytest.approx(np.mean(np.linalg.norm(xh, axis=1)[norms > 0] / norms[norms > 0]))
+    assert s["l0"] == 1.0 and s["true_l0"] == 1.0 and s["dead"] == 0
+
+
+def test_an_sae_made_of_the_true_directions_scores_as_such(tiny):
+    from jax_sae import model as M
+    from jax_sae.api import SAE
+    from jax_sae.config import SAEConfig
+
+    h = 128  # the most frequent features, read by their own directions
+    cfg = SAEConfig(sae_type="topk", d_model=TINY.d_model, hidden_dim=h, top_k=4)
+    E = tiny.directions[:h]
+    sae = SAE(cfg, M.SAEParams(W_enc_DH=E.T, b_enc_H=jnp.zeros(h), W_dec_HD=E, b_dec_D=tiny.bias), 0.0, 1.0)
+    s = score(sae, tiny, n_samples=8192)
+    assert s["mcc"] == pytest.approx(1.0, abs=1e-6) and s["uniqueness"] == 1.0
+    assert s["l0"] <= 4 and s["dead"] == 0 and s["events_over_cap"] == 0
+
+
+def _train_args(out, *extra):
+    return ["jax_sae.train", "--store", "synthetic:synthsaebench-tiny", "--sae_type", "batch_topk", "--hidden_dim",
+            "128", "--top_k", "4", "--batch_size", "256", "--epochs", "2", "--max_tokens", "10240", "--lr", "3e-3",
+            "--checkpoint_every", "20", "--out", str(out), "--no-progress", *extra]
+
+
+def test_training_on_synthetic_batches_resumes_to_the_same_parameters(tmp_path):
+    import shutil
+
+    import jax_sae
+
+    done = subprocess.run(cli(*_train_args(tmp_path / "run")), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = tmp_path / "run" / "batch_topk" / "layer12" / "dim128"
+    first = jax_sae.load(run / "final")
+    s = score(first, load(TINY), n_samples=4096)
+    assert s["explained_variance"] > 0.3 and s["l0"] <= 4.5
+    for name in ("final", "best"):
+        shutil.rmtree(run / name)
+    steps = sorted(int(p.name) for p in (run / "ckpt").iterdir() if p.name.isdigit())
+    shutil.rmtree(run / "ckpt" / str(steps[-1]))  # the finished run's last checkpoint: it resumes from the one before
+    again = subprocess.run(cli(*_train_args(tmp_path / "run")), capture_output=True, text=True)
+    assert again.returncode == 0 and "resuming" in again.stdout and f"from step {steps[-2]}" in again.stdout, again.stdout
+    second = jax_sae.load(run / "final")
+    for name in ("W_enc_DH", "b_enc_H", "W_dec_HD", "b_dec_D"):
+        np.testing.assert_array_equal(np.asarray(getattr(first.params, name)), np.asarray(getattr(second.params, name)))
