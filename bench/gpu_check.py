@@ -12,7 +12,10 @@ a part that fails or runs out of time still leaves the others' results:
    teacher-forced speed-up;
 5. ``pipeline``: extract -> train -> discover -> report on ``tiny-random`` through
    ``python -m launch --platform gpu``, and where each stage ran (the ``runtime`` records that
-   train and discover write).
+   train and discover write);
+6. ``synthbench``: ``bench.synthbench`` at the published scale: BatchTopK and Matryoshka, width
+   4,096, k = 25, on 200M samples of SynthSAEBench-16k drawn on the GPU, scored on 500,000 fresh
+   samples, beside the published rows (``--no_synthbench`` leaves it out: it is the long part).
 
 ``--quick --allow_cpu`` runs every part at toy sizes on a CPU, which is how it is tested.
 """
@@ -73,7 +76,7 @@ def _read(path: Path) -> dict | None:
 
 def _pipeline_runtime(out: Path) -> dict:
     """Where each pipeline stage ran, read through each stage's own reader."""
-    from discovery.discover import FeatureFiles
+    from discovery.feature_files import FeatureFiles
     from sae_core.store import Store, StoreError
     from jax_sae.run_dir import RunDir
     from launch.pipeline import read_paths
@@ -98,6 +101,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="toy sizes everywhere (checks the script runs)")
     parser.add_argument("--allow_cpu", action="store_true", help="run even where JAX sees no GPU")
     parser.add_argument("--out", default=str(RESULTS / "gpu_check.json"), help="the JSON of results")
+    parser.add_argument("--no_synthbench", action="store_true", help="leave out the 200M-sample SynthSAEBench runs")
     args = parser.parse_args()
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +149,17 @@ def main() -> None:
         pipeline["where"] = _pipeline_runtime(work)
         results["pipeline"] = pipeline
     finally:
+        shutil.rmtree(work, ignore_errors=True)
+    save()
+    if not args.no_synthbench:
+        synth_args = (["--model", "synthsaebench-tiny", "--samples", "20480", "--hidden_dim", "256", "--top_k", "8",
+                       "--batch_size", "1024", "--eval_samples", "4096"] if quick else
+                      ["--samples", "200000000", "--eval_samples", "500000"])
+        model = "synthsaebench-tiny" if quick else "synthsaebench-16k"
+        synth = _run("synthbench", [py, "-m", "bench.synthbench", *synth_args, "--out", str(work / "synthbench"),
+                                    "--train_flags=--no-progress"], 240 if quick else 5400)
+        synth["results"] = _read(RESULTS / f"synthbench-{model}.json")
+        results["synthbench"] = synth
         shutil.rmtree(work, ignore_errors=True)
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     save()

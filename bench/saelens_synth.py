@@ -1,0 +1,186 @@
+"""SAELens's own SynthSAEBench generator and metrics, measured the way ``bench.synthbench
+--generator`` measures ours: the other side of the generator check of issue 26.
+
+Runs in a separate environment that has SAELens (it pins its own torch), and reads the
+configuration from our side's results, so both build the same process:
+
+    python -m bench.synthbench --generator --model synthsaebench-4k       # ours; writes the config
+    python -m venv /tmp/saelens && /tmp/saelens/bin/pip install torch==2.13.0 sae-lens==6.54.12
+    PYTHONPATH=. /tmp/saelens/bin/python -m bench.saelens_synth \\
+        --ours bench/results/synthbench_generator-synthsaebench-4k.json
+    python -m bench.synthbench --compare bench/results/saelens_synth-synthsaebench-4k.json --model synthsaebench-4k
+
+It writes (1) the generator statistics (true L0, each hierarchy level's firing over its Zipfian
+target, children firing without their parent or beside a sibling, firing by frequency decile,
+overlap of the directions), computed with the same definitions as ours; (2) SAELens's scores of a
+fixed SAE built from the true directions (decoder: the first H directions, encoder their transpose,
+top-k), which ours must match within sampling noise on our own generator; and (3) an ``.npz`` of
+samples, that SAE's latents and reconstructions and the dictionary, with SAELens's metrics on
+exactly those arrays, which ours must reproduce to float precision. Imports nothing of this project
+(its environment has no JAX)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def build(synth: dict):
+    from sae_lens.synthetic.firing_magnitudes import FoldedNormalMagnitudeConfig, LinearMagnitudeConfig
+    from sae_lens.synthetic.firing_probabilities import ZipfianFiringProbabilityConfig
+    from sae_lens.synthetic.hierarchy.config import HierarchyConfig
+    from sae_lens.synthetic.synthetic_model import (
+        LowRankCorrelationConfig,
+        OrthogonalizationConfig,
+        SyntheticModel,
+        SyntheticModelConfig,
+    )
+
+    cfg = SyntheticModelConfig(
+        num_features=synth["n_features"], hidden_dim=synth["d_model"],
+        firing_probability=ZipfianFiringProbabilityConfig(exponent=synth["zipf_exponent"], max_prob=synth["p_max"],
+                                                          min_prob=synth["p_min"]),
+        hierarchy=HierarchyConfig(total_root_nodes=synth["roots"], branching_factor=synth["branching"],
+                                  max_depth=synth["depth"], mutually_exclusive_portion=1.0,
+                                  compensate_probabilities=True, scale_children_by_parent=True),
+        orthogonalization=OrthogonalizationConfig(num_steps=synth["ortho_steps"], lr=synth["ortho_lr"]),
+        correlation=LowRankCorrelationConfig(rank=synth["corr_rank"], correlation_scale=synth["corr_scale"]),
+        mean_firing_magnitudes=LinearMagnitudeConfig(start=synth["mean_first"], end=synth["mean_last"]),
+        std_firing_magnitudes=FoldedNormalMagnitudeConfig(mean=synth["std_mean"], std=synth["std_std"]),
+        bias=synth["bias_norm"], seed=synth["seed"])
+    return SyntheticModel(cfg)
+
+
+def level_starts(synth: dict) -> list[int]:
+    starts, start = [], 0
+    for level in range(synth["depth"] + 1):
+        starts.append(start)
+        start += synth["roots"] * synth["branching"] ** level
+    return starts + [start]
+
+
+def zipf(synth: dict) -> np.ndarray:
+    q = np.arange(1, synth["n_features"] + 1, dtype=np.float64) ** -synth["zipf_exponent"]
+    return synth["p_min"] + (synth["p_max"] - synth["p_min"]) * (q - q[-1]) / (q[0] - q[-1])
+
+
+def generator_stats(model, synth: dict, n_samples: int, batch: int) -> dict:
+    """The same figures as ``jax_sae.synthetic.metrics.generator_stats``, on SAELens's generator, with
+    the trees laid out breadth-first over consecutive features (orphans > 0 would say otherwise)."""
+    import torch
+
+    n, starts, b = synth["n_features"], level_starts(synth), synth["branching"]
+    parent = np.full(n, -1)
+    for level in range(1, synth["depth"] + 1):
+        children = np.arange(starts[level], starts[level + 1])
+        parent[children] = starts[level - 1] + (children - starts[level]) // b
+    has_parent = parent >= 0
+    count, orphans, crowded, drawn = np.zeros(n), 0, 0, 0
+    while drawn < n_samples:
+        fires = (model.activation_generator.sample(batch) > 0).cpu().numpy()
+        count += fires.sum(axis=0)
+        orphans += int(np.sum(fires[:, has_parent] & ~fires[:, parent[has_parent]]))
+        tree = fires[:, starts[1]:starts[-1]]
+        crowded += int(np.sum(tree.reshape(batch, -1, b).sum(axis=2) > 1))
+        drawn += batch
+    rate, target = count / drawn, zipf(synth)
+    levels = {f"level {lv}": float(rate[starts[lv]:starts[lv + 1]].sum() / target[starts[lv]:starts[lv + 1]].sum())
+              for lv in range(synth["depth"] + 1)}
+    if starts[-1] < n:
+        levels["outside the trees"] = float(rate[starts[-1]:].sum() / target[starts[-1]:].sum())
+    E = model.feature_dict.feature_vectors.detach().double()
+    cos = (E @ E.T).abs().numpy()
+    np.fill_diagonal(cos, 0.0)
+    del torch
+    return {"samples": drawn, "true_l0": float(rate.sum()), "true_l0_top_quarter": float(rate[: n // 4].sum()),
+            "realised_over_zipf": levels, "rate_by_decile": [float(rate[i].mean()) for i in np.array_split(np.arange(n), 10)],
+            "children_without_parent": orphans, "families_with_two_children": crowded,
+            "mean_max_cos": float(cos.max(axis=1).mean()), "mean_abs_cos": float(cos.sum() / (n * (n - 1)))}
+
+
+def fixed_sae(model, hidden: int, k: int):
+    """A TopK SAE reading the ``hidden`` most frequent features by their own directions."""
+    import torch
+    from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+
+    E = model.feature_dict.feature_vectors.detach()[:hidden].float()
+    sae = TopKSAE(TopKSAEConfig(d_in=E.shape[1], d_sae=hidden, k=k, device="cpu"))
+    with torch.no_grad():
+        sae.W_enc.copy_(E.T)
+        sae.W_dec.copy_(E)
+        sae.b_enc.zero_()
+        sae.b_dec.copy_(model.feature_dict.bias.detach().float())
+    return sae
+
+
+class Replay:
+    """An activation generator that hands out saved true activations, in order."""
+
+    def __init__(self, acts):
+        self.acts, self.at = acts, 0
+
+    def sample(self, batch_size: int):
+        out = self.acts[self.at:self.at + batch_size]
+        self.at += batch_size
+        return out
+
+
+def scores(result) -> dict:
+    out = {k: v for k, v in dataclasses.asdict(result).items() if not isinstance(v, dict)}
+    out.update({k: v for k, v in dataclasses.asdict(result).get("classification", {}).items()
+                if isinstance(v, (int, float))})
+    return out
+
+
+def main() -> None:
+    import torch
+    from sae_lens.synthetic.evals import eval_sae_on_synthetic_data
+
+    parser = argparse.ArgumentParser(prog="python -m bench.saelens_synth", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ours", required=True, help="our side's results (bench.synthbench --generator)")
+    parser.add_argument("--samples", type=int, default=100_000, help="samples for the statistics and the fixed SAE")
+    parser.add_argument("--arrays", type=int, default=8192, help="samples saved for the metric-on-the-same-arrays check")
+    parser.add_argument("--hidden_dim", type=int, default=1024)
+    parser.add_argument("--top_k", type=int, default=12)
+    args = parser.parse_args()
+    ours = json.loads(Path(args.ours).read_text())
+    synth, name = ours["synthetic"], ours["config"]["model"]
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    model = build(synth)
+    built = time.perf_counter() - started
+    stats = generator_stats(model, synth, args.samples, 1024)
+    sae = fixed_sae(model, args.hidden_dim, args.top_k)
+    on_generator = scores(eval_sae_on_synthetic_data(sae, model.feature_dict, model.activation_generator,
+                                                     num_samples=args.samples, batch_size=1024))
+    acts = model.activation_generator.sample(args.arrays)
+    on_arrays = scores(eval_sae_on_synthetic_data(sae, model.feature_dict, Replay(acts), num_samples=args.arrays,
+                                                  batch_size=1024))
+    with torch.no_grad():
+        x = model.feature_dict(acts)
+        f = sae.encode(x)
+        x_hat = sae.decode(f)
+    arrays = RESULTS / f"saelens_synth-{name}.npz"
+    np.savez_compressed(arrays, x=x.numpy(), a=acts.numpy(), f=f.numpy(), x_hat=x_hat.numpy(),
+                        W_dec=sae.W_dec.detach().numpy(), directions=model.feature_dict.feature_vectors.detach().numpy())
+    import importlib.metadata
+
+    out = {"sae_lens": importlib.metadata.version("sae-lens"), "synthetic": synth, "model": name,
+           "build_seconds": built, "generator": stats, "fixed_sae": {"hidden_dim": args.hidden_dim, "top_k": args.top_k,
+                                                                      "scores": on_generator},
+           "arrays": {"file": arrays.name, "samples": args.arrays, "scores": on_arrays}}
+    path = RESULTS / f"saelens_synth-{name}.json"
+    path.write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
+    print(f"wrote {path} and {arrays}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""``python -m bench.synthbench``: SynthSAEBench (Chanin & Garriga-Alonso 2026) with our generator,
+our trainer and the benchmark's metrics (``jax_sae.synthetic``).
+
+Each SAE type is trained through the real trainer on ``--store synthetic:MODEL`` (fresh samples
+drawn on the device, one epoch of ``--samples``), its ``best/`` model scored on
+``--eval_samples`` fresh samples, and the table printed beside the published rows (SAE width
+4,096, 200M samples, at L0 = 25). ``--generator`` prints what the generator draws instead (true
+L0, hierarchy, firing rates, overlap), the figures ``bench/saelens_synth.py`` measures on
+SAELens's own generator in its environment. Writes ``bench/results/synthbench.json``."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sae_core.files import write_json
+
+from .common import RESULTS_DIR, machine, run_bench
+
+PUBLISHED = {  # SAELens docs/synth_sae_bench.md, L0 = 25, means over runs
+    "batch_topk": {"f1": 0.7316, "mcc": 0.7574, "uniqueness": 0.9837, "explained_variance": 0.7923},
+    "matryoshka": {"f1": 0.8793, "mcc": 0.7927, "uniqueness": 0.9987, "explained_variance": 0.7792},
+    "jumprelu": {"f1": 0.7317, "mcc": 0.7527, "uniqueness": 0.9885, "explained_variance": 0.7951},
+    "vanilla (L1)": {"f1": 0.5562, "mcc": 0.6039, "uniqueness": 0.8976, "explained_variance": 0.7654},
+}
+COLUMNS = ("f1", "mcc", "uniqueness", "explained_variance", "shrinkage", "l0", "dead")
+
+
+@dataclass(frozen=True)
+class SynthBenchConfig:
+    """Options of ``python -m bench.synthbench``."""
+
+    model: str = "synthsaebench-16k"
+    """The synthetic model (jax_sae.synthetic.PRESETS; NAME@SEED for another dictionary seed)."""
+    types: tuple[str, ...] = ("batch_topk", "matryoshka")
+    """SAE types to train."""
+    samples: int = 1_000_000
+    """Training samples per SAE (one epoch of fresh samples)."""
+    hidden_dim: int = 4096
+    top_k: int = 25
+    batch_size: int = 4096
+    """The trainer's default."""
+    lr: str = "auto"
+    seeds: tuple[int, ...] = (0,)
+    """Training seeds (each draws its own samples and initialisation)."""
+    evaluations: int = 5
+    """Validations during each run (each on 16,384 fresh samples)."""
+    eval_samples: int = 100_000
+    """Fresh samples each trained SAE is scored on (SAELens: 100,000 by default, 500,000 in its runner)."""
+    train_flags: str = ""
+    """More trainer flags for every run, as on the command line ("--aux_k 512 --group_weights 1,1")."""
+    out: str = "bench/results/synthbench_runs"
+    generator: bool = False
+    """Print the generator's statistics instead of training."""
+    compare: str = ""
+    """A results file of bench/saelens_synth.py: set SAELens's generator and metrics beside ours instead of training."""
+
+
+def train_and_score(cfg: SynthBenchConfig, sae_type: str, seed: int, model) -> dict:
+    import shlex
+
+    from jax_sae.api import SAE
+    from jax_sae.config import TrainConfig
+    from jax_sae.synthetic.metrics import score
+    from jax_sae.train import train
+
+    from sae_core.cli import build_parser
+
+    steps = cfg.samples // cfg.batch_size
+    parser = build_parser(TrainConfig, "--train_flags", "")
+    given, defaults = vars(parser.parse_args(shlex.split(cfg.train_flags))), vars(parser.parse_args([]))
+    extra = {name: value for name, value in given.items() if value != defaults[name]}
+    train_cfg = TrainConfig.of(**({
+        "store": f"synthetic:{cfg.model}", "sae_type": sae_type, "hidden_dim": cfg.hidden_dim, "top_k": cfg.top_k,
+        "batch_size": cfg.batch_size, "lr": cfg.lr, "epochs": 1, "max_tokens": cfg.samples, "seed": seed,
+        "eval_every": max(1, steps // max(1, cfg.evaluations)), "out": f"{cfg.out}/{sae_type}-seed{seed}",
+    } | extra))
+    stats = train(train_cfg)
+    started = time.perf_counter()
+    scores = score(SAE.load(train_cfg.run_dir() / "best"), model, n_samples=cfg.eval_samples, progress=True)
+    return {"sae_type": sae_type, "seed": seed, "train_seconds": stats["seconds"],
+            "samples_per_second": stats["steps"] * cfg.batch_size / stats["seconds"],
+            "score_seconds": time.perf_counter() - started, "lr": train_cfg.peak_lr,
+            "train_flags": cfg.train_flags, **scores}
+
+
+def fixed_sae(model, hidden: int, k: int):
+    """The SAE bench/saelens_synth.py builds on SAELens's side: the ``hidden`` most frequent features
+    read by their own directions (decoder the directions, encoder their transpose, top-k)."""
+    import jax.numpy as jnp
+
+    from jax_sae import model as M
+    from jax_sae.api import SAE
+    from jax_sae.config import SAEConfig
+
+    E = model.directions[:hidden]
+    cfg = SAEConfig(sae_type="topk", d_model=model.cfg.d_model, hidden_dim=hidden, top_k=k)
+    return SAE(cfg, M.SAEParams(W_enc_DH=E.T, b_enc_H=jnp.zeros(hidden), W_dec_HD=E, b_dec_D=model.bias), 0.0, 1.0)
+
+
+SAELENS_NAMES = {"f1": "f1_score", "l0": "sae_l0", "dead": "dead_latents"}
+
+
+def compare(cfg: SynthBenchConfig, model, saelens: dict) -> dict:
+    """Our generator and metrics beside SAELens's (bench/saelens_synth.py's results)."""
+    import numpy as np
+
+    from jax_sae.synthetic.metrics import generator_stats, score, score_batches
+
+    theirs = saelens["generator"]
+    ours = generator_stats(model, n_samples=theirs["samples"])
+    n = theirs["samples"]
+    rate = np.asarray(ours["rate_by_decile"])
+    se_l0 = ours["true_l0_standard_error"] * np.sqrt(2)  # of the difference of two such estimates
+    fixed = saelens["fixed_sae"]
+    mine = score(fixed_sae(model, fixed["hidden_dim"], fixed["top_k"]), model, n_samples=n)
+    with np.load(Path(cfg.compare).with_suffix(".npz")) as arrays:
+        batches = [tuple(arrays[k][i:i + 1024] for k in ("x", "a", "f", "x_hat"))
+                   for i in range(0, len(arrays["x"]), 1024)]
+        same = score_batches(arrays["W_dec"], arrays["directions"], batches)
+    keys = ("f1", "precision", "recall", "mcc", "uniqueness", "explained_variance", "shrinkage", "l0", "true_l0", "dead")
+    out = {
+        "generator": {"ours": ours, "saelens": theirs, "true_l0_standard_error": se_l0,
+                      "true_l0_difference_in_standard_errors": abs(ours["true_l0"] - theirs["true_l0"]) / se_l0,
+                      "largest_decile_rate_ratio": float(np.max(np.abs(rate / np.asarray(theirs["rate_by_decile"]) - 1)))},
+        "fixed_sae": {k: (mine[k], fixed["scores"][SAELENS_NAMES.get(k, k)]) for k in keys},
+        "same_arrays": {k: (same[k], saelens["arrays"]["scores"][SAELENS_NAMES.get(k, k)]) for k in keys},
+    }
+    out["same_arrays_largest_difference"] = max(abs(a - b) for a, b in out["same_arrays"].values())
+    for section in ("fixed_sae", "same_arrays"):
+        print(f"{section}: " + ", ".join(f"{k} {a:.4f} (SAELens {b:.4f})" for k, (a, b) in out[section].items()))
+    print(f"generator: true L0 {ours['true_l0']:.3f} (SAELens {theirs['true_l0']:.3f}, "
+          f"{out['generator']['true_l0_difference_in_standard_errors']:.1f} standard errors apart); by level "
+          + ", ".join(f"{k} {v:.3f} ({theirs['realised_over_zipf'][k]:.3f})" for k, v in ours["realised_over_zipf"].items())
+          + f"; mean max |cos| {ours['mean_max_cos']:.4f} ({theirs['mean_max_cos']:.4f}); SAELens built its model in "
+          f"{saelens['build_seconds']:.0f} s")
+    print(f"metrics on the same arrays: largest difference {out['same_arrays_largest_difference']:.2e}")
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'run':<34}" + "".join(f"{c[:10]:>11}" for c in COLUMNS) + f"{'train s':>10}{'samples/s':>11}"
+    lines = [head]
+    for r in rows:
+        cells = "".join(f"{r[c]:>11.4g}" if c in r else f"{'-':>11}" for c in COLUMNS)
+        timing = f"{r['train_seconds']:>10.0f}{r['samples_per_second']:>11.0f}" if "train_seconds" in r else ""
+        lines.append(f"{r['label']:<34}{cells}{timing}")
+    return "\n".join(lines)
+
+
+def run(cfg: SynthBenchConfig) -> dict:
+    from jax_sae.synthetic import load, preset
+    from jax_sae.synthetic.metrics import generator_stats
+
+    synth = preset(cfg.model)
+    started = time.perf_counter()
+    model = load(synth)
+    built = time.perf_counter() - started
+    results = {"config": asdict(cfg), "synthetic": synth.to_json(), "machine": machine(),
+               "model_seconds": built}
+    if cfg.compare:
+        results["compare"] = compare(cfg, model, json.loads(Path(cfg.compare).read_text()))
+    elif cfg.generator:
+        results["generator"] = generator_stats(model, n_samples=cfg.eval_samples)
+        print(json.dumps(results["generator"], indent=1))
+    else:
+        rows = [train_and_score(cfg, t, s, model) for t in cfg.types for s in cfg.seeds]
+        for r in rows:
+            r["label"] = f"ours {r['sae_type']} seed {r['seed']} ({cfg.samples / 1e6:g}M)"
+        published = [{"label": f"published {t} (200M, GPU)", **v} for t, v in PUBLISHED.items()]
+        print(table(rows + published))
+        results["runs"] = rows
+    name = "synthbench_compare" if cfg.compare else "synthbench_generator" if cfg.generator else "synthbench"
+    write_json(RESULTS_DIR / f"{name}-{cfg.model}.json", results)
+    print(f"wrote {Path(RESULTS_DIR / f'{name}-{cfg.model}.json')}")
+    return results
+
+
+def main(argv: list[str] | None = None):
+    return run_bench(SynthBenchConfig, run, argv, "synthbench", "SynthSAEBench with our generator, trainer and metrics.")
+
+
+if __name__ == "__main__":
+    main()
