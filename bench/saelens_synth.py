@@ -139,19 +139,93 @@ def scores(result) -> dict:
     return out
 
 
+def cached_model(synth: dict, name: str):
+    """SAELens's model of ``synth``, built once and kept under /tmp (the 16k build takes hours on a CPU)."""
+    from sae_lens.synthetic.synthetic_model import SyntheticModel
+
+    path = Path("/tmp/saelens-synthetic") / f"{name}-{json.dumps(synth, sort_keys=True).__hash__() & 0xFFFFFFF:x}"
+    if path.exists():
+        return SyntheticModel.load_from_disk(path), 0.0
+    started = time.perf_counter()
+    model = build(synth)
+    seconds = time.perf_counter() - started
+    model.save(path)
+    return model, seconds
+
+
+def train(args, synth: dict, name: str) -> None:
+    """Train one SAE with SAELens's SyntheticSAERunner, then save its evaluation arrays (sparse true
+    activations and latents, inputs and reconstructions) for our metric code to score."""
+    import torch
+    from sae_lens.config import LoggingConfig
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAEConfig
+    from sae_lens.saes.matryoshka_batchtopk_sae import MatryoshkaBatchTopKTrainingSAEConfig
+    from sae_lens.synthetic.evals import eval_sae_on_synthetic_data
+    from sae_lens.synthetic.synthetic_sae_runner import SyntheticSAERunner, SyntheticSAERunnerConfig
+
+    torch.manual_seed(args.seed)
+    model, built = cached_model(synth, name)
+    d, h = synth["d_model"], args.hidden_dim
+    if args.train == "matryoshka":  # the benchmark's levels (128, 512, 2048 of 4096), scaled to the width
+        widths = [h // 32, h // 8, h // 2]
+        sae = MatryoshkaBatchTopKTrainingSAEConfig(d_in=d, d_sae=h, k=args.top_k, matryoshka_widths=widths,
+                                                   use_matryoshka_aux_loss=True, device="cpu")
+    else:
+        sae = BatchTopKTrainingSAEConfig(d_in=d, d_sae=h, k=args.top_k, device="cpu")
+    runner_cfg = SyntheticSAERunnerConfig(
+        synthetic_model=model.cfg, sae=sae, training_samples=args.samples, batch_size=args.batch_size, lr=args.lr,
+        dead_feature_window=args.dead_window, eval_samples=0, run_final_eval=False, output_path=None,
+        checkpoint_path=None, logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2**31 - 1))
+    started = time.perf_counter()
+    trained = SyntheticSAERunner(runner_cfg, override_synthetic_model=model).run().sae
+    seconds = time.perf_counter() - started
+    trained.eval()
+    acts = torch.cat([model.activation_generator.sample(1024) for _ in range(-(-args.eval_samples // 1024))])
+    theirs = scores(eval_sae_on_synthetic_data(trained, model.feature_dict, Replay(acts), num_samples=len(acts),
+                                               batch_size=1024))
+    xs, fs, hats = [], [], []
+    with torch.no_grad():
+        for i in range(0, len(acts), 1024):
+            x = model.feature_dict(acts[i:i + 1024])
+            f = trained.encode(x)
+            xs.append(x.numpy()), fs.append(f.to_sparse_coo()), hats.append(trained.decode(f).numpy())
+    f = torch.cat(fs).coalesce()
+    a = acts.to_sparse_coo().coalesce()
+    label = f"saelens-{args.train}-{name}-{args.samples}-lr{args.lr:g}-w{args.dead_window}-s{args.seed}"
+    arrays = RESULTS / f"{label}.npz"
+    np.savez(arrays, x=np.concatenate(xs), x_hat=np.concatenate(hats), f_index=f.indices().numpy(),
+             f_value=f.values().numpy(), a_index=a.indices().numpy(), a_value=a.values().numpy(),
+             shape=np.array([len(acts), synth["n_features"], h]), W_dec=trained.W_dec.detach().numpy(),
+             directions=model.feature_dict.feature_vectors.detach().numpy())
+    out = {"sae_lens": __import__("importlib.metadata").metadata.version("sae-lens"), "model": name, "type": args.train,
+           "samples": args.samples, "lr": args.lr, "dead_window": args.dead_window, "batch_size": args.batch_size,
+           "hidden_dim": h, "top_k": args.top_k, "seed": args.seed, "train_seconds": seconds,
+           "model_build_seconds": built, "saelens_scores": theirs, "arrays": arrays.name}
+    (RESULTS / f"{label}.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
+
+
 def main() -> None:
     import torch
     from sae_lens.synthetic.evals import eval_sae_on_synthetic_data
 
     parser = argparse.ArgumentParser(prog="python -m bench.saelens_synth", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ours", required=True, help="our side's results (bench.synthbench --generator)")
-    parser.add_argument("--samples", type=int, default=100_000, help="samples for the statistics and the fixed SAE")
     parser.add_argument("--arrays", type=int, default=8192, help="samples saved for the metric-on-the-same-arrays check")
     parser.add_argument("--hidden_dim", type=int, default=1024)
     parser.add_argument("--top_k", type=int, default=12)
+    parser.add_argument("--train", choices=("batch_topk", "matryoshka"), help="train this type with SAELens's runner")
+    parser.add_argument("--samples", type=int, default=100_000, help="training samples (--train), else statistics")
+    parser.add_argument("--eval_samples", type=int, default=100_000)
+    parser.add_argument("--batch_size", type=int, default=1024)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--dead_window", type=int, default=1000, help="SAELens's dead_feature_window (steps)")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     ours = json.loads(Path(args.ours).read_text())
     synth, name = ours["synthetic"], ours["config"]["model"]
+    if args.train:
+        return train(args, synth, name)
     torch.manual_seed(0)
     started = time.perf_counter()
     model = build(synth)

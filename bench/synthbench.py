@@ -54,6 +54,8 @@ class SynthBenchConfig:
     out: str = "bench/results/synthbench_runs"
     generator: bool = False
     """Print the generator's statistics instead of training."""
+    saelens_runs: tuple[str, ...] = ()
+    """Results files of bench/saelens_synth.py --train: score those SAELens SAEs with our metric code, beside ours."""
     compare: str = ""
     """A results file of bench/saelens_synth.py: set SAELens's generator and metrics beside ours instead of training."""
 
@@ -140,6 +142,33 @@ def compare(cfg: SynthBenchConfig, model, saelens: dict) -> dict:
     return out
 
 
+def score_saelens_run(path: str) -> dict:
+    """A SAELens-trained SAE (bench/saelens_synth.py --train) scored by our metric code on the
+    evaluation arrays it saved (SAELens's own scores of the same arrays kept beside)."""
+    import numpy as np
+
+    from jax_sae.synthetic.metrics import score_batches
+
+    run = json.loads(Path(path).read_text())
+    with np.load(Path(path).parent / run["arrays"]) as saved:
+        arrays = {k: saved[k] for k in saved.files}
+    n, features, hidden = (int(v) for v in arrays["shape"])
+
+    def dense(index, value, width, lo, hi):
+        rows = (index[0] >= lo) & (index[0] < hi)
+        out = np.zeros((hi - lo, width), np.float32)
+        out[index[0][rows] - lo, index[1][rows]] = value[rows]
+        return out
+
+    batches = ((arrays["x"][lo:lo + 1024], dense(arrays["a_index"], arrays["a_value"], features, lo, min(n, lo + 1024)),
+                dense(arrays["f_index"], arrays["f_value"], hidden, lo, min(n, lo + 1024)), arrays["x_hat"][lo:lo + 1024])
+               for lo in range(0, n, 1024))
+    scores = score_batches(arrays["W_dec"], arrays["directions"], batches)
+    label = f"SAELens {run['type']} lr {run['lr']:g} window {run['dead_window']} ({run['samples'] / 1e6:g}M)"
+    return {"label": label, "sae_type": run["type"], "saelens": run, "train_seconds": run["train_seconds"],
+            "samples_per_second": run["samples"] / run["train_seconds"], **scores}
+
+
 def table(rows: list[dict]) -> str:
     head = f"{'run':<34}" + "".join(f"{c[:10]:>11}" for c in COLUMNS) + f"{'train s':>10}{'samples/s':>11}"
     lines = [head]
@@ -162,6 +191,10 @@ def run(cfg: SynthBenchConfig) -> dict:
                "model_seconds": built}
     if cfg.compare:
         results["compare"] = compare(cfg, model, json.loads(Path(cfg.compare).read_text()))
+    elif cfg.saelens_runs and not cfg.types:
+        rows = [score_saelens_run(p) for p in cfg.saelens_runs]
+        print(table(rows))
+        results["runs"] = rows
     elif cfg.generator:
         results["generator"] = generator_stats(model, n_samples=cfg.eval_samples)
         print(json.dumps(results["generator"], indent=1))
@@ -169,6 +202,7 @@ def run(cfg: SynthBenchConfig) -> dict:
         rows = [train_and_score(cfg, t, s, model) for t in cfg.types for s in cfg.seeds]
         for r in rows:
             r["label"] = f"ours {r['sae_type']} seed {r['seed']} ({cfg.samples / 1e6:g}M)"
+        rows += [score_saelens_run(p) for p in cfg.saelens_runs]
         published = [{"label": f"published {t} (200M, GPU)", **v} for t, v in PUBLISHED.items()]
         print(table(rows + published))
         results["runs"] = rows

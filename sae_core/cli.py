@@ -72,6 +72,8 @@ class _SplitCommas(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         convert, choices = self.const
         items = [part for value in values for part in value.split(",") if part.strip()]
+        if [item.strip().lower() for item in items] == ["none"]:  # the empty list, as the help writes it
+            items = []
         try:
             parsed = tuple(convert(item.strip()) for item in items)
         except ValueError:

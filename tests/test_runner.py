@@ -42,6 +42,7 @@ def test_lists_arrive_as_tuples_of_their_item_type_space_or_comma_separated():
     assert _parse(["--sizes", "16", "16", "32"]).sizes == (16, 16, 32)
     assert _parse(["--stages", "c,a"]).stages == ("c", "a")
     assert _parse([]).stages == ("a", "b")
+    assert _parse(["--stages", "none"]).stages == () and _parse(["--sizes", "None"]).sizes == ()  # as --help writes it
 
 
 def test_a_number_or_a_word_setting_takes_either():
