@@ -206,9 +206,6 @@ def train(args, synth: dict, name: str) -> None:
 
 
 def main() -> None:
-    import torch
-    from sae_lens.synthetic.evals import eval_sae_on_synthetic_data
-
     parser = argparse.ArgumentParser(prog="python -m bench.saelens_synth", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ours", required=True, help="our side's results (bench.synthbench --generator)")
     parser.add_argument("--arrays", type=int, default=8192, help="samples saved for the metric-on-the-same-arrays check")
@@ -226,6 +223,9 @@ def main() -> None:
     synth, name = ours["synthetic"], ours["config"]["model"]
     if args.train:
         return train(args, synth, name)
+    import torch
+    from sae_lens.synthetic.evals import eval_sae_on_synthetic_data
+
     torch.manual_seed(0)
     started = time.perf_counter()
     model = build(synth)
