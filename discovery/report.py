@@ -19,6 +19,7 @@ numbers that could be NaN: a statistic that is missing or null shows as 0).
 from __future__ import annotations
 
 import functools
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from jax_sae.run_dir import RunDir
 from .feature_files import FeatureFiles
 from .examples import ExampleJob, ExampleWorkers
 from .plotting import HistogramPlots
+from .real_eval import output_path as real_eval_path
 
 
 class ReportError(UsageError):
@@ -117,13 +119,22 @@ def _write_page(path: Path, template: str, **context) -> None:
 
 def _summary_metrics(sae_path: Path, eval_path: str | None, summary: dict) -> list[tuple[str, float]]:
     """The index's headline numbers: the run's final validation metrics, the loss recovered (given
-    eval.json) and the layer's tag alignment; those that are missing or undefined are left out."""
+    eval.json), probing and absorption (when discovery.real_eval has run on the checkpoint) and the
+    layer's tag alignment; those that are missing or undefined are left out."""
     final = RunDir.of_checkpoint(sae_path).final_val()
     metrics = {k: final[k] for k in ("fvu", "l0", "dead_fraction") if k in final}
     if eval_path:
         overall = read_eval(eval_path)["overall"]
         metrics.update({"loss recovered (zero abl.)": overall["loss_recovered_zero"],
                         "loss recovered (mean abl.)": overall["loss_recovered_mean"]})
+    real = real_eval_path(sae_path)
+    if real.exists():  # discovery.real_eval's results beside the checkpoint
+        result = json.loads(real.read_text())
+        probing = result["probing"]["mean"]
+        metrics.update({"tag probe F1, top-1 latent": probing.get("top1", {}).get("f1"),
+                        "tag probe F1, top-5 latents": probing.get("top5", {}).get("f1"),
+                        "tag probe F1, dense": probing.get("dense", {}).get("f1"),
+                        "absorption (mean over tag pairs)": result["absorption"]["mean"]})
     align = summary.get("alignment", {})
     metrics.update({"median best tag AUROC": align.get("median_best_auroc"),
                     "features with AUROC >= 0.8": align.get("fraction_auroc_ge_0.8")})
