@@ -14,6 +14,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 from sae_core.files import write_json
 
@@ -42,7 +43,8 @@ class SynthBenchConfig:
     top_k: int = 25
     batch_size: int = 4096
     """The trainer's default."""
-    lr: str = "auto"
+    lr: float | Literal["auto"] = "auto"
+    """Peak learning rate, or the trainer's auto rule."""
     seeds: tuple[int, ...] = (0,)
     """Training seeds (each draws its own samples and initialisation)."""
     evaluations: int = 5
