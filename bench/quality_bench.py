@@ -71,7 +71,7 @@ class QualityConfig:
     """Latents of every SAE."""
     top_k: int = 16
     """k of the TopK family."""
-    batch_size: int = 4096
+    batch_size: int = 1024
     """Rows per optimizer step."""
     epochs: int = 1
     """Passes over each budget's rows (2 doubles the tokens seen, not the data)."""

@@ -41,7 +41,7 @@ class SynthBenchConfig:
     """Training samples per SAE (one epoch of fresh samples)."""
     hidden_dim: int = 4096
     top_k: int = 25
-    batch_size: int = 4096
+    batch_size: int = 1024
     """The trainer's default."""
     lr: float | Literal["auto"] = "auto"
     """Peak learning rate, or the trainer's auto rule."""

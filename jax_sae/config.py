@@ -44,9 +44,10 @@ class ConfigError(UsageError):
 
 
 def default_group_sizes(hidden_dim: int) -> tuple[int, ...]:
-    """h/16, h/16, h/8, h/4, h/2 (the last group absorbs rounding)."""
-    head = [hidden_dim // 16, hidden_dim // 16, hidden_dim // 8, hidden_dim // 4]
-    return tuple(head + [hidden_dim - sum(head)])
+    """Nested prefixes of h/32, h/8, h/2 and h latents (SynthSAEBench's levels): groups h/32, 3h/32,
+    3h/8 and h/2 (the last group absorbs rounding)."""
+    ends = sorted({max(1, hidden_dim // f) for f in (32, 8, 2)} - {hidden_dim}) + [hidden_dim]
+    return tuple(b - a for a, b in zip([0] + ends[:-1], ends))
 
 
 @dataclass(frozen=True)
@@ -127,9 +128,11 @@ class SAEConfig:
         return cls(**{k: (tuple(v) if k == "group_sizes" else v) for k, v in data.items() if k in names})
 
 
-def auto_lr(hidden_dim: int) -> float:
-    """``--lr auto``: 3e-3 at 2048 latents (the best of 1e-3, 3e-3 and 6e-3 there), times sqrt(2048 / hidden_dim)."""
-    return 3e-3 * (2048 / hidden_dim) ** 0.5
+def auto_lr(hidden_dim: int, batch_size: int = 4096) -> float:
+    """``--lr auto``: 3e-3 at 2048 latents and batch 4096 (the best of 1e-3, 3e-3 and 6e-3 there), times
+    sqrt(2048 / hidden_dim) and sqrt(batch_size / 4096): 1.5e-3 at 2048 latents and batch 1024, where
+    bench.quality_bench and SynthSAEBench agree (docs/quality.md)."""
+    return 3e-3 * (2048 / hidden_dim) ** 0.5 * (batch_size / 4096) ** 0.5
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,7 @@ class SAESettings:
     top_k: int = 64
     """Active latents per token (TopK family)."""
     group_sizes: tuple[int, ...] = ()
-    """Matryoshka group sizes summing to hidden_dim, e.g. 256,256,512,1024,2048 (default: h/16,h/16,h/8,h/4,h/2)."""
+    """Matryoshka group sizes summing to hidden_dim, e.g. 128,384,1536,2048 (default: prefixes of h/32, h/8, h/2 and h)."""
     threshold: Literal["running", "calibrated"] = "calibrated"
     """BatchTopK/Matryoshka inference threshold: the running average of each batch's smallest kept
     activation, or calibrated on a sample of training rows when a model is saved (inference L0 = k there)."""
@@ -189,10 +192,10 @@ class TrainingSettings:
     """Skip NaN/Inf rows of the store instead of stopping."""
     epochs: int = 5
     """Passes over the training rows."""
-    batch_size: int = 4096
+    batch_size: int = 1024
     """Rows per optimizer step."""
     lr: float | Literal["auto"] = "auto"
-    """Peak learning rate (after a linear warm-up over min(1000 steps, 10%)); auto: 3e-3 * sqrt(2048 / hidden_dim)."""
+    """Peak learning rate (after a linear warm-up over min(1000 steps, 10%)); auto: 3e-3 * sqrt(2048 / hidden_dim) * sqrt(batch_size / 4096)."""
     lr_schedule: Literal["cosine", "wsd"] = "wsd"
     """After the warm-up: cosine decay to 1% of --lr, or wsd (held, then a linear decay to 1% over the last 20%)."""
     adam_betas: tuple[float, ...] = (0.9, 0.95)
@@ -310,8 +313,12 @@ class TrainConfig:
         return to_flags(self)
 
     def resume_key(self) -> dict:
-        """The settings a resumed run must share with the run it continues: all but the runtime's."""
-        return to_flags(self.sae) | to_flags(self.train)
+        """The settings a resumed run must share with the run it continues: all but the runtime's, with
+        Matryoshka's group sizes as resolved (a change of their default must not pass unseen)."""
+        key = to_flags(self.sae) | to_flags(self.train)
+        if BEHAVIOURS[self.sae.sae_type].nested:
+            key["group_sizes"] = list(self.sae_config(d_model=1).group_sizes)
+        return key
 
     def sae_config(self, d_model: int, model: str | None = None) -> SAEConfig:
         return self.sae.config(d_model, self.train.layer_idx, model, str(self.train.store))
@@ -324,8 +331,8 @@ class TrainConfig:
 
     @property
     def peak_lr(self) -> float:
-        """--lr, or the auto rule: 3e-3 at 2048 latents, scaled by 1/sqrt(hidden_dim) (bench.quality_bench)."""
-        return auto_lr(self.sae.hidden_dim) if self.train.lr == "auto" else float(self.train.lr)
+        """--lr, or the auto rule (``auto_lr``)."""
+        return auto_lr(self.sae.hidden_dim, self.train.batch_size) if self.train.lr == "auto" else float(self.train.lr)
 
     def run_dir(self) -> Path:
         return run_path(self.train.out, self.sae.sae_type, self.train.layer_idx, self.sae.hidden_dim)

@@ -76,6 +76,13 @@ BEFORE_SETTING = {"lr_schedule": "cosine", "adam_betas": [0.9, 0.999], "aux_k": 
                   "val_split": "samples", "min_delta": 0.0}
 
 
+def _groups_before_levels(hidden_dim: int) -> list[int]:
+    """Matryoshka's default groups until 2026-12 (h/16, h/16, h/8, h/4, h/2), which runs saved then
+    recorded as no groups at all."""
+    head = [hidden_dim // 16, hidden_dim // 16, hidden_dim // 8, hidden_dim // 4]
+    return head + [hidden_dim - sum(head)]
+
+
 def _other_settings(saved, cfg: TrainConfig) -> list[str]:
     """The settings in which a checkpoint's saved ones differ from ``cfg``'s, as ``--flag saved``
     (what to pass to continue it); a setting added since it was saved counts as what runs did
@@ -83,6 +90,8 @@ def _other_settings(saved, cfg: TrainConfig) -> list[str]:
     if not isinstance(saved, dict):
         return ["(no saved settings)"]
     current = json.loads(json.dumps(cfg.resume_key()))
+    if saved.get("group_sizes") == [] and current.get("group_sizes"):
+        saved = saved | {"group_sizes": _groups_before_levels(saved.get("hidden_dim", 0))}
     gone = sorted(set(saved) - set(current))
     missing = object()
     differ = [key for key, value in current.items() if saved.get(key, BEFORE_SETTING.get(key, missing)) != value]

@@ -85,7 +85,7 @@ def test_every_entry_points_config_parses_with_the_runner():
     assert train.sae.group_sizes == (16, 16, 32) and train.train.max_tokens is None
     assert train.sae_config(d_model=8).group_sizes == (16, 16, 32)
     assert TrainConfig.of(sae_type="matryoshka", hidden_dim=64, top_k=4).sae_config(d_model=8).group_sizes == \
-        (4, 4, 8, 16, 32)
+        (2, 6, 24, 32)  # nested prefixes of h/32, h/8, h/2 and h
     assert PipelineConfig(**vars(build_parser(PipelineConfig, "p", "d").parse_args(
         ["--stages", "train", "discover"]))).stages == ("train", "discover")
 
@@ -113,3 +113,12 @@ def test_other_errors_keep_their_traceback():
 
     with pytest.raises(ValueError, match="a bug"):
         run_main(Options, [], "prog", "d", run=run)
+
+
+def test_default_matryoshka_groups_are_the_benchmark_levels_and_valid_at_any_width():
+    from jax_sae.config import default_group_sizes
+
+    assert default_group_sizes(4096) == (128, 384, 1536, 2048)  # prefixes 128, 512, 2048, 4096
+    for h in (1, 2, 3, 16, 31, 100, 1000):
+        groups = default_group_sizes(h)
+        assert sum(groups) == h and min(groups) > 0, (h, groups)

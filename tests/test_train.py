@@ -445,9 +445,21 @@ def test_a_run_saved_before_a_setting_existed_resumes_only_with_what_it_did_then
     assert not _same_settings(saved, old)  # only the settings added since count as their old behaviour
 
 
-def test_lr_auto_scales_with_one_over_sqrt_of_the_latents():
-    assert TrainConfig.of(hidden_dim=2048).peak_lr == pytest.approx(3e-3)
-    assert TrainConfig.of(hidden_dim=8192).peak_lr == pytest.approx(1.5e-3)
+def test_a_matryoshka_run_saved_with_the_old_default_groups_names_them_to_resume():
+    from jax_sae.loop import _other_settings
+
+    today = TrainConfig.of(sae_type="matryoshka", hidden_dim=64, top_k=4)
+    saved = json.loads(json.dumps(today.resume_key())) | {"group_sizes": []}  # how runs recorded the default
+    assert _other_settings(saved, today) == ["--group_sizes 4,4,8,16,32"]
+    assert _other_settings(saved, TrainConfig.of(sae_type="matryoshka", hidden_dim=64, top_k=4,
+                                                 group_sizes=(4, 4, 8, 16, 32))) == []
+
+
+def test_lr_auto_scales_with_one_over_sqrt_of_the_latents_and_sqrt_of_the_batch():
+    assert TrainConfig.of(hidden_dim=2048, batch_size=4096).peak_lr == pytest.approx(3e-3)
+    assert TrainConfig.of(hidden_dim=8192, batch_size=4096).peak_lr == pytest.approx(1.5e-3)
+    assert TrainConfig.of(hidden_dim=2048).peak_lr == pytest.approx(1.5e-3)  # the default batch, 1024
+    assert TrainConfig.of(hidden_dim=1024, batch_size=1024).peak_lr == pytest.approx(3e-3 * 2 ** 0.5 / 2)
     assert TrainConfig.of(hidden_dim=8192, lr=1e-4).peak_lr == 1e-4
     with pytest.raises(ConfigError, match="--lr must be positive or auto"):
         TrainConfig.of(lr=-1.0)
