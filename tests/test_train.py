@@ -271,7 +271,7 @@ def test_bad_input_gets_one_line_before_any_compute(planted, tmp_path):
     text = _error(base + ["--sae_type", "matryoshka", "--group_sizes", "16,16"])
     assert "sum to 32, not hidden_dim 64" in text
     assert "no activation store" in _error(base + ["--store", str(tmp_path / "none")])
-    assert "has 2 values but there are 5 Matryoshka groups" in _error(
+    assert "has 2 values but there are 4 Matryoshka groups" in _error(
         base + ["--sae_type", "matryoshka", "--group_weights", "1,2"])
     assert "only --sae_type matryoshka takes them" in _error(base + ["--group_weights", "1"])
     assert "--enc_init_scale must be positive" in _error(base + ["--enc_init_scale", "0"])
