@@ -31,7 +31,8 @@ PAGES = ("README.md", *sorted(f"docs/{page.name}" for page in (REPO / "docs").gl
 """The front page and the reference pages: commands, flags and links checked."""
 DOCS = (*PAGES, "BENCHMARKS.md")
 README_MAX_LINES = 200
-SCRIPTS = {"run.sh": "launch.pipeline", "bench/gpu_check.sh": "bench.gpu_check"}
+SCRIPTS = {"run.sh": "launch.pipeline", "bench/gpu_check.sh": "bench.gpu_check",
+           "bench/saelens_synth.py": "bench.saelens_synth"}
 LAUNCHERS = ("launch/cpu.sh", "launch/gpu.sh", "launch/tpu.sh", "launch/slurm.sh")
 SEPARATORS = {"&", "&&", "|", "||", ";"}
 
@@ -57,11 +58,15 @@ class Option:
 
 def snippets(markdown: str) -> list[tuple[int, str, bool]]:
     """(line number, text, inline) of each fenced block's logical line (``\\`` continuations
-    joined) and each inline code span outside fenced blocks."""
+    joined) and each inline code span outside fenced blocks (a span may wrap onto the next lines
+    of its paragraph; its number is the line it starts on)."""
     found, fenced, pending, start = [], False, "", 0
+    paragraph: list[tuple[int, str]] = []
     for number, line in enumerate(markdown.splitlines(), 1):
-        if line.lstrip().startswith("```"):
-            fenced = not fenced
+        if line.lstrip().startswith("```") or not line.strip():
+            found += _inline_spans(paragraph)
+            paragraph = []
+            fenced ^= line.lstrip().startswith("```")
             continue
         if fenced:
             if not pending:
@@ -72,8 +77,18 @@ def snippets(markdown: str) -> list[tuple[int, str, bool]]:
             found.append((start, pending + line, False))
             pending = ""
         else:
-            found.extend((number, span, True) for span in re.findall(r"`([^`]+)`", line))
-    return found
+            paragraph.append((number, line))
+    return found + _inline_spans(paragraph)
+
+
+def _inline_spans(paragraph: list[tuple[int, str]]) -> list[tuple[int, str, bool]]:
+    """The code spans of one paragraph's lines, joined with spaces across line breaks."""
+    text, starts = "", []
+    for number, line in paragraph:
+        starts.append((len(text), number))
+        text += line + " "
+    line_at = lambda offset: max(n for at, n in starts if at <= offset)
+    return [(line_at(m.start()), " ".join(m.group(1).split()), True) for m in re.finditer(r"`([^`]+)`", text)]
 
 
 def _split(text: str) -> list[str]:
@@ -202,7 +217,7 @@ def unknown_prose_flags(markdown: str, name: str, launch_modules: dict[str, str]
     modules = set(launch_modules.values()) | {cmd.module for cmd in commands(markdown, name, launch_modules)}
     known = {"--platform"}.union(*(options_of(module) for module in modules if module_exists(module)))
     return [f"{name}:{number}: {flag} in `{span}`" for number, span, inline in snippets(markdown) if inline
-            for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", span) if flag not in known]
+            for flag in re.findall(r"(?<![\w=-])--[a-z][\w-]*", span) if flag not in known]
 
 
 @pytest.fixture(scope="module")
