@@ -32,7 +32,28 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def build(synth: dict):
+def build(synth: dict, dictionary: str = ""):
+    """SAELens's model of ``synth``; with ``dictionary`` (our cached model's ``.npz``), our directions
+    and bias instead of its own orthogonalisation (the 16k model's takes about 2 hours on 2 cores):
+    the sampling (Zipfian firing, hierarchy, correlation, magnitudes) stays SAELens's."""
+    import torch
+
+    if dictionary:
+        synth = {**synth, "ortho_steps": 0}
+    model = _build(synth)
+    if dictionary:
+        with np.load(dictionary) as ours:
+            directions, bias = ours["directions"], ours["bias"]
+        if directions.shape != tuple(model.feature_dict.feature_vectors.shape):
+            raise SystemExit(f"error: {dictionary} holds {directions.shape} directions, the model "
+                             f"{tuple(model.feature_dict.feature_vectors.shape)}; pass the dictionary of the same --ours")
+        with torch.no_grad():
+            model.feature_dict.feature_vectors.copy_(torch.from_numpy(directions))
+            model.feature_dict.bias.copy_(torch.from_numpy(bias))
+    return model
+
+
+def _build(synth: dict):
     from sae_lens.synthetic.firing_magnitudes import FoldedNormalMagnitudeConfig, LinearMagnitudeConfig
     from sae_lens.synthetic.firing_probabilities import ZipfianFiringProbabilityConfig
     from sae_lens.synthetic.hierarchy.config import HierarchyConfig
@@ -139,15 +160,18 @@ def scores(result) -> dict:
     return out
 
 
-def cached_model(synth: dict, name: str):
+def cached_model(synth: dict, name: str, dictionary: str = ""):
     """SAELens's model of ``synth``, built once and kept under /tmp (the 16k build takes hours on a CPU)."""
+    import hashlib
+
     from sae_lens.synthetic.synthetic_model import SyntheticModel
 
-    path = Path("/tmp/saelens-synthetic") / f"{name}-{json.dumps(synth, sort_keys=True).__hash__() & 0xFFFFFFF:x}"
+    key = hashlib.sha256(json.dumps([synth, Path(dictionary).name], sort_keys=True).encode()).hexdigest()[:8]
+    path = Path("/tmp/saelens-synthetic") / f"{name}-{key}"
     if path.exists():
         return SyntheticModel.load_from_disk(path), 0.0
     started = time.perf_counter()
-    model = build(synth)
+    model = build(synth, dictionary)
     seconds = time.perf_counter() - started
     model.save(path)
     return model, seconds
@@ -164,7 +188,7 @@ def train(args, synth: dict, name: str) -> None:
     from sae_lens.synthetic.synthetic_sae_runner import SyntheticSAERunner, SyntheticSAERunnerConfig
 
     torch.manual_seed(args.seed)
-    model, built = cached_model(synth, name)
+    model, built = cached_model(synth, name, args.dictionary)
     d, h = synth["d_model"], args.hidden_dim
     if args.train == "matryoshka":  # the benchmark's levels (128, 512, 2048 of 4096), scaled to the width
         widths = [h // 32, h // 8, h // 2]
@@ -192,6 +216,7 @@ def train(args, synth: dict, name: str) -> None:
     f = torch.cat(fs).coalesce()
     a = acts.to_sparse_coo().coalesce()
     label = f"saelens-{args.train}-{name}-{args.samples}-lr{args.lr:g}-w{args.dead_window}-s{args.seed}"
+    label += "-our_dictionary" if args.dictionary else ""
     arrays = RESULTS / f"{label}.npz"
     np.savez(arrays, x=np.concatenate(xs), x_hat=np.concatenate(hats), f_index=f.indices().numpy(),
              f_value=f.values().numpy(), a_index=a.indices().numpy(), a_value=a.values().numpy(),
@@ -200,7 +225,8 @@ def train(args, synth: dict, name: str) -> None:
     out = {"sae_lens": __import__("importlib.metadata").metadata.version("sae-lens"), "model": name, "type": args.train,
            "samples": args.samples, "lr": args.lr, "dead_window": args.dead_window, "batch_size": args.batch_size,
            "hidden_dim": h, "top_k": args.top_k, "seed": args.seed, "train_seconds": seconds,
-           "model_build_seconds": built, "saelens_scores": theirs, "arrays": arrays.name}
+           "model_build_seconds": built, "dictionary": args.dictionary or "SAELens's own",
+           "saelens_scores": theirs, "arrays": arrays.name}
     (RESULTS / f"{label}.json").write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))
 
@@ -218,9 +244,15 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--dead_window", type=int, default=1000, help="SAELens's dead_feature_window (steps)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--our_dictionary", action="store_true",
+                        help="train on our cached directions and bias (the dictionary --ours names), sampled by SAELens")
     args = parser.parse_args()
     ours = json.loads(Path(args.ours).read_text())
     synth, name = ours["synthetic"], ours["config"]["model"]
+    args.dictionary = ours.get("dictionary", "") if args.our_dictionary else ""
+    if args.our_dictionary and not Path(args.dictionary).is_file():
+        raise SystemExit(f"error: --our_dictionary: {args.ours} names no dictionary file that exists "
+                         f"({args.dictionary or 'none'}); rerun bench.synthbench for this model first")
     if args.train:
         return train(args, synth, name)
     import torch

@@ -183,6 +183,7 @@ def table(rows: list[dict]) -> str:
 
 def run(cfg: SynthBenchConfig) -> dict:
     from jax_sae.synthetic import load, preset
+    from jax_sae.synthetic.build import cache_path
     from jax_sae.synthetic.metrics import generator_stats
 
     synth = preset(cfg.model)
@@ -190,7 +191,7 @@ def run(cfg: SynthBenchConfig) -> dict:
     model = load(synth)
     built = time.perf_counter() - started
     results = {"config": asdict(cfg), "synthetic": synth.to_json(), "machine": machine(),
-               "model_seconds": built}
+               "model_seconds": built, "dictionary": str(cache_path(synth))}
     if cfg.compare:
         results["compare"] = compare(cfg, model, json.loads(Path(cfg.compare).read_text()))
     elif cfg.saelens_runs and not cfg.types:

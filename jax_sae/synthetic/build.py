@@ -136,10 +136,15 @@ def cache_dir() -> Path:
     return Path(root) / "synthetic"
 
 
+def cache_path(cfg: SynthConfig) -> Path:
+    """Where ``load`` keeps the model of ``cfg`` (an ``.npz`` of ``ARRAYS``)."""
+    return cache_dir() / f"v{BUILD_VERSION}-{cfg.digest()}.npz"
+
+
 def load(cfg: SynthConfig, *, cache: bool = True) -> SynthModel:
     """The model of ``cfg``, read from the cache (``$SAE_MUSIC_CACHE``/synthetic, else
     ~/.cache/sae-music-jax/synthetic) or built and cached there."""
-    path = cache_dir() / f"v{BUILD_VERSION}-{cfg.digest()}.npz"
+    path = cache_path(cfg)
     if cache and path.exists():
         try:
             with np.load(path) as saved:
