@@ -10,8 +10,18 @@ configuration from our side's results, so both build the same process:
         --ours bench/results/synthbench_generator-synthsaebench-4k.json
     python -m bench.synthbench --compare bench/results/saelens_synth-synthsaebench-4k.json --model synthsaebench-4k
 
-It writes (1) the generator statistics (true L0, each hierarchy level's firing over its Zipfian
-target, children firing without their parent or beside a sibling, firing by frequency decile,
+With ``--train TYPE`` it trains one SAE with SAELens's ``SyntheticSAERunner`` instead and saves its
+evaluation arrays for ``bench.synthbench --saelens_runs``. ``--our_dictionary`` builds SAELens's
+model on our cached directions and bias (the file ``--ours`` names) and skips its
+orthogonalisation, which takes about 2 hours for the 16k model on 2 cores; firing, hierarchy,
+correlation and magnitudes are still drawn by SAELens's code:
+
+    PYTHONPATH=. /tmp/saelens/bin/python -m bench.saelens_synth --our_dictionary --train batch_topk \\
+        --ours bench/results/synthbench_generator-synthsaebench-16k.json --hidden_dim 4096 --top_k 25 \\
+        --samples 1000000 --lr 3e-3 --dead_window 100
+
+Statistics mode writes (1) the generator statistics (true L0, each hierarchy level's firing over
+its Zipfian target, children firing without their parent or beside a sibling, firing by frequency decile,
 overlap of the directions), computed with the same definitions as ours; (2) SAELens's scores of a
 fixed SAE built from the true directions (decoder: the first H directions, encoder their transpose,
 top-k), which ours must match within sampling noise on our own generator; and (3) an ``.npz`` of
