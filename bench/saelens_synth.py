@@ -34,12 +34,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def fail(message: str) -> None:
+    """Bad input: one line on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def build(synth: dict, dictionary: str = ""):
@@ -55,8 +62,8 @@ def build(synth: dict, dictionary: str = ""):
         with np.load(dictionary) as ours:
             directions, bias = ours["directions"], ours["bias"]
         if directions.shape != tuple(model.feature_dict.feature_vectors.shape):
-            raise SystemExit(f"error: {dictionary} holds {directions.shape} directions, the model "
-                             f"{tuple(model.feature_dict.feature_vectors.shape)}; pass the dictionary of the same --ours")
+            fail(f"{dictionary} holds {directions.shape} directions and the model "
+                 f"{tuple(model.feature_dict.feature_vectors.shape)}; pass the --ours file of the same model")
         with torch.no_grad():
             model.feature_dict.feature_vectors.copy_(torch.from_numpy(directions))
             model.feature_dict.bias.copy_(torch.from_numpy(bias))
@@ -241,7 +248,7 @@ def train(args, synth: dict, name: str) -> None:
     print(json.dumps(out, indent=1))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.saelens_synth", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ours", required=True, help="our side's results (bench.synthbench --generator)")
     parser.add_argument("--arrays", type=int, default=8192, help="samples saved for the metric-on-the-same-arrays check")
@@ -256,13 +263,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--our_dictionary", action="store_true",
                         help="train on our cached directions and bias (the dictionary --ours names), sampled by SAELens")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if not Path(args.ours).is_file():
+        fail(f"--ours {args.ours} does not exist; write it with python -m bench.synthbench --generator --model NAME")
     ours = json.loads(Path(args.ours).read_text())
     synth, name = ours["synthetic"], ours["config"]["model"]
     args.dictionary = ours.get("dictionary", "") if args.our_dictionary else ""
     if args.our_dictionary and not Path(args.dictionary).is_file():
-        raise SystemExit(f"error: --our_dictionary: {args.ours} names no dictionary file that exists "
-                         f"({args.dictionary or 'none'}); rerun bench.synthbench for this model first")
+        fail(f"--our_dictionary: {args.ours} names no dictionary file that exists ({args.dictionary or 'none'}); "
+             "rerun bench.synthbench for this model first")
     if args.train:
         return train(args, synth, name)
     import torch

@@ -162,3 +162,18 @@ def test_training_on_synthetic_batches_resumes_to_the_same_parameters(tmp_path):
     second = jax_sae.load(run / "final")
     for name in ("W_enc_DH", "b_enc_H", "W_dec_HD", "b_dec_D"):
         np.testing.assert_array_equal(np.asarray(getattr(first.params, name)), np.asarray(getattr(second.params, name)))
+
+
+def test_the_saelens_side_refuses_missing_inputs_in_one_line(tmp_path, capsys):
+    """bench/saelens_synth.py runs where SAELens is; its input checks come before any SAELens import."""
+    from bench import saelens_synth
+
+    with pytest.raises(SystemExit) as exit_:
+        saelens_synth.main(["--ours", str(tmp_path / "nope.json")])
+    assert exit_.value.code == 2 and "bench.synthbench --generator" in capsys.readouterr().err
+    ours = tmp_path / "ours.json"
+    ours.write_text('{"synthetic": {}, "config": {"model": "synthsaebench-tiny"}, "dictionary": "/gone.npz"}')
+    with pytest.raises(SystemExit) as exit_:
+        saelens_synth.main(["--ours", str(ours), "--our_dictionary", "--train", "batch_topk"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "/gone.npz" in err
