@@ -192,6 +192,19 @@ def output_path(sae_path: str | Path, output: str | None = None) -> Path:
     return Path(output) if output else path.with_name(path.name + ".real_eval.json")
 
 
+def read_result(path: str | Path) -> dict:
+    """A ``.real_eval.json`` as ``run`` wrote it; a damaged one is named with the command that rewrites it."""
+    import json
+
+    try:
+        result = json.loads(Path(path).read_text())
+        result["probing"]["mean"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UsageError(f"{path} is not a readable real-activation evaluation ({type(err).__name__}); rerun "
+                         "python -m discovery.real_eval on its checkpoint") from None
+    return result
+
+
 def run(cfg: RealEvalConfig) -> dict:
     from sae_core.files import write_json
     from sae_core.store import open_store

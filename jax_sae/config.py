@@ -173,7 +173,9 @@ class TrainingSettings:
     out: str = "models"
     """Root of run directories."""
     seed: int = 0
-    """Seed of initialisation, split and data order."""
+    """Seed of initialisation (and of the split and data order unless --data_seed is given)."""
+    data_seed: int | None = None
+    """Seed of the split and data order (default: --seed); a sweep's members share one."""
     num_samples: int | None = None
     """Use only this many samples (prompts) of the store, chosen at random with --seed."""
     max_tokens: int | None = 100_000_000
@@ -328,6 +330,11 @@ class TrainConfig:
         groups = len(self.sae.config(d_model=1).group_sizes)
         weights = self.train.group_weights or (1.0,) * groups
         return tuple(w / sum(weights) for w in weights)
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the split and the data order: --data_seed, else --seed."""
+        return self.train.seed if self.train.data_seed is None else self.train.data_seed
 
     @property
     def peak_lr(self) -> float:

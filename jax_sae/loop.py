@@ -73,7 +73,7 @@ def improves(fvu: float, best: float, min_delta: float) -> bool:
 # What a run saved before a setting existed did instead (its checkpoint has no such key).
 BEFORE_SETTING = {"lr_schedule": "cosine", "adam_betas": [0.9, 0.999], "aux_k": 0, "threshold": "running",
                   "b_dec_init": "median", "enc_init": "transpose", "enc_init_scale": 1.0, "group_weights": [], "data_lanes": 1,
-                  "val_split": "samples", "min_delta": 0.0}
+                  "val_split": "samples", "min_delta": 0.0, "data_seed": None}
 
 
 def _groups_before_levels(hidden_dim: int) -> list[int]:
@@ -154,47 +154,75 @@ class TrainingRun:
     step_fn: object
     notes: list[str]
     runtime: dict
+    step: Step
     resumed_from: int | None = None  # the checkpoint step this process started from (None: a new run)
+    done: bool = False  # the newest checkpoint is a finished run's: nothing is left to train
 
     @classmethod
-    def setup(cls, cfg: TrainConfig) -> TrainingRun:
+    def setup(cls, cfg: TrainConfig, mesh=None, data: StoreData | SyntheticData | None = None,
+              quiet: bool = False) -> TrainingRun:
         """Cheap checks first (mesh, data, batch vs rows, resume compatibility), then the pass over
-        the rows (scale, non-finite rows), then the step and the state (restored when resuming)."""
-        mesh = make_mesh(cfg.runtime.mesh_data or None, cfg.runtime.mesh_model)
+        the rows (scale, non-finite rows), then the step and the state (restored when resuming).
+        A sweep passes its mesh and the data its members share (scanned once) and keeps the notes
+        to itself (``quiet``)."""
+        mesh = mesh or make_mesh(cfg.runtime.mesh_data or None, cfg.runtime.mesh_model)
         check_divisible(mesh, cfg.train.batch_size, cfg.sae.hidden_dim)
         cfg = _with_lanes(cfg)
-        runtime = announce(mesh, "train")
-        data = open_data(cfg, NamedSharding(mesh, BATCH))
+        runtime = announce(mesh, "train", quiet=quiet)
+        data = data or open_data(cfg, NamedSharding(mesh, BATCH))
         files = RunDir(cfg.run_dir())
         checkpoints = open_run(cfg, files, data.d_model)
         scan = data.scan()
         lengths = data.epoch_lengths()
         plan = make_plan(cfg, cfg.sae_config(data.d_model, data.model), lengths)
         notes = data.notes(lengths) + list(plan.notes)
-        for note in notes if is_primary() else ():
+        for note in notes if is_primary() and not quiet else ():
             print(note)
         step = build_step(cfg, plan.sae, mesh, plan.total_steps, plan.dead_tokens)
-        state = _resume(checkpoints, files, _initial_state(cfg, step, scan, data.d_model), cfg.runtime.overwrite)
-        return cls(cfg, plan, data, scan, files, checkpoints, state, step.shardings, step.fn, notes, runtime,
-                   resumed_from=int(state.step) or None)
+        state, meta = _resume(checkpoints, files, _initial_state(cfg, step, scan, data.d_model), cfg.runtime.overwrite)
+        return cls(cfg, plan, data, scan, files, checkpoints, state, step.shardings, step.fn, notes, runtime, step,
+                   resumed_from=int(state.step) or None, done=bool(meta.get("finished")))
 
     # the loop
+    @property
+    def meta(self) -> dict:
+        """What every checkpoint of the run saves beside the state."""
+        return {"resume_key": self.cfg.resume_key(), "d_model": self.data.d_model}
+
+    def progress(self, show: bool) -> Progress:
+        cfg = self.cfg
+        return Progress(self.files, lr_schedule(cfg.peak_lr, self.plan.total_steps, cfg.train.lr_schedule),
+                        self.plan.total_steps, int(self.state.step), cfg.train.batch_size, f"train {cfg.sae.sae_type}",
+                        show)
+
     def run(self) -> None:
-        cfg, step = self.cfg, int(self.state.step)
-        meta = {"resume_key": cfg.resume_key(), "d_model": self.data.d_model}
-        with Progress(self.files, lr_schedule(cfg.peak_lr, self.plan.total_steps, cfg.train.lr_schedule), self.plan.total_steps, step,
-                      cfg.train.batch_size, f"train {cfg.sae.sae_type}", cfg.runtime.progress) as progress:
+        cfg, step, meta = self.cfg, int(self.state.step), self.meta
+        with self.progress(cfg.runtime.progress) as progress:
             for epoch in range(int(self.state.epoch), cfg.train.epochs):
+                if self.done:
+                    break  # an early-stopped run, rerun: it stays stopped
                 step, stopped = self._run_epoch(epoch, step, meta, progress)
                 if stopped:
                     if is_primary():
-                        print(f"early stop at step {step}: the validation FVU has not improved by more than "
-                              f"{cfg.train.min_delta:g} of its best in {cfg.train.patience} evaluations")
+                        print(self.stop_line(step))
                     break
-                self._set(epoch=int(self.state.epoch) + 1, batch_in_epoch=0)
+                self.next_epoch()
             progress.finish(step)
-        self.checkpoints.save(step, self.state, meta | {"finished": True})
+        self.save_finished(step)
+
+    def stop_line(self, step: int) -> str:
+        train = self.cfg.train
+        return (f"early stop at step {step}: the validation FVU has not improved by more than "
+                f"{train.min_delta:g} of its best in {train.patience} evaluations")
+
+    def next_epoch(self) -> None:
+        self._set(epoch=int(self.state.epoch) + 1, batch_in_epoch=0)
+
+    def save_finished(self, step: int) -> None:
+        """The last checkpoint, marked finished (a rerun trains no further), and the checkpoints closed."""
+        self.checkpoints.save(step, self.state, self.meta | {"finished": True})
         self.checkpoints.close()
+        self.done = True
 
     def _run_epoch(self, epoch: int, step: int, meta: dict, progress: Progress) -> tuple[int, bool]:
         """One epoch from the state's position in it; returns (step, stopped early)."""
@@ -207,18 +235,33 @@ class TrainingRun:
                 progress.flush()
                 stopped = self._validate(step, progress)
             if step % self.plan.checkpoint_every == 0:
-                try:
-                    self.checkpoints.save(step, self.state, meta)
-                except NonFiniteError:
-                    progress.flush()  # a non-finite loss is the likelier first sign: its line comes first
-                    raise progress.diverged(step, "its parameters are no longer finite") from None
+                self.save_checkpoint(step, meta, progress)
             if stopped:
                 return step, True
         return step, False
 
+    def rewind(self, step: int) -> None:
+        """Go back to the checkpoint of ``step`` (0: a fresh state), as a sweep does with members that
+        saved a step the others did not."""
+        self.state = (_initial_state(self.cfg, self.step, self.scan, self.data.d_model) if step == 0 else
+                      self.checkpoints.restore(step, self.state)[0])
+        self.resumed_from, self.done = step or None, False
+        if is_primary():
+            self.files.restart_metrics(step or None)
+
+    def save_checkpoint(self, step: int, meta: dict, progress: Progress) -> None:
+        try:
+            self.checkpoints.save(step, self.state, meta)
+        except NonFiniteError:
+            progress.flush()  # a non-finite loss is the likelier first sign: its line comes first
+            raise progress.diverged(step, "its parameters are no longer finite") from None
+
     def _validate(self, step: int, progress: Progress) -> bool:
         """Validate, keep the best model, and say whether patience has run out."""
-        acc = self.validation()
+        return self.judge(step, self.validation(), progress)
+
+    def judge(self, step: int, acc: MetricAccumulator | None, progress: Progress) -> bool:
+        """Log a validation's result, keep the best model, and say whether patience has run out."""
         if acc is None:
             return False
         result = acc.result()
@@ -256,13 +299,14 @@ class TrainingRun:
         if batches is None:
             return None
         acc = evaluate_batches(self.plan.sae, *jax.tree.map(jnp.asarray, self.inference()), batches)
-        return _summed(acc)
+        return summed(acc)
 
     # the end
-    def finish(self, seconds: float) -> dict:
-        """Save final/ (and best/ if no validation made one), write the stats and plots."""
+    def finish(self, seconds: float, acc: MetricAccumulator | None | bool = True) -> dict:
+        """Save final/ (and best/ if no validation made one), write the stats and plots; ``acc``: the
+        final validation when the caller has run it (a sweep validates its members in one pass)."""
         tree = self.model_tree()
-        acc = self.validation()
+        acc = self.validation() if acc is True else acc
         final_val = acc.result() if acc is not None else None
         info = {"step": int(self.state.step), "val": final_val}
         save_model(self.files.final, self.plan.sae, tree, info)
@@ -310,7 +354,7 @@ class TrainingRun:
             plot_density(acc.density_H, self.files.density)
 
 
-def _summed(acc: MetricAccumulator) -> MetricAccumulator:
+def summed(acc: MetricAccumulator) -> MetricAccumulator:
     """The accumulator of every process's rows (a collective: every process calls it)."""
     if jax.process_count() == 1:
         return acc
@@ -344,10 +388,10 @@ def _initial_state(cfg: TrainConfig, step: Step, scan: ScanResult, d_model: int)
                        cfg.train.enc_init_scale)
 
 
-def _resume(checkpoints: RunCheckpoints, files: RunDir, state: TrainState, overwrite: bool) -> TrainState:
-    """The newest checkpoint that restores, into ``state``'s structure and placement, or ``state``
-    itself; one line says which step it resumes from and which newer ones were damaged. When every
-    checkpoint is damaged, --overwrite starts the run over."""
+def _resume(checkpoints: RunCheckpoints, files: RunDir, state: TrainState, overwrite: bool) -> tuple[TrainState, dict]:
+    """The newest checkpoint that restores, into ``state``'s structure and placement, and the JSON
+    saved with it, or ``state`` itself and {}; one line says which step it resumes from and which
+    newer ones were damaged. When every checkpoint is damaged, --overwrite starts the run over."""
     try:
         resumed = checkpoints.restore_latest(state)
     except CheckpointError:
@@ -368,4 +412,4 @@ def _resume(checkpoints: RunCheckpoints, files: RunDir, state: TrainState, overw
             print(f"damaged checkpoint removed from {files.ckpt}: {bad}; resuming {files.path} from step {step}")
         elif resumed is not None:
             print(f"resuming {files.path} from step {step}")
-    return resumed.state if resumed is not None else state
+    return (resumed.state, resumed.meta or {}) if resumed is not None else (state, {})

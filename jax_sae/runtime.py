@@ -72,13 +72,13 @@ def describe(mesh) -> Runtime:
     return Runtime(line, record)
 
 
-def announce(mesh, stage: str = "this stage") -> dict:
-    """Refuse a wrong platform, print the runtime line (process 0 only), return the record."""
+def announce(mesh, stage: str = "this stage", quiet: bool = False) -> dict:
+    """Refuse a wrong platform, print the runtime line (process 0 only, unless ``quiet``), return the record."""
     import jax
 
     check_platform(stage)
     runtime = describe(mesh)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and not quiet:
         print(runtime.line, flush=True)
     return runtime.record
 

@@ -42,7 +42,7 @@ class StoreData:
         self.store = open_store(train.store)
         self.store.check_layer(train.layer_idx)
         self.d_model, self.model = self.store.d_model, self.store.meta.model
-        self.split = split_samples(self.store, val_fraction=train.val_fraction, seed=train.seed,
+        self.split = split_samples(self.store, val_fraction=train.val_fraction, seed=cfg.data_seed,
                                    num_samples=train.num_samples, max_tokens=train.max_tokens,
                                    val_max_tokens=train.val_max_tokens,
                                    by_chunks_of=self.store.chunk_rows(train.layer_idx) if train.val_split == "chunks"
@@ -58,12 +58,14 @@ class StoreData:
         """The pass over the training rows (norms, a sample for b_dec, NaN/Inf rows) and the validation
         rows' NaN/Inf rows; non-finite rows stop the run unless --skip_nonfinite. Each process scans
         every P-th chunk (P processes) and the parts are merged: the same result as one process."""
+        if self.scanned is not None:
+            return self.scanned  # a sweep's members share the source: one pass
         train, split = self.cfg.train, self.split
         part = (jax.process_index(), jax.process_count())
-        self.scanned = _merged(scan_rows(self.store, train.layer_idx, split.train_samples, seed=train.seed,
+        self.scanned = _merged(scan_rows(self.store, train.layer_idx, split.train_samples, seed=self.cfg.data_seed,
                                          progress=self.cfg.runtime.progress, part=part))
         if len(split.val_samples):
-            self.val_bad = _merged(scan_rows(self.store, train.layer_idx, split.val_samples, seed=train.seed,
+            self.val_bad = _merged(scan_rows(self.store, train.layer_idx, split.val_samples, seed=self.cfg.data_seed,
                                              progress=False, part=part)).nonfinite_rows
         bad = np.concatenate([self.scanned.nonfinite_rows, self.val_bad])
         if len(bad) and not train.skip_nonfinite:
@@ -74,7 +76,7 @@ class StoreData:
 
     def epoch_lengths(self) -> list[int]:
         train = self.cfg.train
-        return epoch_lengths(self.store, train.layer_idx, self.split.train_samples, train.batch_size, seed=train.seed,
+        return epoch_lengths(self.store, train.layer_idx, self.split.train_samples, train.batch_size, seed=self.cfg.data_seed,
                              epochs=train.epochs, lanes=train.data_lanes, exclude_rows=self.scanned.nonfinite_rows)
 
     def notes(self, lengths: list[int]) -> list[str]:
@@ -89,7 +91,7 @@ class StoreData:
     def batches(self, epoch: int, skip: int, count: int) -> Iterator[jax.Array]:
         """Epoch ``epoch``'s batches from the ``skip``-th on, placed on the mesh, read ahead in a thread."""
         train = self.cfg.train
-        rows = epoch_batches(self.store, train.layer_idx, self.split.train_samples, train.batch_size, seed=train.seed,
+        rows = epoch_batches(self.store, train.layer_idx, self.split.train_samples, train.batch_size, seed=self.cfg.data_seed,
                              epoch=epoch, skip=skip, exclude_rows=self.scanned.nonfinite_rows, lanes=train.data_lanes,
                              read_lanes=self.read_lanes, batches=count)
         return prefetch(rows, transform=lambda x: global_batch(x, self.sharding))
@@ -121,7 +123,7 @@ class StoreData:
 
 class SyntheticData:
     """Batches drawn on the device from a synthetic model (``jax_sae.synthetic``; one row is one
-    sample): batch i of epoch e comes from the key (--seed, stream 0, e, i) alone, so a resumed run
+    sample): batch i of epoch e comes from the key (--data_seed, stream 0, e, i) alone, so a resumed run
     draws the same batches, and a 200M-sample run needs no disk. Validation draws the same
     ``val_rows`` samples every time, from their own stream; the scan, from a third."""
 
@@ -141,26 +143,30 @@ class SyntheticData:
         self.synth = synth
         self.d_model, self.model = synth.d_model, f"synthetic:{self.name}"
         self._model = self._generate = None
+        self._scanned: ScanResult | None = None
 
     def _draw(self, stream: int, *path: int) -> jax.Array:
-        """The batch of key (--seed, stream, *path), made already placed on the mesh."""
+        """The batch of key (--data_seed, stream, *path), made already placed on the mesh."""
         from .synthetic import load
         from .synthetic.sample import key, samples
 
         if self._generate is None:  # built on first use: the scan, after the run's cheap checks
             self._model, size = load(self.synth), self.cfg.train.batch_size
             self._generate = jax.jit(lambda model, k: samples(model, k, size)[0], out_shardings=self.sharding)
-        k = jax.random.fold_in(key(self.cfg.train.seed), stream)
+        k = jax.random.fold_in(key(self.cfg.data_seed), stream)
         for index in path:
             k = jax.random.fold_in(k, index)
         return self._generate(self._model, k)
 
     def scan(self) -> ScanResult:
+        if self._scanned is not None:
+            return self._scanned
         batches = -(-self.SAMPLE_ROWS // self.cfg.train.batch_size)
         rows = np.concatenate([np.asarray(self._draw(3, i)) for i in range(batches)])[: self.SAMPLE_ROWS]
         norms = np.linalg.norm(rows.astype(np.float64), axis=1)
-        return ScanResult(nonfinite_rows=np.zeros(0, np.int64), mean_norm=float(norms.mean()), sample_BD=rows,
+        self._scanned = ScanResult(nonfinite_rows=np.zeros(0, np.int64), mean_norm=float(norms.mean()), sample_BD=rows,
                           norm_C=norms.sum()[None], count_C=np.array([len(rows)]), keys=np.arange(len(rows)))
+        return self._scanned
 
     def epoch_lengths(self) -> list[int]:
         return [self.train_rows // self.cfg.train.batch_size] * self.cfg.train.epochs

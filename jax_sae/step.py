@@ -108,11 +108,17 @@ def train_step(state: TrainState, x_BD: jax.Array, *, optimizer, grads_fn, dead_
     return new_state, out
 
 
+def pure_train_step(optimizer, settings: LossSettings, mesh, global_batch: int) -> Callable:
+    """``train_step`` bound to its optimizer and loss on this mesh, not yet jitted (a sweep jits
+    several of them as one program)."""
+    return functools.partial(train_step, optimizer=optimizer, grads_fn=sharded_loss_and_grads(settings, mesh, global_batch),
+                             dead_tokens=settings.dead_tokens, uses_threshold=settings.sae.uses_threshold)
+
+
 def compile_train_step(optimizer, settings: LossSettings, mesh, state: TrainState, global_batch: int):
     """The step jitted once for this mesh, with explicit shardings and the state donated."""
     state_shardings = S.shardings(state, mesh)
-    step = functools.partial(train_step, optimizer=optimizer, grads_fn=sharded_loss_and_grads(settings, mesh, global_batch),
-                             dead_tokens=settings.dead_tokens, uses_threshold=settings.sae.uses_threshold)
+    step = pure_train_step(optimizer, settings, mesh, global_batch)
     replicated = NamedSharding(mesh, P())
     return jax.jit(step, in_shardings=(state_shardings, NamedSharding(mesh, S.BATCH)),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
@@ -130,6 +136,8 @@ class Step:
     """The state's shapes and dtypes, with their shardings (nothing allocated)."""
     fn: Callable
     """``(state, batch) -> (state, metrics)``, jitted once, the state donated."""
+    pure: Callable
+    """The same step before jit."""
 
 
 def build_step(cfg: TrainConfig, sae: SAEConfig, mesh, total_steps: int, dead_tokens: int) -> Step:
@@ -145,7 +153,8 @@ def build_step(cfg: TrainConfig, sae: SAEConfig, mesh, total_steps: int, dead_to
     shardings = S.shardings(abstract, mesh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     return Step(optimizer, settings, shardings, abstract,
-                compile_train_step(optimizer, settings, mesh, abstract, train.batch_size))
+                compile_train_step(optimizer, settings, mesh, abstract, train.batch_size),
+                pure_train_step(optimizer, settings, mesh, train.batch_size))
 
 
 def fresh_state(step: Step, key: jax.Array, b_dec_D, input_scale: float, enc_init: str, enc_scale: float) -> TrainState:

@@ -26,19 +26,21 @@ def sparse_data(directions: np.ndarray, n_rows: int, active: float, noise: float
     return (x * 3.0 + 1.0).astype(np.float32)  # an offset and a scale the SAE must undo
 
 
-def write_store(path, x: np.ndarray, layer: int = 0, rows_per_sample: int = 50, tags=None):
-    """Write rows into a complete single-layer store; samples are consecutive row blocks."""
-    n_rows, d = x.shape
+def write_store(path, x: np.ndarray | dict, layer: int = 0, rows_per_sample: int = 50, tags=None):
+    """Write rows into a complete store; samples are consecutive row blocks. ``x``: one layer's rows
+    (layer ``layer``), or {layer: rows} for several layers of the same shape."""
+    by_layer = x if isinstance(x, dict) else {layer: x}
+    n_rows, d = next(iter(by_layer.values())).shape
     n_samples = n_rows // rows_per_sample
-    x = x[: n_samples * rows_per_sample]
-    meta = StoreMeta(model="synthetic", layers=(layer,), d_model=d, n_codebooks=4, frame_rate=50.0,
+    meta = StoreMeta(model="synthetic", layers=tuple(by_layer), d_model=d, n_codebooks=4, frame_rate=50.0,
                      sampling_rate=32000, dtype="float32", mode="generate", n_samples=n_samples,
-                     n_rows=len(x), n_units=1)
+                     n_rows=n_samples * rows_per_sample, n_units=1)
     samples = [{"index": i, "prompt": f"sample {i}", "source_id": f"syn-{i}",
                 "tags": list(tags[i]) if tags is not None else [], "n_frames": rows_per_sample}
                for i in range(n_samples)]
     store = create_store(path, meta, samples, [rows_per_sample] * n_samples)
-    store.write_rows(acts_name(layer), 0, x)
+    for index, rows in by_layer.items():
+        store.write_rows(acts_name(index), 0, rows[: n_samples * rows_per_sample])
     store.commit_unit(0, "shard-0-of-1")
     return store
 

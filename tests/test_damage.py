@@ -262,6 +262,6 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(store, tmp_p
     assert exit_.value.code == 2 and "\n" not in line, line
     assert f"every checkpoint in {run / 'ckpt'} is damaged" in line and "pass --overwrite" in line, line
     # --overwrite starts over: every checkpoint and model of the run goes, the given state is the start.
-    assert _resume(RunCheckpoints(run / "ckpt"), RunDir(run), like, overwrite=True) is like
+    assert _resume(RunCheckpoints(run / "ckpt"), RunDir(run), like, overwrite=True)[0] is like
     assert not any(p.name.isdigit() for p in (run / "ckpt").iterdir())
     assert not (run / "final").exists() and not (run / "best").exists()
