@@ -13,7 +13,9 @@ a part that fails or runs out of time still leaves the others' results:
 5. ``pipeline``: extract -> train -> discover -> report on ``tiny-random`` through
    ``python -m launch --platform gpu``, and where each stage ran (the ``runtime`` records that
    train and discover write);
-6. ``synthbench``: ``bench.synthbench`` at the published scale: BatchTopK and Matryoshka, width
+6. ``sweep``: ``bench.sweep_bench --sizes gpu``: 8 SAEs at d=1,024, h=8,192 as one sweep against
+   the same 8 one after another (goal: at least 3x faster);
+7. ``synthbench``: ``bench.synthbench`` at the published scale: BatchTopK and Matryoshka, width
    4,096, k = 25, on 200M samples of SynthSAEBench-16k drawn on the GPU, scored on 500,000 fresh
    samples, beside the published rows (``--no_synthbench`` leaves it out: it is the long part).
 
@@ -150,6 +152,11 @@ def main() -> None:
         results["pipeline"] = pipeline
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    save()
+    sweep_args = ["--sizes", "tiny", "--repeats", "1"] if quick else ["--sizes", "gpu", "--repeats", "2"]
+    sweep = _run("sweep", [py, "-m", "bench.sweep_bench", *sweep_args], 240 if quick else 1200)
+    sweep["results"] = _read(RESULTS / "sweep_bench.json")
+    results["sweep"] = sweep
     save()
     if not args.no_synthbench:
         synth_args = (["--model", "synthsaebench-tiny", "--samples", "20480", "--hidden_dim", "256", "--top_k", "8",

@@ -182,3 +182,24 @@ def test_sigkill_at_a_random_moment_then_rerun_ends_with_the_same_parameters(sto
     subprocess.run(cli(*args, "--out", str(out)), check=True, capture_output=True)
     for ref in (tmp_path / "ref").glob("*/*/*/*/final"):
         _assert_same(ref.parent, out / ref.parent.relative_to(tmp_path / "ref"), str(ref))
+
+
+def test_the_pipeline_sweeps_then_discovers_the_member_its_rule_picks(store, tmp_path):
+    """--sweep trains the grid and discovers the member with the lowest validation FVU within --max_l0."""
+    import shutil
+
+    from launch.pipeline import PipelineConfig, PipelineError, run_pipeline
+    from jax_sae.sweep.page import read_summary
+
+    shutil.copytree(store / "store", tmp_path / "demo" / "activations")
+    spec = tmp_path / "grid.json"
+    spec.write_text(json.dumps({"top_k": [4, 12]}))
+    cfg = PipelineConfig(out=str(tmp_path / "demo"), layer=0, sae_type="topk", hidden_dim=64, epochs=1,
+                         train_batch_size=256, lr=4e-3, stages=("train", "discover"), sweep=str(spec), max_l0=6,
+                         max_features=5)
+    run_pipeline(cfg)
+    records = {r["name"]: r for r in read_summary(tmp_path / "demo" / "models" / "sweep")["members"]}
+    assert records["k12"]["stats"]["final_val"]["fvu"] < records["k4"]["stats"]["final_val"]["fvu"]
+    assert (tmp_path / "demo" / "results" / "features_layer0_k4.json").exists(), "k = 12 is over --max_l0 6"
+    with pytest.raises(PipelineError, match="no finished member of the sweep on layer 0 has inference L0 within 2"):
+        run_pipeline(PipelineConfig(**{**cfg.__dict__, "max_l0": 2.0}))

@@ -78,7 +78,7 @@ class FaultsConfig:
     keep: bool = False
     """Keep the work directory (every command's output is in its logs/)."""
     quick: bool = False
-    """4 kills (one per stage), one concurrent pair, one disk-full mechanism, 4 prompts of 0.5 s: a few minutes."""
+    """5 kills (one per stage), one concurrent pair, one disk-full mechanism, 4 prompts of 0.5 s: a few minutes."""
 
     def __post_init__(self) -> None:
         if self.kills < 0 or self.concurrent < 0:
@@ -113,7 +113,7 @@ def _cases(cfg: FaultsConfig, ws: Workspace) -> Iterator[Case]:
 
 def run(cfg: FaultsConfig) -> dict:
     if cfg.quick:
-        cfg = replace(cfg, kills=4, concurrent=1, disk_full="auto", prompts=4, duration=0.5, quick=False)
+        cfg = replace(cfg, kills=5, concurrent=1, disk_full="auto", prompts=4, duration=0.5, quick=False)
     root = Path(tempfile.mkdtemp(prefix="sae-faults-", dir=cfg.tmp_dir))
     print(f"fault injection in {root}", flush=True)
     cases: list[Case] = []

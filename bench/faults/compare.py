@@ -82,10 +82,22 @@ def _json_diff(a, b, tol: float, where: str = "") -> str | None:
 
 
 def compare_run(ws: Workspace, trial: Path) -> list[str]:
+    return compare_run_dirs(ws, ws.runs(ws.ref), ws.runs(trial))
+
+
+def compare_sweep(ws: Workspace, trial: Path) -> list[str]:
+    """Every member of the sweep as ``compare_run_dirs`` compares runs, and the comparison page written."""
+    ref, got = ws.sweep_members(ws.ref), ws.sweep_members(trial)
+    diffs = [f"member {name} missing" for name in ref if name not in got]
+    diffs += [f"{name}: {d}" for name in ref.keys() & got.keys() for d in compare_run_dirs(ws, ref[name], got[name])]
+    page = trial / ws.sweep_out / "sweep.html"
+    return sorted(diffs) + ([] if page.exists() else [f"no {page.name}"])
+
+
+def compare_run_dirs(ws: Workspace, ref, got) -> list[str]:
     """Differences between two training runs, read through ``RunDir``: best/ and final/ parameters
     within PARAM_TOL, the kept checkpoint steps, the stats (but VOLATILE_STATS) and metrics, and
     every other file of the run byte for byte."""
-    ref, got = ws.runs(ws.ref), ws.runs(trial)
     got_stats = got.read_stats()
     if got_stats is None:
         return [f"the run did not finish (no {got.stats.name})"]
@@ -140,6 +152,7 @@ COMPARE: dict[str, Callable[[Workspace, Path], list[str]]] = {
     "train": compare_run,
     "discover": compare_features,
     "export": compare_export,
+    "sweep": compare_sweep,
 }
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ("extract", "train", "discover", "export")
+STAGES = ("extract", "train", "discover", "export", "sweep")
 
 
 @dataclass
@@ -87,11 +87,15 @@ class Workspace:
         discover = ("discovery.discover", "--sae_path", str(final), "--store", str(self.ref / "store"), "--output",
                     "results/features.json", "--min_activation_count", "1", "--max_features", "5", "--no-progress")
         export = ("jax_sae.export", "--checkpoint", str(final), "--format", "torch", "--out", "sae.pt")
+        sweep = ("jax_sae.sweep", "--store", str(self.ref / "store"), "--layers", "1,3", "--top_ks", "4,8",
+                 "--hidden_dim", "64", "--batch_size", "16", "--epochs", "6", "--lr", "1e-3", "--checkpoint_every", "6",
+                 "--mesh_data", "1", "--out", "sweep", "--no-progress")
+        self.sweep_out = Path(sweep[sweep.index("--out") + 1])
         self.commands = {
             "extract": ("extractor.extract", "--model", "tiny-random", "--layers", "1,3", "--prompt_file",
                         "bundled", "--max_prompts", str(prompts), "--duration", str(duration),
                         "--batch_size", "2", "--device", "cpu", "--out", "store"),
-            "train": train, "discover": discover, "export": export,
+            "train": train, "discover": discover, "export": export, "sweep": sweep,
         }
         self.store = Path(self.commands["extract"][-1])
         self.features = Path(_parsed(DiscoverConfig, discover).output)
@@ -105,6 +109,13 @@ class Workspace:
         from jax_sae.run_dir import RunDir
 
         return RunDir(trial / self.run_dir)
+
+    def sweep_members(self, trial: Path) -> dict[str, object]:
+        """The run directories (``RunDir``) of a trial's sweep members, by their path under the sweep."""
+        from jax_sae.run_dir import RunDir
+
+        root = trial / self.sweep_out
+        return {str(p.relative_to(root)): RunDir(p) for p in sorted(root.glob("*/*/layer*/dim*")) if p.is_dir()}
 
     def param_gap(self, ref: Path, got: Path) -> float:
         """Largest difference between two checkpoints' parameters, loaded with ``jax_sae.load`` in a
@@ -178,6 +189,12 @@ class Workspace:
                 return "run finished"
             steps = run.checkpoint_steps()
             return f"checkpoints at steps {','.join(map(str, steps))}" if steps else "no checkpoint yet"
+        if stage == "sweep":
+            members = self.sweep_members(trial)
+            done = sum(run.read_stats() is not None for run in members.values())
+            steps = sorted({max(run.checkpoint_steps(), default=0) for run in members.values()})
+            return f"{done}/{len(members)} members finished, newest checkpoints at steps {steps}" if members \
+                else "no member yet"
         output = trial / (self.features if stage == "discover" else self.export)
         return f"{output.name} written" if output.exists() else f"no {output.name} yet"
 

@@ -13,6 +13,7 @@ import html
 import json
 from pathlib import Path
 
+from sae_core.errors import UsageError
 from sae_core.files import write_json, write_text
 
 from ..plots import pyplot
@@ -21,6 +22,29 @@ PAGE, SUMMARY = "sweep.html", "sweep.json"
 POINTS = (("fvu", "validation FVU", False), ("loss_recovered", "loss recovered (spliced in)", True),
           ("probe_f1", "tag probing F1 (top-5 latents)", True), ("dead_fraction", "dead fraction", False))
 """The y of each Pareto panel against inference L0, and whether higher is better."""
+
+
+def read_summary(out: str | Path) -> dict:
+    """A sweep's ``sweep.json``; a missing or damaged one is named with the command that writes it."""
+    path = Path(out) / SUMMARY
+    try:
+        summary = json.loads(path.read_text())
+        summary["members"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UsageError(f"{path} is not a finished sweep's summary ({type(err).__name__}); run (or rerun) the "
+                         "python -m jax_sae.sweep command that writes it") from None
+    return summary
+
+
+def finished(out: str | Path) -> bool:
+    """Whether the sweep in ``out`` finished every member."""
+    from ..run_dir import RunDir
+
+    try:
+        records = read_summary(out)["members"]
+    except UsageError:
+        return False
+    return all(r.get("status") != "diverged" and RunDir(r["run_dir"]).finished() for r in records)
 
 
 def member_point(record: dict) -> dict:

@@ -8,6 +8,7 @@ from the newest step they all saved."""
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable
 
@@ -235,12 +236,12 @@ class SweepRun:
             if batches is None:
                 out.update({id(r): None for r in group})
                 continue
-            models = [jax.tree.map(jnp.asarray, r.inference()) for r in group]
-            accs = [MetricAccumulator(r.plan.sae) for r in group]
+            saes = tuple(r.plan.sae for r in group)
+            models = tuple(jax.tree.map(jnp.asarray, r.inference()) for r in group)
+            accs = [MetricAccumulator(sae) for sae in saes]
             for x in batches:
-                rows, x = len(x), jnp.asarray(x)
-                for acc, r, model in zip(accs, group, models):
-                    acc.add(rows, batch_sums(r.plan.sae, *model, x))
+                for acc, sums in zip(accs, jax.device_get(_members_sums(saes, models, jnp.asarray(x)))):
+                    acc.add(len(x), sums)
             out.update({id(r): summed(acc) for r, acc in zip(group, accs)})
         return out
 
@@ -265,6 +266,12 @@ class SweepRun:
 
     def bytes_read(self) -> int:
         return sum(source.bytes_read() for source in self.sources.values())
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _members_sums(saes: tuple, models: tuple, x_BD: jax.Array) -> tuple:
+    """``metrics.batch_sums`` of several members on one batch, as one program (one dispatch, one fetch)."""
+    return tuple(batch_sums(sae, *model, x_BD) for sae, model in zip(saes, models))
 
 
 class Compiled:
