@@ -19,6 +19,7 @@ MODULES = {
     "render": ("torch", "transformers"),
     "effects": ("torch", "transformers"),
     "steer": ("torch", "transformers"),
+    "evaluate": ("torch", "transformers"),
 }
 """The torch-side modules the JAX side uses, with the packages each needs."""
 

@@ -203,3 +203,39 @@ def test_the_pipeline_sweeps_then_discovers_the_member_its_rule_picks(store, tmp
     assert (tmp_path / "demo" / "results" / "features_layer0_k4.json").exists(), "k = 12 is over --max_l0 6"
     with pytest.raises(PipelineError, match="no finished member of the sweep on layer 0 has inference L0 within 2"):
         run_pipeline(PipelineConfig(**{**cfg.__dict__, "max_l0": 2.0}))
+
+
+def test_probe_gives_every_member_the_real_activation_evaluation_on_the_page(tmp_path):
+    """--probe writes best.real_eval.json beside each member and the page plots its probe F1."""
+    directions = planted_dictionary(D_MODEL, 64, seed=0)
+    x = sparse_data(directions, 6000, active=4, noise=0.05, seed=0)
+    tags = [["drums"] if i % 2 else ["piano"] for i in range(120)]
+    write_store(tmp_path / "store", x, tags=tags)
+    summary = sweep(from_flags(SweepConfig, _base(tmp_path, tmp_path / "sweep", sae_type="topk", hidden_dim=64,
+                                                  layer_idx=0, top_ks=(4, 8), probe=True, mesh_data=1)))
+    for record in summary["members"]:
+        assert Path(record["run_dir"], "best.real_eval.json").exists()
+        assert record["point"]["probe_f1"] is not None, record["name"]
+    assert "probe F1" in (tmp_path / "sweep" / "sweep.html").read_text()
+
+
+def test_probe_without_tags_is_refused_before_training(store, tmp_path):
+    text = _error(["--store", str(store / "store"), "--out", str(tmp_path / "out"), "--probe", "--top_ks", "4,8"])
+    assert "--probe needs tagged samples" in text
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # extraction and one torch process per member (about a minute)
+def test_evaluate_model_splices_every_member_into_musicgen(tmp_path):
+    from extractor.extract import ExtractConfig, extract
+
+    (tmp_path / "p.txt").write_text("a slow sad jazz piano\nfast energetic rock drums\ncalm folk guitar\nhip hop\n")
+    extract(ExtractConfig(model="tiny-random", layers="2", prompt_file=str(tmp_path / "p.txt"), batch_size=4,
+                          duration=1.0, out=str(tmp_path / "store"), device="cpu", dtype="float32", top_k=50))
+    summary = sweep(from_flags(SweepConfig, dict(
+        store=str(tmp_path / "store"), out=str(tmp_path / "sweep"), layer_idx=2, sae_type="topk", hidden_dim=128,
+        top_ks=(4, 16), batch_size=32, epochs=3, progress=False, mesh_data=1, val_fraction=0.25, patience=0,
+        evaluate_model="tiny-random", evaluate_device="cpu", evaluate_samples=4)))
+    recovered = {r["name"]: r["point"]["loss_recovered"] for r in summary["members"]}
+    assert all(v is not None for v in recovered.values()), recovered
+    assert "loss recovered" in (tmp_path / "sweep" / "sweep.html").read_text()

@@ -10,6 +10,7 @@ writes with its settings and ``--out {out}/{member}``, and equals that run; the 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from .config import Member, SweepConfig, SweepError, members
 
@@ -20,6 +21,7 @@ def sweep(cfg: SweepConfig) -> dict:
     """Train (or resume) every member of the sweep; returns the summary written to sweep.json."""
     from ..distributed import initialize, is_primary
     from ..runtime import check_platform
+    from .evaluate import probing, spliced
     from .page import write_page
     from .run import SweepRun
 
@@ -27,9 +29,16 @@ def sweep(cfg: SweepConfig) -> dict:
     runtime = cfg.runtime
     initialize(runtime.coordinator_address, runtime.num_processes, runtime.process_id)
     check_platform("sweep")
+    _check_evaluations(cfg)
     run = SweepRun.setup(cfg)
     run.run()
     records = run.finish(time.time() - started)
+    finished = [Path(r["run_dir"]) for r in records if r["status"] != "diverged"]
+    if is_primary() and cfg.sweep.probe:
+        probing(finished, str(cfg.train.store), runtime.progress)
+    if is_primary() and cfg.sweep.evaluate_model:
+        spliced(finished, cfg.sweep.evaluate_model, str(cfg.train.store), cfg.sweep.evaluate_samples,
+                cfg.sweep.evaluate_device, runtime.progress)
     first = run.runs[0]
     summary = {"out": str(cfg.out), "members": records, "steps": int(first.state.step), "batch_size":
                first.cfg.train.batch_size, "seconds": time.time() - started, "loop_seconds": run.loop_seconds,
@@ -43,6 +52,23 @@ def sweep(cfg: SweepConfig) -> dict:
         raise SweepError(f"{len(run.failed)} of {len(records)} members diverged ({names}); the others finished "
                          f"(see {cfg.out / 'sweep.html'}); sweep them again with a lower --lrs")
     return summary
+
+
+def _check_evaluations(cfg: SweepConfig) -> None:
+    """What the evaluations asked for need, checked before any training."""
+    if cfg.sweep.evaluate_model:
+        from ..torch_side import require
+
+        require("evaluate", "--evaluate_model runs the spliced-in evaluation with torch",
+                "drop --evaluate_model, or evaluate the members on a machine with the torch side")
+    if cfg.sweep.probe:
+        from discovery.align import tag_matrix
+        from sae_core.store import open_store
+
+        tags, _ = tag_matrix(open_store(cfg.train.store).samples, 8)
+        if not tags:
+            raise SweepError(f"--probe needs tagged samples, and no tag of {cfg.train.store} has 8 samples with it "
+                             "and without it: extract from MusicCaps prompts (--csv), or drop --probe")
 
 
 def _flags(cfg: SweepConfig) -> dict:

@@ -58,6 +58,14 @@ class SweepSettings:
     sweep_file: str | None = None
     """A JSON or TOML file: {"setting": [values], ...} grids over any training setting, and "members":
     [{"setting": value, ...}, ...] lists members; the file's grid, the lists above and the members multiply."""
+    evaluate_model: str | None = None
+    """The MusicGen the store was extracted from: evaluate every member spliced in (loss recovered, its own process)."""
+    evaluate_samples: int = 32
+    """Samples of the store each spliced-in evaluation runs on."""
+    evaluate_device: str = "auto"
+    """Torch device of the spliced-in evaluations (auto | cpu | cuda)."""
+    probe: bool = False
+    """Give every member the real-activation evaluation (tag probing, absorption); needs a store with tagged samples."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,8 @@ class SweepConfig:
             raise SweepError("give --hidden_dims or --expansions, not both")
         if any(e <= 0 for e in self.sweep.expansions):
             raise SweepError(f"--expansions must be positive, got {','.join(map(str, self.sweep.expansions))}")
+        if self.sweep.evaluate_samples <= 0:
+            raise SweepError(f"--evaluate_samples must be positive, got {self.sweep.evaluate_samples}")
         if self.runtime.compile_only:
             raise SweepError("--compile_only is for one run: compile a member with python -m jax_sae.train")
 
