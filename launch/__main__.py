@@ -30,6 +30,7 @@ STAGES = {
     "prompts": Stage("extractor.prompts", "prompt files from MusicCaps", "nothing"),
     "extract": Stage("extractor.extract", "MusicGen activations into an activation store (torch)", "torch"),
     "train": Stage("jax_sae.train", "an SAE on one layer of a store (JAX)", "jax"),
+    "sweep": Stage("jax_sae.sweep", "a grid of SAEs in one pass over the store, on one comparison page (JAX)", "jax"),
     "discover": Stage("discovery.discover", "find, label and align an SAE's features (JAX)", "jax"),
     "report": Stage("discovery.report", "a browsable HTML report of discovered features", "nothing"),
     "export": Stage("jax_sae.export", "a trained SAE in the torch or SAELens format", "nothing"),
