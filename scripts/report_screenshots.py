@@ -1,6 +1,7 @@
 """Screenshots of a report's index and one feature page with headless Chromium (for the README):
 
     python scripts/report_screenshots.py REPORT_DIR [FEATURE] --out docs
+    python scripts/report_screenshots.py SWEEP_DIR/sweep.html --out docs   # a sweep's comparison page
 
 Needs chromium, chromedriver and selenium (the dev extra), as the report's browser test does.
 """
@@ -28,9 +29,14 @@ def main() -> None:
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
-    feature = args.report / (f"f{args.feature}.html" if args.feature else sorted(args.report.glob("f*.html"))[0].name)
+    if args.report.suffix == ".html":  # one page: a sweep's comparison page
+        shots = [(args.report, "sweep-page.png")]
+    else:
+        feature = args.report / (f"f{args.feature}.html" if args.feature else
+                                 sorted(args.report.glob("f*.html"))[0].name)
+        shots = [(args.report / "index.html", "report-index.png"), (feature, "report-feature.png")]
     try:
-        for page, name in ((args.report / "index.html", "report-index.png"), (feature, "report-feature.png")):
+        for page, name in shots:
             driver.set_window_size(args.width, 800)
             driver.get(page.resolve().as_uri())
             time.sleep(1.0)  # images and audio metadata load

@@ -20,8 +20,8 @@ from ..plots import pyplot
 
 PAGE, SUMMARY = "sweep.html", "sweep.json"
 POINTS = (("fvu", "validation FVU", False), ("loss_recovered", "loss recovered (spliced in)", True),
-          ("probe_f1", "tag probing F1 (top-5 latents)", True), ("dead_fraction", "dead fraction", False))
-"""The y of each Pareto panel against inference L0, and whether higher is better."""
+          ("probe_f1", "tag probing F1 (top-5 latents)", True), ("dead_fraction", "dead fraction", None))
+"""The y of each panel against inference L0, and whether higher is better (None: no frontier)."""
 
 
 def read_summary(out: str | Path) -> dict:
@@ -119,7 +119,7 @@ def _plot(records: list[dict], path: Path, title: str) -> bool:
     colours = {t: f"C{i}" for i, t in enumerate(types)}
     for ax, (key, label, higher) in zip(axes[0], panels):
         points = [r["point"] for r in records]
-        marks = frontier(points, key, higher)
+        marks = frontier(points, key, higher) if higher is not None else [False] * len(points)
         on = sorted((p["l0"], p[key]) for p, m in zip(points, marks) if m)
         if len(on) > 1:
             ax.plot(*zip(*on), color="0.6", lw=1, zorder=1, label="frontier")
@@ -144,6 +144,17 @@ def _plot(records: list[dict], path: Path, title: str) -> bool:
     return True
 
 
+def _lr(stats: dict) -> str:
+    """The peak learning rate a member trained with (``--lr auto`` resolved)."""
+    from ..config import auto_lr
+
+    config = stats.get("config") or {}
+    lr = config.get("lr")
+    if lr == "auto" and config.get("hidden_dim") and config.get("batch_size"):
+        lr = auto_lr(config["hidden_dim"], config["batch_size"])
+    return "-" if lr is None else f"{lr:.2g}" if isinstance(lr, float) else html.escape(str(lr))
+
+
 def _type(record: dict) -> str:
     return record["settings"].get("sae_type") or ((record.get("stats") or {}).get("sae") or {}).get("sae_type", "sae")
 
@@ -161,7 +172,7 @@ def _section(layer: str, records: list[dict], image: str | None) -> str:
         sae = stats.get("sae") or {}
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in (
             ("&#9733; " if r.get("frontier") else "") + html.escape(r["name"]), html.escape(_type(r)),
-            _fmt(sae.get("hidden_dim")), _fmt(sae.get("top_k")), _fmt((stats.get("config") or {}).get("lr")),
+            _fmt(sae.get("hidden_dim")), _fmt(sae.get("top_k")), _lr(stats),
             _fmt(p["l0"], 1), _fmt(p["fvu"]), _fmt(p["dead_fraction"]), _fmt(p["loss_recovered"]),
             _fmt(p["probe_f1"]), _fmt(r.get("tokens_per_second"), 0), html.escape(r["status"]),
             f'<a href="{html.escape(r["run_dir"])}">{html.escape(r["run_dir"])}</a>')) + "</tr>")
@@ -179,6 +190,6 @@ def _html(summary: dict, sections: list[str]) -> str:
             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:100%}</style></head><body>"
             f"<h1>Sweep: {html.escape(str(summary['out']))}</h1><p>{html.escape(facts)}. &#9733; marks the members "
             "on the L0-FVU frontier of their layer (no other member is both sparser and more faithful).</p>"
-            + "".join(sections) + "<h2>sweep.json</h2><pre>"
+            + "".join(sections) + "<details><summary>the sweep's settings (sweep.json)</summary><pre>"
             + html.escape(json.dumps({k: v for k, v in summary.items() if k != "members"}, indent=1))
-            + "</pre></body></html>")
+            + "</pre></details></body></html>")
