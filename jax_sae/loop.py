@@ -234,7 +234,7 @@ class TrainingRun:
             if step % self.plan.eval_every == 0 or step == self.plan.total_steps:
                 progress.flush()
                 stopped = self._validate(step, progress)
-            if step % self.plan.checkpoint_every == 0:
+            if step % self.plan.checkpoint_every == 0 and not stopped:  # a stopped run's last save is marked finished
                 self.save_checkpoint(step, meta, progress)
             if stopped:
                 return step, True

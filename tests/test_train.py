@@ -395,6 +395,8 @@ def test_patience_stops_a_run_that_no_longer_improves_by_min_delta_and_keeps_its
     assert stop_step == best_step + cfg.train.eval_every * cfg.train.patience
     best_fvu = next(r["val"]["fvu"] for r in records if r["step"] == best_step)
     assert stats["best_val"]["fvu"] == pytest.approx(best_fvu, rel=1e-6)
+    again = train(cfg)  # rerun: the run stays stopped, it does not train on
+    assert again["steps"] == stats["steps"] and again["resumed_from"] == stats["steps"]
 
 
 def test_a_calibrated_threshold_gives_exactly_k_latents_per_row_on_its_rows():
