@@ -97,7 +97,7 @@ class SweepRun:
             if source_key(member) not in shown and is_primary():
                 shown.add(source_key(member))
                 for note in r.notes:
-                    print(f"{member.cfg.train.store} layer {member.cfg.train.layer_idx}: {note}")
+                    print(f"{' layer '.join(map(str, source_key(member)))}: {note}")
         sweep = cls(cfg, grid, runs, sources, mesh, runtime, estimate)
         sweep._check_same_plan()
         sweep._line_up()
