@@ -48,9 +48,12 @@ class SweepBenchConfig:
     epochs: int = 1
     """Passes over the store."""
     repeats: int = 2
-    """Runs of each side per size (small); large runs once per repeat beyond the first only if --repeats > 2."""
+    """Runs of each side for the small and tiny sizes; the others run one fewer (at least one), 0 none (only --steps)."""
     rows: int = 0
     """Store rows (0: the size's default)."""
+    steps: int = 20
+    """Also time this many steps of the sweep's compiled step against each member's own step, summed
+    (the arithmetic alone, without validation or files; 0 leaves it out)."""
     tmp_dir: str = "/tmp"
     """Where the stores and runs go (removed afterwards)."""
 
@@ -95,10 +98,66 @@ def run_side(side: str, flags: dict) -> dict:
     return {"seconds": time.perf_counter() - started, "bytes_read": read, "peak_rss_mib": peak_rss_mib()}
 
 
+def run_steps(flags: dict, steps: int) -> dict:
+    """Seconds of one compiled sweep step for every member, and of each member's own step, in this
+    (fresh) process, on one batch, after a warm-up call each (compilation)."""
+    import jax
+
+    from jax_sae.sweep import SweepConfig
+    from jax_sae.sweep.run import SweepRun
+    from sae_core.cli import from_flags
+
+    run = SweepRun.setup(from_flags(SweepConfig, flags))
+    members = run.active()
+    compiled = run._compile(members)
+    x = next(iter(run.sources[compiled.keys[0]].batches(0, 0, 1)))
+
+    def timed(step) -> float:
+        jax.block_until_ready(step())
+        started = time.perf_counter()
+        for _ in range(steps):
+            out = step()
+        jax.block_until_ready(out)
+        return (time.perf_counter() - started) / steps
+
+    def sweep_step():
+        states, metrics = compiled.fn(tuple(r.state for r in members), (x,))
+        for r, state in zip(members, states):
+            r.state = state
+        return metrics
+
+    together = timed(sweep_step)
+    alone = {}
+    for r in members:
+        def own(r=r):
+            r.state, metrics = r.step_fn(r.state, x)
+            return metrics
+
+        alone[run.names[id(r)]] = timed(own)
+    return {"sweep_step": together, "alone_steps": alone}
+
+
 def _width(store: str) -> int:
     from sae_core.store import open_store
 
     return open_store(store).d_model
+
+
+def _compare(size: str, results: dict, figures: dict, derived: dict, targets: list) -> None:
+    """The wall-clock, bytes and memory of both sides, their ratios and the goals."""
+    for side, runs in results.items():
+        figures[f"{size} {side}: wall-clock"] = summarize([r["seconds"] for r in runs])
+        figures[f"{size} {side}: MiB read"] = summarize([r["bytes_read"] / 2**20 for r in runs], "MiB")
+        figures[f"{size} {side}: peak RSS"] = summarize([r["peak_rss_mib"] for r in runs], "MiB")
+    speedup = figures[f"{size} sequence: wall-clock"]["median"] / figures[f"{size} sweep: wall-clock"]["median"]
+    read_ratio = (figures[f"{size} sweep: MiB read"]["median"]
+                  / max(figures[f"{size} sequence: MiB read"]["median"], 1e-9))
+    derived[f"{size}: sweep speed-up (sequence / sweep wall-clock)"] = round(speedup, 2)
+    derived[f"{size}: bytes read, sweep / sequence"] = round(read_ratio, 3)
+    targets.append(target(f"{size}: sweep speed-up", round(speedup, 2), f"at least {GOALS[size]}x",
+                          speedup >= GOALS[size]))
+    targets.append(target(f"{size}: bytes read", round(read_ratio, 3), "1/8 of the sequence's (0.125)",
+                          read_ratio <= 0.125 * 1.05))
 
 
 def run(cfg: SweepBenchConfig) -> dict:
@@ -110,7 +169,7 @@ def run(cfg: SweepBenchConfig) -> dict:
             rows = cfg.rows or rows
             _store(root / size / "store", rows, d_model)
             results: dict[str, list[dict]] = {"sweep": [], "sequence": []}
-            repeats = cfg.repeats if size == "small" else max(1, cfg.repeats - 1)
+            repeats = cfg.repeats if size in ("small", "tiny") or not cfg.repeats else max(1, cfg.repeats - 1)
             for i in range(repeats):
                 for side in ("sweep", "sequence"):
                     out = root / size / f"{side}{i}"
@@ -118,19 +177,18 @@ def run(cfg: SweepBenchConfig) -> dict:
                     results[side].append(got)
                     print(f"{size} {side} #{i}: {got['seconds']:.1f} s, {got['bytes_read'] / 2**20:.0f} MiB read, "
                           f"peak RSS {got['peak_rss_mib']:.0f} MiB", flush=True)
-            for side, runs in results.items():
-                figures[f"{size} {side}: wall-clock"] = summarize([r["seconds"] for r in runs])
-                figures[f"{size} {side}: MiB read"] = summarize([r["bytes_read"] / 2**20 for r in runs], "MiB")
-                figures[f"{size} {side}: peak RSS"] = summarize([r["peak_rss_mib"] for r in runs], "MiB")
-            speedup = figures[f"{size} sequence: wall-clock"]["median"] / figures[f"{size} sweep: wall-clock"]["median"]
-            read_ratio = (figures[f"{size} sweep: MiB read"]["median"]
-                          / max(figures[f"{size} sequence: MiB read"]["median"], 1e-9))
-            derived[f"{size}: sweep speed-up (sequence / sweep wall-clock)"] = round(speedup, 2)
-            derived[f"{size}: bytes read, sweep / sequence"] = round(read_ratio, 3)
-            targets.append(target(f"{size}: sweep speed-up", round(speedup, 2), f"at least {GOALS[size]}x",
-                                  speedup >= GOALS[size]))
-            targets.append(target(f"{size}: bytes read", round(read_ratio, 3), "1/8 of the sequence's (0.125)",
-                                  read_ratio <= 0.125 * 1.05))
+            if cfg.steps:
+                timing = in_fresh_process(run_steps, _sweep_flags(cfg, root / size / "store", root / size / "steps",
+                                                                  widths), cfg.steps)
+                figures[f"{size}: one sweep step"] = summarize([timing["sweep_step"] * 1e3], "ms")
+                figures[f"{size}: the members' own steps, summed"] = summarize(
+                    [sum(timing["alone_steps"].values()) * 1e3], "ms")
+                derived[f"{size}: step speed-up (own steps summed / sweep step)"] = round(
+                    sum(timing["alone_steps"].values()) / timing["sweep_step"], 2)
+                derived[f"{size}: each member's own step (ms)"] = {k: round(v * 1e3, 1)
+                                                                  for k, v in timing["alone_steps"].items()}
+            if results["sweep"]:
+                _compare(size, results, figures, derived, targets)
     params = {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
               "sizes_detail": {s: {"d_model": SIZES[s][0], "hidden_dims": list(SIZES[s][1]),
                                    "rows": cfg.rows or SIZES[s][2]} for s in cfg.sizes}}
