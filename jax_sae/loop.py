@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -157,6 +157,7 @@ class TrainingRun:
     step: Step
     resumed_from: int | None = None  # the checkpoint step this process started from (None: a new run)
     done: bool = False  # the newest checkpoint is a finished run's: nothing is left to train
+    _inference: tuple | None = field(default=None, repr=False)  # (state, inference()) of the last state read
 
     @classmethod
     def setup(cls, cfg: TrainConfig, mesh=None, data: StoreData | SyntheticData | None = None,
@@ -287,10 +288,14 @@ class TrainingRun:
 
     def inference(self) -> tuple:
         """Host copies of what inference uses: parameters, threshold (calibrated on the scan's sample
-        of training rows with --threshold calibrated) and input scale."""
+        of training rows with --threshold calibrated) and input scale. Kept for the state it was read
+        from: a validation, the best/ it saves and final/ calibrate once."""
+        if self._inference is not None and self._inference[0] is self.state:
+            return self._inference[1]
         params, threshold, scale = to_host((self.state.params, self.state.threshold, self.state.input_scale))
         if self.cfg.sae.threshold == "calibrated" and self.plan.sae.uses_threshold:
             threshold = np.float32(M.calibrated_threshold(self.plan.sae, params, self.scan.sample_BD * scale))
+        self._inference = (self.state, (params, threshold, scale))
         return params, threshold, scale
 
     def validation(self) -> MetricAccumulator | None:
