@@ -11,6 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .scores import as_scores
+
 
 @dataclass
 class Alignment:
@@ -44,16 +46,21 @@ def tag_matrix(samples: Sequence[dict], min_support: int) -> tuple[list[str], np
     return tags, presence
 
 
-def align(scores_NH: np.ndarray, samples: Sequence[dict], min_support: int = 5) -> Alignment:
-    """AUROC of each feature's sample scores as a detector of each supported tag."""
+def align(scores_NH, samples: Sequence[dict], min_support: int = 5, rows: np.ndarray | None = None) -> Alignment:
+    """AUROC of each feature's sample scores as a detector of each supported tag. ``scores_NH``: an
+    array or a ``SampleScores`` (on disk, read one column block at a time, so memory does not grow
+    with the features); ``rows``: the samples of ``scores_NH`` that ``samples`` lists (default all)."""
+    scores = as_scores(scores_NH)
     tags, presence = tag_matrix(samples, min_support)
     if not tags:
-        return Alignment([], np.zeros((0, scores_NH.shape[1])), presence)
-    ranks_NH = average_ranks(scores_NH.astype(np.float32))
+        return Alignment([], np.zeros((0, scores.hidden)), presence)
     n_pos = presence.sum(axis=0).astype(np.float64)
     n_neg = len(samples) - n_pos
-    rank_sums_TH = presence.T.astype(np.float64) @ ranks_NH
-    auroc = (rank_sums_TH - (n_pos * (n_pos + 1) / 2)[:, None]) / (n_pos * n_neg)[:, None]
+    presence_TN = presence.T.astype(np.float64)
+    auroc = np.empty((len(tags), scores.hidden))
+    for lo, hi, block in scores.iter_blocks(rows):
+        rank_sums_TH = presence_TN @ average_ranks(np.asarray(block, np.float32))
+        auroc[:, lo:hi] = (rank_sums_TH - (n_pos * (n_pos + 1) / 2)[:, None]) / (n_pos * n_neg)[:, None]
     return Alignment(tags, auroc, presence)
 
 

@@ -104,22 +104,24 @@ def discover(cfg: DiscoverConfig) -> dict:
     store = open_store(cfg.activation_file or cfg.store)
     layer = cfg.layer_idx if cfg.layer_idx is not None else sae.cfg.layer
     aggregation = "moments" if cfg.token_level else cfg.aggregation
+    output = Path(cfg.output or f"results/features_layer{layer}.json")
     finder = FeatureDiscovery(sae, progress=cfg.progress)
     found = finder.run(store, layer, filter_features=not cfg.no_filter, min_activation_count=cfg.min_activation_count,
                        max_activation_count=cfg.max_activation_count, max_features=cfg.max_features,
                        aggregation=aggregation, examples=cfg.examples, min_tag_support=cfg.min_tag_support,
-                       seed=cfg.seed)
+                       seed=cfg.seed, scores_dir=output.parent)  # beside the output: on its disk, not in /tmp
     if not is_primary():  # every process holds the same statistics; process 0 labels and writes
+        found.stats.close()
         return found.features
     if cfg.use_llm:
         from .features import apply_llm_labels
 
         apply_llm_labels(found, store, None, cfg.llm_api, cfg.llm_model, cfg.llm_cache, cfg.llm_concurrency,
                          cfg.progress)
-    output = Path(cfg.output or f"results/features_layer{layer}.json")
     summary = found.summary | {"sae_path": str(cfg.sae_path), "store": str(store.path), "output": str(output),
                                "runtime": runtime, "rows_read_per_process": list(found.stats.rows_read_per_process)}
     FeatureFiles(output).write(found.features, summary, _all_stats(found) if cfg.all else None)
+    found.stats.close()
     if summary["nonfinite_rows"]:
         print(f"skipped {summary['nonfinite_rows']} non-finite (NaN/Inf) rows of layer {layer} of {store.path} "
               f"(first: row {summary['first_nonfinite_row']}); the features describe the other "

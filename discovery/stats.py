@@ -3,7 +3,8 @@
 State is O(features x examples): nothing of size rows x features is ever materialised beyond
 one block. Blocks hold whole samples so sample-level scores (max and mean over a sample's
 frames) are exact. The only larger output is the sample-level score matrix [samples, features]
-(float16) that tag alignment needs; it grows with samples, not with rows.
+(float16) that tag alignment needs; it grows with samples, not with rows, and goes to disk
+(``discovery.scores``), so the pass's memory does not grow with either.
 
 Non-finite rows (NaN or Inf anywhere in the row) are skipped, not fed to the SAE: they count as
 padding, so a sample's scores come from its finite rows alone (a sample with none scores 0 and
@@ -32,6 +33,8 @@ from jax_sae.api import SAE
 from jax_sae.config import SAEConfig
 from jax_sae.distributed import gather_host
 from jax_sae.sharding import DATA, make_mesh
+
+from .scores import SampleScores
 
 
 # Edges of each feature's activation histogram: half-octaves from 2^-8 to 2^8 (activations are of
@@ -179,14 +182,20 @@ class PassResult:
     max: np.ndarray
     sum: np.ndarray
     top: dict[str, tuple[np.ndarray, np.ndarray]]  # aggregation -> (values [H, E], ids [H, E])
-    sample_max: np.ndarray  # [n_samples, H] float16
-    sample_mean: np.ndarray
+    sample_max: SampleScores | None  # [n_samples, H] float16 on disk (``.dense()`` for an array)
+    sample_mean: SampleScores | None  # None unless asked for (``scores=``)
     n_rows: int  # every row of the layer, skipped ones included
     n_samples: int
     nonfinite_rows: np.ndarray  # global indices of the skipped NaN/Inf rows, ascending
     finite_rows_per_sample: np.ndarray  # [n_samples]: the rows each sample's scores come from
     rows_read_per_process: tuple[int, ...] = ()  # store rows each process read (its devices' share)
     histogram: np.ndarray | None = None  # [H, len(HIST_EDGES) + 1] rows per activation bin (HIST_EDGES)
+
+    def close(self) -> None:
+        """Remove the score files now (they go anyway when the result is collected)."""
+        for scores in (self.sample_max, self.sample_mean):
+            if scores is not None:
+                scores.close()
 
     @property
     def finite_rows(self) -> int:
@@ -235,17 +244,19 @@ class _BlockReader:
 
 
 class _SampleScores:
-    """The host side of the pass: per-sample scores, finite rows per sample, the skipped rows."""
+    """The host side of the pass: per-sample scores (on disk, ``discovery.scores``), finite rows per
+    sample, the skipped rows."""
 
-    def __init__(self, n_samples: int, hidden: int):
-        self.max = np.zeros((n_samples, hidden), np.float16)
-        self.mean = np.zeros((n_samples, hidden), np.float16)
+    def __init__(self, n_samples: int, hidden: int, kinds: tuple[str, ...], directory):
+        self.max, self.mean = (SampleScores.create(directory, f"sample-{kind}", n_samples, hidden) if kind in kinds
+                               else None for kind in ("max", "mean"))
         self.finite_per_sample = np.zeros(n_samples, np.int64)
         self.nonfinite: list[np.ndarray] = []
 
     def add(self, samples: np.ndarray, lo: int, smax, smean, length, bad) -> None:
-        self.max[samples] = _local(smax)[: len(samples)]
-        self.mean[samples] = _local(smean)[: len(samples)]
+        for scores, values in ((self.max, smax), (self.mean, smean)):
+            if scores is not None:
+                scores.write(samples, _local(values)[: len(samples)])
         self.finite_per_sample[samples] = _local(length)[: len(samples)]
         bad_rows = np.flatnonzero(_local(bad))
         if len(bad_rows):
@@ -266,10 +277,14 @@ def _block_sizes(offsets: np.ndarray, block_rows: int, devices: int) -> tuple[in
 
 
 def feature_pass(sae: SAE, store, layer: int, *, examples: int = 20, block_rows: int = 4096,
-                 progress: bool = True, devices: int | None = None, token_examples: bool = True) -> PassResult:
+                 progress: bool = True, devices: int | None = None, token_examples: bool = True,
+                 scores: tuple[str, ...] = ("max", "mean"), scores_dir=None) -> PassResult:
     """Stream every sample of ``layer`` through the SAE once, rows split over ``devices``
     (default: every device of every process). ``token_examples=False`` skips the top single
     tokens (the "moments" examples), the pass's costliest statistic, when they are not wanted.
+    ``scores``: which per-sample score matrices to keep, in files under ``scores_dir`` (default
+    the temporary directory) removed when the result is collected: memory stays flat as the
+    samples grow.
 
     Under ``jax.distributed`` every process runs this with the same arguments: each reads from
     the store only the rows of each block that land on its own devices, the statistics are merged
@@ -291,8 +306,11 @@ def feature_pass(sae: SAE, store, layer: int, *, examples: int = 20, block_rows:
     shape = PassShape(sae.cfg, min(examples, max(1, store.n_samples)), max_samples, mesh, token_examples)
     state = jax.tree.map(put, init_state(sae.cfg.hidden_dim, max(shape.examples, 1)))
     constants = jax.tree.map(put, (sae.params, sae.threshold, np.float32(sae.input_scale)))
-    read, scores = _BlockReader(store, layer, block_rows, rows_on_devices), _SampleScores(store.n_samples,
-                                                                                         sae.cfg.hidden_dim)
+    unknown = set(scores) - {"max", "mean"}
+    if unknown:
+        raise UsageError(f"unknown sample scores {sorted(unknown)}: choose from max, mean")
+    read = _BlockReader(store, layer, block_rows, rows_on_devices)
+    sample_scores = _SampleScores(store.n_samples, sae.cfg.hidden_dim, tuple(scores), scores_dir)
     with tqdm(total=store.n_rows, desc=f"discover layer {layer}", unit="row",
               disable=not (progress and jax.process_index() == 0)) as bar:
         for samples in sample_blocks(offsets, block_rows):
@@ -300,9 +318,9 @@ def feature_pass(sae: SAE, store, layer: int, *, examples: int = 20, block_rows:
             segment, rows, sample_ids = _block_layout(samples, offsets, block_rows, max_samples)
             state, *block = update(shape, state, *constants, read(lo, hi), put(segment, rows_on_devices),
                                    put(rows, rows_on_devices), put(sample_ids))
-            scores.add(samples, lo, *block)
+            sample_scores.add(samples, lo, *block)
             bar.update(hi - lo)
-    return _result(store, layer, jax.tree.map(_local, state), scores, read.rows_read)
+    return _result(store, layer, jax.tree.map(_local, state), sample_scores, read.rows_read)
 
 
 def _result(store, layer: int, host: FeatureState, scores: _SampleScores, rows_read: int) -> PassResult:
@@ -310,6 +328,9 @@ def _result(store, layer: int, host: FeatureState, scores: _SampleScores, rows_r
     if store.n_rows and len(nonfinite_rows) == store.n_rows:
         raise UsageError(f"every row of layer {layer} of {store.path} is non-finite (NaN/Inf): there is nothing to "
                          "discover; re-extract the store")
+    for kept in (scores.max, scores.mean):
+        if kept is not None:
+            kept.seal()
     read_per_process = tuple(int(n) for n in gather_host(np.array([rows_read], np.int64)).ravel())
     return PassResult(
         token_count=host.token_count_H, sample_count=host.sample_count_H, max=host.max_H, sum=host.sum_H,

@@ -86,9 +86,9 @@ def test_sample_scores_come_from_the_finite_rows_alone(dirty):
     assert result.finite_rows_per_sample[1] == ROWS_PER_SAMPLE - 1 and result.finite_rows_per_sample[5] == 0
     finite_of_sample_1 = np.delete(x[40:80], 45 - 40, axis=0)
     f1 = np.asarray(sae.encode(finite_of_sample_1))
-    np.testing.assert_allclose(result.sample_mean[1], f1.mean(0), rtol=2e-3, atol=2e-3)
-    np.testing.assert_allclose(result.sample_max[1], f1.max(0), rtol=2e-3, atol=2e-3)
-    assert not result.sample_max[5].any(), "a sample with no finite row scores nothing"
+    np.testing.assert_allclose(result.sample_mean.dense()[1], f1.mean(0), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(result.sample_max.dense()[1], f1.max(0), rtol=2e-3, atol=2e-3)
+    assert not result.sample_max.dense()[5].any(), "a sample with no finite row scores nothing"
 
 
 def test_a_layer_with_no_finite_row_stops_with_one_line(dirty, tmp_path):
