@@ -127,8 +127,10 @@ def _block_stats(shape: PassShape, params, threshold, scale, x_RD, segment_R, ro
     smax_SH = jnp.where((length_S > 0)[:, None], jnp.maximum(smax_SH, 0.0), 0.0)
     ssum_SH = lax.psum(jax.ops.segment_sum(f_RH, segment_R, num_segments=slots)[:-1], DATA)
     top, top_rows = _top_tokens(shape, f_RH, valid_R, row_R)
-    # One fused compare-and-count per edge (a [R, H, edges] one-hot would not fit at real widths).
-    above_HE = jnp.stack([jnp.sum(f_RH > edge, axis=0, dtype=jnp.int32) for edge in HIST_EDGES.tolist()], axis=1)
+    # One compare-and-count per edge, one edge at a time (lax.map): written as 33 separate sums, XLA
+    # kept every edge's [R, H] int32 mask alive at once (17 GB at R = 4,096, H = 32,768).
+    above_HE = lax.map(lambda edge: jnp.sum(f_RH > edge, axis=0, dtype=jnp.int32),
+                       jnp.asarray(HIST_EDGES, jnp.float32)).T
     return (lax.psum(jnp.sum(f_RH > 0, axis=0, dtype=jnp.int32), DATA), lax.psum(jnp.sum(f_RH, axis=0), DATA),
             lax.pmax(jnp.max(f_RH, axis=0), DATA), smax_SH, ssum_SH / jnp.maximum(length_S, 1)[:, None],
             top, top_rows, length_S, bad_R, lax.psum(above_HE, DATA))
@@ -266,10 +268,16 @@ class _SampleScores:
         return np.concatenate(self.nonfinite) if self.nonfinite else np.zeros(0, np.int64)
 
 
-def _block_sizes(offsets: np.ndarray, block_rows: int, devices: int) -> tuple[int, int]:
-    """Rows per block (at least the longest sample, split evenly over the devices) and the most
-    samples a block can hold."""
+BLOCK_VALUES = 1 << 25  # a block's activations [rows, features] at most (128 MiB of float32 per device copy)
+
+
+def _block_sizes(offsets: np.ndarray, block_rows: int, devices: int, hidden: int | None = None) -> tuple[int, int]:
+    """Rows per block (at most ``BLOCK_VALUES / hidden`` per device, so the pass's memory does not
+    grow with the SAE's width, but at least the longest sample, split evenly over the devices) and
+    the most samples a block can hold."""
     lengths = offsets[1:] - offsets[:-1]
+    if hidden:
+        block_rows = min(block_rows, max(1, BLOCK_VALUES // hidden) * devices)
     block_rows = max(block_rows, int(np.max(lengths)) if len(lengths) else 0)
     block_rows = -(-block_rows // devices) * devices
     max_samples = int(min(len(lengths), max(1, block_rows // max(1, int(np.min(lengths)) if len(lengths) else 1))))
@@ -302,7 +310,7 @@ def feature_pass(sae: SAE, store, layer: int, *, examples: int = 20, block_rows:
         return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
     offsets = store.offsets
-    block_rows, max_samples = _block_sizes(offsets, block_rows, mesh.size)
+    block_rows, max_samples = _block_sizes(offsets, block_rows, mesh.size, sae.cfg.hidden_dim)
     shape = PassShape(sae.cfg, min(examples, max(1, store.n_samples)), max_samples, mesh, token_examples)
     state = jax.tree.map(put, init_state(sae.cfg.hidden_dim, max(shape.examples, 1)))
     constants = jax.tree.map(put, (sae.params, sae.threshold, np.float32(sae.input_scale)))
