@@ -192,6 +192,7 @@ def build_random(family: Family | str, path: str | os.PathLike, size: Literal["t
             for param in model.decoder.parameters():
                 if param.dim() >= 2:
                     param.normal_(0.0, 0.1)
+    _seed_codebooks(model, seed)
     pad = decoder.pad_token_id
     model.generation_config.update(do_sample=True, guidance_scale=3.0, top_k=50 if size == "toy" else 250,
                                    max_new_tokens=256, pad_token_id=pad, decoder_start_token_id=pad, bos_token_id=pad)
@@ -199,6 +200,19 @@ def build_random(family: Family | str, path: str | os.PathLike, size: Literal["t
     with staged_dir(path) as tmp:  # several processes may build the same path: one wins, the others use it
         _save_build(tmp, model, tokenizer, family)
     return path
+
+
+def _seed_codebooks(model, seed: int) -> None:
+    """transformers starts EnCodec's codebooks at zero (training fills them by k-means), so every
+    code of a random build would decode to the same audio; seeded normal entries make its audio
+    follow its codes (drawn from their own generator: the other weights stay as they were)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in model.audio_encoder.quantizer.layers:
+            layer.codebook.embed.copy_(torch.randn(layer.codebook.embed.shape, generator=generator))
+            layer.codebook.embed_avg.copy_(layer.codebook.embed)
 
 
 def _save_build(root: Path, model, tokenizer, family: Family) -> None:

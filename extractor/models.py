@@ -32,7 +32,7 @@ TOY_MODELS = {
 RANDOM_PREFIX = "random:"
 TINY_RANDOM_SEED = 0
 # Bump when a random build's recipe changes so stale caches are rebuilt, not reused.
-TINY_RANDOM_VERSION = 1
+TINY_RANDOM_VERSION = 2  # 2: EnCodec's codebooks seeded (audio follows the codes)
 MODEL_CLASSES = {"musicgen": "MusicgenForConditionalGeneration",
                  "musicgen_melody": "MusicgenMelodyForConditionalGeneration"}
 

@@ -1,0 +1,288 @@
+"""``python -m extractor.steer_study``: how many of an SAE's features steer MusicGen toward their label.
+
+For each chosen feature of a discovery's features JSON, MusicGen generates from one neutral prompt
+("Simple melody", as in Singh et al. 2025) with the feature's decoder direction added to the
+layer's output at every generated position (conditional stream), at each ``--strengths`` and
+over ``--seeds`` seeds; ``--controls`` random directions are pushed the same way. Every output is
+embedded by CLAP and scored against each feature's label; ``discovery.steerability`` decides which
+features are positively steerable (their direction an outlier among the random ones) and gives
+the fraction with a 95% interval, and the controls judged the same way give the false-call rate.
+
+Push size: every direction, the features' and the controls', is added with the same norm,
+``strength x`` the median over the chosen features of ``max activation x |decoder direction|``
+(what the study adds for its features: strength times the feature's max activation times its
+direction), so that one set of controls is norm-matched to every feature.
+
+Generation is batched: each forward generates ``--batch_size`` outputs, each row with its own
+push. The work is resumable seed by seed: each seed's CLAP embeddings go to ``seeds/`` once its
+outputs are scored, and a rerun with the same settings starts from the first missing seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from sae_core.errors import UsageError
+from sae_core.files import write_json
+
+from .clap import DEFAULT_CLAP, Clap
+
+STUDY_PROMPT = "Simple melody"
+
+
+@dataclass(frozen=True)
+class SteerStudyConfig:
+    """Options of ``python -m extractor.steer_study``."""
+
+    model: str = "facebook/musicgen-small"
+    """MusicGen to steer."""
+    sae: str | None = None
+    """Exported SAE (.pt or SAELens directory)."""
+    features: str | None = None
+    """Features JSON from discovery (labels and max activations)."""
+    feature_ids: tuple[int, ...] = ()
+    """Features to test (default: every feature of the JSON)."""
+    clap: str = DEFAULT_CLAP
+    """CLAP that scores the outputs against the labels (hub name, directory or tiny-random-clap)."""
+    strengths: tuple[float, ...] = (0.5, 1.0)
+    """Push sizes, as multiples of the features' median max-activation push."""
+    seeds: int = 6
+    """Seeds per direction and strength (at least 2)."""
+    controls: int = 8
+    """Random directions of the same norm (at least 3)."""
+    prompt: str = STUDY_PROMPT
+    """The text prompt every output shares."""
+    duration: float = 5.0
+    """Seconds of audio per output."""
+    batch_size: int = 16
+    """Outputs generated per forward."""
+    margin: float = 0.0
+    """CLAP cosine a feature must gain over the controls' mean (discovery.steerability)."""
+    alpha: float = 0.05
+    """Level of the test against the controls."""
+    layer: int | None = None
+    """Decoder layer (default: the SAE's layer)."""
+    guidance_scale: float = 3.0
+    """Classifier-free guidance scale."""
+    top_k: int = 250
+    """Top-k sampling."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    out: str = "steering"
+    """Output directory: steering.json, clips/ and seeds/."""
+    audio_format: Literal["ogg", "wav", "none"] = "ogg"
+    """Keep each output as Ogg/Opus, 16-bit WAV, or not at all."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    model_dtype: str = "auto"
+    """Compute dtype."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        from discovery.steerability import MIN_CONTROLS
+
+        if not self.sae or not self.features:
+            raise UsageError("--sae and --features are required (an exported SAE and its discovery's features JSON)")
+        if not self.strengths or min(self.strengths) <= 0:
+            raise UsageError(f"--strengths takes positive push sizes, got {','.join(map(str, self.strengths))}")
+        if self.seeds < 2:
+            raise UsageError(f"--seeds must be at least 2, got {self.seeds}")
+        if self.controls < MIN_CONTROLS:
+            raise UsageError(f"--controls must be at least {MIN_CONTROLS} (the controls' spread is the test's "
+                             f"yardstick), got {self.controls}")
+        if not self.duration > 0 or self.batch_size < 1:
+            raise UsageError(f"--duration must be > 0 and --batch_size >= 1, got {self.duration} and {self.batch_size}")
+        if not 0 < self.alpha < 1:
+            raise UsageError(f"--alpha must be in (0, 1), got {self.alpha}")
+
+    def key(self) -> str:
+        """What the cached seeds depend on: all but the decision's settings and where things go."""
+        kept = {k: v for k, v in asdict(self).items()
+                if k not in ("margin", "alpha", "out", "audio_format", "progress", "device", "batch_size", "seeds")}
+        return hashlib.sha256(json.dumps(kept, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Plan:
+    """The chosen features, their labels, and the push of every row of a seed's outputs."""
+
+    features: list[int]
+    labels: list[str]
+    push_norm: float
+    rows: list[tuple[str, int, int]]  # (kind "none" | "feature" | "control", index, strength index)
+    deltas: torch.Tensor  # [rows, d_model]
+
+
+def read_features(cfg: SteerStudyConfig, hidden_dim: int) -> tuple[list[int], list[str], list[float]]:
+    """The features to test with their labels and max activations, checked before any model loads."""
+    from discovery.feature_files import FeatureFiles
+
+    path = Path(cfg.features)
+    found = FeatureFiles(path).read_features()
+    ids = list(cfg.feature_ids) or [int(k) for k in found]
+    missing = [f for f in ids if str(f) not in found]
+    if missing:
+        raise UsageError(f"features {missing[:5]} are not in {path}: choose among its {len(found)} features")
+    out_of_range = [f for f in ids if not 0 <= f < hidden_dim]
+    if out_of_range:
+        raise UsageError(f"features {out_of_range[:5]} are out of range: the SAE has {hidden_dim} features")
+    labels = [str(found[str(f)].get("label") or "").strip() for f in ids]
+    if not ids or not all(labels):
+        raise UsageError(f"every tested feature needs a label in {path}; run discovery (heuristic or --use_llm) first")
+    peaks = [float(found[str(f)].get("max_activation") or 0.0) for f in ids]
+    return ids, labels, peaks
+
+
+def make_plan(cfg: SteerStudyConfig, sae, ids: list[int], labels: list[str], peaks: list[float]) -> Plan:
+    directions = torch.stack([sae.feature_direction(f).float().cpu() for f in ids])  # [F, D]
+    norms = directions.norm(dim=1)
+    pushes = torch.tensor(peaks) * norms
+    if not (pushes > 0).any():
+        raise UsageError("every chosen feature has max activation 0 in the features JSON: nothing sets the push size")
+    push_norm = float(np.median(pushes[pushes > 0].numpy()))
+    units = directions / norms.clamp_min(1e-12)[:, None]
+    generator = torch.Generator().manual_seed(12345)
+    controls = torch.randn((cfg.controls, directions.shape[1]), generator=generator)
+    controls = controls / controls.norm(dim=1, keepdim=True)
+    rows, deltas = [("none", 0, 0)], [torch.zeros(directions.shape[1])]
+    for kind, vectors in (("feature", units), ("control", controls)):
+        for i, unit in enumerate(vectors):
+            for a, strength in enumerate(cfg.strengths):
+                rows.append((kind, i, a))
+                deltas.append(strength * push_norm * unit)
+    return Plan(ids, labels, push_norm, rows, torch.stack(deltas))
+
+
+def _generate_seed(loaded, cfg: SteerStudyConfig, plan: Plan, layer: int, n_frames: int, seed: int, clap: Clap,
+                   clips: Path | None, bar) -> np.ndarray:
+    """Every row's output for one seed, embedded by CLAP: [rows, dim]."""
+    from sae_core.audio import write_audio
+
+    from .capture import generate_batch, layer_hook
+
+    guided = cfg.guidance_scale > 1
+    embeddings = []
+    for start in range(0, len(plan.rows), cfg.batch_size):
+        deltas = plan.deltas[start:start + cfg.batch_size].to(loaded.device)
+        batch = len(deltas)
+
+        def push(hidden, _start, deltas=deltas, batch=batch):
+            new = hidden.clone()
+            new[:batch] = hidden[:batch] + deltas[:, None, :].to(hidden.dtype)  # the conditional rows
+            return new
+
+        with layer_hook(loaded, layer, push):
+            out = generate_batch(loaded, [cfg.prompt] * batch, n_frames, [], guidance_scale=cfg.guidance_scale if guided
+                                 else None, top_k=cfg.top_k, temperature=cfg.temperature,
+                                 seed=seed * 1_000_003 + start)
+        mono = out.audio.mean(axis=1)  # [B, samples]
+        embeddings.append(clap.clips(list(mono), loaded.info.sampling_rate))
+        if clips is not None:
+            for i in range(batch):
+                kind, index, a = plan.rows[start + i]
+                name = "unsteered" if kind == "none" else f"{kind}{plan.features[index] if kind == 'feature' else index}"
+                write_audio(clips / f"{name}-s{a}-seed{seed}.{cfg.audio_format}", mono[i],
+                            loaded.info.sampling_rate)
+        bar.update(batch)
+    return np.concatenate(embeddings)
+
+
+def _scores(cfg: SteerStudyConfig, plan: Plan, audio_SRP: np.ndarray, text_FP: np.ndarray) -> dict:
+    """Verdicts per feature, the fraction steerable, and the controls' false calls."""
+    from discovery.steerability import control_verdicts, fraction, judge
+
+    kinds = np.array([k for k, _, _ in plan.rows])
+    index = np.array([i for _, i, _ in plan.rows])
+    strength = np.array([a for _, _, a in plan.rows])
+    n_a, n_s = len(cfg.strengths), audio_SRP.shape[0]
+
+    def block(sims_SR: np.ndarray, kind: str, i: int) -> np.ndarray:  # [strengths, seeds]
+        out = np.zeros((n_a, n_s))
+        for a in range(n_a):
+            out[a] = sims_SR[:, np.flatnonzero((kinds == kind) & (index == i) & (strength == a))[0]]
+        return out
+
+    results, verdicts, false_calls = {}, [], []
+    for f, (feature, label) in enumerate(zip(plan.features, plan.labels)):
+        sims = np.einsum("srp,p->sr", audio_SRP.astype(np.float64), text_FP[f].astype(np.float64))
+        steered = block(sims, "feature", f)
+        controls = np.stack([block(sims, "control", c) for c in range(cfg.controls)])
+        verdict = judge(steered, controls, cfg.margin, cfg.alpha)
+        verdicts.append(verdict)
+        false_calls += control_verdicts(controls, cfg.margin, cfg.alpha)
+        results[str(feature)] = {
+            "label": label, **verdict.to_json(),
+            "unsteered": float(sims[:, 0].mean()),
+            "steered_mean": [float(x) for x in steered.mean(axis=1)],
+            "controls_mean": [float(x) for x in controls.mean(axis=(0, 2))],
+            "controls_sd": [float(x) for x in controls.mean(axis=2).std(axis=0, ddof=1)],
+            "clip": f"clips/feature{feature}-s{verdict.best_strength}-seed0.{cfg.audio_format}"
+            if cfg.audio_format != "none" else None,
+        }
+    return {"features": results, "fraction": fraction(verdicts), "controls_false_calls": fraction(false_calls)}
+
+
+@torch.no_grad()
+def steer_study(cfg: SteerStudyConfig) -> dict:
+    from tqdm import tqdm
+
+    from .evaluate import checked_layer
+    from .models import load_config, load_model
+    from .torch_sae import TorchSAE
+
+    sae = TorchSAE.from_pretrained(cfg.sae)
+    ids, labels, peaks = read_features(cfg, sae.hidden_dim)
+    rate = float(load_config(cfg.model).audio_encoder.frame_rate)
+    n_frames = max(1, int(round(cfg.duration * rate)))
+    out = Path(cfg.out)
+    seeds_dir, clips = out / "seeds", (out / "clips" if cfg.audio_format != "none" else None)
+    key = cfg.key()
+    clap = Clap.load(cfg.clap, cfg.device)
+    loaded = load_model(cfg.model, cfg.device, cfg.model_dtype)
+    layer = checked_layer(sae, cfg.layer, loaded, cfg.model)
+    plan = make_plan(cfg, sae, ids, labels, peaks)
+    for directory in (seeds_dir, clips):
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+    done = {seed: seeds_dir / f"seed{seed}-{key}.npy" for seed in range(cfg.seeds)}
+    todo = [seed for seed, path in done.items() if not path.exists()]
+    with tqdm(total=len(todo) * len(plan.rows), desc=f"steer {len(ids)} features", unit="output",
+              disable=not cfg.progress) as bar:
+        for seed in todo:
+            embedded = _generate_seed(loaded, cfg, plan, layer, n_frames, seed, clap, clips, bar)
+            tmp = done[seed].with_suffix(".tmp.npy")
+            np.save(tmp, embedded)
+            tmp.replace(done[seed])  # a seed counts once its every output is scored
+    audio = np.stack([np.load(done[seed]) for seed in range(cfg.seeds)])  # [S, R, P]
+    report = {"model": cfg.model, "sae": str(cfg.sae), "layer": layer, "features_json": str(cfg.features),
+              "clap": cfg.clap, "prompt": cfg.prompt, "duration": cfg.duration, "strengths": list(cfg.strengths),
+              "seeds": cfg.seeds, "controls": cfg.controls, "margin": cfg.margin, "alpha": cfg.alpha,
+              "push_norm": plan.push_norm, "outputs": int(audio.shape[0] * audio.shape[1]),
+              "resumed_seeds": cfg.seeds - len(todo),
+              **_scores(cfg, plan, audio, clap.texts(plan.labels))}
+    write_json(out / "steering.json", report)
+    share, false = report["fraction"], report["controls_false_calls"]
+    print(f"{out / 'steering.json'}: {share['steerable']} of {share['of']} features positively steerable "
+          f"({share['fraction']:.1%}, 95% CI {share['ci95'][0]:.1%}-{share['ci95'][1]:.1%}); random directions "
+          f"called steerable {false['steerable']} of {false['of']} times")
+    return report
+
+
+def main(argv: list[str] | None = None):
+    from sae_core.cli import run_main
+
+    return run_main(SteerStudyConfig, argv, prog="python -m extractor.steer_study",
+                    description="Count the features that steer MusicGen toward their label, against random directions.",
+                    run=steer_study)
+
+
+if __name__ == "__main__":
+    main()
