@@ -96,6 +96,19 @@ def _number(value, digits: int | None = None) -> float | None:
     return round(value, digits) if digits is not None else value
 
 
+CLIP_FIRING = (0.01, 0.25)  # Singh et al. 2025 keep the features firing on 1% to 25% of clips
+
+
+def clip_firing(stats: PassResult, scored_samples: int, bounds: tuple[float, float] = CLIP_FIRING) -> dict:
+    """The study's filter: features that fire (any frame above zero) on a share of the samples
+    (those with finite rows) within ``bounds``, the rest split by why they fail."""
+    share = stats.sample_count / max(scored_samples, 1)
+    lo, hi = bounds
+    return {"bounds": list(bounds), "kept": int(np.sum((share >= lo) & (share <= hi))),
+            "never": int(np.sum(stats.sample_count == 0)), "rare": int(np.sum((share > 0) & (share < lo))),
+            "common": int(np.sum(share > hi)), "samples": int(scored_samples)}
+
+
 def _best_tags(alignment: Alignment, scores, features: list[int], rows: np.ndarray | None) -> dict[int, list]:
     """Each feature's best tags with AUROC and average precision (undefined AUROCs left out),
     reading each feature's scores once from ``scores`` (on disk: one column block at a time)."""
@@ -196,6 +209,7 @@ class FeatureDiscovery:
             "layer": layer, "aggregation": aggregation, "rows": stats.n_rows, "samples": stats.n_samples,
             "hidden_dim": self.sae.cfg.hidden_dim, "sae_type": self.sae.cfg.sae_type,
             "alive_features": int(np.sum(stats.token_count > 0)), "reported_features": len(features),
+            "clip_firing": clip_firing(stats, len(scored)),
             "alignment": layer_summary(alignment, stats.token_count > 0),
             "nonfinite_rows": len(stats.nonfinite_rows),
             "first_nonfinite_row": int(stats.nonfinite_rows[0]) if len(stats.nonfinite_rows) else None,

@@ -72,6 +72,10 @@ def test_discovery_is_the_same_in_one_block_or_many(planted, monkeypatch):
         runs[budget] = found.features
         assert found.stats.sample_mean is None, "mean scores are kept only for --aggregation mean"
     assert runs[1] == runs[S.WORK_BUDGET]
+    firing = found.summary["clip_firing"]  # the study's 1-25% of clips filter, from the pass's sample counts
+    share = found.stats.sample_count / 300
+    assert firing["kept"] == int(np.sum((share >= 0.01) & (share <= 0.25))) and firing["samples"] == 300
+    assert firing["kept"] + firing["never"] + firing["rare"] + firing["common"] == 32
     assert any(f["aligned_tags"] for f in runs[1].values())
 
 
