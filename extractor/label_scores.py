@@ -107,22 +107,27 @@ def label_scores(cfg: LabelScoresConfig) -> dict:
     embedded = dict(zip(wanted, clap.clips([clips[s] for s in wanted], rate)))
     keys = list(features)
     labels = clap.texts([str(features[k].get("label") or "") for k in keys])
-    scores = {}
+    scores, skipped = {}, {}
     for key, label in zip(keys, labels):
         own = set(tops[key])
         random = [int(s) for s in pool if int(s) not in own][: cfg.random]
-        if not random:
-            raise UsageError(f"{store.path} has no sample outside feature {key}'s top clips to compare its label with")
+        if not random:  # its top clips are the whole store (or the whole drawn pool): nothing to compare with
+            skipped[key] = "no random clip outside its top clips"
+            continue
         score = label_score(label, np.stack([embedded[s] for s in tops[key]]), np.stack([embedded[s] for s in random]))
         scores[key] = {"label": features[key].get("label"), **score, "top_samples": tops[key]}
     out = Path(cfg.out) if cfg.out else Path(cfg.features).with_name("label_scores.json")
     report = {"features_json": str(cfg.features), "store": str(store.path), "model": cfg.model, "clap": cfg.clap,
-              "random_samples": [int(s) for s in pool[: cfg.random]], "summary": _summary(scores), "features": scores}
+              "random_samples": [int(s) for s in pool[: cfg.random]], "summary": _summary(scores), "features": scores, "skipped": skipped}
     write_json(out, report)
     summary = report["summary"]
+    if not scores:
+        print(f"wrote {out}: no label could be scored ({len(skipped)} features' top clips cover the random ones)")
+        return report
     print(f"wrote {out}: {summary['features']} labels, mean CLAP gain of top over random clips "
           f"{summary['mean_gain']:+.4f}, {summary['fraction_preferring_top']:.0%} prefer their own clips, "
-          f"mean AUROC {summary['mean_auroc']:.3f}")
+          f"mean AUROC {summary['mean_auroc']:.3f}" + (f"; {len(skipped)} skipped (no random clip outside their "
+                                                      "top clips)" if skipped else ""))
     return report
 
 

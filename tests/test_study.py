@@ -1,0 +1,57 @@
+"""The study in one command on tiny-random with tiny-random-clap: every stage, the page, and a
+rerun that redoes only what is missing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch", reason="the study extracts, labels and steers on the torch side")
+
+PROMPTS = ["a slow sad jazz piano", "fast energetic rock drums", "calm folk guitar", "hip hop beat",
+           "ambient synth pad", "a string quartet", "reggae bass line", "techno with a driving kick"]
+
+
+def _args(root, *extra):
+    return ["--model", "tiny-random", "--layers", "2", "--prompt_file", str(root / "p.txt"), "--duration", "0.5",
+            "--expansions", "4", "--top_ks", "4,8", "--epochs", "2", "--train_batch_size", "64",
+            "--max_features", "8", "--steer_features", "2", "--strengths", "1", "--seeds", "2", "--controls", "3",
+            "--steer_duration", "0.3", "--clap", "tiny-random-clap", "--label_random", "3", "--out",
+            str(root / "study"), "--device", "cpu", *extra]
+
+
+def test_the_study_runs_end_to_end_and_resumes(tmp_path, capfd):
+    from launch.study import main
+
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
+    page = main(_args(tmp_path))
+    study = json.loads((tmp_path / "study" / "study.json").read_text())
+    rows = study["members"]
+    assert [(r["layer"], r["top_k"], r["hidden_dim"]) for r in rows] == [(2, 4, 256), (2, 8, 256)]
+    for r in rows:
+        assert r["kept"] is not None and r["kept"] + r["never"] + r["rare"] + r["common"] == 256
+        assert r["label_gain"] is not None and r["files"]["labels"]
+        if r["steerable"]:  # steered when some reported feature passes the 1-25% filter
+            assert r["steerable"]["of"] <= 2 and r["files"]["steering"]
+    assert study["per_layer"][0]["layer"] == 2
+    html = page.read_text()
+    assert "study-trends.png" in html and 'href="features/' in html and 'href="labels/' in html
+    assert (tmp_path / "study" / "study-trends.png").stat().st_size > 1000
+    capfd.readouterr()
+
+    (tmp_path / "study" / "labels" / f"{rows[1]['member']}.json").unlink()  # one member's labels lost
+    main(_args(tmp_path))
+    out = capfd.readouterr().out
+    assert "[extract] done already" in out and "[sweep] done already" in out
+    ran = [line for line in out.splitlines() if line.startswith("[") and "python -m" in line]
+    assert len(ran) == 1 and "extractor.label_scores" in ran[0] and rows[1]["member"] in ran[0]
+
+
+def test_plan_prints_the_work_without_running_it(tmp_path, capsys):
+    from launch.study import main
+
+    work = main(["--model", "facebook/musicgen-small", "--layers", "2,6,12,18,22", "--duration", "10", "--plan",
+                 "--out", str(tmp_path / "s")])
+    assert work["saes"] == 20 and work["latents"] == [4096, 32768] and work["prompts"] == 48
+    assert "20 TopK SAEs" in capsys.readouterr().out and not (tmp_path / "s").exists()
