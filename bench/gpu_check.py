@@ -15,7 +15,10 @@ a part that fails or runs out of time still leaves the others' results:
    train and discover write);
 6. ``sweep``: ``bench.sweep_bench --sizes gpu``: 8 SAEs at d=1,024, h=8,192 as one sweep against
    the same 8 one after another (goal: at least 3x faster);
-7. ``synthbench``: ``bench.synthbench`` at the published scale: BatchTopK and Matryoshka, width
+7. ``study``: ``python -m launch.study`` on ``random:musicgen-small`` (layers 6 and 12, TopK
+   x4, k = 32; 4 features steered per SAE over 6 seeds against 4 controls; ``tiny-random-clap``,
+   as the machine reaches no model hub): every stage on the GPU, and how long each took;
+8. ``synthbench``: ``bench.synthbench`` at the published scale: BatchTopK and Matryoshka, width
    4,096, k = 25, on 200M samples of SynthSAEBench-16k drawn on the GPU, scored on 500,000 fresh
    samples, beside the published rows (``--no_synthbench`` leaves it out: it is the long part).
 
@@ -157,6 +160,22 @@ def main() -> None:
     sweep = _run("sweep", [py, "-m", "bench.sweep_bench", *sweep_args], 240 if quick else 1200)
     sweep["results"] = _read(RESULTS / "sweep_bench.json")
     results["sweep"] = sweep
+    save()
+    study_dir = Path(tempfile.mkdtemp(prefix="sae-gpu-study-"))
+    try:
+        study_args = (["--model", "tiny-random", "--layers", "2", "--duration", "0.5", "--expansions", "4",
+                       "--top_ks", "4", "--epochs", "1", "--train_batch_size", "64", "--max_features", "8",
+                       "--steer_features", "2", "--seeds", "2", "--controls", "3", "--strengths", "1",
+                       "--steer_duration", "0.3", "--label_random", "3"] if quick else
+                      ["--model", "random:musicgen-small", "--layers", "6,12", "--duration", "4", "--expansions", "4",
+                       "--top_ks", "32", "--epochs", "1", "--steer_features", "4", "--seeds", "6", "--controls",
+                       "4", "--steer_duration", "4"])
+        study = _run("study", [py, "-m", "launch.study", *study_args, "--clap", "tiny-random-clap", "--device", device,
+                               "--out", str(study_dir)], 240 if quick else 1500)
+        study["results"] = _read(study_dir / "study.json")
+        results["study"] = study
+    finally:
+        shutil.rmtree(study_dir, ignore_errors=True)
     save()
     if not args.no_synthbench:
         synth_args = (["--model", "synthsaebench-tiny", "--samples", "20480", "--hidden_dim", "256", "--top_k", "8",

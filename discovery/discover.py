@@ -46,6 +46,8 @@ class DiscoverConfig:
     """Keep every live feature regardless of its activation count."""
     max_features: int = 10
     """Features to report, ranked by max activation."""
+    clip_firing: tuple[float, ...] = ()
+    """Report only features firing on this share of the samples, LO,HI (the study's 0.01,0.25)."""
     examples: int = 20
     """Top examples per feature (fewer when fewer samples fire)."""
     aggregation: Literal["max", "mean", "moments"] = "max"
@@ -82,6 +84,9 @@ class DiscoverConfig:
             raise DiscoverError("--sae_path is required (a best/ or final/ checkpoint directory)")
         if self.max_features <= 0 or self.examples <= 0:
             raise DiscoverError("--max_features and --examples must be positive")
+        if self.clip_firing and not (len(self.clip_firing) == 2 and 0 <= self.clip_firing[0] <= self.clip_firing[1] <= 1):
+            raise DiscoverError(f"--clip_firing takes LO,HI with 0 <= LO <= HI <= 1 (shares of the samples), got "
+                                f"{','.join(map(str, self.clip_firing))}")
         if self.min_activation_count > self.max_activation_count:
             raise DiscoverError("--min_activation_count exceeds --max_activation_count")
 
@@ -109,7 +114,8 @@ def discover(cfg: DiscoverConfig) -> dict:
     found = finder.run(store, layer, filter_features=not cfg.no_filter, min_activation_count=cfg.min_activation_count,
                        max_activation_count=cfg.max_activation_count, max_features=cfg.max_features,
                        aggregation=aggregation, examples=cfg.examples, min_tag_support=cfg.min_tag_support,
-                       seed=cfg.seed, scores_dir=output.parent)  # beside the output: on its disk, not in /tmp
+                       seed=cfg.seed, scores_dir=output.parent,
+                       clip_share=tuple(cfg.clip_firing) if cfg.clip_firing else None)  # beside the output: on its disk, not in /tmp
     if not is_primary():  # every process holds the same statistics; process 0 labels and writes
         found.stats.close()
         return found.features

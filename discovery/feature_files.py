@@ -12,6 +12,8 @@ from typing import Mapping
 import numpy as np
 
 from sae_core.errors import UsageError
+
+CLIP_FIRING = (0.01, 0.25)  # Singh et al. 2025 keep the features firing on 1% to 25% of clips
 from sae_core.files import write_json, write_text
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from sae_core.errors import UsageError
 
 from .align import Alignment, align, average_precision, layer_summary
-from .feature_files import FeatureFiles
+from .feature_files import CLIP_FIRING, FeatureFiles
 from .labels import Corpus, detection_score, heuristic_label
 from .scores import as_scores
 from .stats import HIST_EDGES, PassResult, feature_pass
@@ -47,10 +47,15 @@ class Discovery:
 
 
 def select_features(stats: PassResult, *, filter_features: bool, min_count: int, max_count: int,
-                    max_features: int) -> np.ndarray:
-    """Features firing on between min and max tokens (unless unfiltered), ranked by max activation."""
+                    max_features: int, clip_share: tuple[float, float] | None = None) -> np.ndarray:
+    """Features firing on between min and max tokens (unless unfiltered) and, with ``clip_share``,
+    on that share of the samples with finite rows (the study's 1-25% of clips), ranked by max
+    activation."""
     alive = stats.token_count > 0
     keep = alive & ((stats.token_count >= min_count) & (stats.token_count <= max_count) if filter_features else alive)
+    if clip_share is not None:
+        share = stats.sample_count / max(int(np.sum(stats.finite_rows_per_sample > 0)), 1)
+        keep &= (share >= clip_share[0]) & (share <= clip_share[1])
     ids = np.flatnonzero(keep)
     order = np.argsort(-stats.max[ids], kind="stable")
     return ids[order][:max_features]
@@ -94,9 +99,6 @@ def _number(value, digits: int | None = None) -> float | None:
     if not math.isfinite(value):
         return None
     return round(value, digits) if digits is not None else value
-
-
-CLIP_FIRING = (0.01, 0.25)  # Singh et al. 2025 keep the features firing on 1% to 25% of clips
 
 
 def clip_firing(stats: PassResult, scored_samples: int, bounds: tuple[float, float] = CLIP_FIRING) -> dict:
@@ -159,7 +161,7 @@ class FeatureDiscovery:
     def run(self, store, layer: int | None = None, *, filter_features: bool = True, min_activation_count: int = 10,
             max_activation_count: int = 10_000, max_features: int = 10, aggregation: str = "max",
             examples: int = 20, min_tag_support: int = 5, seed: int = 0, block_rows: int = 4096,
-            scores_dir=None) -> Discovery:
+            scores_dir=None, clip_share: tuple[float, float] | None = None) -> Discovery:
         """``scores_dir``: where the per-sample scores go while the run needs them (default the
         temporary directory): 2 bytes per sample and feature, 10.5 GB for 160,000 clips x 32,768
         latents, never held in memory."""
@@ -181,7 +183,7 @@ class FeatureDiscovery:
         alignment = align(scores, samples_aligned, min_support=max(min_tag_support, 1), rows=rows)
         chosen_features = [int(f) for f in select_features(
             stats, filter_features=filter_features, min_count=min_activation_count, max_count=max_activation_count,
-            max_features=max_features)]
+            max_features=max_features, clip_share=clip_share)]
         best_tags = _best_tags(alignment, scores, chosen_features, rows)
         rng = np.random.default_rng(seed)
         features: dict[str, dict] = {}

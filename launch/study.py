@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from discovery.feature_files import CLIP_FIRING
 from sae_core.errors import UsageError
 from sae_core.files import write_json, write_text
 
 STAGES = ("extract", "sweep", "discover", "labels", "steer", "page")
-CLIP_FIRING = (0.01, 0.25)
 
 
 class StudyError(UsageError):
@@ -56,9 +56,9 @@ class StudyConfig:
     train_batch_size: int = 512
     """Rows per optimizer step."""
     max_features: int = 100
-    """Features each member's discovery reports (and labels)."""
+    """Features each member's discovery reports and labels: those firing on 1-25% of clips, by max activation."""
     steer_features: int = 20
-    """Features steered per member, among the reported ones that pass the clip-firing filter."""
+    """Features steered per member: the first reported ones (all pass the clip-firing filter)."""
     strengths: tuple[float, ...] = (0.5, 1.0)
     """Steering strengths (python -m extractor.steer_study)."""
     seeds: int = 6
@@ -202,8 +202,8 @@ def _stage_discover(cfg: StudyConfig, member: Member) -> None:
     if not cfg.force and FeatureFiles(member.features).finished():
         return
     _run("discover", ["discovery.discover", "--sae_path", str(member.sae), "--store", str(_store(cfg)),
-                      "--output", str(member.features), "--no_filter", "--max_features", str(cfg.max_features),
-                      "--all", "--no-progress"])
+                      "--output", str(member.features), "--no_filter", "--clip_firing", ",".join(map(str, CLIP_FIRING)),
+                      "--max_features", str(cfg.max_features), "--all", "--no-progress"])
 
 
 def _stage_labels(cfg: StudyConfig, member: Member) -> None:

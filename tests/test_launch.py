@@ -147,10 +147,11 @@ def test_gpu_check_runs_every_part_at_toy_size_on_the_cpu(tmp_path):
                             env={**os.environ, "PYTHON": sys.executable})
     assert result.returncode == 0, result.stdout[-3000:]
     check = json.loads(out.read_text())
-    for part in ("gpu_tests", "train_step", "extract", "pipeline", "sweep", "synthbench"):
+    for part in ("gpu_tests", "train_step", "extract", "pipeline", "sweep", "study", "synthbench"):
         assert check[part]["status"] == "ok", part
     runs = check["synthbench"]["results"]["runs"]
     assert [r["sae_type"] for r in runs] == ["batch_topk", "matryoshka"] and all(0 <= r["f1"] <= 1 for r in runs)
     assert check["pipeline"]["where"]["train"]["platform"] == "cpu"
     assert check["pipeline"]["where"]["discover"]["platform"] == "cpu"
     assert check["extract"]["results"] is not None
+    assert [m["top_k"] for m in check["study"]["results"]["members"]] == [4]
