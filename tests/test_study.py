@@ -55,3 +55,22 @@ def test_plan_prints_the_work_without_running_it(tmp_path, capsys):
                  "--out", str(tmp_path / "s")])
     assert work["saes"] == 20 and work["latents"] == [4096, 32768] and work["prompts"] == 48
     assert "20 TopK SAEs" in capsys.readouterr().out and not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_the_study_on_musicgen_small_widths(tmp_path):
+    """random:musicgen-small:2 (musicgen-small's widths, 2 layers, random weights): the numbers mean
+    nothing, every path is real, at the real width of 1,024."""
+    from launch.study import main
+
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
+    args = _args(tmp_path)
+    args[args.index("tiny-random")] = "random:musicgen-small:2"
+    args[args.index("--layers") + 1] = "1"
+    args[args.index("--top_ks") + 1] = "16"
+    main(args)
+    study = json.loads((tmp_path / "study" / "study.json").read_text())
+    (row,) = study["members"]
+    assert (row["layer"], row["top_k"], row["hidden_dim"]) == (1, 16, 4096)
+    assert row["kept"] + row["never"] + row["rare"] + row["common"] == 4096
+    assert row["label_gain"] is not None or json.loads(open(row["files"]["labels"]).read())["skipped"]
