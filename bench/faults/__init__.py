@@ -6,8 +6,8 @@ in a directory of its own, with the same relative paths as its uninterrupted ref
 that every output can be compared with the reference's:
 
 - kill: SIGKILL at seeded random moments (uniform between 0 and the reference run's duration,
-  measured first), spread round-robin over extraction, training, discovery and export; then the
-  same command again.
+  measured first), spread round-robin over extraction, training, discovery, export, the
+  steering study (resumed seed by seed) and the sweep; then the same command again.
 - disk_full: a full disk during extraction and during a checkpoint save, two ways: a small tmpfs
   (where this process may mount one) filled up mid-run, after the first committed batch or
   checkpoint (ENOSPC); and ``RLIMIT_FSIZE`` set in the child, with SIGXFSZ ignored so writes fail
@@ -59,7 +59,7 @@ class FaultsConfig:
     """Options of ``python -m bench.faults``."""
 
     kills: int = 20
-    """SIGKILLs, spread round-robin over extraction, training, discovery and export."""
+    """SIGKILLs, spread round-robin over the stages (extraction, training, discovery, export, steering, sweep)."""
     concurrent: int = 2
     """Pairs of simultaneous extractions (the first starts both at once, the others at a random offset)."""
     categories: tuple[Literal["kill", "disk_full", "damage", "concurrent"], ...] = CATEGORIES
@@ -78,7 +78,7 @@ class FaultsConfig:
     keep: bool = False
     """Keep the work directory (every command's output is in its logs/)."""
     quick: bool = False
-    """5 kills (one per stage), one concurrent pair, one disk-full mechanism, 4 prompts of 0.5 s: a few minutes."""
+    """6 kills (one per stage), one concurrent pair, one disk-full mechanism, 4 prompts of 0.5 s: a few minutes."""
 
     def __post_init__(self) -> None:
         if self.kills < 0 or self.concurrent < 0:
@@ -113,7 +113,7 @@ def _cases(cfg: FaultsConfig, ws: Workspace) -> Iterator[Case]:
 
 def run(cfg: FaultsConfig) -> dict:
     if cfg.quick:
-        cfg = replace(cfg, kills=5, concurrent=1, disk_full="auto", prompts=4, duration=0.5, quick=False)
+        cfg = replace(cfg, kills=len(STAGES), concurrent=1, disk_full="auto", prompts=4, duration=0.5, quick=False)
     root = Path(tempfile.mkdtemp(prefix="sae-faults-", dir=cfg.tmp_dir))
     print(f"fault injection in {root}", flush=True)
     cases: list[Case] = []

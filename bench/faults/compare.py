@@ -147,11 +147,24 @@ def compare_export(ws: Workspace, trial: Path) -> list[str]:
     return [] if ref.read_bytes() == got.read_bytes() else [f"{got.name} differs"]
 
 
+def compare_steering(ws: Workspace, trial: Path) -> list[str]:
+    """steering.json equal to the reference's but for how many seeds the rerun found scored."""
+    ref, got = ws.ref / ws.steering / "steering.json", trial / ws.steering / "steering.json"
+    if not got.exists():
+        return [f"no {got.name}"]
+    a, b = (json.loads(p.read_text()) for p in (ref, got))
+    for report in (a, b):
+        report.pop("resumed_seeds", None)
+    d = _json_diff(a, b, 0.0, got.name)
+    return [d] if d else []
+
+
 COMPARE: dict[str, Callable[[Workspace, Path], list[str]]] = {
     "extract": lambda ws, trial: compare_store(ws.ref / ws.store, trial / ws.store),
     "train": compare_run,
     "discover": compare_features,
     "export": compare_export,
+    "steer": compare_steering,
     "sweep": compare_sweep,
 }
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ("extract", "train", "discover", "export", "sweep")
+STAGES = ("extract", "train", "discover", "export", "steer", "sweep")
 
 
 @dataclass
@@ -91,11 +91,16 @@ class Workspace:
                  "--hidden_dim", "64", "--batch_size", "16", "--epochs", "6", "--lr", "1e-3", "--checkpoint_every", "6",
                  "--mesh_data", "1", "--out", "sweep", "--no-progress")
         self.sweep_out = Path(sweep[sweep.index("--out") + 1])
+        steer = ("extractor.steer_study", "--model", "tiny-random", "--sae", str(self.ref / "sae.pt"), "--features",
+                 str(self.ref / "results" / "features.json"), "--clap", "tiny-random-clap", "--strengths", "1,2",
+                 "--seeds", "4", "--controls", "3", "--duration", "0.3", "--batch_size", "4", "--audio_format",
+                 "none", "--out", "steering", "--device", "cpu", "--no-progress")
+        self.steering = Path(steer[steer.index("--out") + 1])
         self.commands = {
             "extract": ("extractor.extract", "--model", "tiny-random", "--layers", "1,3", "--prompt_file",
                         "bundled", "--max_prompts", str(prompts), "--duration", str(duration),
                         "--batch_size", "2", "--device", "cpu", "--out", "store"),
-            "train": train, "discover": discover, "export": export, "sweep": sweep,
+            "train": train, "discover": discover, "export": export, "steer": steer, "sweep": sweep,
         }
         self.store = Path(self.commands["extract"][-1])
         self.features = Path(_parsed(DiscoverConfig, discover).output)
@@ -195,6 +200,10 @@ class Workspace:
             steps = sorted({max(run.checkpoint_steps(), default=0) for run in members.values()})
             return f"{done}/{len(members)} members finished, newest checkpoints at steps {steps}" if members \
                 else "no member yet"
+        if stage == "steer":
+            seeds = len(list((trial / self.steering / "seeds").glob("seed*-*[0-9a-f].npy")))
+            return "steering.json written" if (trial / self.steering / "steering.json").exists() else \
+                f"{seeds} of 4 seeds scored"
         output = trial / (self.features if stage == "discover" else self.export)
         return f"{output.name} written" if output.exists() else f"no {output.name} yet"
 
