@@ -301,6 +301,7 @@ def _plot_trends(rows: list[dict], path: Path) -> None:
     left.set(xlabel="layer", ylabel="features firing on 1-25% of clips", title="surviving features")
     right.set(xlabel="layer", ylabel="positively steerable (95% CI)", title="steering success", ylim=(0, 1))
     for ax in (left, right):
+        ax.set_xticks(sorted({r["layer"] for r in rows}))
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
