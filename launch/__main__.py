@@ -36,6 +36,11 @@ STAGES = {
     "export": Stage("jax_sae.export", "a trained SAE in the torch or SAELens format", "nothing"),
     "evaluate": Stage("extractor.evaluate", "how much of MusicGen's behaviour an SAE keeps (torch)", "torch"),
     "steer": Stage("extractor.steer", "generate with an SAE feature pushed into MusicGen (torch)", "torch"),
+    "study": Stage("launch.study", "the published study: SAE grid, clip filter, CLAP label scores, steering", "both"),
+    "steer_study": Stage("extractor.steer_study", "how many features steer toward their label, against controls (torch)",
+                         "torch"),
+    "label_scores": Stage("extractor.label_scores", "each label's CLAP score on its top clips against random ones "
+                          "(torch)", "torch"),
 }
 MODULES = {name: stage.module for name, stage in STAGES.items()}
 USAGE = f"usage: python -m launch [--platform {{{','.join(PLATFORMS)}}}] STAGE [flags]  (STAGE --help shows its flags)"
