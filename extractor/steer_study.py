@@ -15,7 +15,10 @@ direction), so that one set of controls is norm-matched to every feature.
 
 Generation is batched: each forward generates ``--batch_size`` outputs, each row with its own
 push. The work is resumable seed by seed: each seed's CLAP embeddings go to ``seeds/`` once its
-outputs are scored, and a rerun with the same settings starts from the first missing seed.
+outputs are scored, and a rerun with the same settings starts from the first missing seed. The
+settings that decide nothing generated (``--margin``, ``--alpha``), and those a resumed run may
+need to change (``--batch_size``, ``--device``, more ``--seeds``), keep the scored seeds: each is
+complete on its own, though sampling noise depends on the batching and the device.
 """
 
 from __future__ import annotations
