@@ -361,14 +361,40 @@ def _html(cfg: StudyConfig, rows: list[dict], trends: list[dict]) -> str:
             f"<body>{''.join(body)}</body></html>")
 
 
+def _known_layers(model: str) -> int | None:
+    """How many decoder layers the model has, from the family's numbers (None when not known
+    without loading it: a local directory)."""
+    from extractor.families import TOY_LAYERS, FamilyError, get_family
+    from extractor.models import TOY_MODELS
+
+    if model in TOY_MODELS:
+        return TOY_LAYERS
+    parts = model.removeprefix("random:").split(":")
+    try:
+        family = get_family(parts[0].split("/")[-1])
+    except FamilyError:
+        return None
+    return int(parts[1]) if model.startswith("random:") and len(parts) > 1 and parts[1].isdigit() \
+        else family.num_layers
+
+
+def check_layers(cfg: StudyConfig) -> None:
+    """--layers within the model's decoder, before any work."""
+    layers = _known_layers(cfg.model)
+    if layers is not None and max(cfg.layers) >= layers:
+        raise StudyError(f"--layers {','.join(map(str, cfg.layers))}: {cfg.model} has {layers} decoder layers "
+                         f"(0-{layers - 1}); choose layers in that range")
+
+
 def _width_and_rate(model: str) -> tuple[int, float]:
     """The decoder's width and the frame rate: from the released family's numbers for a hub name
     (no download), else from the model's config."""
     from extractor.families import FamilyError, get_family
     from extractor.models import load_config
 
+    name = model.removeprefix("random:").split(":")[0].split("/")[-1]  # random:FAMILY[:LAYERS] or a hub name
     try:
-        return get_family(model.split("/")[-1]).hidden_size, 50.0  # every released MusicGen: 50 frames/s
+        return get_family(name).hidden_size, 50.0  # every released MusicGen: 50 frames/s
     except FamilyError:
         config = load_config(model)
         return int(config.decoder.hidden_size), float(config.audio_encoder.frame_rate)
@@ -404,6 +430,7 @@ def plan(cfg: StudyConfig) -> dict:
 
 
 def run_study(cfg: StudyConfig) -> Path | dict:
+    check_layers(cfg)
     if cfg.plan:
         return plan(cfg)
     started = time.time()

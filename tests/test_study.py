@@ -55,6 +55,12 @@ def test_plan_prints_the_work_without_running_it(tmp_path, capsys):
                  "--out", str(tmp_path / "s")])
     assert work["saes"] == 20 and work["latents"] == [4096, 32768] and work["prompts"] == 48
     assert "20 TopK SAEs" in capsys.readouterr().out and not (tmp_path / "s").exists()
+    for model, layers, message in (("facebook/musicgen-small", "2,30", "has 24 decoder layers (0-23)"),
+                                   ("random:musicgen-large:4", "2,12", "has 4 decoder layers"),
+                                   ("tiny-random", "4", "has 4 decoder layers")):
+        with pytest.raises(SystemExit) as exc:
+            main(["--model", model, "--layers", layers, "--out", str(tmp_path / "s")])
+        assert message in str(exc.value) and not (tmp_path / "s").exists()
 
 
 @pytest.mark.slow
