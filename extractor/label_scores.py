@@ -56,7 +56,8 @@ class LabelScoresConfig:
             raise UsageError(f"--top and --random must be at least 1, got {self.top} and {self.random}")
 
 
-def _top_samples(features: dict, top: int) -> dict[str, list[int]]:
+def top_samples(features: dict, top: int) -> dict[str, list[int]]:
+    """Each feature's first ``top`` distinct top-example samples."""
     out = {}
     for key, info in features.items():
         samples = []
@@ -91,7 +92,7 @@ def label_scores(cfg: LabelScoresConfig) -> dict:
 
     features = FeatureFiles(cfg.features).read_features()
     store = open_store(cfg.store)
-    tops = _top_samples(features, cfg.top)
+    tops = top_samples(features, cfg.top)
     missing = [k for k, samples in tops.items() if not samples]
     if missing:
         raise UsageError(f"features {missing[:5]} of {cfg.features} have no top examples with a sample_index: "

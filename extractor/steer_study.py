@@ -70,6 +70,9 @@ class SteerStudyConfig:
     """CLAP cosine a feature must gain over the controls' mean (discovery.steerability)."""
     alpha: float = 0.05
     """Level of the test against the controls."""
+    store: str | None = None
+    """The store the features were found in: also score each output against the CLAP audio of the
+    feature's top clips (the study's own criterion), beside its label."""
     layer: int | None = None
     """Decoder layer (default: the SAE's layer)."""
     guidance_scale: float = 3.0
@@ -198,8 +201,9 @@ def _generate_seed(loaded, cfg: SteerStudyConfig, plan: Plan, layer: int, n_fram
     return np.concatenate(embeddings)
 
 
-def _scores(cfg: SteerStudyConfig, plan: Plan, audio_SRP: np.ndarray, text_FP: np.ndarray) -> dict:
-    """Verdicts per feature, the fraction steerable, and the controls' false calls."""
+def _scores(cfg: SteerStudyConfig, plan: Plan, audio_SRP: np.ndarray, target_FP: np.ndarray) -> dict:
+    """Verdicts per feature, the fraction steerable, and the controls' false calls, each output
+    scored by its CLAP cosine with the feature's target (its label's text, or its top clips' audio)."""
     from discovery.steerability import control_verdicts, fraction, judge
 
     kinds = np.array([k for k, _, _ in plan.rows])
@@ -215,7 +219,7 @@ def _scores(cfg: SteerStudyConfig, plan: Plan, audio_SRP: np.ndarray, text_FP: n
 
     results, verdicts, false_calls = {}, [], []
     for f, (feature, label) in enumerate(zip(plan.features, plan.labels)):
-        sims = np.einsum("srp,p->sr", audio_SRP.astype(np.float64), text_FP[f].astype(np.float64))
+        sims = np.einsum("srp,p->sr", audio_SRP.astype(np.float64), target_FP[f].astype(np.float64))
         steered = block(sims, "feature", f)
         controls = np.stack([block(sims, "control", c) for c in range(cfg.controls)])
         verdict = judge(steered, controls, cfg.margin, cfg.alpha)
@@ -233,6 +237,40 @@ def _scores(cfg: SteerStudyConfig, plan: Plan, audio_SRP: np.ndarray, text_FP: n
     return {"features": results, "fraction": fraction(verdicts), "controls_false_calls": fraction(false_calls)}
 
 
+def _checked_store(cfg: SteerStudyConfig, ids: list[int]):
+    """The features' top samples and the open store, checked before anything is generated."""
+    from discovery.feature_files import FeatureFiles
+    from sae_core.store import open_store
+
+    from .label_scores import top_samples
+
+    tops = top_samples(FeatureFiles(cfg.features).read_features(), 10)
+    empty = [f for f in ids if not tops[str(f)]]
+    if empty:
+        raise UsageError(f"features {empty[:5]} of {cfg.features} have no top examples with a sample_index to score "
+                         "against; rerun discovery, or leave out --store")
+    return tops, open_store(cfg.store)
+
+
+def _top_clips(cfg: SteerStudyConfig, clap: Clap, ids: list[int]) -> np.ndarray:
+    """Each feature's target audio: the unit mean CLAP embedding of its top clips (the samples of
+    its top examples, decoded from the store's codes)."""
+    from .render import AudioRequest, decode_windows
+
+    tops, store = _checked_store(cfg, ids)
+    wanted = sorted({s for f in ids for s in tops[str(f)]})
+    requests = [AudioRequest(s, 0, int(store.offsets[s + 1] - store.offsets[s]), "") for s in wanted]
+    clips, rate = {}, 0
+    for req, audio, rate in decode_windows(cfg.model, store, requests, cfg.device, cfg.progress):
+        clips[req.sample] = audio.mean(axis=0)
+    embedded = dict(zip(wanted, clap.clips([clips[s] for s in wanted], rate))) if wanted else {}
+    targets = []
+    for f in ids:
+        centre = np.mean([embedded[s] for s in tops[str(f)]], axis=0)
+        targets.append(centre / max(np.linalg.norm(centre), 1e-12))
+    return np.stack(targets)
+
+
 @torch.no_grad()
 def steer_study(cfg: SteerStudyConfig) -> dict:
     from tqdm import tqdm
@@ -243,6 +281,8 @@ def steer_study(cfg: SteerStudyConfig) -> dict:
 
     sae = TorchSAE.from_pretrained(cfg.sae)
     ids, labels, peaks = read_features(cfg, sae.hidden_dim)
+    if cfg.store:
+        _checked_store(cfg, ids)
     rate = float(load_config(cfg.model).audio_encoder.frame_rate)
     n_frames = max(1, int(round(cfg.duration * rate)))
     out = Path(cfg.out)
@@ -265,17 +305,21 @@ def steer_study(cfg: SteerStudyConfig) -> dict:
             np.save(tmp, embedded)
             tmp.replace(done[seed])  # a seed counts once its every output is scored
     audio = np.stack([np.load(done[seed]) for seed in range(cfg.seeds)])  # [S, R, P]
+    by_clips = _scores(cfg, plan, audio, _top_clips(cfg, clap, ids)) if cfg.store else None
     report = {"model": cfg.model, "sae": str(cfg.sae), "layer": layer, "features_json": str(cfg.features),
               "clap": cfg.clap, "prompt": cfg.prompt, "duration": cfg.duration, "strengths": list(cfg.strengths),
               "seeds": cfg.seeds, "controls": cfg.controls, "margin": cfg.margin, "alpha": cfg.alpha,
               "push_norm": plan.push_norm, "outputs": int(audio.shape[0] * audio.shape[1]),
               "resumed_seeds": cfg.seeds - len(todo),
-              **_scores(cfg, plan, audio, clap.texts(plan.labels))}
+              **_scores(cfg, plan, audio, clap.texts(plan.labels)),
+              "by_top_clips": by_clips}
     write_json(out / "steering.json", report)
     share, false = report["fraction"], report["controls_false_calls"]
     print(f"{out / 'steering.json'}: {share['steerable']} of {share['of']} features positively steerable "
           f"({share['fraction']:.1%}, 95% CI {share['ci95'][0]:.1%}-{share['ci95'][1]:.1%}); random directions "
-          f"called steerable {false['steerable']} of {false['of']} times")
+          f"called steerable {false['steerable']} of {false['of']} times" + (
+              f"; against their top clips' audio {by_clips['fraction']['steerable']} of {by_clips['fraction']['of']}"
+              if by_clips else ""))
     return report
 
 

@@ -224,7 +224,8 @@ def _stage_steer(cfg: StudyConfig, member: Member) -> None:
     _run("steer", ["extractor.steer_study", "--model", cfg.model, "--sae", str(member.export), "--features",
                    str(member.features), "--feature_ids", ",".join(map(str, ids)), "--clap", cfg.clap,
                    "--strengths", ",".join(map(str, cfg.strengths)), "--seeds", str(cfg.seeds), "--controls",
-                   str(cfg.controls), "--duration", str(cfg.steer_duration), "--out", str(member.steering),
+                   str(cfg.controls), "--duration", str(cfg.steer_duration), "--store", str(_store(cfg)),
+                   "--out", str(member.steering),
                    "--device", cfg.device, "--no-progress"])
 
 
@@ -253,6 +254,7 @@ def study_rows(cfg: StudyConfig) -> list[dict]:
             "labels_preferring_top": (labels or {}).get("summary", {}).get("fraction_preferring_top"),
             "steerable": (steering or {}).get("fraction"), "controls_false_calls":
                 (steering or {}).get("controls_false_calls"),
+            "steerable_to_clips": ((steering or {}).get("by_top_clips") or {}).get("fraction"),
             "files": {"features": str(m.features), "labels": str(m.labels) if labels else None,
                       "steering": str(m.steering / "steering.json") if steering else None,
                       "run": str(m.run_dir)},
@@ -309,6 +311,13 @@ def _plot_trends(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _fraction(share: dict | None) -> str:
+    """``k/n = p% [lo, hi]`` of a steerable fraction (``discovery.steerability.fraction``)."""
+    if not share or not share["of"]:
+        return "-"
+    return f"{share['steerable']}/{share['of']} = {share['fraction']:.0%} [{share['ci95'][0]:.0%}, {share['ci95'][1]:.0%}]"
+
+
 def _cell(value, fmt: str = "{:.3f}") -> str:
     return "-" if value is None else fmt.format(value)
 
@@ -333,14 +342,13 @@ def _html(cfg: StudyConfig, rows: list[dict], trends: list[dict]) -> str:
             '<img src="study-trends.png" alt="per-layer trends">',
             "<h2>Surviving features, label scores and steering per SAE</h2><table><tr><th>layer</th><th>k</th>"
             "<th>expansion</th><th>latents</th><th>alive</th><th>kept (1-25% of clips)</th><th>never / rare / "
-            "common</th><th>label CLAP gain [95% CI]</th><th>label AUROC</th><th>steerable [95% CI]</th>"
-            "<th>controls called steerable</th></tr>"]
+            "common</th><th>label CLAP gain [95% CI]</th><th>label AUROC</th><th>steerable toward the label "
+            "[95% CI]</th><th>controls called steerable</th><th>steerable toward the top clips</th></tr>"]
     for r in rows:
         ci = r["label_gain_ci95"]
         gain = _cell(r["label_gain"], "{:+.4f}") + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
-        s, c = r["steerable"], r["controls_false_calls"]
-        steer = "-" if not s or not s["of"] else (f"{s['steerable']}/{s['of']} = {s['fraction']:.0%} "
-                                                  f"[{s['ci95'][0]:.0%}, {s['ci95'][1]:.0%}]")
+        c = r["controls_false_calls"]
+        steer, to_clips = _fraction(r["steerable"]), _fraction(r["steerable_to_clips"])
         false = "-" if not c or not c["of"] else f"{c['steerable']}/{c['of']}"
         body.append(
             f"<tr><td>{r['layer']}</td><td>{r['top_k']}</td><td>{_cell(r['expansion'], '{:g}')}</td>"
@@ -348,7 +356,7 @@ def _html(cfg: StudyConfig, rows: list[dict], trends: list[dict]) -> str:
             f"<td>{_link(_cell(r['kept'], '{}'), r['files']['features'], root)}</td>"
             f"<td>{_cell(r['never'], '{}')} / {_cell(r['rare'], '{}')} / {_cell(r['common'], '{}')}</td>"
             f"<td>{_link(gain, r['files']['labels'], root)}</td><td>{_cell(r['label_auroc'])}</td>"
-            f"<td>{_link(steer, r['files']['steering'], root)}</td><td>{false}</td></tr>")
+            f"<td>{_link(steer, r['files']['steering'], root)}</td><td>{false}</td><td>{to_clips}</td></tr>")
     body.append("</table><h2>Per layer</h2><table><tr><th>layer</th><th>kept features (all SAEs)</th>"
                 "<th>steerable / steered</th></tr>")
     for t in trends:

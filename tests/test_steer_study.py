@@ -12,6 +12,10 @@ pytest.importorskip("torch", reason="steering runs on the torch side (pip instal
 
 from extractor.torch_sae import save_torch_export  # noqa: E402
 
+from . import test_torch_side  # noqa: E402
+
+store = test_torch_side.store  # the module's tiny-random store (4 prompts, 0.6 s), as this module's fixture
+
 D = 64  # tiny-random's decoder width
 
 
@@ -91,3 +95,26 @@ def test_bad_input_is_one_line_before_any_model_loads(inputs, extra, message):
     with pytest.raises(SystemExit) as exc:
         main(_args(inputs, "--out", str(inputs / "bad"), *extra))
     assert message in str(exc.value) and not (inputs / "bad").exists()
+
+
+def test_outputs_are_also_scored_against_the_top_clips(inputs, store, tmp_path):
+    """--store: each feature's target is also the CLAP audio of its top clips (the study's criterion)."""
+    from extractor.steer_study import main
+
+    store = store / "store"
+    clips = {"2": {"label": "calm piano", "top_examples": [{"sample_index": 0}, {"sample_index": 2}],
+                   "max_activation": 3.0},
+             "9": {"label": "loud rock drums", "top_examples": [{"sample_index": 3}], "max_activation": 5.0}}
+    (tmp_path / "clips.json").write_text(json.dumps(clips))
+    args = _args(inputs, "--seeds", "2", "--store", str(store), "--out", str(tmp_path / "out"), "--features",
+                 str(tmp_path / "clips.json"))
+    main(args)
+    report = json.loads((tmp_path / "out" / "steering.json").read_text())
+    by_clips = report["by_top_clips"]
+    assert by_clips["fraction"]["of"] == 2 and sorted(by_clips["features"]) == ["2", "9"]
+    assert by_clips["features"]["2"]["steered_mean"] != report["features"]["2"]["steered_mean"]
+
+    with pytest.raises(SystemExit) as exc:  # features without top clips: refused before anything is generated
+        main(_args(inputs, "--seeds", "2", "--store", str(store), "--out", str(tmp_path / "none")))
+    assert "have no top examples with a sample_index" in str(exc.value) and not (tmp_path / "none").exists()
+
