@@ -16,7 +16,7 @@ direction), so that one set of controls is norm-matched to every feature.
 Generation is batched: each forward generates ``--batch_size`` outputs, each row with its own
 push. The work is resumable seed by seed: each seed's CLAP embeddings go to ``seeds/`` once its
 outputs are scored, and a rerun with the same settings starts from the first missing seed. The
-settings that decide nothing generated (``--margin``, ``--alpha``), and those a resumed run may
+settings that decide nothing generated (``--margin``, ``--alpha``, ``--store``), and those a resumed run may
 need to change (``--batch_size``, ``--device``, more ``--seeds``), keep the scored seeds: each is
 complete on its own, though sampling noise depends on the batching and the device.
 """
@@ -112,7 +112,8 @@ class SteerStudyConfig:
     def key(self) -> str:
         """What the cached seeds depend on: all but the decision's settings and where things go."""
         kept = {k: v for k, v in asdict(self).items()
-                if k not in ("margin", "alpha", "out", "audio_format", "progress", "device", "batch_size", "seeds")}
+                if k not in ("margin", "alpha", "out", "audio_format", "progress", "device", "batch_size", "seeds",
+                             "store")}
         return hashlib.sha256(json.dumps(kept, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
