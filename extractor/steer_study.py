@@ -18,7 +18,9 @@ push. The work is resumable seed by seed: each seed's CLAP embeddings go to ``se
 outputs are scored, and a rerun with the same settings starts from the first missing seed. The
 settings that decide nothing generated (``--margin``, ``--alpha``, ``--store``), and those a resumed run may
 need to change (``--batch_size``, ``--device``, more ``--seeds``), keep the scored seeds: each is
-complete on its own, though sampling noise depends on the batching and the device.
+complete on its own, though sampling noise depends on the batching and the device. Anything that
+changes a push (another SAE at the same path, other features, max activations, strengths or
+controls) or the generation starts afresh: the seeds are filed under a digest of both.
 """
 
 from __future__ import annotations
@@ -109,12 +111,16 @@ class SteerStudyConfig:
         if not 0 < self.alpha < 1:
             raise UsageError(f"--alpha must be in (0, 1), got {self.alpha}")
 
-    def key(self) -> str:
-        """What the cached seeds depend on: all but the decision's settings and where things go."""
+    def key(self, plan: Plan, layer: int) -> str:
+        """What a scored seed depends on: the generation settings, the CLAP, the layer and every
+        row's push (so another SAE or other max activations at the same paths start afresh),
+        not the decision's settings, the files or the labels."""
         kept = {k: v for k, v in asdict(self).items()
-                if k not in ("margin", "alpha", "out", "audio_format", "progress", "device", "batch_size", "seeds",
-                             "store")}
-        return hashlib.sha256(json.dumps(kept, sort_keys=True, default=list).encode()).hexdigest()[:16]
+                if k in ("model", "clap", "prompt", "duration", "guidance_scale", "top_k", "temperature",
+                         "model_dtype")}
+        digest = hashlib.sha256(json.dumps({**kept, "layer": layer}, sort_keys=True).encode())
+        digest.update(plan.deltas.float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -288,7 +294,6 @@ def steer_study(cfg: SteerStudyConfig) -> dict:
     n_frames = max(1, int(round(cfg.duration * rate)))
     out = Path(cfg.out)
     seeds_dir, clips = out / "seeds", (out / "clips" if cfg.audio_format != "none" else None)
-    key = cfg.key()
     clap = Clap.load(cfg.clap, cfg.device)
     loaded = load_model(cfg.model, cfg.device, cfg.model_dtype)
     layer = checked_layer(sae, cfg.layer, loaded, cfg.model)
@@ -296,6 +301,7 @@ def steer_study(cfg: SteerStudyConfig) -> dict:
     for directory in (seeds_dir, clips):
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
+    key = cfg.key(plan, layer)
     done = {seed: seeds_dir / f"seed{seed}-{key}.npy" for seed in range(cfg.seeds)}
     todo = [seed for seed, path in done.items() if not path.exists()]
     with tqdm(total=len(todo) * len(plan.rows), desc=f"steer {len(ids)} features", unit="output",

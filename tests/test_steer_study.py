@@ -118,3 +118,28 @@ def test_outputs_are_also_scored_against_the_top_clips(inputs, store, tmp_path):
         main(_args(inputs, "--seeds", "2", "--store", str(store), "--out", str(tmp_path / "none")))
     assert "have no top examples with a sample_index" in str(exc.value) and not (tmp_path / "none").exists()
 
+
+
+def test_another_sae_at_the_same_path_starts_afresh(inputs, tmp_path):
+    """Scored seeds are kept for the pushes that made them: a retrained SAE exported to the same
+    path (or other max activations) generates again instead of reusing them."""
+    import shutil
+
+    from extractor.steer_study import main
+
+    shutil.copy(inputs / "sae.pt", tmp_path / "sae.pt")
+    args = ["--model", "tiny-random", "--sae", str(tmp_path / "sae.pt"), "--features", str(inputs / "features.json"),
+            "--clap", "tiny-random-clap", "--strengths", "1", "--controls", "3", "--seeds", "2", "--duration", "0.3",
+            "--out", str(tmp_path / "out"), "--device", "cpu", "--no-progress", "--audio_format", "none"]
+    main(args)
+    main(args)
+    assert json.loads((tmp_path / "out" / "steering.json").read_text())["resumed_seeds"] == 2
+    rng = np.random.default_rng(1)
+    W = rng.normal(size=(16, D))
+    W /= np.linalg.norm(W, axis=1, keepdims=True)
+    save_torch_export(tmp_path / "sae.pt", {"sae_type": "topk", "d_model": D, "hidden_dim": 16, "top_k": 4, "layer": 3,
+                                            "model": "tiny-random", "threshold": 0.0, "input_scale": 1.0,
+                                            "group_sizes": []},
+                      {"W_enc": W.T, "b_enc": np.zeros(16), "W_dec": W, "b_dec": np.zeros(D)})
+    main(args)
+    assert json.loads((tmp_path / "out" / "steering.json").read_text())["resumed_seeds"] == 0
