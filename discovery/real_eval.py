@@ -84,6 +84,12 @@ def pooled(sae, store, layer: int, progress: bool = True) -> tuple[np.ndarray, n
 
 def fit_probe(x_NF: np.ndarray, y_N: np.ndarray, l2: float = 1e-2):
     """An L2-regularised logistic regression on standardised features: (predict, weights)."""
+    logit, w = fit_logit(x_NF, y_N, l2)
+    return (lambda x: logit(x) > 0), w
+
+
+def fit_logit(x_NF: np.ndarray, y_N: np.ndarray, l2: float = 1e-2):
+    """``fit_probe``'s regression returning its logit: (logit, weights)."""
     from scipy.optimize import minimize
 
     mu, sd = x_NF.mean(axis=0), x_NF.std(axis=0) + 1e-6
@@ -98,7 +104,7 @@ def fit_probe(x_NF: np.ndarray, y_N: np.ndarray, l2: float = 1e-2):
         return value, grad
 
     w = minimize(loss, np.zeros(z.shape[1] + 1), jac=True, method="L-BFGS-B").x
-    return (lambda x: ((x - mu) / sd) @ w[:-1] + w[-1] > 0), w
+    return (lambda x: ((x - mu) / sd) @ w[:-1] + w[-1]), w
 
 
 def _scores(predicted: np.ndarray, truth: np.ndarray) -> dict:

@@ -8,6 +8,14 @@ embedded by CLAP and scored against each feature's label; ``discovery.steerabili
 features are positively steerable (their direction an outlier among the random ones) and gives
 the fraction with a 95% interval, and the controls judged the same way give the false-call rate.
 
+With ``--store`` (the store the features were found in), two more judges score the same outputs:
+CLAP against the audio of each feature's top clips (``by_top_clips``), and a tag probe on
+MusicGen's own activations (``by_tag_probe``). For the feature's best-aligned tag, a logistic probe
+is fitted on the store's activations at the steered layer, averaged over each sample's frames; each
+output's codes are read back by the unsteered model (teacher-forced, the study prompt) and the
+probe's logit on that layer's average is its score. The push itself never reaches the probe: it
+sees only what was generated.
+
 Push size: every direction, the features' and the controls', is added with the same norm,
 ``strength x`` the median over the chosen features of ``max activation x |decoder direction|``
 (what the study adds for its features: strength times the feature's max activation times its
@@ -40,6 +48,8 @@ from sae_core.files import write_json
 from .clap import DEFAULT_CLAP, Clap
 
 STUDY_PROMPT = "Simple melody"
+PROBE_SAMPLES = 4000  # store samples a tag probe is fitted on, at most
+MIN_PROBE_SIDE = 4  # samples with and without the tag, in the fitted and the held-out part each
 
 
 @dataclass(frozen=True)
@@ -74,7 +84,8 @@ class SteerStudyConfig:
     """Level of the test against the controls."""
     store: str | None = None
     """The store the features were found in: also score each output against the CLAP audio of the
-    feature's top clips (the study's own criterion), beside its label."""
+    feature's top clips (the study's own criterion), and by a probe for the feature's best-aligned tag
+    on the store's activations at the steered layer, beside its label."""
     layer: int | None = None
     """Decoder layer (default: the SAE's layer)."""
     guidance_scale: float = 3.0
@@ -175,14 +186,15 @@ def make_plan(cfg: SteerStudyConfig, sae, ids: list[int], labels: list[str], pea
 
 
 def _generate_seed(loaded, cfg: SteerStudyConfig, plan: Plan, layer: int, n_frames: int, seed: int, clap: Clap,
-                   clips: Path | None, bar) -> np.ndarray:
-    """Every row's output for one seed, embedded by CLAP: [rows, dim]."""
+                   clips: Path | None, bar) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's output for one seed, embedded by CLAP [rows, dim], and its codes read back by the
+    unsteered model: the layer's activations, averaged over the frames [rows, d_model]."""
     from sae_core.audio import write_audio
 
-    from .capture import generate_batch, layer_hook
+    from .capture import generate_batch, layer_hook, teacher_forced_batch
 
     guided = cfg.guidance_scale > 1
-    embeddings = []
+    embeddings, pooled = [], []
     for start in range(0, len(plan.rows), cfg.batch_size):
         deltas = plan.deltas[start:start + cfg.batch_size].to(loaded.device)
         batch = len(deltas)
@@ -198,6 +210,8 @@ def _generate_seed(loaded, cfg: SteerStudyConfig, plan: Plan, layer: int, n_fram
                                  seed=seed * 1_000_003 + start)
         mono = out.audio.mean(axis=1)  # [B, samples]
         embeddings.append(clap.clips(list(mono), loaded.info.sampling_rate))
+        read_back = teacher_forced_batch(loaded, [cfg.prompt] * batch, list(out.codes), [layer])[layer]
+        pooled.append(np.stack([acts.mean(axis=0) for acts in read_back]))
         if clips is not None:
             for i in range(batch):
                 kind, index, a = plan.rows[start + i]
@@ -205,35 +219,35 @@ def _generate_seed(loaded, cfg: SteerStudyConfig, plan: Plan, layer: int, n_fram
                 write_audio(clips / f"{name}-s{a}-seed{seed}.{cfg.audio_format}", mono[i],
                             loaded.info.sampling_rate)
         bar.update(batch)
-    return np.concatenate(embeddings)
+    return np.concatenate(embeddings), np.concatenate(pooled).astype(np.float32)
 
 
-def _scores(cfg: SteerStudyConfig, plan: Plan, audio_SRP: np.ndarray, target_FP: np.ndarray) -> dict:
-    """Verdicts per feature, the fraction steerable, and the controls' false calls, each output
-    scored by its CLAP cosine with the feature's target (its label's text, or its top clips' audio)."""
+def _scores(cfg: SteerStudyConfig, plan: Plan, scores: dict[int, np.ndarray], margin: float) -> dict:
+    """Verdicts per feature, the fraction steerable, and the controls' false calls. ``scores``: for
+    the position of each judged feature in the plan, every output's score for it [seeds, rows]."""
     from discovery.steerability import control_verdicts, fraction, judge
 
     kinds = np.array([k for k, _, _ in plan.rows])
     index = np.array([i for _, i, _ in plan.rows])
     strength = np.array([a for _, _, a in plan.rows])
-    n_a, n_s = len(cfg.strengths), audio_SRP.shape[0]
+    n_a = len(cfg.strengths)
 
     def block(sims_SR: np.ndarray, kind: str, i: int) -> np.ndarray:  # [strengths, seeds]
-        out = np.zeros((n_a, n_s))
+        out = np.zeros((n_a, sims_SR.shape[0]))
         for a in range(n_a):
             out[a] = sims_SR[:, np.flatnonzero((kinds == kind) & (index == i) & (strength == a))[0]]
         return out
 
     results, verdicts, false_calls = {}, [], []
-    for f, (feature, label) in enumerate(zip(plan.features, plan.labels)):
-        sims = np.einsum("srp,p->sr", audio_SRP.astype(np.float64), target_FP[f].astype(np.float64))
+    for f, sims in scores.items():
+        feature, sims = plan.features[f], np.asarray(sims, np.float64)
         steered = block(sims, "feature", f)
         controls = np.stack([block(sims, "control", c) for c in range(cfg.controls)])
-        verdict = judge(steered, controls, cfg.margin, cfg.alpha)
+        verdict = judge(steered, controls, margin, cfg.alpha)
         verdicts.append(verdict)
-        false_calls += control_verdicts(controls, cfg.margin, cfg.alpha)
+        false_calls += control_verdicts(controls, margin, cfg.alpha)
         results[str(feature)] = {
-            "label": label, **verdict.to_json(),
+            "label": plan.labels[f], **verdict.to_json(),
             "unsteered": float(sims[:, 0].mean()),
             "steered_mean": [float(x) for x in steered.mean(axis=1)],
             "controls_mean": [float(x) for x in controls.mean(axis=(0, 2))],
@@ -242,6 +256,12 @@ def _scores(cfg: SteerStudyConfig, plan: Plan, audio_SRP: np.ndarray, target_FP:
             if cfg.audio_format != "none" else None,
         }
     return {"features": results, "fraction": fraction(verdicts), "controls_false_calls": fraction(false_calls)}
+
+
+def _cosines(audio_SRP: np.ndarray, target_FP: np.ndarray) -> dict[int, np.ndarray]:
+    """Each output's CLAP cosine with each feature's target (its label's text, or its top clips' audio)."""
+    audio = audio_SRP.astype(np.float64)
+    return {f: audio @ target.astype(np.float64) for f, target in enumerate(target_FP)}
 
 
 def _checked_store(cfg: SteerStudyConfig, ids: list[int]):
@@ -278,6 +298,97 @@ def _top_clips(cfg: SteerStudyConfig, clap: Clap, ids: list[int]) -> np.ndarray:
     return np.stack(targets)
 
 
+@dataclass
+class TagProbe:
+    """A logistic probe for one tag on a layer's activations averaged over each sample's frames."""
+
+    tag: str
+    logit: object  # [N, d_model] -> [N]
+    positives: int  # samples with the tag among those fitted on
+    samples: int  # samples fitted on
+    heldout_auroc: float | None  # on the held-out quarter of the samples
+
+
+def _auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    from scipy.stats import rankdata
+
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if not n_pos or not n_neg:
+        return None
+    ranks = rankdata(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _pooled_store(store, layer: int, samples: np.ndarray) -> np.ndarray:
+    """The chosen samples' activations at ``layer``, averaged over each sample's frames [N, d_model]."""
+    out = np.zeros((len(samples), store.d_model), np.float64)
+    where = {int(s): i for i, s in enumerate(samples)}
+    offsets = store.offsets
+    for block, x in store.iter_sample_blocks(layer, 1 << 16, samples=samples):
+        lengths = (offsets[block + 1] - offsets[block]).astype(np.int64)
+        sums = np.add.reduceat(x.astype(np.float64), np.concatenate([[0], np.cumsum(lengths)[:-1]]))
+        out[[where[int(b)] for b in block]] = sums / np.maximum(lengths, 1)[:, None]
+    return out
+
+
+def tag_probes(cfg: SteerStudyConfig, ids: list[int], layer: int) -> tuple[dict[int, TagProbe], dict[str, str]]:
+    """For each feature's best-aligned tag (discovery's ``aligned_tags``), a probe fitted on up to
+    ``PROBE_SAMPLES`` samples of the store at the steered layer (three quarters; the last quarter
+    gives its held-out AUROC). Returns the probes by feature position, and why each other feature
+    has none."""
+    from discovery.feature_files import FeatureFiles
+    from discovery.real_eval import fit_logit
+
+    found = FeatureFiles(cfg.features).read_features()
+    store = _checked_store(cfg, ids)[1]
+    if layer not in store.layers:
+        raise UsageError(f"the store {cfg.store} has layers {list(store.layers)}, not the steered layer {layer} its "
+                         "tag probes read; pass the store the SAE was trained on")
+    tag_of = {f: ((found[str(feature)].get("aligned_tags") or [{}])[0]).get("tag") for f, feature in enumerate(ids)}
+    skipped = {str(ids[f]): "no aligned tag in the features JSON" for f, tag in tag_of.items() if not tag}
+    if len(skipped) == len(ids):
+        return {}, skipped
+    rng = np.random.default_rng(0)
+    chosen = np.sort(rng.choice(store.n_samples, min(store.n_samples, PROBE_SAMPLES), replace=False))
+    x = _pooled_store(store, layer, chosen)
+    finite = np.isfinite(x).all(axis=1)
+    x, kept = x[finite], chosen[finite]
+    held_out = rng.random(len(kept)) < 0.25
+    samples = store.samples
+    fitted: dict[str, TagProbe | str] = {}
+    for tag in sorted({t for t in tag_of.values() if t}):
+        y = np.array([tag in samples[int(s)].get("tags", ()) for s in kept])
+        sides = [int(np.sum(y[part] == side)) for part in (~held_out, held_out) for side in (True, False)]
+        if min(sides) < MIN_PROBE_SIDE:
+            fitted[tag] = (f"tag {tag!r} has too few samples with and without it to fit and check a probe "
+                           f"(at least {MIN_PROBE_SIDE} of each in both parts)")
+            continue
+        logit, _ = fit_logit(x[~held_out], y[~held_out])
+        fitted[tag] = TagProbe(tag, logit, int(y[~held_out].sum()), int((~held_out).sum()),
+                               _auroc(logit(x[held_out]), y[held_out]))
+    probes = {}
+    for f, tag in tag_of.items():
+        if tag:
+            if isinstance(fitted[tag], str):
+                skipped[str(ids[f])] = fitted[tag]
+            else:
+                probes[f] = fitted[tag]
+    return probes, skipped
+
+
+def _probe_scores(cfg: SteerStudyConfig, plan: Plan, layer: int, pooled_SRD: np.ndarray,
+                  probes: dict[int, TagProbe], skipped: dict[str, str]) -> dict:
+    """The outputs judged by the tag probes: each output's probe logit for the feature's tag."""
+    S, R, D = pooled_SRD.shape
+    flat = pooled_SRD.reshape(S * R, D).astype(np.float64)
+    judged = _scores(cfg, plan, {f: probe.logit(flat).reshape(S, R) for f, probe in probes.items()}, 0.0)
+    for f, probe in probes.items():
+        judged["features"][str(plan.features[f])] |= {
+            "tag": probe.tag, "probe_heldout_auroc": probe.heldout_auroc, "probe_samples": probe.samples,
+            "probe_positives": probe.positives}
+    return {"layer": layer, "score": "probe logit", **judged, "skipped": skipped}
+
+
 @torch.no_grad()
 def steer_study(cfg: SteerStudyConfig) -> dict:
     from tqdm import tqdm
@@ -298,35 +409,42 @@ def steer_study(cfg: SteerStudyConfig) -> dict:
     loaded = load_model(cfg.model, cfg.device, cfg.model_dtype)
     layer = checked_layer(sae, cfg.layer, loaded, cfg.model)
     plan = make_plan(cfg, sae, ids, labels, peaks)
+    probes = tag_probes(cfg, ids, layer) if cfg.store else None  # before anything is generated
     for directory in (seeds_dir, clips):
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
     key = cfg.key(plan, layer)
     done = {seed: seeds_dir / f"seed{seed}-{key}.npy" for seed in range(cfg.seeds)}
-    todo = [seed for seed, path in done.items() if not path.exists()]
+    read_back = {seed: seeds_dir / f"pooled{seed}-{key}.npy" for seed in range(cfg.seeds)}
+    todo = [seed for seed, path in done.items() if not (path.exists() and read_back[seed].exists())]
     with tqdm(total=len(todo) * len(plan.rows), desc=f"steer {len(ids)} features", unit="output",
               disable=not cfg.progress) as bar:
         for seed in todo:
-            embedded = _generate_seed(loaded, cfg, plan, layer, n_frames, seed, clap, clips, bar)
-            tmp = done[seed].with_suffix(".tmp.npy")
-            np.save(tmp, embedded)
-            tmp.replace(done[seed])  # a seed counts once its every output is scored
+            embedded, pooled = _generate_seed(loaded, cfg, plan, layer, n_frames, seed, clap, clips, bar)
+            for path, values in ((read_back[seed], pooled), (done[seed], embedded)):
+                tmp = path.with_suffix(".tmp.npy")
+                np.save(tmp, values)
+                tmp.replace(path)  # a seed counts once both its files are in place
     audio = np.stack([np.load(done[seed]) for seed in range(cfg.seeds)])  # [S, R, P]
-    by_clips = _scores(cfg, plan, audio, _top_clips(cfg, clap, ids)) if cfg.store else None
+    by_clips = _scores(cfg, plan, _cosines(audio, _top_clips(cfg, clap, ids)), cfg.margin) if cfg.store else None
+    by_probe = _probe_scores(cfg, plan, layer, np.stack([np.load(read_back[seed]) for seed in range(cfg.seeds)]),
+                             *probes) if probes else None
     report = {"model": cfg.model, "sae": str(cfg.sae), "layer": layer, "features_json": str(cfg.features),
               "clap": cfg.clap, "prompt": cfg.prompt, "duration": cfg.duration, "strengths": list(cfg.strengths),
               "seeds": cfg.seeds, "controls": cfg.controls, "margin": cfg.margin, "alpha": cfg.alpha,
               "push_norm": plan.push_norm, "outputs": int(audio.shape[0] * audio.shape[1]),
               "resumed_seeds": cfg.seeds - len(todo),
-              **_scores(cfg, plan, audio, clap.texts(plan.labels)),
-              "by_top_clips": by_clips}
+              **_scores(cfg, plan, _cosines(audio, clap.texts(plan.labels)), cfg.margin),
+              "by_top_clips": by_clips, "by_tag_probe": by_probe}
     write_json(out / "steering.json", report)
     share, false = report["fraction"], report["controls_false_calls"]
     print(f"{out / 'steering.json'}: {share['steerable']} of {share['of']} features positively steerable "
           f"({share['fraction']:.1%}, 95% CI {share['ci95'][0]:.1%}-{share['ci95'][1]:.1%}); random directions "
           f"called steerable {false['steerable']} of {false['of']} times" + (
               f"; against their top clips' audio {by_clips['fraction']['steerable']} of {by_clips['fraction']['of']}"
-              if by_clips else ""))
+              if by_clips else "") + (
+              f"; by their tag's probe {by_probe['fraction']['steerable']} of {by_probe['fraction']['of']}"
+              if by_probe else ""))
     return report
 
 

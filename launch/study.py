@@ -255,6 +255,7 @@ def study_rows(cfg: StudyConfig) -> list[dict]:
             "steerable": (steering or {}).get("fraction"), "controls_false_calls":
                 (steering or {}).get("controls_false_calls"),
             "steerable_to_clips": ((steering or {}).get("by_top_clips") or {}).get("fraction"),
+            "steerable_by_probe": ((steering or {}).get("by_tag_probe") or {}).get("fraction"),
             "files": {"features": str(m.features), "labels": str(m.labels) if labels else None,
                       "steering": str(m.steering / "steering.json") if steering else None,
                       "run": str(m.run_dir)},
@@ -343,12 +344,14 @@ def _html(cfg: StudyConfig, rows: list[dict], trends: list[dict]) -> str:
             "<h2>Surviving features, label scores and steering per SAE</h2><table><tr><th>layer</th><th>k</th>"
             "<th>expansion</th><th>latents</th><th>alive</th><th>kept (1-25% of clips)</th><th>never / rare / "
             "common</th><th>label CLAP gain [95% CI]</th><th>label AUROC</th><th>steerable toward the label "
-            "[95% CI]</th><th>controls called steerable</th><th>steerable toward the top clips</th></tr>"]
+            "[95% CI]</th><th>controls called steerable</th><th>steerable toward the top clips</th>"
+            "<th>steerable by the tag probe</th></tr>"]
     for r in rows:
         ci = r["label_gain_ci95"]
         gain = _cell(r["label_gain"], "{:+.4f}") + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
         c = r["controls_false_calls"]
-        steer, to_clips = _fraction(r["steerable"]), _fraction(r["steerable_to_clips"])
+        steer, to_clips, by_probe = (_fraction(r[key]) for key in ("steerable", "steerable_to_clips",
+                                                                    "steerable_by_probe"))
         false = "-" if not c or not c["of"] else f"{c['steerable']}/{c['of']}"
         body.append(
             f"<tr><td>{r['layer']}</td><td>{r['top_k']}</td><td>{_cell(r['expansion'], '{:g}')}</td>"
@@ -356,7 +359,7 @@ def _html(cfg: StudyConfig, rows: list[dict], trends: list[dict]) -> str:
             f"<td>{_link(_cell(r['kept'], '{}'), r['files']['features'], root)}</td>"
             f"<td>{_cell(r['never'], '{}')} / {_cell(r['rare'], '{}')} / {_cell(r['common'], '{}')}</td>"
             f"<td>{_link(gain, r['files']['labels'], root)}</td><td>{_cell(r['label_auroc'])}</td>"
-            f"<td>{_link(steer, r['files']['steering'], root)}</td><td>{false}</td><td>{to_clips}</td></tr>")
+            f"<td>{_link(steer, r['files']['steering'], root)}</td><td>{false}</td><td>{to_clips}</td><td>{by_probe}</td></tr>")
     body.append("</table><h2>Per layer</h2><table><tr><th>layer</th><th>kept features (all SAEs)</th>"
                 "<th>steerable / steered</th></tr>")
     for t in trends:

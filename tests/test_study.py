@@ -35,6 +35,7 @@ def test_the_study_runs_end_to_end_and_resumes(tmp_path, capfd):
         if r["steerable"]:  # steered when some reported feature passes the 1-25% filter
             assert r["steerable"]["of"] <= 2 and r["files"]["steering"]
             assert r["steerable_to_clips"]["of"] == r["steerable"]["of"], "also judged against the top clips' audio"
+            assert r["steerable_by_probe"]["of"] <= r["steerable"]["of"], "and by tag probes, where a tag aligns"
     assert study["per_layer"][0]["layer"] == 2
     html = page.read_text()
     assert "study-trends.png" in html and 'href="features/' in html and 'href="labels/' in html
