@@ -41,6 +41,10 @@ class SampleScores:
         self.path, self.n_samples, self.hidden, self.cols = Path(path), n_samples, hidden, cols
         self.blocks = -(-hidden // cols)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        if owned and os.name == "posix":
+            # Nameless from here on: the open descriptor keeps the data, and the file goes with the
+            # process however it ends (a SIGKILL too), so no run leaves gigabytes behind.
+            self.path.unlink()
         os.ftruncate(self._fd, self.blocks * n_samples * cols * DTYPE().itemsize)  # zeros, sparse
         self._buffer = np.zeros((max(1, min(n_samples, BUFFER_BYTES // (hidden * 2))), hidden), DTYPE)
         self._start, self._filled = 0, 0
@@ -49,8 +53,9 @@ class SampleScores:
     @classmethod
     def create(cls, directory: str | os.PathLike | None, name: str, n_samples: int, hidden: int,
                cols: int | None = None) -> SampleScores:
-        """A fresh score file in ``directory`` (default: the system's temporary directory), removed
-        when the object is closed or collected."""
+        """A fresh score file in ``directory`` (default: the system's temporary directory). On POSIX
+        it has no name once open (its space is freed when the process ends, even by SIGKILL);
+        elsewhere it is removed when the object is closed or collected."""
         directory = Path(directory) if directory is not None else Path(tempfile.gettempdir())
         directory.mkdir(parents=True, exist_ok=True)
         fd, path = tempfile.mkstemp(prefix=f".{name}-", suffix=".f16", dir=directory)

@@ -126,10 +126,14 @@ def compare_run_dirs(ws: Workspace, ref, got) -> list[str]:
 
 
 def compare_features(ws: Workspace, trial: Path) -> list[str]:
-    """The features JSON and its summary, read through ``FeatureFiles``, equal."""
+    """The features JSON and its summary, read through ``FeatureFiles``, equal, and no per-sample
+    score file left beside them."""
     from discovery.feature_files import DiscoverError, FeatureFiles
 
     ref, got = FeatureFiles(ws.ref / ws.features), FeatureFiles(trial / ws.features)
+    left = sorted(p.name for p in (trial / ws.features).parent.glob(".sample-*.f16"))
+    if left:
+        return [f"score files left behind: {', '.join(left)}"]
     if not got.finished():
         return [f"no {got.features.name} and {got.summary.name}"]
     try:
