@@ -17,7 +17,9 @@ a part that fails or runs out of time still leaves the others' results:
    the same 8 one after another (goal: at least 3x faster);
 7. ``study``: ``python -m launch.study`` on ``random:musicgen-small`` (layers 6 and 12, TopK
    x4, k = 32; 4 features steered per SAE over 6 seeds against 4 controls; ``tiny-random-clap``,
-   as the machine reaches no model hub): every stage on the GPU, and how long each took;
+   as the machine reaches no model hub): every stage on the GPU, and how long each took; then
+   ``--plan --plan_timing`` for the paper's study of musicgen-small (5,521 prompts of 10 s, its 5
+   layers and 20 SAEs): the hours each stage would take on this GPU;
 8. ``synthbench``: ``bench.synthbench`` at the published scale: BatchTopK and Matryoshka, width
    4,096, k = 25, on 200M samples of SynthSAEBench-16k drawn on the GPU, scored on 500,000 fresh
    samples, beside the published rows (``--no_synthbench`` leaves it out: it is the long part).
@@ -173,6 +175,15 @@ def main() -> None:
         study = _run("study", [py, "-m", "launch.study", *study_args, "--clap", "tiny-random-clap", "--device", device,
                                "--out", str(study_dir)], 240 if quick else 1500)
         study["results"] = _read(study_dir / "study.json")
+        # The paper's study of musicgen-small timed here (--plan --plan_timing): 5,521 prompts, MusicCaps's
+        # count (the plan only counts them), 10 s each, its layers and grid.
+        prompts = study_dir / "count.txt"
+        prompts.write_text("".join(f"prompt {i}\n" for i in range(48 if quick else 5521)))
+        plan_args = (["--layers", "6", "--expansions", "1", "--top_ks", "8"] if quick else
+                     ["--layers", "2,6,12,18,22", "--duration", "10"])
+        study["plan"] = _run("study plan", [py, "-m", "launch.study", "--model", "facebook/musicgen-small", *plan_args,
+                                            "--prompt_file", str(prompts), "--plan", "--plan_timing", "--device",
+                                            device, "--out", str(study_dir / "plan")], 600)
         results["study"] = study
     finally:
         shutil.rmtree(study_dir, ignore_errors=True)

@@ -27,6 +27,7 @@ from sae_core.errors import UsageError
 from sae_core.files import write_json, write_text
 
 STAGES = ("extract", "sweep", "discover", "labels", "steer", "page")
+STEER_BATCH = 16  # outputs per generate() in the steering stage
 
 
 class StudyError(UsageError):
@@ -81,6 +82,9 @@ class StudyConfig:
     """Redo stages whose outputs exist."""
     plan: bool = False
     """Print the work and the disk it needs, then stop."""
+    plan_timing: bool = False
+    """With --plan: time generation and training on this machine at the model's released widths
+    (random weights, 1 and 3 decoder layers; a minute or two) and print the hours per stage."""
 
     def __post_init__(self) -> None:
         if not self.layers or min(self.layers) < 0:
@@ -225,7 +229,7 @@ def _stage_steer(cfg: StudyConfig, member: Member) -> None:
                    str(member.features), "--feature_ids", ",".join(map(str, ids)), "--clap", cfg.clap,
                    "--strengths", ",".join(map(str, cfg.strengths)), "--seeds", str(cfg.seeds), "--controls",
                    str(cfg.controls), "--duration", str(cfg.steer_duration), "--store", str(_store(cfg)),
-                   "--out", str(member.steering),
+                   "--batch_size", str(STEER_BATCH), "--out", str(member.steering),
                    "--device", cfg.device, "--no-progress"])
 
 
@@ -437,7 +441,50 @@ def plan(cfg: StudyConfig) -> dict:
     print(f"  discovery: {grid} passes; per-sample scores on disk up to {scores_bytes / 1e9:.2f} GB at a time")
     print(f"  steering: {steer_outputs:,} outputs of {cfg.steer_duration:g} s ({cfg.steer_features} features, "
           f"{len(cfg.strengths)} strengths, {cfg.seeds} seeds, {cfg.controls} controls per SAE)")
+    if cfg.plan_timing:
+        work["hours"] = _timed_plan(cfg, width, rate, prompts, rows, latents)
     return work
+
+
+def _timed_plan(cfg: StudyConfig, width: int, rate: float, prompts: int, rows: int, latents: list[int]) -> dict:
+    """Hours per stage on this machine (``launch.study_timing``), printed and returned."""
+    import math
+
+    from extractor.families import FamilyError, get_family
+
+    from .study_timing import generation_seconds, measure
+
+    name = cfg.model.removeprefix("random:").split(":")[0].split("/")[-1]
+    try:
+        family = get_family(name)
+    except FamilyError:
+        raise StudyError(f"--plan_timing times the released families at their widths; {cfg.model} is not one "
+                         "(pass the hub name of the family it belongs to)") from None
+    print(f"  timing {family.name} on this machine (random weights at its widths, 1 and 3 decoder layers) ...",
+          flush=True)
+    timing = measure(family.name, _known_layers(cfg.model) or family.num_layers, width, latents, list(cfg.top_ks),
+                     extract_batch=cfg.extract_batch_size, steer_batch=STEER_BATCH, train_batch=cfg.train_batch_size,
+                     device=cfg.device)
+    delay = timing["max_delay"]
+    extract = generation_seconds(timing, cfg.extract_batch_size, prompts, int(round(cfg.duration * rate)) + delay)
+    steps = math.ceil(rows * cfg.epochs / cfg.train_batch_size)
+    sweep = len(cfg.layers) * sum(steps * timing["training"][f"{h}x{k}"] + timing["compile"][f"{h}x{k}"]
+                                  for h in latents for k in cfg.top_ks)
+    per_seed = 1 + (cfg.steer_features + cfg.controls) * len(cfg.strengths)
+    grid = len(cfg.layers) * len(cfg.expansions) * len(cfg.top_ks)
+    steer = grid * cfg.seeds * generation_seconds(timing, STEER_BATCH, per_seed,
+                                                  int(round(cfg.steer_duration * rate)) + delay)
+    hours = {"extract": extract / 3600, "sweep": sweep / 3600, "steer": steer / 3600,
+             "devices": {"torch": timing["torch_device"], "jax": timing["jax_device"]}}
+    print(f"  time here (torch on {timing['torch_device']}, JAX on {timing['jax_device']}): extract ~{_took(extract)}, "
+          f"sweep ~{_took(sweep)}, steering ~{_took(steer)}, together ~{_took(extract + sweep + steer)}; not timed: "
+          "discovery, label scores, CLAP, the steering read-back (each smaller)")
+    return hours
+
+
+def _took(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
+        f"{seconds / 3600:.1f} h"
 
 
 def run_study(cfg: StudyConfig) -> Path | dict:

@@ -149,6 +149,7 @@ def test_gpu_check_runs_every_part_at_toy_size_on_the_cpu(tmp_path):
     check = json.loads(out.read_text())
     for part in ("gpu_tests", "train_step", "extract", "pipeline", "sweep", "study", "synthbench"):
         assert check[part]["status"] == "ok", part
+    assert check["study"]["plan"]["status"] == "ok" and "time here" in check["study"]["plan"]["output_tail"]
     runs = check["synthbench"]["results"]["runs"]
     assert [r["sae_type"] for r in runs] == ["batch_topk", "matryoshka"] and all(0 <= r["f1"] <= 1 for r in runs)
     assert check["pipeline"]["where"]["train"]["platform"] == "cpu"

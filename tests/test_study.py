@@ -65,6 +65,41 @@ def test_plan_prints_the_work_without_running_it(tmp_path, capsys):
         assert message in str(exc.value) and not (tmp_path / "s").exists()
 
 
+def test_plan_timing_scales_the_timed_steps_to_the_study(tmp_path, monkeypatch, capsys):
+    """--plan_timing: the measured seconds (here given) scaled to the study's batches, steps and members."""
+    from launch import study_timing
+    from launch.study import main
+
+    gen = {"device": "cuda", "family": "musicgen-small", "max_delay": 3,
+           "batches": {b: {"1": {"per_step": 0.010, "fixed": 0.5}, "3": {"per_step": 0.014, "fixed": 0.6}}
+                       for b in ("8", "16")}}
+    train = {"device": "gpu", "batch": 512, "per_step": {"4096x32": 0.01, "4096x100": 0.02},
+             "compile": {"4096x32": 3.0, "4096x100": 4.0}}
+    monkeypatch.setattr(study_timing, "_child", lambda args: gen if args[0] == "generate" else train)
+    work = main(["--model", "facebook/musicgen-small", "--layers", "6,12", "--expansions", "4", "--duration", "10",
+                 "--plan", "--plan_timing", "--out", str(tmp_path / "s")])
+    per_step = 0.010 + 0.002 * 23  # one layer, plus 23 more at 2 ms each
+    assert work["hours"]["extract"] * 3600 == pytest.approx(6 * (0.6 + 503 * per_step))  # 48 prompts, 8 at a time
+    steps = -(-work["rows_per_layer"] * 10 // 512)
+    assert work["hours"]["sweep"] * 3600 == pytest.approx(2 * (steps * (0.01 + 0.02) + 3.0 + 4.0))
+    batches = -(-(1 + (20 + 8) * 2) // 16)  # per seed: unsteered, 20 features and 8 controls at 2 strengths
+    assert batches == 4 and work["hours"]["steer"] * 3600 == pytest.approx(4 * 6 * batches * (0.6 + 253 * per_step))
+    assert "time here (torch on cuda, JAX on gpu)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", "tiny-random", "--plan", "--plan_timing", "--out", str(tmp_path / "s")])
+    assert "times the released families" in str(exc.value)
+
+
+@pytest.mark.slow
+def test_plan_timing_times_this_machine(tmp_path):
+    """The real timing, at musicgen-small's widths on this machine (a small grid)."""
+    from launch.study import main
+
+    work = main(["--model", "facebook/musicgen-small", "--layers", "6", "--expansions", "2", "--top_ks", "16",
+                 "--plan", "--plan_timing", "--out", str(tmp_path / "s")])
+    assert all(0 < work["hours"][stage] < 1e4 for stage in ("extract", "sweep", "steer"))
+
+
 @pytest.mark.slow
 def test_the_study_on_musicgen_small_widths(tmp_path):
     """random:musicgen-small:2 (musicgen-small's widths, 2 layers, random weights): the numbers mean
