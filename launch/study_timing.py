@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from sae_core.errors import UsageError
+
 SHORT, LONG = 4, 48  # generated frames of the two timed clips
 LAYERS = (1, 3)  # decoder layers of the two timed builds
 
@@ -87,7 +89,7 @@ def _child(args: list[str]) -> dict:
     result = subprocess.run([sys.executable, "-m", "launch.study_timing", *args], capture_output=True, text=True)
     if result.returncode != 0:
         tail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"timing {args[0]} failed: {tail}")
+        raise UsageError(f"--plan_timing: timing {args[0]} failed: {tail.removeprefix('error: ')}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -116,14 +118,18 @@ def generation_seconds(timing: dict, batch: int, outputs: int, steps: int) -> fl
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["generate"]:
-        result = time_generation(args[1], [int(b) for b in args[2].split(",")], args[3])
-    elif args[:1] == ["train"]:
-        result = time_training(int(args[1]), [int(h) for h in args[2].split(",")],
-                               [int(k) for k in args[3].split(",")], int(args[4]))
-    else:
-        raise SystemExit("usage: python -m launch.study_timing generate FAMILY BATCHES DEVICE | "
-                         "train D LATENTS TOP_KS BATCH (called by python -m launch.study --plan --plan_timing)")
+    try:
+        if args[:1] == ["generate"]:
+            result = time_generation(args[1], [int(b) for b in args[2].split(",")], args[3])
+        elif args[:1] == ["train"]:
+            result = time_training(int(args[1]), [int(h) for h in args[2].split(",")],
+                                   [int(k) for k in args[3].split(",")], int(args[4]))
+        else:
+            raise UsageError("usage: python -m launch.study_timing generate FAMILY BATCHES DEVICE | train D LATENTS "
+                             "TOP_KS BATCH (called by python -m launch.study --plan --plan_timing)")
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(json.dumps(result))
 
 

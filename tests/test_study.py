@@ -98,6 +98,11 @@ def test_plan_timing_times_this_machine(tmp_path):
     work = main(["--model", "facebook/musicgen-small", "--layers", "6", "--expansions", "2", "--top_ks", "16",
                  "--plan", "--plan_timing", "--out", str(tmp_path / "s")])
     assert all(0 < work["hours"][stage] < 1e4 for stage in ("extract", "sweep", "steer"))
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(SystemExit) as exc:  # the child's error, in one line
+            main(["--model", "facebook/musicgen-small", "--layers", "6", "--expansions", "2", "--top_ks", "16",
+                  "--device", "cuda", "--plan", "--plan_timing", "--out", str(tmp_path / "s")])
+        assert "timing generate failed: --device cuda was requested" in str(exc.value)
 
 
 @pytest.mark.slow
