@@ -91,7 +91,8 @@ class TorchSAE(nn.Module):
             raise SAEFormatError(f"no SAE at {path}")
         cfg, arrays = read_torch_export(path)
         return cls(INFERENCE_KIND[cfg["sae_type"]], arrays["W_enc"], arrays["b_enc"], arrays["W_dec"], arrays["b_dec"],
-                   threshold=cfg["threshold"], input_scale=cfg["input_scale"], top_k=cfg.get("top_k"), config=cfg)
+                   threshold=arrays.get("threshold", cfg["threshold"]), input_scale=cfg["input_scale"],
+                   top_k=cfg.get("top_k"), config=cfg)
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.W_enc.dtype) * self.input_scale

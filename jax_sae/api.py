@@ -56,7 +56,8 @@ class SAE:
                                      "export it with --format saelens, which needs no torch")
             config, arrays = torch_sae.read_torch_export(path)
             cfg = SAEConfig.from_json(config)
-            return cls(cfg, M.params_from_named(arrays), config["threshold"], config["input_scale"], {"format": "torch"})
+            return cls(cfg, M.params_from_named(arrays), arrays.get("threshold", config["threshold"]),
+                       config["input_scale"], {"format": "torch"})
         if is_saelens_dir(path):
             return _from_saelens(path)
         cfg, tree, info = load_model_tree(path)

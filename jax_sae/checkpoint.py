@@ -94,7 +94,8 @@ def model_tree(params: M.SAEParams, threshold, input_scale) -> dict:
 
 
 def abstract_model_tree(cfg: SAEConfig) -> dict:
-    shapes = tensor_shapes(cfg.d_model, cfg.hidden_dim) | {"threshold": (), "input_scale": ()}
+    threshold = (cfg.hidden_dim,) if cfg.learned_threshold else ()  # JumpReLU's is per latent
+    shapes = tensor_shapes(cfg.d_model, cfg.hidden_dim) | {"threshold": threshold, "input_scale": ()}
     return {name: jax.ShapeDtypeStruct(shape, jnp.float32) for name, shape in shapes.items()}
 
 

@@ -15,17 +15,19 @@ from sae_core.errors import UsageError
 
 from .run_dir import run_path
 
-SAEType = Literal["vanilla", "topk", "batch_topk", "matryoshka"]
-SAE_TYPES: tuple[str, ...] = ("vanilla", "topk", "batch_topk", "matryoshka")
+SAEType = Literal["vanilla", "topk", "batch_topk", "matryoshka", "jumprelu"]
+SAE_TYPES: tuple[str, ...] = ("vanilla", "topk", "batch_topk", "matryoshka", "jumprelu")
+JUMPRELU_SPARSITY = ("quadratic", "step", "tanh")
 
 
 @dataclass(frozen=True)
 class Behaviour:
     """What an SAE type does, in the terms the training and inference code ask about."""
 
-    selection: Literal["relu", "row_topk", "batch_topk"]
+    selection: Literal["relu", "row_topk", "batch_topk", "jumprelu"]
     """How latents are chosen: all positive ones (sparsity from an L1 penalty), the k largest per
-    row, or the k x batch largest over the batch (with a JumpReLU threshold at inference)."""
+    row, the k x batch largest over the batch (with a JumpReLU threshold at inference), or those
+    above a learned per-latent threshold (JumpReLU, sparsity from an L0 loss)."""
     nested: bool
     """Reconstructions of nested prefixes of the dictionary, each with its own loss (Matryoshka)."""
 
@@ -35,6 +37,7 @@ BEHAVIOURS = {
     "topk": Behaviour("row_topk", nested=False),
     "batch_topk": Behaviour("batch_topk", nested=False),
     "matryoshka": Behaviour("batch_topk", nested=True),
+    "jumprelu": Behaviour("jumprelu", nested=False),
 }
 """Every SAE type's behaviour: the one place the types are told apart."""
 
@@ -68,7 +71,7 @@ class SAEConfig:
             raise ConfigError(f"unknown sae_type {self.sae_type!r}; choose one of {', '.join(SAE_TYPES)}")
         if self.d_model <= 0 or self.hidden_dim <= 0:
             raise ConfigError(f"d_model and hidden_dim must be positive, got {self.d_model} and {self.hidden_dim}")
-        if self.uses_k and not 0 < self.top_k <= self.hidden_dim:
+        if (self.uses_k or self.learned_threshold) and not 0 < self.top_k <= self.hidden_dim:
             raise ConfigError(f"--top_k must be in 1..hidden_dim ({self.hidden_dim}), got {self.top_k}")
         if self.nested:
             if not self.group_sizes or any(g <= 0 for g in self.group_sizes):
@@ -100,9 +103,20 @@ class SAEConfig:
         return self.behaviour.selection == "batch_topk"
 
     @property
+    def learned_threshold(self) -> bool:
+        """Each latent passes above its own threshold, a parameter learned through a
+        straight-through estimator; ``top_k`` is the L0 it starts at (JumpReLU)."""
+        return self.behaviour.selection == "jumprelu"
+
+    @property
     def uses_k(self) -> bool:
-        """A top-k selection (every type but Vanilla): ``top_k`` matters, dead latents get AuxK's
-        loss, and the sparse backward applies."""
+        """A top-k selection (TopK, BatchTopK, Matryoshka): ``top_k`` is the selection's k, dead
+        latents get AuxK's loss, and the sparse backward applies."""
+        return self.behaviour.selection in ("row_topk", "batch_topk")
+
+    @property
+    def aux_k(self) -> bool:
+        """Dead latents get AuxK's loss (the top-k family and JumpReLU; not Vanilla, whose L1 keeps latents alive)."""
         return not self.l1
 
     @property
@@ -139,12 +153,12 @@ def auto_lr(hidden_dim: int, batch_size: int = 4096) -> float:
 class SAESettings:
     """What the SAE is."""
 
-    sae_type: Literal["vanilla", "topk", "batch_topk", "matryoshka"] = "batch_topk"
+    sae_type: Literal["vanilla", "topk", "batch_topk", "matryoshka", "jumprelu"] = "batch_topk"
     """SAE architecture."""
     hidden_dim: int = 6144
     """Number of latents."""
     top_k: int = 64
-    """Active latents per token (TopK family)."""
+    """Active latents per token (TopK family); JumpReLU: the L0 its thresholds start at, and its target."""
     group_sizes: tuple[int, ...] = ()
     """Matryoshka group sizes summing to hidden_dim, e.g. 128,384,1536,2048 (default: prefixes of h/32, h/8, h/2 and h)."""
     threshold: Literal["running", "calibrated"] = "calibrated"
@@ -205,9 +219,19 @@ class TrainingSettings:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     sparsity_coef: float = 1.0
-    """L1 coefficient (vanilla; inputs are scaled to E||x|| = sqrt(d)), warmed up over the first 5% of steps."""
+    """L1 coefficient (vanilla; inputs are scaled to E||x|| = sqrt(d)), or JumpReLU's L0-loss coefficient,
+    warmed up over the first 5% of steps."""
+    jumprelu_sparsity: Literal["quadratic", "step", "tanh"] = "quadratic"
+    """JumpReLU's sparsity loss: quadratic pull of each row's L0 toward --target_l0, 2/T (L0 - T)^2 (Gemma
+    Scope 2); step: the L0 itself (Rajamanoharan et al. 2024); tanh: sum of tanh(c f |W_dec|) (Anthropic)."""
+    target_l0: int = 0
+    """JumpReLU's target L0 for the quadratic loss (0: --top_k)."""
+    jumprelu_bandwidth: float = 0.05
+    """Width of the rectangle kernel of JumpReLU's straight-through threshold gradient (pre-activation units)."""
+    jumprelu_tanh_scale: float = 4.0
+    """c of the tanh sparsity loss."""
     aux_penalty: float = 1 / 32
-    """Weight of the AuxK dead-latent loss (TopK family)."""
+    """Weight of the AuxK dead-latent loss (TopK family and JumpReLU)."""
     aux_k: int = 0
     """Dead latents AuxK reconstructs the residual from, per token (0: d_model/2)."""
     group_weights: tuple[float, ...] = ()
@@ -245,6 +269,9 @@ class TrainingSettings:
             (self.aux_k >= 0, "--aux_k must be 0 (d_model/2) or positive"),
             (self.data_lanes >= 0, f"--data_lanes must be 0 (the number of processes) or positive, got {self.data_lanes}"),
             (self.enc_init_scale > 0, f"--enc_init_scale must be positive, got {self.enc_init_scale}"),
+            (self.target_l0 >= 0, f"--target_l0 must be 0 (--top_k) or positive, got {self.target_l0}"),
+            (self.jumprelu_bandwidth > 0 and self.jumprelu_tanh_scale > 0,
+             "--jumprelu_bandwidth and --jumprelu_tanh_scale must be positive"),
             (not self.group_weights or (all(w >= 0 for w in self.group_weights) and sum(self.group_weights) > 0),
              f"--group_weights must be non-negative with a positive sum, got {','.join(map(str, self.group_weights))}"),
         ]
@@ -294,6 +321,8 @@ class TrainConfig:
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
 
     def __post_init__(self) -> None:
+        if self.sae.sae_type == "jumprelu" and not 0 < self.target_l0 <= self.sae.hidden_dim:
+            raise ConfigError(f"--target_l0 {self.target_l0} must be at most --hidden_dim {self.sae.hidden_dim}")
         weights, groups = self.train.group_weights, self.sae.config(d_model=1).group_sizes
         if weights and len(weights) != len(groups):
             raise ConfigError(
@@ -330,6 +359,11 @@ class TrainConfig:
         groups = len(self.sae.config(d_model=1).group_sizes)
         weights = self.train.group_weights or (1.0,) * groups
         return tuple(w / sum(weights) for w in weights)
+
+    @property
+    def target_l0(self) -> int:
+        """JumpReLU's target L0: --target_l0, else --top_k."""
+        return self.train.target_l0 or self.sae.top_k
 
     @property
     def data_seed(self) -> int:

@@ -51,7 +51,7 @@ class ExportConfig:
 
 def exported_arrays(cfg: SAEConfig, tree: dict, source="the checkpoint") -> dict[str, np.ndarray]:
     """The checkpoint's tensors as the formats hold them, float32, each shape checked."""
-    shapes = formats.tensor_shapes(cfg.d_model, cfg.hidden_dim)
+    shapes = formats.export_shapes(cfg.sae_type, cfg.d_model, cfg.hidden_dim)
     arrays = {name: np.asarray(tree[name]).T if name in TRANSPOSED else tree[name] for name in shapes}
     return formats.checked_tensors(arrays, shapes, source)
 
@@ -63,11 +63,13 @@ def _scalar(tree: dict, name: str) -> float:
 def write_export(out: Path, cfg: SAEConfig, tree: dict, info: dict, save_torch_export=None,
                  source="the checkpoint") -> None:
     """The torch format through ``save_torch_export`` where given, else the SAELens directory."""
-    arrays = exported_arrays(cfg, tree, source)
-    threshold, input_scale = _scalar(tree, "threshold"), _scalar(tree, "input_scale")
+    arrays = exported_arrays(cfg, tree, source)  # a JumpReLU's thresholds among them
+    threshold = arrays["threshold"] if cfg.learned_threshold else _scalar(tree, "threshold")
+    input_scale = _scalar(tree, "input_scale")
     sae_config = cfg.to_json()
     if save_torch_export is not None:
-        save_torch_export(out, formats.torch_config(sae_config, threshold, input_scale, info.get("step")), arrays)
+        save_torch_export(out, formats.torch_config(sae_config, 0.0 if cfg.learned_threshold else threshold,
+                                                    input_scale, info.get("step")), arrays)
     else:
         lens_arrays = formats.saelens_arrays(sae_config, arrays, threshold, input_scale)
         formats.write_saelens(out, formats.saelens_cfg(sae_config, input_scale), lens_arrays)

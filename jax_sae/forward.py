@@ -24,6 +24,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from . import model as M
 from . import sharding as S
 from .config import SAEConfig
 from .model import SAEParams
@@ -49,6 +50,10 @@ class LossSettings:
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     aux_k: int = 0  # AuxK's latents per token (0: d/2)
     prefix_weights: tuple[float, ...] = ()  # Matryoshka prefix-loss weights summing to 1 (empty: equal)
+    jumprelu_sparsity: Literal["quadratic", "step", "tanh"] = "quadratic"  # JumpReLU's sparsity loss
+    target_l0: int = 0  # JumpReLU's quadratic target (0: the SAE's top_k)
+    bandwidth: float = 0.05  # JumpReLU's straight-through kernel width
+    tanh_scale: float = 4.0  # JumpReLU's tanh loss scale
 
     def weights(self) -> tuple[float, ...]:
         """Matryoshka's prefix-loss weights (one per group, summing to 1); (1.0,) for the other types."""
@@ -122,9 +127,34 @@ def _dense_recon(params: SAEParams, x_BD, f_BH, *, cfg: SAEConfig, global_batch:
     return per_data_mean(jnp.sum((x_BD - x_hat_BD) ** 2)), x_hat_BD
 
 
+def _jumprelu_sparsity(params: SAEParams, pre_BH, f_BH, threshold_H, s: LossSettings, global_batch: int):
+    """JumpReLU's sparsity loss, averaged over the global batch: each row's L0 (step), its squared
+    distance to the target scaled by 2 / target (quadratic), or the sum of tanh(c f |W_dec|)."""
+    if s.jumprelu_sparsity == "tanh":
+        per_row = jnp.sum(jnp.tanh(s.tanh_scale * f_BH * jnp.linalg.norm(params.W_dec_HD, axis=1)), axis=1)
+        return lax.psum(jnp.sum(lax.psum(per_row, S.MODEL)), S.DATA) / global_batch
+    l0_B = lax.psum(jnp.sum(M.step_ste(pre_BH, threshold_H, s.bandwidth), axis=1), S.MODEL)
+    if s.jumprelu_sparsity == "quadratic":
+        target = s.target_l0 or s.sae.top_k
+        l0_B = 2.0 / target * (l0_B - target) ** 2
+    return lax.psum(jnp.sum(l0_B), S.DATA) / global_batch
+
+
 def _dense_main(params: SAEParams, step, x_BD, *, s: LossSettings, global_batch: int):
-    """Reconstruction loss (plus L1 for Vanilla) by dense matmuls, for autodiff."""
+    """Reconstruction loss (plus L1 for Vanilla, the sparsity loss for JumpReLU) by dense matmuls, for autodiff."""
     cfg = s.sae
+    if cfg.learned_threshold:
+        pre_BH = _pre(params, x_BD, s.compute_dtype)
+        # The same thresholds on every data shard: made varying over data, so that their gradient
+        # (a sum over this shard's rows) is summed over the shards on the way back.
+        threshold_H = lax.pcast(params.threshold_H, (S.DATA,), to="varying")
+        f_BH = M.jumprelu_ste(pre_BH, threshold_H, s.bandwidth)
+        recon, x_hat_BD = _dense_recon(params, x_BD, f_BH, cfg=cfg, global_batch=global_batch,
+                                       dtype=s.compute_dtype, weights=s.weights())
+        sparsity = _jumprelu_sparsity(params, pre_BH, f_BH, threshold_H, s, global_batch)
+        loss = recon + s.sparsity_coef * jnp.minimum(1.0, (step + 1) / s.sparsity_warmup_steps) * sparsity
+        l0 = lax.psum(jnp.sum(f_BH > 0), BOTH) / global_batch
+        return loss, Main(recon, sparsity, x_hat_BD, jnp.any(f_BH > 0, axis=0), l0, jnp.float32(0.0))
     act_BH = jax.nn.relu(_pre(params, x_BD, s.compute_dtype))
     smallest = jnp.float32(0.0)
     if cfg.l1:
@@ -311,7 +341,7 @@ def _shard_loss(params: SAEParams, counters_H, step, x_BD, *, s: LossSettings, g
     """The whole loss, differentiable: reconstruction (+ L1) + AuxK while latents are dead."""
     loss, main = _dense_main(params, step, x_BD, s=s, global_batch=global_batch)
     aux_loss = jnp.float32(0.0)
-    if s.sae.uses_k:
+    if s.sae.aux_k:
         dead_H, any_dead = _any_dead(counters_H, s)
         x_hat_BD = lax.stop_gradient(main.x_hat_BD)
         aux_loss = lax.cond(any_dead, lambda: _aux_loss(params, x_BD, x_hat_BD, dead_H, s, global_batch),
@@ -333,7 +363,7 @@ def _shard_loss_and_grads(params: SAEParams, counters_H, step, x_BD, *, s: LossS
     else:
         (loss, main), grads = jax.value_and_grad(_dense_main, has_aux=True)(params, step, x_BD, **kwargs)
     aux_loss = jnp.float32(0.0)
-    if cfg.uses_k:
+    if cfg.aux_k:
         dead_H, any_dead = _any_dead(counters_H, s)
         x_hat_BD = lax.stop_gradient(main.x_hat_BD)
 
@@ -347,8 +377,9 @@ def _shard_loss_and_grads(params: SAEParams, counters_H, step, x_BD, *, s: LossS
     return loss, grads, metrics, fired_H
 
 
-def _param_specs() -> SAEParams:
-    return SAEParams(*(S.FIELD_SPECS[f] for f in ("W_enc_DH", "b_enc_H", "W_dec_HD", "b_dec_D")))
+def _param_specs(sae: SAEConfig) -> SAEParams:
+    fields = ("W_enc_DH", "b_enc_H", "W_dec_HD", "b_dec_D") + (("threshold_H",) if sae.learned_threshold else ())
+    return SAEParams(*(S.FIELD_SPECS[f] for f in fields))
 
 
 METRICS = ("recon", "aux_loss", "l1", "fvu", "l0", "smallest")
@@ -361,7 +392,7 @@ def sharded_loss(settings: LossSettings, mesh: Mesh, global_batch: int):
     def local(params, counters_H, step, x_BD):
         return _shard_loss(params, counters_H, step, x_BD, s=settings, global_batch=global_batch)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(_param_specs(), P(S.MODEL), P(), S.BATCH),
+    return jax.shard_map(local, mesh=mesh, in_specs=(_param_specs(settings.sae), P(S.MODEL), P(), S.BATCH),
                          out_specs=(P(), ({k: P() for k in METRICS}, P(S.MODEL))))
 
 
@@ -373,5 +404,6 @@ def sharded_loss_and_grads(settings: LossSettings, mesh: Mesh, global_batch: int
         return _shard_loss_and_grads(params, counters_H, step, x_BD, s=settings, global_batch=global_batch, tuning=tuning)
 
     metric_specs = {k: P() for k in METRICS + ("dense_fallback",)}
-    return jax.shard_map(local, mesh=mesh, in_specs=(_param_specs(), P(S.MODEL), P(), S.BATCH),
-                         out_specs=(P(), _param_specs(), metric_specs, P(S.MODEL)))
+    specs = _param_specs(settings.sae)
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs, P(S.MODEL), P(), S.BATCH),
+                         out_specs=(P(), specs, metric_specs, P(S.MODEL)))

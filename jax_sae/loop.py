@@ -5,6 +5,7 @@ through ``Progress``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -73,7 +74,8 @@ def improves(fvu: float, best: float, min_delta: float) -> bool:
 # What a run saved before a setting existed did instead (its checkpoint has no such key).
 BEFORE_SETTING = {"lr_schedule": "cosine", "adam_betas": [0.9, 0.999], "aux_k": 0, "threshold": "running",
                   "b_dec_init": "median", "enc_init": "transpose", "enc_init_scale": 1.0, "group_weights": [], "data_lanes": 1,
-                  "val_split": "samples", "min_delta": 0.0, "data_seed": None}
+                  "val_split": "samples", "min_delta": 0.0, "data_seed": None, "jumprelu_sparsity": "quadratic",
+                  "target_l0": 0, "jumprelu_bandwidth": 0.05, "jumprelu_tanh_scale": 4.0}
 
 
 def _groups_before_levels(hidden_dim: int) -> list[int]:
@@ -293,7 +295,9 @@ class TrainingRun:
         if self._inference is not None and self._inference[0] is self.state:
             return self._inference[1]
         params, threshold, scale = to_host((self.state.params, self.state.threshold, self.state.input_scale))
-        if self.cfg.sae.threshold == "calibrated" and self.plan.sae.uses_threshold:
+        if self.plan.sae.learned_threshold:
+            params, threshold = params.replace(threshold_H=None), params.threshold_H  # JumpReLU's own thresholds
+        elif self.cfg.sae.threshold == "calibrated" and self.plan.sae.uses_threshold:
             threshold = np.float32(M.calibrated_threshold(self.plan.sae, params, self.scan.sample_BD * scale))
         self._inference = (self.state, (params, threshold, scale))
         return params, threshold, scale
@@ -389,8 +393,15 @@ def _initial_state(cfg: TrainConfig, step: Step, scan: ScanResult, d_model: int)
     scale = input_scale(scan.mean_norm, d_model)
     sample = scan.sample_BD * scale
     b_dec = geometric_median(sample) if cfg.train.b_dec_init == "median" else sample.mean(axis=0)
-    return fresh_state(step, jax.random.PRNGKey(cfg.train.seed), b_dec, scale, cfg.train.enc_init,
-                       cfg.train.enc_init_scale)
+    state = fresh_state(step, jax.random.PRNGKey(cfg.train.seed), b_dec, scale, cfg.train.enc_init,
+                        cfg.train.enc_init_scale)
+    sae = step.settings.sae
+    if sae.learned_threshold:  # JumpReLU starts where the initial encoder fires --target_l0 latents per row
+        start = M.calibrated_threshold(dataclasses.replace(sae, top_k=cfg.target_l0), state.params, sample)
+        fill = jax.jit(lambda p: p.replace(threshold_H=jnp.full_like(p.threshold_H, start)),
+                       out_shardings=step.shardings.params)
+        state = state.replace(params=fill(state.params))
+    return state
 
 
 def _resume(checkpoints: RunCheckpoints, files: RunDir, state: TrainState, overwrite: bool) -> tuple[TrainState, dict]:

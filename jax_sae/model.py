@@ -5,6 +5,8 @@ the dataset's input scale (see ``data.input_scale``)."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,12 +21,14 @@ THRESHOLD_DECAY = 0.99
 
 @struct.dataclass
 class SAEParams:
-    """Weights of every SAE type: encode (x - b_dec) @ W_enc + b_enc, decode f @ W_dec + b_dec."""
+    """Weights of every SAE type: encode (x - b_dec) @ W_enc + b_enc, decode f @ W_dec + b_dec;
+    JumpReLU's learned per-latent threshold in training (None for the other types)."""
 
     W_enc_DH: jax.Array
     b_enc_H: jax.Array
     W_dec_HD: jax.Array
     b_dec_D: jax.Array
+    threshold_H: jax.Array | None = None
 
 
 TENSOR_FIELDS = {"W_enc": "W_enc_DH", "b_enc": "b_enc_H", "W_dec": "W_dec_HD", "b_dec": "b_dec_D"}
@@ -54,6 +58,7 @@ def init_params(key: jax.Array, cfg: SAEConfig, b_dec_D: np.ndarray | jax.Array,
         b_enc_H=jnp.zeros((cfg.hidden_dim,), jnp.float32),
         W_dec_HD=W_dec_HD,
         b_dec_D=jnp.asarray(b_dec_D, jnp.float32),
+        threshold_H=jnp.zeros((cfg.hidden_dim,), jnp.float32) if cfg.learned_threshold else None,
     )
 
 
@@ -86,8 +91,8 @@ def jumprelu(pre_BH: jax.Array, threshold: jax.Array) -> jax.Array:
 
 
 def encode_infer(cfg: SAEConfig, params: SAEParams, threshold: jax.Array, x_BD: jax.Array) -> jax.Array:
-    """Inference codes: per-row top-k for TopK, a JumpReLU threshold for the BatchTopK family.
-    (Training codes are made per shard in ``forward``.)"""
+    """Inference codes: per-row top-k for TopK, a JumpReLU threshold for the BatchTopK family
+    (one number) and for JumpReLU (one per latent). (Training codes are made per shard in ``forward``.)"""
     pre_BH = pre_activations(params, x_BD)
     if cfg.l1:
         return jax.nn.relu(pre_BH)
@@ -115,6 +120,51 @@ def calibrated_threshold(cfg: SAEConfig, params: SAEParams, x_ND: np.ndarray, ma
     below, lowest_kept = ordered[pre.size - kept - 1], ordered[pre.size - kept:].min()
     halfway = np.float32((np.float64(below) + np.float64(lowest_kept)) / 2)
     return max(0.0, float(halfway if halfway < lowest_kept else below))  # adjacent floats: no room halfway
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def jumprelu_ste(pre_BH: jax.Array, threshold_H: jax.Array, bandwidth: float) -> jax.Array:
+    """JumpReLU whose threshold learns through a straight-through estimator (Rajamanoharan et al.
+    2024): pre x H(pre - t). Its gradient to ``pre`` is the step H(pre - t); to ``t``, the rectangle
+    kernel's pseudo-derivative -(t / eps) K((pre - t) / eps), K(u) = 1 for |u| < 1/2."""
+    return jnp.where(pre_BH > threshold_H, pre_BH, 0.0)
+
+
+def _jumprelu_fwd(pre_BH, threshold_H, bandwidth):
+    return jumprelu_ste(pre_BH, threshold_H, bandwidth), (pre_BH, threshold_H)
+
+
+def _jumprelu_bwd(bandwidth, res, g_BH):
+    pre_BH, threshold_H = res
+    d_threshold_H = -jnp.sum(g_BH * (threshold_H / bandwidth) * _rectangle((pre_BH - threshold_H) / bandwidth), axis=0)
+    return g_BH * (pre_BH > threshold_H), d_threshold_H
+
+
+jumprelu_ste.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def step_ste(pre_BH: jax.Array, threshold_H: jax.Array, bandwidth: float) -> jax.Array:
+    """H(pre - t), 1 where a latent fires: the L0 counted differentiably in ``t`` through the same
+    pseudo-derivative, -(1 / eps) K((pre - t) / eps); none to ``pre`` (as in DeepMind's JumpReLU)."""
+    return (pre_BH > threshold_H).astype(pre_BH.dtype)
+
+
+def _step_fwd(pre_BH, threshold_H, bandwidth):
+    return step_ste(pre_BH, threshold_H, bandwidth), (pre_BH, threshold_H)
+
+
+def _step_bwd(bandwidth, res, g_BH):
+    pre_BH, threshold_H = res
+    d_threshold_H = -jnp.sum(g_BH * _rectangle((pre_BH - threshold_H) / bandwidth), axis=0) / bandwidth
+    return jnp.zeros_like(pre_BH), d_threshold_H
+
+
+step_ste.defvjp(_step_fwd, _step_bwd)
+
+
+def _rectangle(u):
+    return ((u > -0.5) & (u < 0.5)).astype(u.dtype)
 
 
 def project_decoder_grad(W_dec_HD: jax.Array, grad_HD: jax.Array) -> jax.Array:

@@ -19,6 +19,7 @@ FIELD_SPECS = {
     "b_enc_H": P(MODEL),
     "W_dec_HD": P(MODEL, None),
     "b_dec_D": P(),
+    "threshold_H": P(MODEL),
     "tokens_since_fired_H": P(MODEL),
 }
 BATCH = P(DATA, None)

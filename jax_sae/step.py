@@ -98,6 +98,8 @@ def train_step(state: TrainState, x_BD: jax.Array, *, optimizer, grads_fn, dead_
     grads = grads.replace(W_dec_HD=M.project_decoder_grad(state.params.W_dec_HD, grads.W_dec_HD))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = M.normalize_decoder(optax.apply_updates(state.params, updates))
+    if params.threshold_H is not None:  # JumpReLU: kept non-negative by projection, not by a clamp in the graph
+        params = params.replace(threshold_H=jnp.maximum(params.threshold_H, 0.0))
     counters = jnp.where(fired_H, 0, jnp.minimum(state.tokens_since_fired_H + x_BD.shape[0], _COUNTER_CAP))
     threshold = M.update_threshold(state.threshold, metrics["smallest"], state.step) if uses_threshold \
         else state.threshold
@@ -147,7 +149,9 @@ def build_step(cfg: TrainConfig, sae: SAEConfig, mesh, total_steps: int, dead_to
     train, runtime = cfg.train, cfg.runtime
     optimizer = make_optimizer(cfg.peak_lr, total_steps, train.weight_decay, train.lr_schedule, train.adam_betas)
     settings = LossSettings(sae, train.sparsity_coef, sparsity_warmup_steps(total_steps), train.aux_penalty,
-                            dead_tokens, runtime.backward, runtime.compute_dtype, train.aux_k, cfg.prefix_weights())
+                            dead_tokens, runtime.backward, runtime.compute_dtype, train.aux_k, cfg.prefix_weights(),
+                            train.jumprelu_sparsity, cfg.target_l0, train.jumprelu_bandwidth,
+                            train.jumprelu_tanh_scale)
     abstract = jax.eval_shape(lambda: init_state(
         M.init_params(jax.random.PRNGKey(0), sae, jnp.zeros(sae.d_model, jnp.float32)), optimizer, 1.0))
     shardings = S.shardings(abstract, mesh)

@@ -34,11 +34,15 @@ SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 
 # our sae_type -> SAELens architecture; BatchTopK and Matryoshka run as JumpReLU at inference.
-SAELENS_ARCHITECTURE = {"vanilla": "standard", "topk": "topk", "batch_topk": "jumprelu", "matryoshka": "jumprelu"}
-# SAELens architecture -> our sae_type (a Matryoshka export says so in metadata.sae_music_jax).
+SAELENS_ARCHITECTURE = {"vanilla": "standard", "topk": "topk", "batch_topk": "jumprelu", "matryoshka": "jumprelu",
+                        "jumprelu": "jumprelu"}
+# SAELens architecture -> our sae_type (a Matryoshka or JumpReLU export says which in metadata.sae_music_jax).
 SAE_TYPE_OF_ARCHITECTURE = {"standard": "vanilla", "topk": "topk", "jumprelu": "batch_topk"}
 # our sae_type -> the activation the torch SAE applies at inference.
-INFERENCE_KIND = {"vanilla": "relu", "topk": "topk", "batch_topk": "jumprelu", "matryoshka": "jumprelu"}
+INFERENCE_KIND = {"vanilla": "relu", "topk": "topk", "batch_topk": "jumprelu", "matryoshka": "jumprelu",
+                  "jumprelu": "jumprelu"}
+# Types whose threshold is one per latent (a tensor of both formats), not one number.
+PER_LATENT_THRESHOLD = ("jumprelu",)
 # Fields every torch-format config holds; the rest of our SAE config rides along.
 TORCH_CONFIG_FIELDS = ("sae_type", "d_model", "hidden_dim", "threshold", "input_scale")
 TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -52,6 +56,14 @@ def tensor_shapes(d_model: int, hidden_dim: int) -> dict[str, tuple[int, ...]]:
     """The tensors of both formats (``TENSOR_NAMES``) and their shapes; both store [in, out]."""
     shapes = ((d_model, hidden_dim), (hidden_dim,), (hidden_dim, d_model), (d_model,))
     return dict(zip(TENSOR_NAMES, shapes))
+
+
+def export_shapes(sae_type: str, d_model: int, hidden_dim: int) -> dict[str, tuple[int, ...]]:
+    """``tensor_shapes``, with the per-latent ``threshold [hidden_dim]`` of a JumpReLU."""
+    shapes = tensor_shapes(d_model, hidden_dim)
+    if sae_type in PER_LATENT_THRESHOLD:
+        shapes["threshold"] = (hidden_dim,)
+    return shapes
 
 
 def checked_tensors(arrays: Mapping, shapes: Mapping[str, tuple[int, ...]], source) -> dict[str, np.ndarray]:
@@ -95,7 +107,7 @@ def torch_config(sae_config: dict, threshold: float, input_scale: float, trained
 def torch_payload(config: dict, arrays: Mapping, source="torch export") -> dict:
     """What ``torch.save`` writes (tensors still numpy): every field and tensor shape checked first."""
     _check_torch_config(config, source)
-    state = checked_tensors(arrays, tensor_shapes(config["d_model"], config["hidden_dim"]), source)
+    state = checked_tensors(arrays, export_shapes(config["sae_type"], config["d_model"], config["hidden_dim"]), source)
     return {"config": {**config, "format_version": TORCH_FORMAT_VERSION}, "state_dict": state}
 
 
@@ -110,7 +122,8 @@ def read_torch_payload(data, source) -> tuple[dict, dict[str, np.ndarray]]:
     if missing:
         raise SAEFormatError(f"{source} lacks tensors {sorted(missing)}")
     _check_torch_config(config, source)
-    return config, checked_tensors(state, tensor_shapes(config["d_model"], config["hidden_dim"]), source)
+    return config, checked_tensors(state, export_shapes(config["sae_type"], config["d_model"], config["hidden_dim"]),
+                                   source)
 
 
 class SAELensExport(NamedTuple):
@@ -161,15 +174,16 @@ def saelens_cfg(sae_config: dict, input_scale: float) -> dict:
     return cfg
 
 
-def saelens_arrays(sae_config: dict, arrays: Mapping, threshold: float, input_scale: float) -> dict[str, np.ndarray]:
-    """Weights acting on raw activations: x*s - b_dec = s(x - b_dec/s), x_hat = (f W_dec + b_dec)/s;
-    JumpReLU gets the scalar threshold per feature."""
+def saelens_arrays(sae_config: dict, arrays: Mapping, threshold, input_scale: float) -> dict[str, np.ndarray]:
+    """Weights acting on raw activations: x*s - b_dec = s(x - b_dec/s), x_hat = (f W_dec + b_dec)/s
+    (the pre-activations, and so the threshold, are unchanged); JumpReLU gets the threshold per
+    feature (BatchTopK's one number repeated, a JumpReLU's own)."""
     d, h = sae_config["d_model"], sae_config["hidden_dim"]
     ours = checked_tensors(arrays, tensor_shapes(d, h), "the SAE to export")
     s = float(input_scale)
     out = {"W_enc": ours["W_enc"] * s, "b_enc": ours["b_enc"], "W_dec": ours["W_dec"] / s, "b_dec": ours["b_dec"] / s}
     if SAELENS_ARCHITECTURE[sae_config["sae_type"]] == "jumprelu":
-        out["threshold"] = np.full(h, float(threshold), np.float32)
+        out["threshold"] = np.ascontiguousarray(np.broadcast_to(np.asarray(threshold, np.float32), (h,)))
     return out
 
 
@@ -212,8 +226,8 @@ def _config_of(cfg: dict) -> dict:
     metadata = cfg.get("metadata") or {}
     ours = metadata.get("sae_music_jax") or {}
     sae_type = SAE_TYPE_OF_ARCHITECTURE[cfg["architecture"]]
-    if sae_type == "batch_topk" and ours.get("sae_type") == "matryoshka":
-        sae_type = "matryoshka"
+    if sae_type == "batch_topk" and ours.get("sae_type") in ("matryoshka", "jumprelu"):
+        sae_type = ours["sae_type"]
     hidden = cfg["d_sae"]
     return {"sae_type": sae_type, "d_model": cfg["d_in"], "hidden_dim": hidden,
             "top_k": int(cfg.get("k") or min(64, hidden)),

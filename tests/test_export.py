@@ -22,7 +22,7 @@ from jax_sae.checkpoint import model_tree, save_model
 from jax_sae.config import SAEConfig
 from jax_sae.export import main
 
-TYPES = ["vanilla", "topk", "batch_topk", "matryoshka"]
+TYPES = ["vanilla", "topk", "batch_topk", "matryoshka", "jumprelu"]
 
 
 def _checkpoint(tmp_path, sae_type, d=24, h=96):
@@ -33,7 +33,8 @@ def _checkpoint(tmp_path, sae_type, d=24, h=96):
     params = params.replace(W_enc_DH=params.W_enc_DH + 0.05 * rng.normal(size=(d, h)).astype(np.float32),
                             b_enc_H=0.1 * rng.normal(size=h).astype(np.float32))
     path = tmp_path / sae_type / "best"
-    save_model(path, cfg, model_tree(params, 0.3, 0.37), {"step": 5})
+    threshold = rng.uniform(0.1, 0.6, size=h).astype(np.float32) if sae_type == "jumprelu" else 0.3  # one per latent
+    save_model(path, cfg, model_tree(params, threshold, 0.37), {"step": 5})
     return path
 
 
@@ -56,7 +57,9 @@ def test_round_trips_and_torch_parity(tmp_path, sae_type):
     back = jax_sae.load(tmp_path / "sae.pt")
     for name in ("W_enc_DH", "b_enc_H", "W_dec_HD", "b_dec_D"):
         np.testing.assert_array_equal(np.asarray(getattr(back.params, name)), np.asarray(getattr(ours.params, name)))
-    assert back.cfg == ours.cfg and float(back.threshold) == float(ours.threshold)
+    assert back.cfg == ours.cfg
+    np.testing.assert_array_equal(np.asarray(back.threshold), np.asarray(ours.threshold))
+    assert np.asarray(ours.threshold).shape == ((96,) if sae_type == "jumprelu" else ())
 
     lens = jax_sae.load(tmp_path / "lens")
     np.testing.assert_allclose(np.asarray(lens.encode(x)), np.asarray(ours.encode(x)), atol=1e-5, rtol=1e-5)
@@ -111,7 +114,7 @@ def test_exporting_a_broken_checkpoint_is_one_line(tmp_path, damage):
 
 
 @pytest.mark.parametrize("sae_type,architecture", [("vanilla", "standard"), ("topk", "topk"),
-                                                   ("matryoshka", "jumprelu")])
+                                                   ("matryoshka", "jumprelu"), ("jumprelu", "jumprelu")])
 def test_saelens_cfg_holds_what_saelens_6_reads(tmp_path, sae_type, architecture):
     ckpt = _checkpoint(tmp_path, sae_type)
     main(["--checkpoint", str(ckpt), "--format", "saelens", "--out", str(tmp_path / "lens")])

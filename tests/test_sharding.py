@@ -2,6 +2,7 @@
 
 import re
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -15,7 +16,7 @@ from jax_sae.step import compile_train_step, init_state, make_optimizer
 from .synthetic import planted_dictionary, sparse_data
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices (conftest sets XLA_FLAGS)")
-TYPES = ["vanilla", "topk", "batch_topk", "matryoshka"]
+TYPES = ["vanilla", "topk", "batch_topk", "matryoshka", "jumprelu"]
 
 
 def _run(sae_type, data, model, steps=20, batch=64):
@@ -25,6 +26,8 @@ def _run(sae_type, data, model, steps=20, batch=64):
     x = (x - x.mean(0)) / x.std()
     optimizer = make_optimizer(3e-3, steps, 0.0)
     params = M.init_params(jax.random.PRNGKey(0), cfg, np.zeros(16, np.float32))
+    if cfg.learned_threshold:  # started at L0 = k, as the trainer starts it
+        params = params.replace(threshold_H=jnp.full(64, M.calibrated_threshold(cfg, params, x[:512]), jnp.float32))
     mesh = make_mesh(data, model)
     state = init_state(params, optimizer, 1.0)
     state = jax.device_put(state, shardings(state, mesh))
@@ -45,7 +48,7 @@ def test_meshes_agree_on_losses_and_parameters(sae_type):
     for data, model in ((4, 1), (2, 2)):
         losses, state = _run(sae_type, data, model)
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-5, err_msg=f"{data}x{model} loss curve")
-        for name in ("W_enc_DH", "b_enc_H", "W_dec_HD", "b_dec_D"):
+        for name in ("W_enc_DH", "b_enc_H", "W_dec_HD", "b_dec_D") + (("threshold_H",) if sae_type == "jumprelu" else ()):
             np.testing.assert_allclose(getattr(state.params, name), getattr(ref.params, name), atol=1e-5,
                                        err_msg=f"{data}x{model} {name}")
         np.testing.assert_array_equal(state.tokens_since_fired_H, ref.tokens_since_fired_H)

@@ -46,6 +46,7 @@ def _cfg(root, sae_type, **kw):
 
 @pytest.mark.parametrize("sae_type, min_cosine, backward", [
     ("topk", 0.9, "auto"), ("batch_topk", 0.9, "auto"), ("matryoshka", 0.9, "auto"), ("vanilla", 0.8, "auto"),
+    ("jumprelu", 0.9, "auto"),
     pytest.param("batch_topk", 0.9, "sparse", marks=pytest.mark.slow)])  # auto is dense at this width;
 # the sparse path trains as well (slow suite; test_sparse checks its gradients against autodiff by default)
 def test_each_type_recovers_the_planted_dictionary(planted, sae_type, min_cosine, backward, capsys):
@@ -64,7 +65,7 @@ def test_each_type_recovers_the_planted_dictionary(planted, sae_type, min_cosine
                         "local_device_count": jax.local_device_count(), "process_count": 1,
                         "mesh": {"data": 1, "model": 1}}
     assert f"jax: cpu, {jax.device_count()} devices (cpu), mesh data=1 model=1" in capsys.readouterr().out
-    if sae_type in ("batch_topk", "matryoshka"):
+    if sae_type in ("batch_topk", "matryoshka", "jumprelu"):  # JumpReLU: pulled toward its target, k
         l0 = stats["final_val"]["l0"]
         assert abs(l0 - 6) <= 0.2 * 6, f"inference L0 {l0} is not within 20% of k=6"
     if sae_type == "matryoshka":

@@ -43,7 +43,7 @@ class SweepSettings:
 
     layers: tuple[int, ...] = ()
     """Decoder layers (default: --layer_idx); every epoch reads each layer once for all its members."""
-    sae_types: tuple[Literal["vanilla", "topk", "batch_topk", "matryoshka"], ...] = ()
+    sae_types: tuple[Literal["vanilla", "topk", "batch_topk", "matryoshka", "jumprelu"], ...] = ()
     """SAE types (default: --sae_type)."""
     hidden_dims: tuple[int, ...] = ()
     """Numbers of latents (default: --hidden_dim)."""
