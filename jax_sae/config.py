@@ -230,6 +230,12 @@ class TrainingSettings:
     """Width of the rectangle kernel of JumpReLU's straight-through threshold gradient (pre-activation units)."""
     jumprelu_tanh_scale: float = 4.0
     """c of the tanh sparsity loss."""
+    jumprelu_threshold_lr: float = 10.0
+    """JumpReLU's thresholds' learning rate, as a multiple of --lr: Adam moves a parameter by about the rate
+    per step, and thresholds of order 1 at the plain rate lag the encoder for thousands of steps."""
+    jumprelu_ste_to_input: bool = False
+    """JumpReLU's straight-through gradient also reaches the pre-activations, and so the encoder (Anthropic's
+    setting), not the thresholds alone (DeepMind's)."""
     aux_penalty: float = 1 / 32
     """Weight of the AuxK dead-latent loss (TopK family and JumpReLU)."""
     aux_k: int = 0
@@ -270,8 +276,8 @@ class TrainingSettings:
             (self.data_lanes >= 0, f"--data_lanes must be 0 (the number of processes) or positive, got {self.data_lanes}"),
             (self.enc_init_scale > 0, f"--enc_init_scale must be positive, got {self.enc_init_scale}"),
             (self.target_l0 >= 0, f"--target_l0 must be 0 (--top_k) or positive, got {self.target_l0}"),
-            (self.jumprelu_bandwidth > 0 and self.jumprelu_tanh_scale > 0,
-             "--jumprelu_bandwidth and --jumprelu_tanh_scale must be positive"),
+            (self.jumprelu_bandwidth > 0 and self.jumprelu_tanh_scale > 0 and self.jumprelu_threshold_lr > 0,
+             "--jumprelu_bandwidth, --jumprelu_tanh_scale and --jumprelu_threshold_lr must be positive"),
             (not self.group_weights or (all(w >= 0 for w in self.group_weights) and sum(self.group_weights) > 0),
              f"--group_weights must be non-negative with a positive sum, got {','.join(map(str, self.group_weights))}"),
         ]

@@ -54,6 +54,8 @@ class LossSettings:
     target_l0: int = 0  # JumpReLU's quadratic target (0: the SAE's top_k)
     bandwidth: float = 0.05  # JumpReLU's straight-through kernel width
     tanh_scale: float = 4.0  # JumpReLU's tanh loss scale
+    ste_to_input: bool = False  # JumpReLU's straight-through gradient also reaches the pre-activations
+    threshold_lr: float = 10.0  # JumpReLU's thresholds' learning rate, as a multiple of the others'
 
     def weights(self) -> tuple[float, ...]:
         """Matryoshka's prefix-loss weights (one per group, summing to 1); (1.0,) for the other types."""
@@ -133,7 +135,7 @@ def _jumprelu_sparsity(params: SAEParams, pre_BH, f_BH, threshold_H, s: LossSett
     if s.jumprelu_sparsity == "tanh":
         per_row = jnp.sum(jnp.tanh(s.tanh_scale * f_BH * jnp.linalg.norm(params.W_dec_HD, axis=1)), axis=1)
         return lax.psum(jnp.sum(lax.psum(per_row, S.MODEL)), S.DATA) / global_batch
-    l0_B = lax.psum(jnp.sum(M.step_ste(pre_BH, threshold_H, s.bandwidth), axis=1), S.MODEL)
+    l0_B = lax.psum(jnp.sum(M.step_ste(pre_BH, threshold_H, s.bandwidth, s.ste_to_input), axis=1), S.MODEL)
     if s.jumprelu_sparsity == "quadratic":
         target = s.target_l0 or s.sae.top_k
         l0_B = 2.0 / target * (l0_B - target) ** 2
@@ -148,7 +150,7 @@ def _dense_main(params: SAEParams, step, x_BD, *, s: LossSettings, global_batch:
         # The same thresholds on every data shard: made varying over data, so that their gradient
         # (a sum over this shard's rows) is summed over the shards on the way back.
         threshold_H = lax.pcast(params.threshold_H, (S.DATA,), to="varying")
-        f_BH = M.jumprelu_ste(pre_BH, threshold_H, s.bandwidth)
+        f_BH = M.jumprelu_ste(pre_BH, threshold_H, s.bandwidth, s.ste_to_input)
         recon, x_hat_BD = _dense_recon(params, x_BD, f_BH, cfg=cfg, global_batch=global_batch,
                                        dtype=s.compute_dtype, weights=s.weights())
         sparsity = _jumprelu_sparsity(params, pre_BH, f_BH, threshold_H, s, global_batch)

@@ -122,42 +122,45 @@ def calibrated_threshold(cfg: SAEConfig, params: SAEParams, x_ND: np.ndarray, ma
     return max(0.0, float(halfway if halfway < lowest_kept else below))  # adjacent floats: no room halfway
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def jumprelu_ste(pre_BH: jax.Array, threshold_H: jax.Array, bandwidth: float) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def jumprelu_ste(pre_BH: jax.Array, threshold_H: jax.Array, bandwidth: float, to_input: bool = False) -> jax.Array:
     """JumpReLU whose threshold learns through a straight-through estimator (Rajamanoharan et al.
-    2024): pre x H(pre - t). Its gradient to ``pre`` is the step H(pre - t); to ``t``, the rectangle
-    kernel's pseudo-derivative -(t / eps) K((pre - t) / eps), K(u) = 1 for |u| < 1/2."""
+    2024): pre x H(pre - t). Its gradient to ``t`` is the rectangle kernel's pseudo-derivative
+    -(t / eps) K((pre - t) / eps), K(u) = 1 for |u| < 1/2; to ``pre``, the step H(pre - t), plus
+    the negated threshold term with ``to_input`` (the function depends on pre - t; Anthropic's setting)."""
     return jnp.where(pre_BH > threshold_H, pre_BH, 0.0)
 
 
-def _jumprelu_fwd(pre_BH, threshold_H, bandwidth):
-    return jumprelu_ste(pre_BH, threshold_H, bandwidth), (pre_BH, threshold_H)
+def _jumprelu_fwd(pre_BH, threshold_H, bandwidth, to_input):
+    return jumprelu_ste(pre_BH, threshold_H, bandwidth, to_input), (pre_BH, threshold_H)
 
 
-def _jumprelu_bwd(bandwidth, res, g_BH):
+def _jumprelu_bwd(bandwidth, to_input, res, g_BH):
     pre_BH, threshold_H = res
-    d_threshold_H = -jnp.sum(g_BH * (threshold_H / bandwidth) * _rectangle((pre_BH - threshold_H) / bandwidth), axis=0)
-    return g_BH * (pre_BH > threshold_H), d_threshold_H
+    ste_BH = g_BH * (threshold_H / bandwidth) * _rectangle((pre_BH - threshold_H) / bandwidth)
+    d_pre_BH = g_BH * (pre_BH > threshold_H) + (ste_BH if to_input else 0.0)
+    return d_pre_BH, -jnp.sum(ste_BH, axis=0)
 
 
 jumprelu_ste.defvjp(_jumprelu_fwd, _jumprelu_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def step_ste(pre_BH: jax.Array, threshold_H: jax.Array, bandwidth: float) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def step_ste(pre_BH: jax.Array, threshold_H: jax.Array, bandwidth: float, to_input: bool = False) -> jax.Array:
     """H(pre - t), 1 where a latent fires: the L0 counted differentiably in ``t`` through the same
-    pseudo-derivative, -(1 / eps) K((pre - t) / eps); none to ``pre`` (as in DeepMind's JumpReLU)."""
+    pseudo-derivative, -(1 / eps) K((pre - t) / eps); to ``pre`` its negation with ``to_input``,
+    else nothing (DeepMind's setting)."""
     return (pre_BH > threshold_H).astype(pre_BH.dtype)
 
 
-def _step_fwd(pre_BH, threshold_H, bandwidth):
-    return step_ste(pre_BH, threshold_H, bandwidth), (pre_BH, threshold_H)
+def _step_fwd(pre_BH, threshold_H, bandwidth, to_input):
+    return step_ste(pre_BH, threshold_H, bandwidth, to_input), (pre_BH, threshold_H)
 
 
-def _step_bwd(bandwidth, res, g_BH):
+def _step_bwd(bandwidth, to_input, res, g_BH):
     pre_BH, threshold_H = res
-    d_threshold_H = -jnp.sum(g_BH * _rectangle((pre_BH - threshold_H) / bandwidth), axis=0) / bandwidth
-    return jnp.zeros_like(pre_BH), d_threshold_H
+    ste_BH = g_BH * _rectangle((pre_BH - threshold_H) / bandwidth) / bandwidth
+    return (ste_BH if to_input else jnp.zeros_like(pre_BH)), -jnp.sum(ste_BH, axis=0)
 
 
 step_ste.defvjp(_step_fwd, _step_bwd)

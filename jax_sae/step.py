@@ -90,13 +90,16 @@ def init_state(params: M.SAEParams, optimizer: optax.GradientTransformation, inp
     )
 
 
-def train_step(state: TrainState, x_BD: jax.Array, *, optimizer, grads_fn, dead_tokens: int, uses_threshold: bool):
+def train_step(state: TrainState, x_BD: jax.Array, *, optimizer, grads_fn, dead_tokens: int, uses_threshold: bool,
+               threshold_lr: float = 10.0):
     """Scale the raw batch, take one optimizer step, keep the decoder unit-norm, update the
     dead-latent counters and the inference threshold. Pure: returns (state, metrics)."""
     x_BD = x_BD.astype(jnp.float32) * state.input_scale
     loss, grads, metrics, fired_H = grads_fn(state.params, state.tokens_since_fired_H, state.step, x_BD)
     grads = grads.replace(W_dec_HD=M.project_decoder_grad(state.params.W_dec_HD, grads.W_dec_HD))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    if updates.threshold_H is not None and threshold_lr != 1.0:  # JumpReLU's thresholds at their own rate
+        updates = updates.replace(threshold_H=updates.threshold_H * threshold_lr)
     params = M.normalize_decoder(optax.apply_updates(state.params, updates))
     if params.threshold_H is not None:  # JumpReLU: kept non-negative by projection, not by a clamp in the graph
         params = params.replace(threshold_H=jnp.maximum(params.threshold_H, 0.0))
@@ -114,7 +117,8 @@ def pure_train_step(optimizer, settings: LossSettings, mesh, global_batch: int) 
     """``train_step`` bound to its optimizer and loss on this mesh, not yet jitted (a sweep jits
     several of them as one program)."""
     return functools.partial(train_step, optimizer=optimizer, grads_fn=sharded_loss_and_grads(settings, mesh, global_batch),
-                             dead_tokens=settings.dead_tokens, uses_threshold=settings.sae.uses_threshold)
+                             dead_tokens=settings.dead_tokens, uses_threshold=settings.sae.uses_threshold,
+                             threshold_lr=settings.threshold_lr)
 
 
 def compile_train_step(optimizer, settings: LossSettings, mesh, state: TrainState, global_batch: int):
@@ -151,7 +155,7 @@ def build_step(cfg: TrainConfig, sae: SAEConfig, mesh, total_steps: int, dead_to
     settings = LossSettings(sae, train.sparsity_coef, sparsity_warmup_steps(total_steps), train.aux_penalty,
                             dead_tokens, runtime.backward, runtime.compute_dtype, train.aux_k, cfg.prefix_weights(),
                             train.jumprelu_sparsity, cfg.target_l0, train.jumprelu_bandwidth,
-                            train.jumprelu_tanh_scale)
+                            train.jumprelu_tanh_scale, train.jumprelu_ste_to_input, train.jumprelu_threshold_lr)
     abstract = jax.eval_shape(lambda: init_state(
         M.init_params(jax.random.PRNGKey(0), sae, jnp.zeros(sae.d_model, jnp.float32)), optimizer, 1.0))
     shardings = S.shardings(abstract, mesh)

@@ -27,15 +27,16 @@ def _setup(d=16, h=64, batch=64):
     return cfg, params, x
 
 
-def _reference_loss(params: M.SAEParams, x, mode: str, coef: float):
+def _reference_loss(params: M.SAEParams, x, mode: str, coef: float, to_input: bool = False):
     """The estimator written another way, for plain autodiff: the step's value with a ramp's
     gradient in the threshold, ramp(t) = clip((stop(pre) - t) / eps + 1/2, 0, 1), whose derivative
-    is -(1 / eps) K((pre - t) / eps) exactly; JumpReLU's threshold term is stop(t) x ramp(t)."""
+    is -(1 / eps) K((pre - t) / eps) exactly; JumpReLU's threshold term is stop(t) x ramp(t).
+    ``to_input``: the ramp's pre is not stopped, so pre gets the negated threshold gradient."""
     sg = jax.lax.stop_gradient
     pre = (x - params.b_dec_D) @ params.W_enc_DH + params.b_enc_H
     t = params.threshold_H
     fires = (pre > t).astype(jnp.float32)
-    ramp = jnp.clip((sg(pre) - t) / BANDWIDTH + 0.5, 0.0, 1.0)
+    ramp = jnp.clip(((pre if to_input else sg(pre)) - t) / BANDWIDTH + 0.5, 0.0, 1.0)
     step = sg(fires) + ramp - sg(ramp)  # value H, d/dt -K/eps, nothing to pre
     f = pre * sg(fires) + sg(t) * (ramp - sg(ramp))  # value pre H, d/dpre H, d/dt -t K/eps
     x_hat = f @ params.W_dec_HD + params.b_dec_D
@@ -51,18 +52,19 @@ def _reference_loss(params: M.SAEParams, x, mode: str, coef: float):
 _MESHES = [(1, 1), (2, 2), (1, 4)]
 
 
-@pytest.mark.parametrize("mode, mesh_shape", [
-    pytest.param(mode, mesh, marks=() if i == j else pytest.mark.slow)
-    for i, mode in enumerate(("quadratic", "step", "tanh")) for j, mesh in enumerate(_MESHES)])
-def test_straight_through_gradients_equal_autodiff_of_the_estimator_written_another_way(mode, mesh_shape):
+@pytest.mark.parametrize("mode, mesh_shape, to_input", [
+    pytest.param(mode, mesh, to_input, marks=() if i == j else pytest.mark.slow)
+    for to_input in (False, True) for i, mode in enumerate(("quadratic", "step", "tanh"))
+    for j, mesh in enumerate(_MESHES)])
+def test_straight_through_gradients_equal_autodiff_of_the_estimator_written_another_way(mode, mesh_shape, to_input):
     cfg, params, x = _setup()
     coef = 0.3
     settings = LossSettings(cfg, coef, 1, 1 / 32, 10**9, jumprelu_sparsity=mode, target_l0=TARGET,
-                            bandwidth=BANDWIDTH, tanh_scale=TANH)
+                            bandwidth=BANDWIDTH, tanh_scale=TANH, ste_to_input=to_input)
     counters = jnp.zeros(cfg.hidden_dim, jnp.int32)
     loss, grads, metrics, _ = jax.jit(sharded_loss_and_grads(settings, make_mesh(*mesh_shape), x.shape[0]))(
         params, counters, jnp.int32(0), x)
-    ref_loss, ref_grads = jax.value_and_grad(_reference_loss)(params, x, mode, coef)
+    ref_loss, ref_grads = jax.value_and_grad(_reference_loss)(params, x, mode, coef, to_input)
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
     for name in FIELDS:
         ref, got = np.asarray(getattr(ref_grads, name)), np.asarray(getattr(grads, name))
