@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from sae_core.errors import UsageError
+from sae_core.store import MLP_STREAMS
 from .models import LoadedModel
 
 
@@ -61,11 +62,24 @@ def _decoder_calls(loaded: LoadedModel):
         handle.remove()
 
 
+def mlp_module(loaded: LoadedModel, layer: int, stream: str):
+    """The submodule of decoder block ``layer`` whose output is that ``MLP_STREAMS`` stream."""
+    block = loaded.layer(layer)
+    return {"mlp_in": block.final_layer_norm, "mlp_out": block.fc2}[stream]
+
+
 @contextmanager
 def layer_hook(loaded: LoadedModel, layer: int, fn: Callable[[torch.Tensor, int], torch.Tensor | None]):
     """Call ``fn(hidden, start)`` on every output of decoder block ``layer``, with ``hidden`` the
     [B, n, d] decoder positions (conditioning positions left out) and ``start`` the first one's
     position; a tensor it returns replaces those positions."""
+    with module_hook(loaded, loaded.layer(layer), fn):
+        yield
+
+
+@contextmanager
+def module_hook(loaded: LoadedModel, module, fn: Callable[[torch.Tensor, int], torch.Tensor | None]):
+    """``layer_hook`` on any module of the decoder stack whose output runs over the positions."""
     with _decoder_calls(loaded) as calls:
         def hook(_module, _inputs, output):
             hidden = _as_tensor(output)
@@ -77,7 +91,7 @@ def layer_hook(loaded: LoadedModel, layer: int, fn: Callable[[torch.Tensor, int]
             full = torch.cat([hidden[:, :prefix], new], dim=1) if prefix else new
             return full if torch.is_tensor(output) else (full, *output[1:])
 
-        handle = loaded.layer(layer).register_forward_hook(hook)
+        handle = module.register_forward_hook(hook)
         try:
             yield
         finally:
@@ -92,6 +106,20 @@ def capture_layers(loaded: LoadedModel, layers: Sequence[int]):
         for layer in layers:
             stack.enter_context(layer_hook(loaded, layer, lambda hidden, _start, layer=layer: calls[layer].append(
                 hidden.detach())))
+        yield calls
+
+
+@contextmanager
+def capture_mlp(loaded: LoadedModel, layers: Sequence[int], streams: Sequence[str]):
+    """Record every output of the given layers' MLP input and output (``MLP_STREAMS``), in call order:
+    {stream: {layer: [tensors]}}."""
+    calls = {stream: {layer: [] for layer in layers} for stream in streams}
+    with ExitStack() as stack:
+        for stream in streams:
+            for layer in layers:
+                stack.enter_context(module_hook(
+                    loaded, mlp_module(loaded, layer, stream),
+                    lambda hidden, _start, stream=stream, layer=layer: calls[stream][layer].append(hidden.detach())))
         yield calls
 
 
@@ -175,8 +203,10 @@ def generate_batch(
     keep_uncond: bool = False,
     melodies: Sequence | None = None,
     pad_to: int | None = None,
+    mlp: bool = False,
 ) -> CapturedBatch:
-    """Sample ``n_frames`` frames per prompt with guidance and capture the given layers."""
+    """Sample ``n_frames`` frames per prompt with guidance and capture the given layers (and, with
+    ``mlp``, their MLP inputs and outputs, conditional stream, as ``MLP_STREAMS``)."""
     batch = len(texts)
     n_positions = n_frames + loaded.info.max_delay
     guided = guidance_scale is not None and guidance_scale > 1
@@ -184,7 +214,8 @@ def generate_batch(
         raise UsageError("--keep_uncond needs classifier-free guidance (--guidance_scale > 1)")
     inputs = model_inputs(loaded, texts, melodies, pad_to)
     torch.manual_seed(seed)
-    with capture_layers(loaded, layers) as calls, _capture_codes(loaded) as codes_seen:
+    with capture_layers(loaded, layers) as calls, _capture_codes(loaded) as codes_seen, \
+            capture_mlp(loaded, layers, MLP_STREAMS if mlp else ()) as mlp_calls:
         audio = loaded.model.generate(
             **inputs,
             do_sample=True,
@@ -202,6 +233,9 @@ def generate_batch(
         full = _stack_positions(calls[layer], n_positions)[:, :n_frames]
         for stream, rows in streams.items():
             acts[stream][layer] = full[rows].float().cpu().numpy()
+    for stream, per_layer in mlp_calls.items():
+        acts[stream] = {layer: _stack_positions(seen, n_positions)[:batch, :n_frames].float().cpu().numpy()
+                        for layer, seen in per_layer.items()}
     channels = loaded.info.audio_channels
     codes = _interleave([c[0].permute(0, 2, 1) for c in codes_seen[-channels:]])  # [1, B, K/C, T] -> [B, T, K]
     if codes.shape[1] != n_frames:
@@ -240,14 +274,31 @@ def teacher_forced_batch(
     pad_to: int | None = None,
 ) -> dict[int, list[np.ndarray]]:
     """One forward pass over stored codes; returns per layer a list of [n_i, d_model] arrays."""
+    return teacher_forced_streams(loaded, texts, codes, layers, melodies, pad_to)["cond"]
+
+
+@torch.no_grad()
+def teacher_forced_streams(
+    loaded: LoadedModel,
+    texts: Sequence[str],
+    codes: Sequence[np.ndarray],
+    layers: Sequence[int],
+    melodies: Sequence | None = None,
+    pad_to: int | None = None,
+    mlp: bool = False,
+) -> dict[str, dict[int, list[np.ndarray]]]:
+    """``teacher_forced_batch`` per stream: "cond" (the residual stream) and, with ``mlp``, the
+    ``MLP_STREAMS``; each {layer: [n_i, d_model] arrays}."""
     ids = padded_input_ids(loaded, codes)
     inputs = model_inputs(loaded, texts, melodies, pad_to)
-    with capture_layers(loaded, layers) as calls:
+    with capture_layers(loaded, layers) as calls, capture_mlp(loaded, layers, MLP_STREAMS if mlp else ()) as more:
         loaded.model(**inputs, decoder_input_ids=ids)
-    out: dict[int, list[np.ndarray]] = {}
-    for layer in layers:
-        full = calls[layer][-1].float().cpu().numpy()
-        out[layer] = [full[i, : len(c)] for i, c in enumerate(codes)]
+    out: dict[str, dict[int, list[np.ndarray]]] = {}
+    for stream, seen in {"cond": calls, **more}.items():
+        out[stream] = {}
+        for layer in layers:
+            full = seen[layer][-1].float().cpu().numpy()
+            out[stream][layer] = [full[i, : len(c)] for i, c in enumerate(codes)]
     return out
 
 

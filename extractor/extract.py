@@ -22,6 +22,7 @@ from sae_core.errors import UsageError
 from sae_core.location import Location
 from .prompts import BUNDLED
 from sae_core.store import (
+    MLP_STREAMS,
     STORE_DTYPES,
     Store,
     StoreError,
@@ -75,6 +76,9 @@ class ExtractConfig:
     """i/N: this process fills every N-th batch starting at i (one process per GPU)."""
     keep_uncond: bool = False
     """Also store the unconditional (null-text) guidance stream, as its own stream."""
+    mlp: bool = False
+    """Also store each chosen layer's MLP input (after its layer norm) and output (before the residual add),
+    conditional stream, as the mlp_in and mlp_out streams: a transcoder's data."""
     codes_from: str | None = None
     """teacher_forced: an existing store whose codes and prompts to re-run."""
     audio_dir: str | None = None
@@ -278,7 +282,8 @@ def _store_meta(cfg: ExtractConfig, info, layers: Sequence[int], plan: Plan) -> 
         model=cfg.model, layers=tuple(layers), d_model=info.d_model, n_codebooks=info.num_codebooks,
         frame_rate=info.frame_rate, sampling_rate=info.sampling_rate, dtype=cfg.dtype, mode=cfg.mode,
         n_samples=len(plan.samples), n_rows=int(sum(plan.n_frames)), n_units=n_units,
-        streams=("cond", "uncond") if cfg.keep_uncond else ("cond",), generation=generation,
+        streams=("cond",) + (("uncond",) if cfg.keep_uncond else ()) + (MLP_STREAMS if cfg.mlp else ()),
+        generation=generation,
     )
 
 
@@ -341,7 +346,7 @@ def _create(cfg: ExtractConfig, meta: StoreMeta, plan: Plan) -> Store:
 
 def _run_unit(cfg: ExtractConfig, loaded, store: Store, unit: int, layers: Sequence[int]) -> int:
     """Compute and write one unit's rows; returns the number of rows written."""
-    from .capture import generate_batch, teacher_forced_batch
+    from .capture import generate_batch, teacher_forced_streams
 
     lo = unit * cfg.batch_size
     samples = store.samples[lo : lo + cfg.batch_size]
@@ -352,7 +357,7 @@ def _run_unit(cfg: ExtractConfig, loaded, store: Store, unit: int, layers: Seque
         batch = generate_batch(
             loaded, texts, int(samples[0]["n_frames"]), layers, guidance_scale=cfg.guidance_scale,
             top_k=cfg.top_k, temperature=cfg.temperature, seed=cfg.seed + unit, keep_uncond=cfg.keep_uncond,
-            melodies=melodies, pad_to=store.meta.generation.get("text_length"),
+            melodies=melodies, pad_to=store.meta.generation.get("text_length"), mlp=cfg.mlp,
         )
         for stream, per_layer in batch.acts.items():
             for layer, acts in per_layer.items():
@@ -362,10 +367,11 @@ def _run_unit(cfg: ExtractConfig, loaded, store: Store, unit: int, layers: Seque
         codes = store.read_rows("codes", row0, row1)
         bounds = store.offsets[lo : lo + len(samples) + 1] - row0
         per_sample = [codes[bounds[i] : bounds[i + 1]] for i in range(len(samples))]
-        acts = teacher_forced_batch(loaded, texts, per_sample, layers, melodies,
-                                    store.meta.generation.get("text_length"))
-        for layer, rows in acts.items():
-            store.write_rows(acts_name(layer), row0, np.concatenate(rows))
+        acts = teacher_forced_streams(loaded, texts, per_sample, layers, melodies,
+                                      store.meta.generation.get("text_length"), mlp=cfg.mlp)
+        for stream, per_layer in acts.items():
+            for layer, rows in per_layer.items():
+                store.write_rows(acts_name(layer, stream), row0, np.concatenate(rows))
     return row1 - row0
 
 

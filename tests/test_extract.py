@@ -74,6 +74,32 @@ def test_generate_and_teacher_forced_give_the_same_rows(tmp_path, prompt_file):
     assert a["frames"][:20].tolist() == list(range(20))
 
 
+def test_mlp_inputs_and_outputs_are_stored_beside_the_residual_stream(tmp_path, prompt_file, reference):
+    """--mlp: each layer's MLP input (after its layer norm) and output, in both modes; the output is
+    the layer's MLP applied to the stored input; the residual stream is what it is without --mlp."""
+    import torch
+
+    from extractor.models import load_model
+
+    gen = extract(_cfg(tmp_path / "gen", prompt_file, batch_size=1, mlp=True))
+    assert gen.meta.streams == ("cond", "mlp_in", "mlp_out")
+    for layer in (1, 3):  # capturing more changes nothing that was captured before
+        np.testing.assert_array_equal(np.asarray(gen.acts(layer).read().result()), reference[f"layer{layer}/acts"])
+    tf = extract(_cfg(tmp_path / "tf", prompt_file, mode="teacher_forced", codes_from=str(tmp_path / "gen"),
+                      batch_size=2, mlp=True))
+    block = load_model("tiny-random", "cpu", "float32").layer(3)
+    for store in (gen, tf):
+        x = np.asarray(store.acts(3, "mlp_in").read().result())
+        y = np.asarray(store.acts(3, "mlp_out").read().result())
+        assert x.shape == y.shape == (store.n_rows, store.d_model) and np.abs(x - y).max() > 0
+        with torch.no_grad():
+            mlp = block.fc2(block.activation_fn(block.fc1(torch.from_numpy(x)))).numpy()
+        np.testing.assert_allclose(y, mlp, atol=1e-4 * np.abs(y).max())
+    for stream in ("mlp_in", "mlp_out"):
+        assert_same_rows(np.asarray(tf.acts(1, stream).read().result()), np.asarray(gen.acts(1, stream).read().result()),
+                         f"layer 1 {stream}: generate vs teacher-forced")
+
+
 def test_conditional_rows_belong_to_their_own_prompt(tmp_path, prompt_file, tiny_model):
     """Guidance doubles the batch; the stored rows must be the conditional half, prompt by prompt."""
     from extractor.capture import teacher_forced_batch

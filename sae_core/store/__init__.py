@@ -15,6 +15,7 @@ from .layout import (
     STORE_DTYPES,
     StoreError,
     StoreMeta,
+    MLP_STREAMS,
     acts_name,
     chunk_key,
     chunk_rows_for,
@@ -28,6 +29,6 @@ from .repair import Damage, StoreCommand, find_damage, main, repair, run_command
 
 __all__ = [
     "FORMAT_VERSION", "PLAN_ARRAYS", "STORE_DTYPES", "CommitLog", "Damage", "Store", "StoreCommand", "StoreError",
-    "StoreMeta", "acts_name", "chunk_key", "chunk_rows_for", "commit_log", "create_store", "estimate_bytes", "find_damage",
+    "MLP_STREAMS", "StoreMeta", "acts_name", "chunk_key", "chunk_rows_for", "commit_log", "create_store", "estimate_bytes", "find_damage",
     "foreign_keys", "main", "open_store", "rebatched", "remove_store", "repair", "run_command", "sample_blocks",
 ]

@@ -10,6 +10,8 @@ A store is a directory, or a prefix in a bucket (``gs://``, ``s3://``; see ``sae
     frames                zarr3 int32 [n_rows]; the frame index of each row inside its sample
     layer{N}/acts         zarr3 [n_rows, d_model]; the residual stream after decoder block N
     uncond/layer{N}/acts  the unconditional (null-text) stream, only when it was asked for
+    mlp_in/layer{N}/acts, mlp_out/layer{N}/acts
+                          block N's MLP input (after its layer norm) and output, when asked for (--mlp)
     progress/*.jsonl      committed work units, one file per extraction shard (a directory)
     progress/units/{u}    committed work unit u, one object each (a bucket: objects cannot be appended to)
 
@@ -83,8 +85,13 @@ class StoreMeta:
         return cls(**data)
 
 
+# Streams besides the residual stream's "cond" and "uncond": each chosen layer's MLP input (after its
+# layer norm) and output (before the residual add), a transcoder's data (``extractor.extract --mlp``).
+MLP_STREAMS = ("mlp_in", "mlp_out")
+
+
 def acts_name(layer: int, stream: str = "cond") -> str:
-    """Relative path of a layer's activation array for one guidance stream."""
+    """Relative path of a layer's activation array for one stream (guidance stream or MLP site)."""
     return f"layer{layer}/acts" if stream == "cond" else f"{stream}/layer{layer}/acts"
 
 
