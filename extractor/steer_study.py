@@ -333,8 +333,8 @@ def _pooled_store(store, layer: int, samples: np.ndarray) -> np.ndarray:
 
 def tag_probes(cfg: SteerStudyConfig, ids: list[int], layer: int) -> tuple[dict[int, TagProbe], dict[str, str]]:
     """For each feature's best-aligned tag (discovery's ``aligned_tags``), a probe fitted on up to
-    ``PROBE_SAMPLES`` samples of the store at the steered layer (three quarters; the last quarter
-    gives its held-out AUROC). Returns the probes by feature position, and why each other feature
+    ``PROBE_SAMPLES`` samples of the store at the steered layer (three quarters of the samples with
+    the tag and of those without; the other quarter of each gives its held-out AUROC). Returns the probes by feature position, and why each other feature
     has none."""
     from discovery.feature_files import FeatureFiles
     from discovery.real_eval import fit_logit
@@ -353,11 +353,13 @@ def tag_probes(cfg: SteerStudyConfig, ids: list[int], layer: int) -> tuple[dict[
     x = _pooled_store(store, layer, chosen)
     finite = np.isfinite(x).all(axis=1)
     x, kept = x[finite], chosen[finite]
-    held_out = rng.random(len(kept)) < 0.25
     samples = store.samples
     fitted: dict[str, TagProbe | str] = {}
     for tag in sorted({t for t in tag_of.values() if t}):
         y = np.array([tag in samples[int(s)].get("tags", ()) for s in kept])
+        held_out = np.zeros(len(kept), bool)  # a quarter of each side, so that both sides are checked
+        for side in (np.flatnonzero(y), np.flatnonzero(~y)):
+            held_out[np.random.default_rng(0).permutation(side)[: len(side) // 4]] = True
         sides = [int(np.sum(y[part] == side)) for part in (~held_out, held_out) for side in (True, False)]
         if min(sides) < MIN_PROBE_SIDE:
             fitted[tag] = (f"tag {tag!r} has too few samples with and without it to fit and check a probe "

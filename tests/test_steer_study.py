@@ -173,20 +173,17 @@ def planted(tmp_path_factory):
     layer, frames, prompt = loaded.info.num_layers - 1, 15, "Simple melody"
     heads = torch.stack([head.weight[5].detach() for head in loaded.model.decoder.lm_heads]).sum(dim=0)
     push = heads / heads.norm()
-    codes, tags = [], []
-    for seed, (tag, size) in enumerate([("planted", 16.0), ("plain", 0.0)] * 3):
-        def add(hidden, _start, size=size):
-            new = hidden.clone()
-            new[:8] = hidden[:8] + size * push
-            return new
+    n = 48  # one batch: the first half pushed (conditional rows), the second plain
 
-        with layer_hook(loaded, layer, add):
-            out = generate_batch(loaded, [prompt] * 8, frames, [], guidance_scale=3.0, top_k=250, temperature=1.0,
-                                 seed=seed)
-        codes += list(out.codes)
-        tags += [[tag]] * 8
-    acts = np.concatenate(teacher_forced_batch(loaded, [prompt] * len(codes), codes, [layer])[layer])
-    n = len(codes)
+    def add(hidden, _start):
+        new = hidden.clone()
+        new[: n // 2] = hidden[: n // 2] + 16.0 * push
+        return new
+
+    with layer_hook(loaded, layer, add):
+        out = generate_batch(loaded, [prompt] * n, frames, [], guidance_scale=3.0, top_k=250, temperature=1.0, seed=0)
+    codes, tags = list(out.codes), [["planted"]] * (n // 2) + [["plain"]] * (n // 2)
+    acts = np.concatenate(teacher_forced_batch(loaded, [prompt] * n, codes, [layer])[layer])
     meta = StoreMeta(model="tiny-random", layers=(layer,), d_model=D, n_codebooks=loaded.info.num_codebooks,
                      frame_rate=float(loaded.info.frame_rate), sampling_rate=loaded.info.sampling_rate,
                      dtype="float32", mode="generate", n_samples=n, n_rows=n * frames, n_units=1)
@@ -222,7 +219,7 @@ def test_a_push_that_changes_the_music_is_steerable_and_random_ones_are_not(plan
     report = json.loads((planted / "out" / "steering.json").read_text())
     probe = report["by_tag_probe"]
     assert probe["features"]["0"]["probe_heldout_auroc"] > 0.9 and probe["features"]["0"]["tag"] == "planted"
-    # Here: the planted push's effect is 5.7 times the controls' spread (t), p = 0.001; the random features'
-    # t are -2.5 to 0.2, where 2.0 would call one steerable: the verdicts do not hang on a sampled code.
+    # Here: the planted push's effect is 5.2 times the controls' spread (t), p = 0.002; the random features'
+    # t are -2.3 to 0.0, where 2.0 would call one steerable: the verdicts do not hang on a sampled code.
     assert probe["features"]["0"]["steerable"] and probe["features"]["0"]["effect"] > 0
     assert not any(probe["features"][f]["steerable"] for f in ("1", "2", "3"))
