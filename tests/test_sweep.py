@@ -60,7 +60,8 @@ def test_each_member_equals_the_same_sae_trained_alone_on_a_4_device_mesh(store,
     spec.write_text(json.dumps({"members": [
         {"sae_type": "topk", "hidden_dim": 64, "top_k": 4, "layer_idx": 0},
         {"sae_type": "batch_topk", "hidden_dim": 128, "top_k": 8, "layer_idx": 0},
-        {"sae_type": "matryoshka", "hidden_dim": 128, "top_k": 6, "layer_idx": 1}]}))
+        {"sae_type": "matryoshka", "hidden_dim": 128, "top_k": 6, "layer_idx": 1},
+        {"sae_type": "jumprelu", "hidden_dim": 64, "top_k": 4, "layer_idx": 1}]}))
     cfg = _sweep_cfg(store, tmp_path / "sweep", sweep_file=str(spec), mesh_data=2, mesh_model=2)
     summary = sweep(cfg)
     assert jax.device_count() == 4 and summary["runtime"]["mesh"] == {"data": 2, "model": 2}
