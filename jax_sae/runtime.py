@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -94,13 +95,18 @@ def use_compilation_cache() -> Path | None:
     jax-compilation/ under $SAE_MUSIC_CACHE or ~/.cache/sae-music-jax, in a folder per jax version
     and CPU (XLA's CPU programs use the host's vector instructions, which JAX's cache key leaves
     out, so a home directory shared by other machines must not mix them). SAE_MUSIC_JAX_CACHE=off
-    turns it off, and a JAX_COMPILATION_CACHE_DIR of the user's own wins. Returns the folder used."""
+    turns it off, and a JAX_COMPILATION_CACHE_DIR of the user's own wins. Returns the folder used.
+
+    Off where the host CPU is split into several devices (--xla_force_host_platform_device_count,
+    the multi-device tests): with the cache on, the 4-device sweep of tests/test_sweep.py stopped in
+    XLA:CPU's collective rendezvous (one device in another collective than the rest, killed after
+    40 s) in every one of 5 runs with jax 0.10.2 here, and passed in every one of 6 with it off."""
     import jax
 
     if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
         return Path(jax.config.jax_compilation_cache_dir or os.environ["JAX_COMPILATION_CACHE_DIR"])
     chosen = os.environ.get("SAE_MUSIC_JAX_CACHE", "")
-    if chosen.lower() in ("off", "0", "none", "false"):
+    if chosen.lower() in ("off", "0", "none", "false") or _fake_host_devices() > 1:
         return None
     root = Path(chosen) if chosen else (Path(os.environ.get("SAE_MUSIC_CACHE") or Path.home() / ".cache" / "sae-music-jax")
                                         / "jax-compilation")
@@ -113,6 +119,13 @@ def use_compilation_cache() -> Path | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
     return folder
+
+
+def _fake_host_devices() -> int:
+    """The host-platform device count XLA_FLAGS forces (1 when it forces none); read from the
+    environment, so that nothing initialises a backend before a multi-process run's set-up."""
+    found = re.search(r"xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    return int(found.group(1)) if found else 1
 
 
 def _host_fingerprint() -> str:

@@ -25,7 +25,7 @@ def _probe(env: dict) -> tuple[str, int]:
 def test_compiled_programs_are_kept_per_cpu_and_the_cache_can_be_turned_off(tmp_path, monkeypatch):
     import os
 
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "XLA_FLAGS")}
     folder, hits = _probe(env | {"SAE_MUSIC_JAX_CACHE": str(tmp_path / "cache")})
     assert folder.startswith(str(tmp_path / "cache" / "jax-")) and hits == 0
     assert list((tmp_path / "cache").glob("*/*")), "the compiled program was not written"
@@ -33,3 +33,6 @@ def test_compiled_programs_are_kept_per_cpu_and_the_cache_can_be_turned_off(tmp_
     assert again == folder and hits >= 1, "the next process reads its programs back"
     assert _probe(env | {"SAE_MUSIC_JAX_CACHE": "off"}) == ("None", 0)
     assert _probe(env | {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "mine")})[0] == str(tmp_path / "mine")
+    # Off on a host split into several devices (see use_compilation_cache).
+    fake = env | {"SAE_MUSIC_JAX_CACHE": str(tmp_path / "cache"), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    assert _probe(fake) == ("None", 0)
