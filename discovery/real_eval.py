@@ -71,7 +71,7 @@ def pooled(sae, store, layer: int, progress: bool = True) -> tuple[np.ndarray, n
     dense, mean, peak = np.zeros((S, D), np.float32), np.zeros((S, H), np.float32), np.zeros((S, H), np.float32)
     offsets = store.offsets
     with tqdm(total=store.n_rows, desc="pooling", unit="row", disable=not progress, leave=False) as bar:
-        for samples, x in store.iter_sample_blocks(layer, 8192):
+        for samples, x in store.iter_sample_blocks(layer, 8192, stream=sae.cfg.input_stream):
             lengths = (offsets[samples + 1] - offsets[samples]).astype(np.int64)
             starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
             f = np.asarray(sae.encode(x))
@@ -224,7 +224,7 @@ def run(cfg: RealEvalConfig) -> dict:
     layer = cfg.layer_idx if cfg.layer_idx is not None else sae.cfg.layer
     if layer is None:
         raise UsageError("the SAE does not record its layer; pass --layer_idx")
-    store.check_layer(layer)
+    store.check_layer(layer, sae.cfg.input_stream)
     if store.d_model != sae.cfg.d_model:
         raise UsageError(f"store width {store.d_model} does not match the SAE's d_model {sae.cfg.d_model}")
     result = {"sae_path": str(cfg.sae_path), "store": str(cfg.store)} | evaluate(sae, store, layer, cfg)

@@ -257,7 +257,7 @@ def _print_size(out: Path, clips: int) -> None:
 def _activation_curve(store, sae, layer: int, sample: int, feature: int) -> tuple[np.ndarray, int]:
     """The feature's activation over a sample's frames, NaN at its non-finite rows (which the SAE
     never sees), and how many of those there are."""
-    rows = store.sample_rows(sample, layer)
+    rows = store.sample_rows(sample, layer, sae.cfg.input_stream)
     finite = np.isfinite(rows).all(axis=1)
     if finite.all():
         return np.asarray(sae.encode(rows))[:, feature], 0

@@ -228,8 +228,8 @@ class _BlockReader:
     """Reads, for one block of rows, only the rows that land on this process's devices (padded to
     ``block_rows`` with zeros), and counts the rows it read."""
 
-    def __init__(self, store, layer: int, block_rows: int, sharding: NamedSharding):
-        self.store, self.name, self.block_rows, self.sharding = store, acts_name(layer), block_rows, sharding
+    def __init__(self, store, layer: int, block_rows: int, sharding: NamedSharding, stream: str = "cond"):
+        self.store, self.name, self.block_rows, self.sharding = store, acts_name(layer, stream), block_rows, sharding
         self.rows_read = 0
 
     def __call__(self, lo: int, hi: int) -> jax.Array:
@@ -301,7 +301,7 @@ def feature_pass(sae: SAE, store, layer: int, *, examples: int = 20, block_rows:
 
     if store.d_model != sae.cfg.d_model:
         raise UsageError(f"store width {store.d_model} does not match the SAE's d_model {sae.cfg.d_model}")
-    store.check_layer(layer)
+    store.check_layer(layer, sae.cfg.input_stream)
     mesh = make_mesh(devices or jax.device_count(), 1)
     rows_on_devices, replicated = NamedSharding(mesh, P(DATA)), NamedSharding(mesh, P())
 
@@ -317,7 +317,7 @@ def feature_pass(sae: SAE, store, layer: int, *, examples: int = 20, block_rows:
     unknown = set(scores) - {"max", "mean"}
     if unknown:
         raise UsageError(f"unknown sample scores {sorted(unknown)}: choose from max, mean")
-    read = _BlockReader(store, layer, block_rows, rows_on_devices)
+    read = _BlockReader(store, layer, block_rows, rows_on_devices, sae.cfg.input_stream)
     sample_scores = _SampleScores(store.n_samples, sae.cfg.hidden_dim, tuple(scores), scores_dir)
     with tqdm(total=store.n_rows, desc=f"discover layer {layer}", unit="row",
               disable=not (progress and jax.process_index() == 0)) as bar:

@@ -1,7 +1,10 @@
 """``python -m extractor.evaluate``: how much of MusicGen's behaviour an SAE keeps.
 
 Over a store's codes (teacher forced, conditional stream), the decoder layer's output is
-replaced by (a) itself, (b) the SAE reconstruction, (c) zeros, (d) its mean over the store.
+replaced by (a) itself, (b) the SAE reconstruction, (c) zeros, (d) its mean over the store. For
+a transcoder, the replaced output is the layer's MLP output (its fc2), and (b) is the
+transcoder's prediction from the MLP's live input (its final_layer_norm's output); (d) is the
+mean of the store's mlp_out stream.
 For each, the cross-entropy of the next codes is measured per codebook (position p predicts
 codebook k of frame p - delay_k under the delay pattern; positions before a codebook starts are
 skipped), with KL(clean || SAE) and
@@ -22,12 +25,13 @@ line; a layer with no finite row stops with one line.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .capture import layer_hook, model_inputs, padded_input_ids
+from .capture import layer_hook, mlp_module, model_inputs, module_hook, padded_input_ids
 from sae_core.errors import UsageError
 from sae_core.eval_file import MODES, summarize_losses, write_eval
 from .models import load_model
@@ -80,10 +84,10 @@ def checked_layer(sae: TorchSAE, layer: int | None, loaded, model: str) -> int:
     return layer
 
 
-def _layer_mean(store, layer: int, d_model: int) -> tuple[np.ndarray, np.ndarray]:
-    """The mean of the layer's finite rows in the store, and the global indices of the others."""
+def _layer_mean(store, layer: int, d_model: int, stream: str = "cond") -> tuple[np.ndarray, np.ndarray]:
+    """The mean of the layer's finite rows of ``stream`` in the store, and the global indices of the others."""
     total, count, skipped = np.zeros(d_model, np.float64), 0, []
-    for x, rows in store.iter_rows_indexed(layer, 8192):
+    for x, rows in store.iter_rows_indexed(layer, 8192, stream=stream):
         finite = np.isfinite(x).all(axis=1)
         if not finite.all():
             skipped.append(rows[~finite])
@@ -142,12 +146,33 @@ class _Sums:
 
 
 def _replacements(sae: TorchSAE, mean: torch.Tensor) -> dict:
-    """What each mode puts in place of the layer's output (None: leave it)."""
-    return {"clean": lambda h: None, "sae": lambda h: sae(h.float()), "zero": lambda h: torch.zeros_like(h),
-            "mean": lambda h: mean.expand_as(h)}
+    """What each mode puts in place of the replaced output (None: leave it); each takes that output
+    and the transcoder's input (the MLP's, seen in the same pass; None for an SAE)."""
+    return {"clean": lambda h, x: None, "sae": lambda h, x: sae(h.float() if x is None else x.float()),
+            "zero": lambda h, x: torch.zeros_like(h), "mean": lambda h, x: mean.expand_as(h)}
 
 
-def _spliced_logprobs(loaded, store, layer: int, replacements: dict, idx: range, codes: list) -> dict:
+@contextmanager
+def spliced(loaded, layer: int, transcoder: bool, replace):
+    """Within the block, ``replace(output, input)`` takes the place of decoder layer ``layer``'s output
+    (input None), or for a transcoder of that layer's MLP output, given the MLP's input of the same
+    pass (its final_layer_norm's output, which the replacement leaves unchanged)."""
+    if not transcoder:
+        with layer_hook(loaded, layer, lambda hidden, _start: replace(hidden, None)):
+            yield
+        return
+    seen = {}
+
+    def keep(hidden, _start):
+        seen["x"] = hidden
+
+    with module_hook(loaded, mlp_module(loaded, layer, "mlp_in"), keep), \
+            module_hook(loaded, mlp_module(loaded, layer, "mlp_out"), lambda hidden, _start: replace(hidden, seen["x"])):
+        yield
+
+
+def _spliced_logprobs(loaded, store, layer: int, replacements: dict, idx: range, codes: list,
+                      transcoder: bool = False) -> dict:
     """Per mode, next-code log-probabilities [samples, codebooks, positions, vocab] of samples ``idx``."""
     k, n = loaded.info.num_codebooks, max(len(c) for c in codes)
     ids = padded_input_ids(loaded, codes)
@@ -156,20 +181,21 @@ def _spliced_logprobs(loaded, store, layer: int, replacements: dict, idx: range,
                           store.meta.generation.get("text_length"))
     logprobs = {}
     for mode, replacement in replacements.items():
-        with layer_hook(loaded, layer, lambda hidden, _start, replacement=replacement: replacement(hidden)):
+        with spliced(loaded, layer, transcoder, replacement):
             logits = loaded.model(**inputs, decoder_input_ids=ids).logits.float()
         # melody checkpoints also return logits for their conditioning positions, in front
         logprobs[mode] = torch.log_softmax(logits.reshape(len(codes), k, -1, logits.shape[-1])[:, :, -n:], dim=-1)
     return logprobs
 
 
-def _ablation_mean(loaded, store, layer: int, cfg: EvaluateConfig) -> tuple[torch.Tensor, str, np.ndarray]:
-    """The layer's mean output, on the model's device, where it came from, and the store rows it
-    skipped as non-finite."""
-    if layer in store.layers:
-        mean, skipped = _layer_mean(store, layer, loaded.info.d_model)
+def _ablation_mean(loaded, store, layer: int, cfg: EvaluateConfig,
+                   stream: str = "cond") -> tuple[torch.Tensor, str, np.ndarray]:
+    """The mean of the replaced output (the layer's, or its MLP's: ``stream`` mlp_out), on the model's
+    device, where it came from, and the store rows it skipped as non-finite."""
+    if layer in store.layers and stream in store.meta.streams:
+        mean, skipped = _layer_mean(store, layer, loaded.info.d_model, stream)
         return torch.from_numpy(mean).to(loaded.device), "store", skipped
-    return _clean_mean(loaded, store, layer, cfg).to(loaded.device), "clean pass", np.zeros(0, np.int64)
+    return _clean_mean(loaded, store, layer, cfg, stream).to(loaded.device), "clean pass", np.zeros(0, np.int64)
 
 
 @torch.no_grad()
@@ -184,7 +210,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         raise StoreError(f"store {store.path} has {store.meta.n_codebooks} codebooks, {cfg.model} has "
                          f"{loaded.info.num_codebooks}: it was made with another model")
     sae = sae.to(loaded.device)
-    mean, mean_source, skipped = _ablation_mean(loaded, store, layer, cfg)
+    stream = "mlp_out" if sae.is_transcoder else "cond"
+    mean, mean_source, skipped = _ablation_mean(loaded, store, layer, cfg, stream)
     if len(skipped):
         print(f"mean ablation: skipped {len(skipped)} non-finite (NaN/Inf) rows of layer {layer} of {store.path} "
               f"(first: row {skipped[0]}); the mean is over the other {store.n_rows - len(skipped)} rows")
@@ -194,11 +221,12 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     for lo in tqdm(range(0, n_samples, cfg.batch_size), desc="spliced evaluation", disable=not cfg.progress):
         idx = range(lo, min(n_samples, lo + cfg.batch_size))
         codes = [store.sample_codes(i) for i in idx]
-        logprobs = _spliced_logprobs(loaded, store, layer, replacements, idx, codes)
+        logprobs = _spliced_logprobs(loaded, store, layer, replacements, idx, codes, sae.is_transcoder)
         for i, c in enumerate(codes):
             sums.add_sample({mode: lp[i] for mode, lp in logprobs.items()}, c, loaded.info.delays)
     result = {"model": cfg.model, "sae": str(cfg.sae), "store": str(store.path), "layer": layer,
-              "samples": n_samples, "stream": "cond", "mean_ablation_from": mean_source,
+              "samples": n_samples, "stream": "cond", "replaced": "mlp_out" if sae.is_transcoder else "layer_out",
+              "transcoder": sae.transcoder, "mean_ablation_from": mean_source,
               "mean_ablation_nonfinite_rows": len(skipped), **sums.result()}
     write_eval(cfg.out, result)
     print(_summary_line(cfg.out, result["overall"]))
@@ -214,18 +242,19 @@ def _summary_line(out: str, overall: dict) -> str:
             f"{figure('loss_recovered_mean', 3)} (mean); KL {figure('kl_sae', 4)}")
 
 
-def _clean_mean(loaded, store, layer: int, cfg: EvaluateConfig) -> torch.Tensor:
-    """The layer's mean output over the evaluated samples when the store does not hold the layer."""
-    from .capture import teacher_forced_batch
+def _clean_mean(loaded, store, layer: int, cfg: EvaluateConfig, stream: str = "cond") -> torch.Tensor:
+    """The mean of the layer's output (``stream`` cond) or its MLP's (mlp_out) over the evaluated
+    samples when the store does not hold it."""
+    from .capture import teacher_forced_streams
 
     total, count = None, 0
     n_samples = min(store.n_samples, cfg.max_samples or store.n_samples)
     for lo in range(0, n_samples, cfg.batch_size):
         idx = range(lo, min(n_samples, lo + cfg.batch_size))
-        acts = teacher_forced_batch(loaded, [store.samples[i]["prompt"] for i in idx],
-                                    [store.sample_codes(i) for i in idx], [layer],
-                                    [store.samples[i].get("melody_chroma") for i in idx],
-                                    store.meta.generation.get("text_length"))[layer]
+        acts = teacher_forced_streams(loaded, [store.samples[i]["prompt"] for i in idx],
+                                      [store.sample_codes(i) for i in idx], [layer],
+                                      [store.samples[i].get("melody_chroma") for i in idx],
+                                      store.meta.generation.get("text_length"), mlp=stream != "cond")[stream][layer]
         rows = np.concatenate(acts)
         total = rows.sum(0) if total is None else total + rows.sum(0)
         count += len(rows)

@@ -9,6 +9,7 @@ writes a WAV; ``steer.json`` holds feature j's activation at the layer in each r
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from sae_core.audio import write_audio
-from .capture import generate_batch, layer_hook
+from .capture import generate_batch, layer_hook, mlp_module, module_hook
 from sae_core.errors import UsageError
 from .evaluate import checked_layer
 from sae_core.files import write_json
@@ -83,21 +84,33 @@ class SteerConfig:
                              f"{self.duration} s clip: give --start < --end <= --duration (or a longer --duration)")
 
 
-def add_to_layer(loaded, layer: int, delta_fn, first_pos: int, last_pos: int, rows: slice):
-    """Add ``delta_fn(hidden)`` to the block's output at decoder positions [first_pos, last_pos) on ``rows``."""
+@contextmanager
+def add_to_layer(loaded, layer: int, delta_fn, first_pos: int, last_pos: int, rows: slice, transcoder: bool = False):
+    """Add ``delta_fn(x)`` to the block's output at decoder positions [first_pos, last_pos) on ``rows``,
+    ``x`` being that output; for a transcoder, to the block's MLP output (its fc2), ``x`` being the
+    MLP's input of the same pass (a push to the MLP output reaches the residual stream unchanged)."""
+    seen = {}
+
     def steer_positions(hidden, start):
         pos = start + torch.arange(hidden.shape[1], device=hidden.device)
         window = ((pos >= first_pos) & (pos < last_pos)).to(hidden.dtype)[None, :, None]
+        source = seen["x"] if transcoder else hidden
         new = hidden.clone()
-        new[rows] = hidden[rows] + window * delta_fn(hidden[rows].float()).to(hidden.dtype)
+        new[rows] = hidden[rows] + window * delta_fn(source[rows].float()).to(hidden.dtype)
         return new
 
-    return layer_hook(loaded, layer, steer_positions)
+    if not transcoder:
+        with layer_hook(loaded, layer, steer_positions):
+            yield
+        return
+    with module_hook(loaded, mlp_module(loaded, layer, "mlp_in"), lambda hidden, _start: seen.update(x=hidden)), \
+            module_hook(loaded, mlp_module(loaded, layer, "mlp_out"), steer_positions):
+        yield
 
 
-def _run(loaded, cfg: SteerConfig, layer: int, n_frames: int):
+def _run(loaded, cfg: SteerConfig, layer: int, n_frames: int, mlp: bool = False):
     return generate_batch(loaded, [cfg.prompt], n_frames, [layer], guidance_scale=cfg.guidance_scale,
-                          top_k=cfg.top_k, temperature=cfg.temperature, seed=cfg.seed)
+                          top_k=cfg.top_k, temperature=cfg.temperature, seed=cfg.seed, mlp=mlp)
 
 
 def _window_frames(cfg: SteerConfig, rate: float) -> tuple[int, int, int]:
@@ -152,23 +165,27 @@ def steer(cfg: SteerConfig) -> dict:
     direction = direction.to(loaded.device)
     rows = slice(None) if cfg.streams == "both" or not cfg.guidance_scale > 1 else slice(0, 1)
 
+    transcoder = sae.is_transcoder
+    stream = "mlp_in" if transcoder else "cond"  # what the encoder reads
+
     def feature_acts(batch) -> np.ndarray:
-        acts = torch.from_numpy(batch.acts["cond"][layer][0]).to(loaded.device)
+        acts = torch.from_numpy(batch.acts[stream][layer][0]).to(loaded.device)
         return sae.encode(acts)[:, cfg.feature].cpu().numpy()
 
-    plain = _run(loaded, cfg, layer, n_frames)
+    plain = _run(loaded, cfg, layer, n_frames, transcoder)
     max_act = cfg.max_activation if cfg.max_activation is not None else float(feature_acts(plain).max())
     if not max_act > 0:  # the feature is silent on this prompt: use the SAE's typical strong activation
-        max_act = float(sae.encode(torch.from_numpy(plain.acts["cond"][layer][0]).to(loaded.device)).max())
+        max_act = float(sae.encode(torch.from_numpy(plain.acts[stream][layer][0]).to(loaded.device)).max())
     delta = cfg.strength * max_act * direction
     control = _control_delta(delta, cfg.seed)
-    with add_to_layer(loaded, layer, _steer_fn(cfg, sae, direction, delta), first, last, rows):
-        steered = _run(loaded, cfg, layer, n_frames)
-    with add_to_layer(loaded, layer, lambda h: control.expand_as(h), first, last, rows):
-        controlled = _run(loaded, cfg, layer, n_frames)
+    with add_to_layer(loaded, layer, _steer_fn(cfg, sae, direction, delta), first, last, rows, transcoder):
+        steered = _run(loaded, cfg, layer, n_frames, transcoder)
+    with add_to_layer(loaded, layer, lambda h: control.expand_as(h), first, last, rows, transcoder):
+        controlled = _run(loaded, cfg, layer, n_frames, transcoder)
 
     out = Path(cfg.out)
-    report = {"model": cfg.model, "sae": str(cfg.sae), "layer": layer, "feature": cfg.feature,
+    report = {"model": cfg.model, "sae": str(cfg.sae), "layer": layer, "site": "mlp_out" if transcoder else "layer_out",
+              "feature": cfg.feature,
               "strength": cfg.strength, "clamp": cfg.clamp, "max_activation": max_act, "prompt": cfg.prompt,
               "seed": cfg.seed, "window_seconds": [cfg.start, min(last, n_frames) / rate], "streams": cfg.streams,
               "delta_norm": float(delta.norm()), "runs": {}}

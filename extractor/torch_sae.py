@@ -49,19 +49,23 @@ def read_torch_export(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 class TorchSAE(nn.Module):
     """Encode/decode in the store's units. ``kind`` is relu (vanilla), topk, or jumprelu
-    (BatchTopK and Matryoshka at inference, and SAELens JumpReLU)."""
+    (BatchTopK and Matryoshka at inference, and SAELens JumpReLU). ``transcoder`` plain or skip:
+    it encodes a layer's MLP input (uncentred) and decodes that MLP's output (plus x @ W_skip)."""
 
     def __init__(self, kind: str, W_enc, b_enc, W_dec, b_dec, *, threshold=0.0, input_scale: float = 1.0,
-                 top_k: int | None = None, config: dict | None = None):
+                 top_k: int | None = None, config: dict | None = None, transcoder: str = "none", W_skip=None):
         super().__init__()
         if kind not in set(INFERENCE_KIND.values()):
             raise SAEFormatError(f"unknown SAE kind {kind!r}")
+        if (transcoder == "skip") != (W_skip is not None):
+            raise SAEFormatError("a skip transcoder needs W_skip, and only a skip transcoder has one")
         as_tensor = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
-        self.kind, self.top_k, self.config = kind, top_k, config or {}
+        self.kind, self.top_k, self.config, self.transcoder = kind, top_k, config or {}, transcoder
         self.W_enc = nn.Parameter(as_tensor(W_enc), requires_grad=False)
         self.b_enc = nn.Parameter(as_tensor(b_enc), requires_grad=False)
         self.W_dec = nn.Parameter(as_tensor(W_dec), requires_grad=False)
         self.b_dec = nn.Parameter(as_tensor(b_dec), requires_grad=False)
+        self.W_skip = None if W_skip is None else nn.Parameter(as_tensor(W_skip), requires_grad=False)
         self.register_buffer("threshold", as_tensor(threshold))
         self.register_buffer("input_scale", as_tensor(input_scale))
 
@@ -86,17 +90,23 @@ class TorchSAE(nn.Module):
             lens = read_saelens(path)
             return cls(INFERENCE_KIND[lens.config["sae_type"]], lens.arrays["W_enc"], lens.arrays["b_enc"],
                        lens.arrays["W_dec"], lens.arrays["b_dec"], threshold=lens.arrays.get("threshold", 0.0),
-                       top_k=lens.config["top_k"], config=lens.cfg)
+                       top_k=lens.config["top_k"], config=lens.cfg, transcoder=lens.config["transcoder"],
+                       W_skip=lens.arrays.get("W_skip"))
         if not path.exists():
             raise SAEFormatError(f"no SAE at {path}")
         cfg, arrays = read_torch_export(path)
         return cls(INFERENCE_KIND[cfg["sae_type"]], arrays["W_enc"], arrays["b_enc"], arrays["W_dec"], arrays["b_dec"],
                    threshold=arrays.get("threshold", cfg["threshold"]), input_scale=cfg["input_scale"],
-                   top_k=cfg.get("top_k"), config=cfg)
+                   top_k=cfg.get("top_k"), config=cfg, transcoder=cfg.get("transcoder", "none"),
+                   W_skip=arrays.get("W_skip"))
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.transcoder != "none"
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.W_enc.dtype) * self.input_scale
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        return (x if self.is_transcoder else x - self.b_dec) @ self.W_enc + self.b_enc
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre_activations(x)
@@ -107,11 +117,17 @@ class TorchSAE(nn.Module):
             return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
         return torch.where(pre > self.threshold, pre, torch.zeros_like(pre))
 
-    def decode(self, f: torch.Tensor) -> torch.Tensor:
-        return (f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec) / self.input_scale
+    def decode(self, f: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """The reconstruction (a transcoder's MLP output); a skip transcoder adds x @ W_skip of its input ``x``."""
+        out = (f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec) / self.input_scale
+        if self.W_skip is not None:
+            if x is None:
+                raise SAEFormatError("a skip transcoder's output needs its input: call decode(f, x)")
+            out = out + x.to(self.W_skip.dtype) @ self.W_skip
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+        return self.decode(self.encode(x), x)
 
     def feature_direction(self, feature: int) -> torch.Tensor:
         """What one unit of ``feature`` adds to the reconstruction, in the store's units."""

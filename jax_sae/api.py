@@ -28,13 +28,16 @@ def _encode(cfg: SAEConfig, params, threshold, scale, x_ND):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _decode(cfg: SAEConfig, params, scale, f_NH):
-    return M.decode(params, f_NH.astype(jnp.float32)) / scale
+def _decode(cfg: SAEConfig, params, scale, f_NH, x_ND=None):
+    inputs = None if x_ND is None else x_ND.astype(jnp.float32) * scale
+    return M.decode(params, f_NH.astype(jnp.float32), inputs) / scale
 
 
 class SAE:
     """A trained SAE. Inputs and reconstructions are in the store's units; the input scale is
-    applied inside. Features are the inference-mode codes (JumpReLU threshold for BatchTopK)."""
+    applied inside. Features are the inference-mode codes (JumpReLU threshold for BatchTopK). A
+    transcoder encodes its layer's MLP input and decodes to the MLP output (a skip transcoder's
+    decode needs the input too)."""
 
     def __init__(self, cfg: SAEConfig, params: M.SAEParams, threshold, input_scale, info: dict | None = None):
         self.cfg = cfg
@@ -74,14 +77,18 @@ class SAE:
         f = _encode(self.cfg, self.params, self.threshold, self.input_scale, x.reshape(-1, x.shape[-1]))
         return f.reshape(*x.shape[:-1], self.cfg.hidden_dim)
 
-    def decode(self, f) -> jax.Array:
-        """[..., hidden_dim] -> [..., d_model]."""
+    def decode(self, f, x=None) -> jax.Array:
+        """[..., hidden_dim] -> [..., d_model]; a skip transcoder also takes its input ``x`` [..., d_model]."""
         f = jnp.asarray(f)
-        x = _decode(self.cfg, self.params, self.input_scale, f.reshape(-1, f.shape[-1]))
-        return x.reshape(*f.shape[:-1], self.cfg.d_model)
+        if self.cfg.skip and x is None:
+            raise UsageError("a skip transcoder's output needs its input: call decode(f, x)")
+        flat_x = None if x is None or not self.cfg.skip else jnp.asarray(x).reshape(-1, self.cfg.d_model)
+        out = _decode(self.cfg, self.params, self.input_scale, f.reshape(-1, f.shape[-1]), flat_x)
+        return out.reshape(*f.shape[:-1], self.cfg.d_model)
 
     def __call__(self, x) -> jax.Array:
-        return self.decode(self.encode(x))
+        """The reconstruction of ``x`` (a transcoder's prediction of the MLP output from its input ``x``)."""
+        return self.decode(self.encode(x), x)
 
     def encode_batches(self, batches: Iterable) -> Iterator[np.ndarray]:
         """Encode an iterable of arrays (e.g. ``store.iter_rows``), yielding numpy codes."""
@@ -106,12 +113,14 @@ def load(path: str | Path) -> SAE:
 
 
 def evaluate(sae: SAE, store, layer: int, *, batch_size: int = 4096, samples: np.ndarray | None = None) -> dict:
-    """FVU, explained variance, MSE, L0, dead and dense fractions, cosine and l2 ratio on a store layer."""
+    """FVU, explained variance, MSE, L0, dead and dense fractions, cosine and l2 ratio on a store layer
+    (a transcoder's: of its MLP output predicted from its MLP input, both read from the store)."""
     from sae_core.store import Store
 
     store = store if isinstance(store, Store) else Store(store)
     store.require_complete()
     if store.d_model != sae.cfg.d_model:
         raise UsageError(f"store width {store.d_model} does not match the SAE's d_model {sae.cfg.d_model}")
-    batches = store.iter_rows(layer, batch_size, samples=samples)
+    store.check_layer(layer, sae.cfg.stream)
+    batches = store.iter_rows(layer, batch_size, samples=samples, stream=sae.cfg.stream)
     return evaluate_batches(sae.cfg, sae.params, sae.threshold, sae.input_scale, batches).result()

@@ -96,6 +96,8 @@ def model_tree(params: M.SAEParams, threshold, input_scale) -> dict:
 def abstract_model_tree(cfg: SAEConfig) -> dict:
     threshold = (cfg.hidden_dim,) if cfg.learned_threshold else ()  # JumpReLU's is per latent
     shapes = tensor_shapes(cfg.d_model, cfg.hidden_dim) | {"threshold": threshold, "input_scale": ()}
+    if cfg.skip:
+        shapes["W_skip"] = (cfg.d_model, cfg.d_model)
     return {name: jax.ShapeDtypeStruct(shape, jnp.float32) for name, shape in shapes.items()}
 
 

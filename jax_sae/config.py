@@ -18,6 +18,7 @@ from .run_dir import run_path
 SAEType = Literal["vanilla", "topk", "batch_topk", "matryoshka", "jumprelu"]
 SAE_TYPES: tuple[str, ...] = ("vanilla", "topk", "batch_topk", "matryoshka", "jumprelu")
 JUMPRELU_SPARSITY = ("quadratic", "step", "tanh")
+TRANSCODERS = ("none", "plain", "skip")
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,15 @@ class SAEConfig:
     layer: int | None = None
     model: str | None = None
     store: str | None = None
+    transcoder: Literal["none", "plain", "skip"] = "none"
+    """none: an SAE of the residual stream after block ``layer``; plain: a transcoder from that block's
+    MLP input (after its layer norm) to its MLP output; skip: a transcoder with a linear skip term."""
 
     def __post_init__(self) -> None:
         if self.sae_type not in SAE_TYPES:
             raise ConfigError(f"unknown sae_type {self.sae_type!r}; choose one of {', '.join(SAE_TYPES)}")
+        if self.transcoder not in TRANSCODERS:
+            raise ConfigError(f"unknown transcoder {self.transcoder!r}; choose one of {', '.join(TRANSCODERS)}")
         if self.d_model <= 0 or self.hidden_dim <= 0:
             raise ConfigError(f"d_model and hidden_dim must be positive, got {self.d_model} and {self.hidden_dim}")
         if (self.uses_k or self.learned_threshold) and not 0 < self.top_k <= self.hidden_dim:
@@ -125,6 +131,38 @@ class SAEConfig:
         return self.behaviour.nested
 
     @property
+    def is_transcoder(self) -> bool:
+        """Reads the MLP's input and predicts its output (plain or skip), instead of reconstructing its input."""
+        return self.transcoder != "none"
+
+    @property
+    def skip(self) -> bool:
+        """A linear skip term x W_skip is added to the output (skip transcoder)."""
+        return self.transcoder == "skip"
+
+    @property
+    def stream(self) -> str:
+        """The store stream a batch of its training rows comes from: the residual stream, or [MLP in | MLP out]."""
+        return "mlp" if self.is_transcoder else "cond"
+
+    @property
+    def input_stream(self) -> str:
+        """The store stream its encoder reads (what discovery, reports and probes encode): the
+        residual stream, or a transcoder's MLP input."""
+        return "mlp_in" if self.is_transcoder else "cond"
+
+    @property
+    def batch_width(self) -> int:
+        """Values per training row: d_model, or the MLP's input and output side by side."""
+        return 2 * self.d_model if self.is_transcoder else self.d_model
+
+    @property
+    def kind(self) -> str:
+        """The type in words for paths and titles: ``batch_topk``, ``batch_topk-transcoder``, ``batch_topk-skip_transcoder``."""
+        return {"none": self.sae_type, "plain": f"{self.sae_type}-transcoder",
+                "skip": f"{self.sae_type}-skip_transcoder"}[self.transcoder]
+
+    @property
     def prefix_ends(self) -> tuple[int, ...]:
         """Matryoshka's nested dictionary sizes (cumulative group sizes)."""
         ends, total = [], 0
@@ -164,6 +202,9 @@ class SAESettings:
     threshold: Literal["running", "calibrated"] = "calibrated"
     """BatchTopK/Matryoshka inference threshold: the running average of each batch's smallest kept
     activation, or calibrated on a sample of training rows when a model is saved (inference L0 = k there)."""
+    transcoder: Literal["none", "plain", "skip"] = "none"
+    """none: an SAE of the residual stream; plain: a transcoder from the layer's MLP input to its MLP output
+    (a store extracted with --mlp); skip: a transcoder with a linear skip term x W_skip."""
 
     def __post_init__(self) -> None:
         self.config(d_model=1)  # validates top_k and the group sizes against hidden_dim
@@ -173,7 +214,7 @@ class SAESettings:
         """The architecture to build, on inputs of width ``d_model`` (Matryoshka's default groups filled in)."""
         groups = (self.group_sizes or default_group_sizes(self.hidden_dim)) if BEHAVIOURS[self.sae_type].nested else ()
         return SAEConfig(sae_type=self.sae_type, d_model=d_model, hidden_dim=self.hidden_dim, top_k=self.top_k,
-                         group_sizes=groups, layer=layer, model=model, store=store)
+                         group_sizes=groups, layer=layer, model=model, store=store, transcoder=self.transcoder)
 
 
 @dataclass(frozen=True)
@@ -382,4 +423,4 @@ class TrainConfig:
         return auto_lr(self.sae.hidden_dim, self.train.batch_size) if self.train.lr == "auto" else float(self.train.lr)
 
     def run_dir(self) -> Path:
-        return run_path(self.train.out, self.sae.sae_type, self.train.layer_idx, self.sae.hidden_dim)
+        return run_path(self.train.out, self.sae_config(d_model=1).kind, self.train.layer_idx, self.sae.hidden_dim)

@@ -123,7 +123,7 @@ def row_keys(seed: int, rows: np.ndarray) -> np.ndarray:
 
 
 def scan_rows(store: Store, layer: int, samples: np.ndarray, *, seed: int, sample_size: int = 8192,
-              progress: bool = True, part: tuple[int, int] = (0, 1)) -> ScanResult:
+              progress: bool = True, part: tuple[int, int] = (0, 1), stream: str = "cond") -> ScanResult:
     """Count non-finite rows, measure the mean row norm and keep a uniform sample of rows.
 
     Chunk by chunk, ``part=(p, P)`` scanning only every P-th chunk from the p-th; ``merge_scans``
@@ -132,16 +132,16 @@ def scan_rows(store: Store, layer: int, samples: np.ndarray, *, seed: int, sampl
     from tqdm import tqdm
 
     p, parts = part
-    chunk = store.chunk_rows(layer)
+    chunk = store.chunk_rows(layer, stream)
     n_chunks = -(-store.n_rows // chunk)
     bad = []
     norm_C = np.zeros(n_chunks, np.float64)
     count_C = np.zeros(n_chunks, np.int64)
     keys = np.empty(0)
-    kept = np.empty((0, store.d_model), np.float32)
+    kept = np.empty((0, store.width(stream)), np.float32)
     total = _rows_of(store, samples)
     with tqdm(total=total, desc="scanning rows", unit="row", disable=not progress, leave=False) as bar:
-        for c, x, rows in store.iter_chunks(layer, np.arange(p, n_chunks, parts), samples=samples):
+        for c, x, rows in store.iter_chunks(layer, np.arange(p, n_chunks, parts), samples=samples, stream=stream):
             finite = np.isfinite(x).all(axis=1)
             if not finite.all():
                 bad.append(rows[~finite])

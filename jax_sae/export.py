@@ -51,7 +51,7 @@ class ExportConfig:
 
 def exported_arrays(cfg: SAEConfig, tree: dict, source="the checkpoint") -> dict[str, np.ndarray]:
     """The checkpoint's tensors as the formats hold them, float32, each shape checked."""
-    shapes = formats.export_shapes(cfg.sae_type, cfg.d_model, cfg.hidden_dim)
+    shapes = formats.export_shapes(cfg.sae_type, cfg.d_model, cfg.hidden_dim, cfg.transcoder)
     arrays = {name: np.asarray(tree[name]).T if name in TRANSPOSED else tree[name] for name in shapes}
     return formats.checked_tensors(arrays, shapes, source)
 
@@ -106,11 +106,13 @@ def export(cfg: ExportConfig) -> Path:
     save_torch_export = _torch_writer() if cfg.format == "torch" else None  # before any work
     out = Path(cfg.out)
     _check_out(out, cfg.format)
-    from .checkpoint import load_model_tree  # orbax and JAX load only when exporting
+    from .checkpoint import load_model_tree, read_config  # orbax and JAX load only when exporting
 
+    if cfg.format == "saelens":
+        formats.saelens_architecture(read_config(cfg.checkpoint)[0].to_json())  # one a SAELens class can run
     sae_cfg, tree, info = load_model_tree(cfg.checkpoint)
     write_export(out, sae_cfg, tree, info, save_torch_export, source=cfg.checkpoint)
-    print(f"exported {cfg.checkpoint} ({sae_cfg.sae_type}, {sae_cfg.d_model} -> {sae_cfg.hidden_dim}) to {out} "
+    print(f"exported {cfg.checkpoint} ({sae_cfg.kind}, {sae_cfg.d_model} -> {sae_cfg.hidden_dim}) to {out} "
           f"[{cfg.format}]")
     return out
 

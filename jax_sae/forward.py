@@ -104,28 +104,39 @@ class Main(NamedTuple):
     smallest: jax.Array
 
 
-def _pre(params: SAEParams, x_BD, dtype: str):
+def _pre(params: SAEParams, x_BD, dtype: str, transcoder: bool = False):
     # (x - b_dec) W_enc written as x W_enc - b_dec W_enc: the data term needs no input gradient,
-    # so b_dec's gradient is a vector-matrix product instead of a [B, h] x [h, d] GEMM.
+    # so b_dec's gradient is a vector-matrix product instead of a [B, h] x [h, d] GEMM. A
+    # transcoder's input is not centred (b_dec is in the output's space).
+    if transcoder:
+        return _mm(x_BD, params.W_enc_DH, dtype) + params.b_enc_H
     return _mm(x_BD, params.W_enc_DH, dtype) + (params.b_enc_H - params.b_dec_D @ params.W_enc_DH)
 
 
+def _base(params: SAEParams, in_BD, dtype: str):
+    """What the output is before any latent: b_dec, plus a skip transcoder's in @ W_skip."""
+    if params.W_skip_DD is None:
+        return params.b_dec_D
+    return params.b_dec_D + _mm(in_BD, params.W_skip_DD, dtype)
+
+
 def _dense_recon(params: SAEParams, x_BD, f_BH, *, cfg: SAEConfig, global_batch: int, dtype: str,
-                 weights: tuple[float, ...]):
-    """Reconstruction loss of codes ``f_BH`` (Matryoshka: the ``weights``-weighted sum over
-    prefixes) and the reconstruction."""
+                 weights: tuple[float, ...], in_BD=None):
+    """Reconstruction loss of target ``x_BD`` by codes ``f_BH`` (Matryoshka: the ``weights``-weighted
+    sum over prefixes) and the reconstruction; ``in_BD``, a skip transcoder's input."""
 
     def per_data_mean(value):
         return lax.psum(value, S.DATA) / global_batch
 
+    base = _base(params, in_BD, dtype)
     if cfg.nested:
-        x_hat_BD = params.b_dec_D + jnp.zeros_like(x_BD)
+        x_hat_BD = base + jnp.zeros_like(x_BD)
         prefix_losses = []
         for part in _group_parts(cfg, f_BH, params.W_dec_HD, dtype):
             x_hat_BD = x_hat_BD + lax.psum(part, S.MODEL)
             prefix_losses.append(per_data_mean(jnp.sum((x_BD - x_hat_BD) ** 2)))
         return jnp.stack(prefix_losses) @ jnp.asarray(weights, jnp.float32), x_hat_BD
-    x_hat_BD = lax.psum(_mm(f_BH, params.W_dec_HD, dtype), S.MODEL) + params.b_dec_D
+    x_hat_BD = lax.psum(_mm(f_BH, params.W_dec_HD, dtype), S.MODEL) + base
     return per_data_mean(jnp.sum((x_BD - x_hat_BD) ** 2)), x_hat_BD
 
 
@@ -142,22 +153,25 @@ def _jumprelu_sparsity(params: SAEParams, pre_BH, f_BH, threshold_H, s: LossSett
     return lax.psum(jnp.sum(l0_B), S.DATA) / global_batch
 
 
-def _dense_main(params: SAEParams, step, x_BD, *, s: LossSettings, global_batch: int):
-    """Reconstruction loss (plus L1 for Vanilla, the sparsity loss for JumpReLU) by dense matmuls, for autodiff."""
+def _dense_main(params: SAEParams, step, z_BZ, *, s: LossSettings, global_batch: int):
+    """Reconstruction loss (plus L1 for Vanilla, the sparsity loss for JumpReLU) by dense matmuls, for
+    autodiff, of a batch of training rows (a transcoder's: its input and target side by side)."""
     cfg = s.sae
+    in_BD, x_BD = M.split_batch(cfg, z_BZ)
+    recon_of = functools.partial(_dense_recon, cfg=cfg, global_batch=global_batch, dtype=s.compute_dtype,
+                                 weights=s.weights(), in_BD=in_BD)
     if cfg.learned_threshold:
-        pre_BH = _pre(params, x_BD, s.compute_dtype)
+        pre_BH = _pre(params, in_BD, s.compute_dtype, cfg.is_transcoder)
         # The same thresholds on every data shard: made varying over data, so that their gradient
         # (a sum over this shard's rows) is summed over the shards on the way back.
         threshold_H = lax.pcast(params.threshold_H, (S.DATA,), to="varying")
         f_BH = M.jumprelu_ste(pre_BH, threshold_H, s.bandwidth, s.ste_to_input)
-        recon, x_hat_BD = _dense_recon(params, x_BD, f_BH, cfg=cfg, global_batch=global_batch,
-                                       dtype=s.compute_dtype, weights=s.weights())
+        recon, x_hat_BD = recon_of(params, x_BD, f_BH)
         sparsity = _jumprelu_sparsity(params, pre_BH, f_BH, threshold_H, s, global_batch)
         loss = recon + s.sparsity_coef * jnp.minimum(1.0, (step + 1) / s.sparsity_warmup_steps) * sparsity
         l0 = lax.psum(jnp.sum(f_BH > 0), BOTH) / global_batch
         return loss, Main(recon, sparsity, x_hat_BD, jnp.any(f_BH > 0, axis=0), l0, jnp.float32(0.0))
-    act_BH = jax.nn.relu(_pre(params, x_BD, s.compute_dtype))
+    act_BH = jax.nn.relu(_pre(params, in_BD, s.compute_dtype, cfg.is_transcoder))
     smallest = jnp.float32(0.0)
     if cfg.l1:
         f_BH = act_BH
@@ -169,8 +183,7 @@ def _dense_main(params: SAEParams, step, x_BD, *, s: LossSettings, global_batch:
                                   row_candidates=s.batch_candidates())
         f_BH = jnp.where(mask, act_BH, 0.0)
 
-    recon, x_hat_BD = _dense_recon(params, x_BD, f_BH, cfg=cfg, global_batch=global_batch,
-                                   dtype=s.compute_dtype, weights=s.weights())
+    recon, x_hat_BD = recon_of(params, x_BD, f_BH)
     loss, l1 = recon, jnp.float32(0.0)
     if cfg.l1:
         l1 = lax.psum(jnp.sum(f_BH * jnp.linalg.norm(params.W_dec_HD, axis=1)), BOTH) / global_batch
@@ -180,8 +193,9 @@ def _dense_main(params: SAEParams, step, x_BD, *, s: LossSettings, global_batch:
 
 
 def use_sparse(s: LossSettings, hidden_local: int, tuning: Tuning) -> bool:
-    """Whether this step takes the sparse reconstruction and backward."""
-    if not s.sae.uses_k or s.backward == "dense":
+    """Whether this step takes the sparse reconstruction and backward (not for transcoders yet: their
+    separate input, uncentred encoder and skip term are written in the dense loss only)."""
+    if not s.sae.uses_k or s.backward == "dense" or s.sae.is_transcoder:
         return False
     return s.backward == "sparse" or hidden_local >= tuning.min_ratio * s.sae.top_k
 
@@ -281,21 +295,21 @@ def _with_dense_overflow_rows(params: SAEParams, x_BD, pre_BH, first, rows: int,
                           kept + jnp.sum(sel.keep_RH), sel.kth, global_batch)
 
 
-def _aux_loss(params: SAEParams, x_BD, x_hat_BD, dead_H, s: LossSettings, global_batch: int,
+def _aux_loss(params: SAEParams, in_BD, x_BD, x_hat_BD, dead_H, s: LossSettings, global_batch: int,
               cap: int | None = None):
-    """AuxK: the detached residual reconstructed from the top min(aux_k or d/2, dead) dead latents,
-    normalised by the residual's variance. With ``cap``, only the (at most ``cap`` per shard)
-    dead latents' columns enter the matmuls, instead of all h."""
+    """AuxK: the detached residual of target ``x_BD`` reconstructed from the top min(aux_k or d/2,
+    dead) dead latents of input ``in_BD``, normalised by the residual's variance. With ``cap``, only
+    the (at most ``cap`` per shard) dead latents' columns enter the matmuls, instead of all h."""
     cfg = s.sae
     k = min(s.aux_k or cfg.d_model // 2, cfg.hidden_dim)
     if cap is None:
-        act_BN = jnp.where(dead_H, jax.nn.relu(_pre(params, x_BD, s.compute_dtype)), 0.0)
+        act_BN = jnp.where(dead_H, jax.nn.relu(_pre(params, in_BD, s.compute_dtype, cfg.is_transcoder)), 0.0)
         W_dec_ND = params.W_dec_HD
     else:
         idx_N = jnp.nonzero(dead_H, size=cap, fill_value=0)[0]
         used_N = jnp.arange(cap) < jnp.sum(dead_H)
         few = SAEParams(params.W_enc_DH[:, idx_N], params.b_enc_H[idx_N], params.W_dec_HD[idx_N], params.b_dec_D)
-        act_BN = jnp.where(used_N, jax.nn.relu(_pre(few, x_BD, s.compute_dtype)), 0.0)
+        act_BN = jnp.where(used_N, jax.nn.relu(_pre(few, in_BD, s.compute_dtype, cfg.is_transcoder)), 0.0)
         W_dec_ND = few.W_dec_HD
         k = min(k, cap * lax.axis_size(S.MODEL))
     if k >= act_BN.shape[1] * lax.axis_size(S.MODEL):
@@ -311,7 +325,7 @@ def _aux_loss(params: SAEParams, x_BD, x_hat_BD, dead_H, s: LossSettings, global
     return err / jnp.maximum(var, 1e-12)
 
 
-def _aux_value_and_grad(params: SAEParams, x_BD, x_hat_BD, dead_H, s: LossSettings, global_batch: int):
+def _aux_value_and_grad(params: SAEParams, in_BD, x_BD, x_hat_BD, dead_H, s: LossSettings, global_batch: int):
     """AuxK and its gradient, through the dead latents' columns alone while at most a fraction
     ``AUX_FEW_DEAD`` of a shard's latents are dead (the smallest that fits), else through all h."""
     hidden = dead_H.shape[0]
@@ -319,7 +333,7 @@ def _aux_value_and_grad(params: SAEParams, x_BD, x_hat_BD, dead_H, s: LossSettin
     branch = _tier(lax.pmax(jnp.sum(dead_H), S.MODEL), tuple(caps))  # past the last cap: all h
 
     def run(cap):
-        return lambda: jax.value_and_grad(_aux_loss)(params, x_BD, x_hat_BD, dead_H, s, global_batch, cap)
+        return lambda: jax.value_and_grad(_aux_loss)(params, in_BD, x_BD, x_hat_BD, dead_H, s, global_batch, cap)
 
     return lax.switch(branch, [run(c) for c in caps] + [run(None)])
 
@@ -339,38 +353,40 @@ def _metrics(main: Main, aux_loss, x_BD, global_batch: int, **extra):
     return metrics, fired_H
 
 
-def _shard_loss(params: SAEParams, counters_H, step, x_BD, *, s: LossSettings, global_batch: int):
+def _shard_loss(params: SAEParams, counters_H, step, z_BZ, *, s: LossSettings, global_batch: int):
     """The whole loss, differentiable: reconstruction (+ L1) + AuxK while latents are dead."""
-    loss, main = _dense_main(params, step, x_BD, s=s, global_batch=global_batch)
+    loss, main = _dense_main(params, step, z_BZ, s=s, global_batch=global_batch)
+    in_BD, x_BD = M.split_batch(s.sae, z_BZ)
     aux_loss = jnp.float32(0.0)
     if s.sae.aux_k:
         dead_H, any_dead = _any_dead(counters_H, s)
         x_hat_BD = lax.stop_gradient(main.x_hat_BD)
-        aux_loss = lax.cond(any_dead, lambda: _aux_loss(params, x_BD, x_hat_BD, dead_H, s, global_batch),
+        aux_loss = lax.cond(any_dead, lambda: _aux_loss(params, in_BD, x_BD, x_hat_BD, dead_H, s, global_batch),
                             lambda: jnp.float32(0.0))
         loss = loss + s.aux_penalty * aux_loss
     return loss, _metrics(main, aux_loss, x_BD, global_batch)
 
 
-def _shard_loss_and_grads(params: SAEParams, counters_H, step, x_BD, *, s: LossSettings, global_batch: int,
+def _shard_loss_and_grads(params: SAEParams, counters_H, step, z_BZ, *, s: LossSettings, global_batch: int,
                           tuning: Tuning):
     """(loss, grads, metrics, fired_H). AuxK's dense gradient is computed only while some
     latent is dead (inside a ``cond``), so it costs nothing in the common case."""
     cfg = s.sae
     kwargs = dict(s=s, global_batch=global_batch)
     fallback = jnp.float32(0.0)
+    in_BD, x_BD = M.split_batch(cfg, z_BZ)
     if use_sparse(s, params.b_enc_H.shape[0], tuning):
         main, grads, fallback = _sparse_main(params, step, x_BD, tuning=tuning, **kwargs)
         loss = main.recon
     else:
-        (loss, main), grads = jax.value_and_grad(_dense_main, has_aux=True)(params, step, x_BD, **kwargs)
+        (loss, main), grads = jax.value_and_grad(_dense_main, has_aux=True)(params, step, z_BZ, **kwargs)
     aux_loss = jnp.float32(0.0)
     if cfg.aux_k:
         dead_H, any_dead = _any_dead(counters_H, s)
         x_hat_BD = lax.stop_gradient(main.x_hat_BD)
 
         def with_aux(grads):
-            aux, aux_grads = _aux_value_and_grad(params, x_BD, x_hat_BD, dead_H, s, global_batch)
+            aux, aux_grads = _aux_value_and_grad(params, in_BD, x_BD, x_hat_BD, dead_H, s, global_batch)
             return aux, jax.tree.map(lambda g, a: g + s.aux_penalty * a, grads, aux_grads)
 
         aux_loss, grads = lax.cond(any_dead, with_aux, lambda g: (jnp.float32(0.0), g), grads)
@@ -380,8 +396,9 @@ def _shard_loss_and_grads(params: SAEParams, counters_H, step, x_BD, *, s: LossS
 
 
 def _param_specs(sae: SAEConfig) -> SAEParams:
-    fields = ("W_enc_DH", "b_enc_H", "W_dec_HD", "b_dec_D") + (("threshold_H",) if sae.learned_threshold else ())
-    return SAEParams(*(S.FIELD_SPECS[f] for f in fields))
+    fields = (("W_enc_DH", "b_enc_H", "W_dec_HD", "b_dec_D") + (("threshold_H",) if sae.learned_threshold else ())
+              + (("W_skip_DD",) if sae.skip else ()))
+    return SAEParams(**{f: S.FIELD_SPECS[f] for f in fields})
 
 
 METRICS = ("recon", "aux_loss", "l1", "fvu", "l0", "smallest")

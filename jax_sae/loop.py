@@ -76,7 +76,8 @@ BEFORE_SETTING = {"lr_schedule": "cosine", "adam_betas": [0.9, 0.999], "aux_k": 
                   "b_dec_init": "median", "enc_init": "transpose", "enc_init_scale": 1.0, "group_weights": [], "data_lanes": 1,
                   "val_split": "samples", "min_delta": 0.0, "data_seed": None, "jumprelu_sparsity": "quadratic",
                   "target_l0": 0, "jumprelu_bandwidth": 0.05, "jumprelu_tanh_scale": 4.0,
-                  "jumprelu_ste_to_input": False, "jumprelu_threshold_lr": 10.0}
+                  "jumprelu_ste_to_input": False, "jumprelu_threshold_lr": 10.0,
+                  "transcoder": "none"}
 
 
 def _groups_before_levels(hidden_dim: int) -> list[int]:
@@ -299,7 +300,8 @@ class TrainingRun:
         if self.plan.sae.learned_threshold:
             params, threshold = params.replace(threshold_H=None), params.threshold_H  # JumpReLU's own thresholds
         elif self.cfg.sae.threshold == "calibrated" and self.plan.sae.uses_threshold:
-            threshold = np.float32(M.calibrated_threshold(self.plan.sae, params, self.scan.sample_BD * scale))
+            inputs = M.split_batch(self.plan.sae, self.scan.sample_BD)[0]
+            threshold = np.float32(M.calibrated_threshold(self.plan.sae, params, inputs * scale))
         self._inference = (self.state, (params, threshold, scale))
         return params, threshold, scale
 
@@ -359,7 +361,7 @@ class TrainingRun:
         from .plots import plot_density, plot_training_curves
 
         plot_training_curves(self.files.read_metrics(), self.files.curves,
-                             title=f"{self.cfg.sae.sae_type} layer {self.cfg.train.layer_idx}")
+                             title=f"{self.plan.sae.kind} layer {self.cfg.train.layer_idx}")
         if acc is not None:
             plot_density(acc.density_H, self.files.density)
 
@@ -390,15 +392,19 @@ def _with_lanes(cfg: TrainConfig) -> TrainConfig:
 
 
 def _initial_state(cfg: TrainConfig, step: Step, scan: ScanResult, d_model: int) -> TrainState:
-    """A fresh state, made sharded on the mesh: b_dec at the geometric median or mean of the scaled sample."""
-    scale = input_scale(scan.mean_norm, d_model)
-    sample = scan.sample_BD * scale
+    """A fresh state, made sharded on the mesh: b_dec at the geometric median or mean of the scaled
+    sample (of its targets: a transcoder's MLP outputs, whose mean norm on the sample sets its scale)."""
+    sae = step.settings.sae
+    inputs, targets = M.split_batch(sae, scan.sample_BD)
+    mean_norm = float(np.linalg.norm(targets.astype(np.float64), axis=1).mean()) if sae.is_transcoder \
+        else scan.mean_norm
+    scale = input_scale(mean_norm, d_model)
+    sample = targets * scale
     b_dec = geometric_median(sample) if cfg.train.b_dec_init == "median" else sample.mean(axis=0)
     state = fresh_state(step, jax.random.PRNGKey(cfg.train.seed), b_dec, scale, cfg.train.enc_init,
                         cfg.train.enc_init_scale)
-    sae = step.settings.sae
     if sae.learned_threshold:  # JumpReLU starts where the initial encoder fires --target_l0 latents per row
-        start = M.calibrated_threshold(dataclasses.replace(sae, top_k=cfg.target_l0), state.params, sample)
+        start = M.calibrated_threshold(dataclasses.replace(sae, top_k=cfg.target_l0), state.params, inputs * scale)
         fill = jax.jit(lambda p: p.replace(threshold_H=jnp.full_like(p.threshold_H, start)),
                        out_shardings=step.shardings.params)
         state = state.replace(params=fill(state.params))

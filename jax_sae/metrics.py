@@ -1,6 +1,7 @@
 """Evaluation metrics, accumulated over batches so any number of rows fits in memory.
 
-Definitions (all over the evaluation set, inference-mode codes):
+Definitions (all over the evaluation set, inference-mode codes; x is what is reconstructed: the
+input of an SAE, the MLP output of a transcoder):
 - FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, numerator and denominator summed
   separately, the mean taken over the whole set; explained variance = 1 - FVU.
 - MSE = mean over rows and dimensions of (x - x_hat)^2, in the store's units.
@@ -25,11 +26,12 @@ from .config import SAEConfig
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def batch_sums(cfg: SAEConfig, params: M.SAEParams, threshold, scale, x_BD):
-    """Per-batch partial sums of every metric (raw units in, raw units compared)."""
-    x_BD = x_BD.astype(jnp.float32)
-    f_BH = M.encode_infer(cfg, params, threshold, x_BD * scale)
-    x_hat_BD = M.decode(params, f_BH) / scale
+def batch_sums(cfg: SAEConfig, params: M.SAEParams, threshold, scale, z_BZ):
+    """Per-batch partial sums of every metric (raw units in, raw units compared) over a batch of
+    training rows; a transcoder's are its input and target side by side, and x is the target."""
+    in_BD, x_BD = M.split_batch(cfg, z_BZ.astype(jnp.float32))
+    f_BH = M.encode_infer(cfg, params, threshold, in_BD * scale)
+    x_hat_BD = M.decode(params, f_BH, in_BD * scale) / scale
     err_B = jnp.sum((x_BD - x_hat_BD) ** 2, axis=-1)
     norm_x = jnp.linalg.norm(x_BD, axis=-1)
     norm_hat = jnp.linalg.norm(x_hat_BD, axis=-1)

@@ -22,28 +22,38 @@ THRESHOLD_DECAY = 0.99
 @struct.dataclass
 class SAEParams:
     """Weights of every SAE type: encode (x - b_dec) @ W_enc + b_enc, decode f @ W_dec + b_dec;
-    JumpReLU's learned per-latent threshold in training (None for the other types)."""
+    JumpReLU's learned per-latent threshold in training (None for the other types). A transcoder
+    encodes its input x @ W_enc + b_enc (b_dec lives in the output's space) and decodes
+    f @ W_dec + b_dec (+ x @ W_skip for a skip transcoder; None otherwise)."""
 
     W_enc_DH: jax.Array
     b_enc_H: jax.Array
     W_dec_HD: jax.Array
     b_dec_D: jax.Array
     threshold_H: jax.Array | None = None
+    W_skip_DD: jax.Array | None = None
 
 
 TENSOR_FIELDS = {"W_enc": "W_enc_DH", "b_enc": "b_enc_H", "W_dec": "W_dec_HD", "b_dec": "b_dec_D"}
 """Each parameter's name in files (checkpoints, and both export formats: ``sae_core.formats``) and
 its field of ``SAEParams``: the one table between them."""
+SKIP_FIELD = ("W_skip", "W_skip_DD")
+"""A skip transcoder's extra parameter: its file name and field ([in, out] like the others)."""
 
 
 def named_params(params: SAEParams) -> dict:
-    """The parameters under their file names."""
-    return {name: getattr(params, field) for name, field in TENSOR_FIELDS.items()}
+    """The parameters under their file names (W_skip for a skip transcoder)."""
+    named = {name: getattr(params, field) for name, field in TENSOR_FIELDS.items()}
+    if params.W_skip_DD is not None:
+        named[SKIP_FIELD[0]] = params.W_skip_DD
+    return named
 
 
 def params_from_named(arrays) -> SAEParams:
     """``SAEParams`` from arrays under their file names."""
-    return SAEParams(**{field: jnp.asarray(arrays[name]) for name, field in TENSOR_FIELDS.items()})
+    skip = arrays.get(SKIP_FIELD[0]) if hasattr(arrays, "get") else None
+    return SAEParams(**{field: jnp.asarray(arrays[name]) for name, field in TENSOR_FIELDS.items()},
+                     W_skip_DD=None if skip is None else jnp.asarray(skip))
 
 
 def init_params(key: jax.Array, cfg: SAEConfig, b_dec_D: np.ndarray | jax.Array, *, enc_init: str = "transpose",
@@ -59,6 +69,7 @@ def init_params(key: jax.Array, cfg: SAEConfig, b_dec_D: np.ndarray | jax.Array,
         W_dec_HD=W_dec_HD,
         b_dec_D=jnp.asarray(b_dec_D, jnp.float32),
         threshold_H=jnp.zeros((cfg.hidden_dim,), jnp.float32) if cfg.learned_threshold else None,
+        W_skip_DD=jnp.zeros((cfg.d_model, cfg.d_model), jnp.float32) if cfg.skip else None,
     )
 
 
@@ -67,12 +78,28 @@ def _unit_rows(key: jax.Array, rows: int, width: int) -> jax.Array:
     return W / jnp.linalg.norm(W, axis=1, keepdims=True)
 
 
-def pre_activations(params: SAEParams, x_BD: jax.Array) -> jax.Array:
-    return (x_BD - params.b_dec_D) @ params.W_enc_DH + params.b_enc_H
+def pre_activations(params: SAEParams, x_BD: jax.Array, transcoder: bool = False) -> jax.Array:
+    """(x - b_dec) @ W_enc + b_enc; a transcoder's x @ W_enc + b_enc."""
+    centred = x_BD if transcoder else x_BD - params.b_dec_D
+    return centred @ params.W_enc_DH + params.b_enc_H
 
 
-def decode(params: SAEParams, f_BH: jax.Array) -> jax.Array:
-    return f_BH @ params.W_dec_HD + params.b_dec_D
+def decode(params: SAEParams, f_BH: jax.Array, x_BD: jax.Array | None = None) -> jax.Array:
+    """f @ W_dec + b_dec, plus a skip transcoder's x @ W_skip (it needs the input ``x_BD``)."""
+    out = f_BH @ params.W_dec_HD + params.b_dec_D
+    if params.W_skip_DD is not None:
+        if x_BD is None:
+            raise ValueError("a skip transcoder's output needs its input: pass x_BD")
+        out = out + x_BD @ params.W_skip_DD
+    return out
+
+
+def split_batch(cfg: SAEConfig, z_BZ: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(input, target) of a batch of training rows: the same rows for an SAE; a transcoder's rows are
+    [MLP input | MLP output] side by side (the store's "mlp" stream)."""
+    if not cfg.is_transcoder:
+        return z_BZ, z_BZ
+    return z_BZ[..., : cfg.d_model], z_BZ[..., cfg.d_model :]
 
 
 def _scatter_rows(shape, idx_BK: jax.Array, vals_BK: jax.Array) -> jax.Array:
@@ -93,7 +120,7 @@ def jumprelu(pre_BH: jax.Array, threshold: jax.Array) -> jax.Array:
 def encode_infer(cfg: SAEConfig, params: SAEParams, threshold: jax.Array, x_BD: jax.Array) -> jax.Array:
     """Inference codes: per-row top-k for TopK, a JumpReLU threshold for the BatchTopK family
     (one number) and for JumpReLU (one per latent). (Training codes are made per shard in ``forward``.)"""
-    pre_BH = pre_activations(params, x_BD)
+    pre_BH = pre_activations(params, x_BD, cfg.is_transcoder)
     if cfg.l1:
         return jax.nn.relu(pre_BH)
     if cfg.row_topk:
@@ -107,12 +134,13 @@ def update_threshold(threshold: jax.Array, smallest: jax.Array, step: jax.Array)
 
 
 def calibrated_threshold(cfg: SAEConfig, params: SAEParams, x_ND: np.ndarray, max_values: int = 1 << 25) -> float:
-    """The JumpReLU threshold at which the mean L0 on the (scaled) rows ``x_ND`` is exactly k, over
+    """The JumpReLU threshold at which the mean L0 on the (scaled) inputs ``x_ND`` is exactly k, over
     at most ``max_values`` // h of the rows: halfway between the (k*N+1)-th and the k*N-th largest
     pre-activation, so that pre-activations recomputed another way (eagerly, on another CPU, a
     rounding off) still keep exactly k*N."""
     rows = max(1, min(len(x_ND), max_values // cfg.hidden_dim))
-    pre = np.asarray(jax.jit(pre_activations)(params, jnp.asarray(x_ND[:rows], jnp.float32))).ravel()
+    pre = np.asarray(jax.jit(pre_activations, static_argnums=2)(params, jnp.asarray(x_ND[:rows], jnp.float32),
+                                                                 cfg.is_transcoder)).ravel()
     kept = cfg.top_k * rows
     if kept >= pre.size:
         return 0.0

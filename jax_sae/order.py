@@ -60,7 +60,8 @@ def lane_rows(store: Store, layer: int, lanes: int, *, seed: int, kept_per_chunk
 
 def epoch_batches(store: Store, layer: int, samples: np.ndarray, batch_size: int, *, seed: int, epoch: int,
                   skip: int = 0, exclude_rows: np.ndarray | None = None, lanes: int = 1,
-                  read_lanes: Sequence[int] | None = None, batches: int | None = None) -> Iterator[np.ndarray]:
+                  read_lanes: Sequence[int] | None = None, batches: int | None = None,
+                  stream: str = "cond") -> Iterator[np.ndarray]:
     """One epoch of full batches in the seeded order; ``skip`` resumes mid-epoch. Only the
     ``read_lanes`` (default all) are read and filled; the rest of each batch is left as zeros (a
     process fills the slices that land on its own devices). ``batches`` is the epoch's length
@@ -69,13 +70,14 @@ def epoch_batches(store: Store, layer: int, samples: np.ndarray, batch_size: int
     read = range(lanes) if read_lanes is None else sorted(read_lanes)
     seed = epoch_seed(seed, epoch)
     streams = {j: lane_rows_shuffled(store, layer, per_lane, seed=seed, lane=(j, lanes), samples=samples,
-                                     exclude_rows=exclude_rows, drop_last=True, buffer_chunks=lane_buffer_chunks(lanes))
+                                     exclude_rows=exclude_rows, stream=stream, drop_last=True,
+                                     buffer_chunks=lane_buffer_chunks(lanes))
                for j in read}
     if batches is None:
-        kept = store.kept_rows_per_chunk(layer, samples=samples, exclude_rows=exclude_rows)
-        batches = int(lane_rows(store, layer, lanes, seed=seed, kept_per_chunk=kept).min()) // per_lane
+        kept = store.kept_rows_per_chunk(layer, samples=samples, exclude_rows=exclude_rows, stream=stream)
+        batches = int(lane_rows(store, layer, lanes, seed=seed, kept_per_chunk=kept, stream=stream).min()) // per_lane
     for i in range(batches):
-        x = np.zeros((batch_size, store.d_model), np.float32) if len(read) < lanes else None
+        x = np.zeros((batch_size, store.width(stream)), np.float32) if len(read) < lanes else None
         parts = []
         for j, stream in streams.items():
             part, _ = next(stream)
@@ -88,11 +90,12 @@ def epoch_batches(store: Store, layer: int, samples: np.ndarray, batch_size: int
 
 
 def epoch_lengths(store: Store, layer: int, samples: np.ndarray, batch_size: int, *, seed: int, epochs: int,
-                  lanes: int, exclude_rows: np.ndarray | None = None) -> list[int]:
+                  lanes: int, exclude_rows: np.ndarray | None = None, stream: str = "cond") -> list[int]:
     """Full batches in each epoch (every lane fills its slice of each; from metadata, nothing is read)."""
-    kept = store.kept_rows_per_chunk(layer, samples=samples, exclude_rows=exclude_rows)
+    kept = store.kept_rows_per_chunk(layer, samples=samples, exclude_rows=exclude_rows, stream=stream)
     per_lane = batch_size // lanes
-    return [int(lane_rows(store, layer, lanes, seed=epoch_seed(seed, e), kept_per_chunk=kept).min()) // per_lane
+    return [int(lane_rows(store, layer, lanes, seed=epoch_seed(seed, e), kept_per_chunk=kept,
+                          stream=stream).min()) // per_lane
             for e in range(epochs)]
 
 

@@ -1,7 +1,8 @@
 """The whole sharding policy: a ("data", "model") mesh; batches split over data, latents over model.
 
 W_enc [d, h] and W_dec [h, d] are split on h (so is everything indexed by latent: b_enc, the
-dead-latent counters and the optimizer moments); b_dec and scalars are replicated.
+dead-latent counters and the optimizer moments); b_dec, a skip transcoder's W_skip [d, d] and
+scalars are replicated.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ FIELD_SPECS = {
     "W_dec_HD": P(MODEL, None),
     "b_dec_D": P(),
     "threshold_H": P(MODEL),
+    "W_skip_DD": P(),
     "tokens_since_fired_H": P(MODEL),
 }
 BATCH = P(DATA, None)

@@ -40,15 +40,16 @@ class StoreData:
         train = cfg.train
         self.cfg, self.sharding = cfg, batch_sharding
         self.store = open_store(train.store)
-        self.store.check_layer(train.layer_idx)
+        self.stream = cfg.sae_config(d_model=1).stream  # a transcoder's: [MLP input | MLP output]
+        self.store.check_layer(train.layer_idx, self.stream)
         self.d_model, self.model = self.store.d_model, self.store.meta.model
         self.split = split_samples(self.store, val_fraction=train.val_fraction, seed=cfg.data_seed,
                                    num_samples=train.num_samples, max_tokens=train.max_tokens,
                                    val_max_tokens=train.val_max_tokens,
-                                   by_chunks_of=self.store.chunk_rows(train.layer_idx) if train.val_split == "chunks"
-                                   else None)
+                                   by_chunks_of=self.store.chunk_rows(train.layer_idx, self.stream)
+                                   if train.val_split == "chunks" else None)
         check_batch(cfg, self.split.train_rows)
-        self.read_lanes = local_lanes(batch_sharding, train.batch_size, self.d_model, train.data_lanes)
+        self.read_lanes = local_lanes(batch_sharding, train.batch_size, self.store.width(self.stream), train.data_lanes)
         self.scanned: ScanResult | None = None
         self.val_bad = np.zeros(0, np.int64)
         self.val_chunks: np.ndarray | None = None  # the chunks holding validation rows, in order
@@ -63,10 +64,10 @@ class StoreData:
         train, split = self.cfg.train, self.split
         part = (jax.process_index(), jax.process_count())
         self.scanned = _merged(scan_rows(self.store, train.layer_idx, split.train_samples, seed=self.cfg.data_seed,
-                                         progress=self.cfg.runtime.progress, part=part))
+                                         progress=self.cfg.runtime.progress, part=part, stream=self.stream))
         if len(split.val_samples):
             self.val_bad = _merged(scan_rows(self.store, train.layer_idx, split.val_samples, seed=self.cfg.data_seed,
-                                             progress=False, part=part)).nonfinite_rows
+                                             progress=False, part=part, stream=self.stream)).nonfinite_rows
         bad = np.concatenate([self.scanned.nonfinite_rows, self.val_bad])
         if len(bad) and not train.skip_nonfinite:
             raise DataError(
@@ -77,7 +78,8 @@ class StoreData:
     def epoch_lengths(self) -> list[int]:
         train = self.cfg.train
         return epoch_lengths(self.store, train.layer_idx, self.split.train_samples, train.batch_size, seed=self.cfg.data_seed,
-                             epochs=train.epochs, lanes=train.data_lanes, exclude_rows=self.scanned.nonfinite_rows)
+                             epochs=train.epochs, lanes=train.data_lanes, exclude_rows=self.scanned.nonfinite_rows,
+                             stream=self.stream)
 
     def notes(self, lengths: list[int]) -> list[str]:
         bad = len(self.scanned.nonfinite_rows) + len(self.val_bad)
@@ -93,7 +95,7 @@ class StoreData:
         train = self.cfg.train
         rows = epoch_batches(self.store, train.layer_idx, self.split.train_samples, train.batch_size, seed=self.cfg.data_seed,
                              epoch=epoch, skip=skip, exclude_rows=self.scanned.nonfinite_rows, lanes=train.data_lanes,
-                             read_lanes=self.read_lanes, batches=count)
+                             read_lanes=self.read_lanes, batches=count, stream=self.stream)
         return prefetch(rows, transform=lambda x: global_batch(x, self.sharding))
 
     def validation_batches(self) -> Iterator[np.ndarray] | None:
@@ -104,13 +106,14 @@ class StoreData:
             return None
         exclude = self.val_bad if len(self.val_bad) else None
         if self.val_chunks is None:
-            kept = self.store.kept_rows_per_chunk(train.layer_idx, samples=samples, exclude_rows=exclude)
+            kept = self.store.kept_rows_per_chunk(train.layer_idx, samples=samples, exclude_rows=exclude,
+                                                  stream=self.stream)
             self.val_chunks = np.flatnonzero(kept)
         processes = jax.process_count()
         mine = self.val_chunks[(jax.process_index() + self.evaluations) % processes::processes]
         self.evaluations += 1
         return self.store.iter_rows(train.layer_idx, train.batch_size, samples=samples, exclude_rows=exclude,
-                                    chunks=mine)
+                                    chunks=mine, stream=self.stream)
 
     def counts(self) -> dict:
         split = self.split
@@ -135,6 +138,8 @@ class SyntheticData:
 
         train = cfg.train
         self.cfg, self.sharding = cfg, batch_sharding
+        if cfg.sae.transcoder != "none":
+            raise DataError("a synthetic model has no MLP to transcode: --transcoder needs a store extracted with --mlp")
         self.name, synth = synthetic_config.from_store_arg(str(train.store))
         self.train_rows = train.max_tokens or 100_000_000
         check_batch(cfg, self.train_rows)

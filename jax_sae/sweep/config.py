@@ -179,6 +179,9 @@ def _name(settings: dict) -> str:
             continue
         text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else f"{value:g}" if isinstance(
             value, float) else str(value)
+        if key == "transcoder":  # spelled as the run directory spells it: -transcoder, -skip_transcoder
+            parts.append({"none": "sae", "plain": "transcoder", "skip": "skip_transcoder"}.get(text, text))
+            continue
         parts.append(text if key == "sae_type" else f"{SHORT.get(key, key)}{text}")
     return "-".join(p.replace("/", "_").replace(" ", "") for p in parts)
 

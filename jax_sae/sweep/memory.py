@@ -2,9 +2,11 @@
 before anything is allocated, against the memory the devices have.
 
 Per member, with d inputs, h latents and batch B (float32):
-- state: parameters P = 2dh + h + d, Adam's two moments (2P), the dead-latent counters (h);
+- state: parameters P = 2dh + h + d (+ d^2 for a skip transcoder's W_skip), Adam's two moments
+  (2P), the dead-latent counters (h);
 - step temporaries: gradients and updates (2P), and about 4Bh + 6Bd activations (pre-activations,
-  codes and their gradients; input, reconstruction, residuals).
+  codes and their gradients; input, reconstruction, residuals), 8Bd for a transcoder (its batch
+  holds the MLP's input and output).
 One compiled step holds every member, so the estimate adds them all (XLA may reuse some
 temporaries; the estimate does not count on it). On the CPU every device shares the host's memory,
 and the state is replicated over the data axis; on an accelerator each device holds its share.
@@ -35,9 +37,10 @@ class MemberBytes:
 
 
 def member_bytes(member: Member, d_model: int) -> MemberBytes:
-    h, b = member.cfg.sae.hidden_dim, member.cfg.train.batch_size
-    params = 2 * d_model * h + h + d_model
-    return MemberBytes(member.name, FLOAT * (3 * params + h), FLOAT * 2 * params, FLOAT * (4 * b * h + 6 * b * d_model))
+    h, b, transcoder = member.cfg.sae.hidden_dim, member.cfg.train.batch_size, member.cfg.sae.transcoder
+    params = 2 * d_model * h + h + d_model + (d_model * d_model if transcoder == "skip" else 0)
+    rows = 8 if transcoder != "none" else 6  # a transcoder's batch holds the MLP's input and output
+    return MemberBytes(member.name, FLOAT * (3 * params + h), FLOAT * 2 * params, FLOAT * (4 * b * h + rows * b * d_model))
 
 
 def needed_bytes(members: list[Member], d_model: int, platform: str, mesh_data: int, mesh_model: int) -> int:

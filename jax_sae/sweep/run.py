@@ -31,11 +31,15 @@ from .memory import check_fits
 
 
 def source_key(member: Member) -> tuple:
-    """Members with the same key read the same rows: one layer of one store, or one synthetic model."""
+    """Members with the same key read the same rows: one layer (and stream: a transcoder reads the MLP's
+    input and output) of one store, or one synthetic model."""
     from ..synthetic.config import is_synthetic
 
     train = member.cfg.train
-    return (train.store,) if is_synthetic(train.store) else (train.store, train.layer_idx)
+    stream = member.cfg.sae_config(d_model=1).stream
+    if is_synthetic(train.store):
+        return (train.store,)
+    return (train.store, train.layer_idx) + ((stream,) if stream != "cond" else ())
 
 
 def store_width(cfg: SweepConfig) -> int:

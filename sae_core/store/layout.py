@@ -88,6 +88,17 @@ class StoreMeta:
 # Streams besides the residual stream's "cond" and "uncond": each chosen layer's MLP input (after its
 # layer norm) and output (before the residual add), a transcoder's data (``extractor.extract --mlp``).
 MLP_STREAMS = ("mlp_in", "mlp_out")
+# Read-only streams made of stored ones side by side: "mlp" is [mlp_in | mlp_out], 2 x d_model wide,
+# one row per token (a transcoder's input and target in one batch).
+PAIRED_STREAMS = {"mlp": MLP_STREAMS}
+
+
+def paired_parts(name: str) -> tuple[str, ...] | None:
+    """The stored arrays a paired stream's array name reads side by side (None for a stored array)."""
+    found = re.fullmatch(r"(\w+)/(layer\d+/acts)", name)
+    if found is None or found.group(1) not in PAIRED_STREAMS:
+        return None
+    return tuple(f"{part}/{found.group(2)}" for part in PAIRED_STREAMS[found.group(1)])
 
 
 def acts_name(layer: int, stream: str = "cond") -> str:

@@ -31,7 +31,9 @@ from .layout import (
     chunk_key,
     describe_array,
     first_line,
+    PAIRED_STREAMS,
     itemsize,
+    paired_parts,
     problem_of,
     sample_blocks,
     samples_digest,
@@ -76,7 +78,11 @@ class Store:
         return self._arrays[name]
 
     def read_rows(self, name: str, lo: int, hi: int) -> np.ndarray:
-        """Rows [lo, hi) of one array; a damaged chunk raises a StoreError naming it and the repair."""
+        """Rows [lo, hi) of one array (of a paired stream's: its parts side by side); a damaged chunk
+        raises a StoreError naming it and the repair."""
+        parts = paired_parts(name)
+        if parts is not None:
+            return np.concatenate([self.read_rows(part, lo, hi) for part in parts], axis=1)
         try:
             rows = np.asarray(self.array(name)[lo:hi].read().result())
         except ValueError as err:
@@ -103,6 +109,10 @@ class Store:
     @property
     def d_model(self) -> int:
         return self.meta.d_model
+
+    def width(self, stream: str = "cond") -> int:
+        """Values per row of a stream: d_model, or d_model per part of a paired stream."""
+        return self.meta.d_model * len(PAIRED_STREAMS.get(stream, (stream,)))
 
     @property
     def n_samples(self) -> int:
@@ -150,6 +160,13 @@ class Store:
     def check_layer(self, layer: int, stream: str = "cond") -> None:
         if layer not in self.meta.layers:
             raise StoreError(f"store {self.path} has no layer {layer}; it holds layers {list(self.meta.layers)}")
+        if stream in PAIRED_STREAMS:
+            missing = [part for part in PAIRED_STREAMS[stream] if part not in self.meta.streams]
+            if missing:
+                raise StoreError(f"store {self.path} has no {' or '.join(missing)} stream (it holds "
+                                 f"{list(self.meta.streams)}): a transcoder needs the MLP's input and output; "
+                                 "extract the store again with --mlp")
+            return
         if stream not in self.meta.streams:
             raise StoreError(f"store {self.path} has no {stream!r} stream; it holds {list(self.meta.streams)}")
 
@@ -235,7 +252,15 @@ class Store:
         return self.chunk_rows_of(acts_name(layer, stream))
 
     def chunk_rows_of(self, name: str) -> int:
-        """Rows (entries, for offsets) per chunk of one array."""
+        """Rows (entries, for offsets) per chunk of one array (of a paired stream: of its parts, which
+        the extractor writes alike)."""
+        parts = paired_parts(name)
+        if parts is not None:
+            rows = {self.chunk_rows_of(part) for part in parts}
+            if len(rows) > 1:
+                raise StoreError(f"store {self.path}: {' and '.join(parts)} have different chunk sizes ({sorted(rows)}); "
+                                 "extract the store again with --mlp")
+            return rows.pop()
         return int(self.array(name).chunk_layout.read_chunk.shape[0])
 
     def iter_rows(self, layer: int, batch_size: int, **options) -> Iterator[np.ndarray]:
