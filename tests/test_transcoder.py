@@ -262,3 +262,62 @@ def test_a_sweep_trains_a_transcoder_beside_an_sae_of_the_same_layer(planted, tm
         assert ours.cfg.transcoder == member.cfg.sae.transcoder
         for a, b in zip(jax.tree.leaves(ours.params), jax.tree.leaves(theirs.params)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=member.name)
+
+
+def _steering_export(path, transcoder: str):
+    """An SAE or transcoder of tiny-random's layer 2 with the same decoder (random unit rows) and
+    encoders that read their own input."""
+    from extractor.torch_sae import save_torch_export
+
+    rng = np.random.default_rng(0)
+    W = rng.normal(size=(32, TINY_D))
+    W /= np.linalg.norm(W, axis=1, keepdims=True)
+    arrays = {"W_enc": W.T, "b_enc": np.zeros(32), "W_dec": W, "b_dec": np.zeros(TINY_D)}
+    save_torch_export(path, {"sae_type": "topk", "d_model": TINY_D, "hidden_dim": 32, "top_k": 4, "layer": 2,
+                             "model": "tiny-random", "threshold": 0.0, "input_scale": 1.0, "transcoder": transcoder},
+                      arrays)
+    return path
+
+
+def test_steering_a_transcoder_feature_pushes_the_mlp_output_as_the_same_push_on_the_layer(tmp_path):
+    """A push added to the MLP's output reaches the residual stream unchanged: steering a
+    transcoder's feature gives the same audio (steered, control and unsteered) as steering an SAE's
+    feature of the same decoder direction and size at the layer's output."""
+    from extractor.steer import main as steer
+
+    reports = {}
+    for transcoder in ("none", "plain"):
+        out = tmp_path / transcoder
+        steer(["--model", "tiny-random", "--sae", str(_steering_export(tmp_path / f"{transcoder}.pt", transcoder)),
+               "--feature", "5", "--strength", "3", "--max_activation", "2", "--prompt", "calm folk guitar",
+               "--duration", "0.6", "--out", str(out), "--device", "cpu", "--top_k", "50", "--start", "0.2"])
+        reports[transcoder] = json.loads((out / "steer.json").read_text())
+    assert reports["plain"]["site"] == "mlp_out" and reports["none"]["site"] == "layer_out"
+    from sae_core.audio import read_audio
+
+    for name in ("steered", "control", "unsteered"):
+        a, _ = read_audio(tmp_path / "none" / f"{name}.wav")
+        b, _ = read_audio(tmp_path / "plain" / f"{name}.wav")
+        np.testing.assert_allclose(a, b, atol=1e-4, err_msg=name)
+    # The SAE's feature is read after the push (at the layer's output) and so rises with it; the
+    # transcoder's is read at the MLP's input, upstream of its own push at that position.
+    assert reports["none"]["runs"]["steered"]["feature_mean_activation"] > 1.0
+    assert reports["plain"]["runs"]["steered"]["feature_mean_activation"] < 1.0
+
+
+def test_discovery_encodes_the_mlp_input_of_a_transcoder(planted):
+    """Discovery's pass over a transcoder reads the MLP input stream: its firing counts are those
+    of the transcoder's codes of the stored MLP inputs."""
+    from discovery.stats import feature_pass
+    from sae_core.store import open_store
+
+    root, x, _, _ = planted
+    cfg = _cfg(root, "batch_topk", "plain")
+    sae = jax_sae.load(cfg.run_dir() / "final") if (cfg.run_dir() / "final").exists() else None
+    if sae is None:
+        train(cfg)
+        sae = jax_sae.load(cfg.run_dir() / "final")
+    store = open_store(root / "store")
+    result = feature_pass(sae, store, 0, progress=False)
+    codes = np.asarray(sae.encode(np.asarray(store.iter_rows(0, 10**6, stream="mlp_in").__next__())))
+    np.testing.assert_array_equal(np.asarray(result.token_count), (codes > 0).sum(0))
