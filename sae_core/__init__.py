@@ -11,3 +11,12 @@ JAX side (``jax_sae``, ``discovery``) share, and nothing else.
 Needs numpy, tensorstore and (for audio) soundfile; never torch, transformers or JAX
 (``tests/test_layers.py`` checks the imports of every module).
 """
+
+import os as _os
+
+# Before tensorstore starts (it reads these once): a bucket connection that delivers nothing for a
+# minute is dropped and retried under the retry policy (``location.STALL_SECONDS``), instead of
+# waiting forever on a server that accepted the request and went silent.
+_os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", "60")
+_os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES", "1")
+

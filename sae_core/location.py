@@ -13,6 +13,15 @@ reached through tensorstore's kvstore layer. Torch-free; it knows keys and bytes
 The S3 endpoint may also come from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, as for the AWS
 tools; a URL's own ``endpoint`` wins, and is what summaries record, so a later stage reopens the
 same store from the URL alone.
+
+A bucket is not a disk: requests are slow, throttled (503 SlowDown, 429), fail (500), lose their
+connection mid-body, or find the service gone for a while. Every request to a bucket is retried by
+tensorstore's own s3 and gcs drivers, with exponential back-off, under the one policy here
+(``retry_policy``: 10 retries from 1 s doubling to 16 s, about 2 minutes in all; the environment's
+``SAE_MUSIC_BUCKET_RETRIES=RETRIES,FIRST_DELAY_S,MAX_DELAY_S`` replaces it). A connection that
+delivers nothing for ``STALL_SECONDS`` is dropped and retried like a failed one. When a failure
+outlasts the retries, the stage ends with one line naming the bucket (``outage_line``) and saying
+that a rerun resumes.
 """
 
 from __future__ import annotations
@@ -28,6 +37,50 @@ from .files import write_all
 
 SCHEMES = ("file", "gs", "s3")
 _OPEN: dict[str, object] = {}  # one kvstore handle per remote root, per process
+RETRIES = (10, 1.0, 16.0)
+"""Retries of a failed bucket request, the first back-off delay and the largest, in seconds."""
+STALL_SECONDS = 60
+"""A bucket connection that delivers no byte for this long is dropped and retried (curl's low-speed
+limit, which tensorstore reads from the environment when it starts: set in ``sae_core/__init__``)."""
+
+
+def retry_policy() -> tuple[int, float, float]:
+    """(retries, first delay s, largest delay s): ``RETRIES``, or SAE_MUSIC_BUCKET_RETRIES."""
+    text = os.environ.get("SAE_MUSIC_BUCKET_RETRIES", "")
+    if not text:
+        return RETRIES
+    try:
+        retries, first, largest = text.split(",")
+        policy = (int(retries), float(first), float(largest))
+    except ValueError:
+        policy = None
+    if policy is None or policy[0] < 1 or not 0 < policy[1] <= policy[2]:
+        raise LocationError(f"SAE_MUSIC_BUCKET_RETRIES={text} is not RETRIES,FIRST_DELAY_S,MAX_DELAY_S with at least "
+                            "one retry and 0 < first delay <= largest, e.g. 10,1,16; fix or unset it")
+    return policy
+
+
+def retry_budget(policy: tuple[int, float, float]) -> float:
+    """Seconds of back-off before the last retry gives up (the delays double from the first to the largest)."""
+    retries, delay, largest = policy
+    total = 0.0
+    for _ in range(retries):
+        total += delay
+        delay = min(2 * delay, largest)
+    return total
+
+
+def _retries_context(scheme: str) -> dict:
+    retries, first, largest = retry_policy()
+    return {f"{'gcs' if scheme == 'gs' else 's3'}_request_retries": {
+        "max_retries": retries, "initial_delay": f"{first * 1000:g}ms", "max_delay": f"{largest * 1000:g}ms"}}
+
+
+def transport_failure(err: BaseException) -> bool:
+    """Whether a tensorstore error is the bucket failing to answer (retries exhausted, a connection
+    refused, reset or stalled), rather than a missing or damaged object."""
+    text = str(err)
+    return "retry attempts failed" in text or "CURL error" in text or "UNAVAILABLE" in text
 
 
 class LocationError(UsageError):
@@ -75,6 +128,7 @@ class Location:
                 spec["aws_region"] = region
             if os.environ.get("AWS_ACCESS_KEY_ID"):  # keys in the environment: use them, skip the profile search
                 spec["context"] = {"aws_credentials": {"type": "environment"}}
+        spec["context"] = {**spec.get("context", {}), **_retries_context(scheme)}
         return cls(text, kvstore=spec)
 
     def __str__(self) -> str:
@@ -109,9 +163,24 @@ class Location:
         try:
             return fn()
         except ValueError as err:
+            if transport_failure(err):
+                raise LocationError(self.outage_line(err)) from None
             first = str(err).strip().splitlines()[0][:300]
             raise LocationError(f"cannot reach the store at {self.text} ({first}); check the bucket, the "
                                 "credentials and, for an S3-compatible server, the endpoint") from None
+
+    @property
+    def bucket(self) -> str:
+        """The bucket's URL (scheme and name), for messages."""
+        return f"{'gs' if self.kvstore['driver'] == 'gcs' else 's3'}://{self.kvstore['bucket']}"
+
+    def outage_line(self, err: BaseException) -> str:
+        """One line for a request the bucket did not answer through every retry."""
+        policy = retry_policy()
+        cause = _cause(str(err))
+        return (f"the bucket {self.bucket} did not answer ({cause}) through {policy[0]} retries over about "
+                f"{retry_budget(policy):.0f} s; what was saved is kept: rerun the same command when it answers again "
+                "and it resumes (SAE_MUSIC_BUCKET_RETRIES=RETRIES,FIRST_DELAY_S,MAX_DELAY_S waits longer)")
 
     # -- bytes ----------------------------------------------------------------------------
     def read(self, key: str) -> bytes | None:
@@ -166,6 +235,20 @@ class Location:
             shutil.rmtree(self.local, ignore_errors=True)
             return
         self._call(lambda: self._kv().delete_range(_key_range("", "")).result())
+
+
+def _cause(text: str) -> str:
+    """The failure in a few words, from tensorstore's message: the HTTP error or the connection's fate."""
+    import re
+
+    for pattern, words in ((r"SlowDown|http_response_code='(503|429)'", "throttled: 503/429 SlowDown"),
+                           (r"http_response_code='5\d\d'|InternalError", "server errors: 5xx"),
+                           (r"curl_code='7'|Could not connect", "connection refused"),
+                           (r"curl_code='28'|timed out|Timeout", "connection stalled"),
+                           (r"curl_code='(52|55|56)'|Recv failure|Send failure", "connection reset")):
+        if re.search(pattern, text):
+            return words
+    return text.strip().splitlines()[0][:120]
 
 
 def _key_range(lo: str, hi: str):

@@ -64,3 +64,24 @@ def s3_server(tmp_path_factory):
         env.setenv("AWS_SECRET_ACCESS_KEY", "test")
         yield lambda name: f"s3://sae-test/{name}-{next(names)}?endpoint={endpoint}"
     server.stop()
+
+
+@pytest.fixture
+def faulty(s3_server, monkeypatch):
+    """(url of a fresh prefix reached through a fault-injecting proxy, the proxy, the same prefix's
+    direct url); retries fast, so that a test's faults are survived in milliseconds."""
+    from bench.faults.proxy import FaultProxy
+
+    monkeypatch.setenv("SAE_MUSIC_BUCKET_RETRIES", "8,0.01,0.1")
+    proxies = []
+
+    def make(name, **options):
+        direct = s3_server(name)
+        endpoint = direct.split("endpoint=")[1]
+        proxy = FaultProxy(int(endpoint.rsplit(":", 1)[1]), **options).start()
+        proxies.append(proxy)
+        return direct.replace(endpoint, proxy.endpoint), proxy, direct
+
+    yield make
+    for proxy in proxies:
+        proxy.stop()

@@ -162,15 +162,16 @@ def test_two_shards_fill_one_store(tmp_path, prompt_file, reference):
 
 
 def test_a_bucket_store_filled_by_two_shards_one_killed_and_resumed_trains_and_discovers_as_a_local_one(
-        tmp_path, prompt_file, reference_store, reference, s3_server):
-    """extract -> train -> discover with the store at s3://... on a real S3-compatible server; every
-    result equals the same run on the local reference store."""
+        tmp_path, prompt_file, reference_store, reference, faulty):
+    """extract -> train -> discover with the store at s3://... on a real S3-compatible server behind a
+    proxy that answers 5% of the requests with 503 SlowDown, 500 or a connection reset mid-body, after
+    0-10 ms each; every result equals the same run on the local reference store."""
     import discovery.discover
     import jax_sae
     from sae_core.location import Location
     from jax_sae.train import TrainConfig, train
 
-    url = s3_server("extract")
+    url, proxy, _ = faulty("extract", faults=0.05, latency=(0.0, 0.01), seed=3)
     units = Location.parse(url)
     killed = subprocess.Popen(cli(*_args(url, prompt_file, "--shard", "0/2")), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
@@ -208,6 +209,8 @@ def test_a_bucket_store_filled_by_two_shards_one_killed_and_resumed_trains_and_d
     for a, b in zip(jax.tree.leaves(saes[0].params), jax.tree.leaves(saes[1].params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert features[0] == features[1] and len(features[0]) == 8
+    counts = proxy.counts()
+    assert sum(counts.get(kind, 0) for kind in ("503", "500", "reset")) >= 10, counts
 
 
 def _write_wav(path, seconds, rate):

@@ -33,7 +33,7 @@ import numpy as np
 import tensorstore as ts
 
 from ..errors import UsageError
-from ..location import Location
+from ..location import Location, transport_failure
 
 FORMAT_VERSION = 1
 STORE_DTYPES = ("float16", "bfloat16", "float32")
@@ -191,6 +191,8 @@ def _open_new(kvstore: dict, shape, dtype: str, chunk_rows: int):
     try:
         return ts.open(spec, create=True, open=True).result()
     except ValueError as err:
+        if transport_failure(err):
+            raise  # the caller names the bucket (an outage, not other settings)
         raise StoreError(f"{kvstore['path']} holds an array of other settings ({first_line(err)}): a store "
                          "half-created with other settings is there; remove it (python -m sae_core.store remove "
                          "STORE) or choose another --out") from None

@@ -20,7 +20,7 @@ import numpy as np
 import tensorstore as ts
 
 from ..files import staged_dir
-from ..location import Location
+from ..location import Location, transport_failure
 from .commits import commit_log
 from .layout import (
     PLAN_ARRAYS,
@@ -73,6 +73,7 @@ class Store:
             try:
                 self._arrays[name] = ts.open({"driver": "zarr3", "kvstore": self.where.spec(name)}, open=True).result()
             except ValueError as err:
+                self._raise_if_unreachable(err)
                 raise StoreError(f"array {name} of store {self.path} is damaged ({first_line(err)}): remove the "
                                  "store and rerun the extract command") from None
         return self._arrays[name]
@@ -86,9 +87,16 @@ class Store:
         try:
             rows = np.asarray(self.array(name)[lo:hi].read().result())
         except ValueError as err:
+            self._raise_if_unreachable(err)
             raise StoreError(self._damage_line(name, lo, hi, err)) from None
         self.bytes_read += rows.nbytes
         return rows
+
+    def _raise_if_unreachable(self, err: ValueError) -> None:
+        """A bucket that did not answer through every retry is an outage, not damage: one line that
+        names it and says a rerun resumes (``Location.outage_line``)."""
+        if not self.where.is_local and transport_failure(err):
+            raise StoreError(self.where.outage_line(err)) from None
 
     def _damage_line(self, name: str, lo: int, hi: int, err: ValueError) -> str:
         """One line: which store, array, rows and batches, which chunk file, and the repair command."""
@@ -221,7 +229,11 @@ class Store:
 
     def write_rows(self, name: str, start: int, values: np.ndarray) -> None:
         arr = self.array(name)
-        arr[start : start + len(values)].write(np.asarray(values).astype(arr.dtype.numpy_dtype, copy=False)).result()
+        try:
+            arr[start : start + len(values)].write(np.asarray(values).astype(arr.dtype.numpy_dtype, copy=False)).result()
+        except ValueError as err:
+            self._raise_if_unreachable(err)
+            raise
 
     # -- reading --------------------------------------------------------------------------
     def sample_rows(self, index: int, layer: int, stream: str = "cond") -> np.ndarray:
@@ -412,7 +424,12 @@ def create_store(
     if meta.n_rows != int(offsets[-1]) or meta.n_samples != len(samples) or len(samples) != len(n_frames):
         raise StoreError("store plan is inconsistent: rows, samples and frame counts disagree")
     if where.local is None:
-        write_plan(where, meta, samples, n_frames, offsets, codes, unit_rows)
+        try:
+            write_plan(where, meta, samples, n_frames, offsets, codes, unit_rows)
+        except ValueError as err:
+            if transport_failure(err):
+                raise StoreError(where.outage_line(err)) from None
+            raise
     else:
         with staged_dir(where.local, tag="creating") as tmp:
             write_plan(Location.parse(tmp), meta, samples, n_frames, offsets, codes, unit_rows)
