@@ -50,7 +50,11 @@ def test_a_transcoder_recovers_the_planted_mlp(planted, sae_type, transcoder):
     sae = jax_sae.load(_cfg(root, sae_type, transcoder).run_dir() / "final")
     assert sae.cfg.is_transcoder and sae.cfg.transcoder == transcoder
     cosine = mean_max_cosine(out_directions, np.asarray(sae.params.W_dec_HD))
-    assert cosine >= 0.9, f"{sae_type} {transcoder}: mean best cosine to the planted output directions {cosine:.3f}"
+    # A skip term takes the output's linear part (a linear map alone explains 46% of it here), so a
+    # skip transcoder's decoder rows hold the rest and sit a little further from the planted
+    # directions: 0.93 against 0.99 for BatchTopK (bench.transcoder_bench), hence its lower bar.
+    floor = 0.9 if transcoder == "plain" else 0.85
+    assert cosine >= floor, f"{sae_type} {transcoder}: mean best cosine to the planted output directions {cosine:.3f}"
     # The best linear predictor of y from x (least squares with a bias) leaves far more unexplained.
     X = np.hstack([x, np.ones((len(x), 1), np.float32)]).astype(np.float64)
     residual = y - X @ np.linalg.lstsq(X, y, rcond=None)[0]
