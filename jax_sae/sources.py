@@ -99,8 +99,9 @@ class StoreData:
         return prefetch(rows, transform=lambda x: global_batch(x, self.sharding))
 
     def validation_batches(self) -> Iterator[np.ndarray] | None:
-        """This process's share of the validation rows (None without any). Each process evaluates every
-        P-th of the chunks holding validation rows; who takes the odd chunk turns with each validation."""
+        """This process's share of the validation rows (None without any), read ahead in a thread. Each
+        process evaluates every P-th of the chunks holding validation rows; who takes the odd chunk turns
+        with each validation."""
         train, samples = self.cfg.train, self.split.val_samples
         if not len(samples):
             return None
@@ -112,8 +113,10 @@ class StoreData:
         processes = jax.process_count()
         mine = self.val_chunks[(jax.process_index() + self.evaluations) % processes::processes]
         self.evaluations += 1
-        return self.store.iter_rows(train.layer_idx, train.batch_size, samples=samples, exclude_rows=exclude,
-                                    chunks=mine, stream=self.stream)
+        # Read ahead in a thread, as training's batches are: a validation from a bucket waits on its
+        # first chunk only, not on every chunk's round trip in turn.
+        return prefetch(self.store.iter_rows(train.layer_idx, train.batch_size, samples=samples, exclude_rows=exclude,
+                                             chunks=mine, stream=self.stream))
 
     def counts(self) -> dict:
         split = self.split

@@ -163,29 +163,33 @@ def test_training_meets_an_outage_stops_in_one_line_and_the_rerun_after_it_ends_
     from .conftest import cli
     from .synthetic import planted_dictionary, sparse_data, write_store
 
+    from jax_sae.train import main as train
+
     url, proxy, direct = faulty("train")
-    write_store(direct, sparse_data(planted_dictionary(32, 64, seed=0), 12_000, active=4, noise=0.05, seed=0))
+    write_store(direct, sparse_data(planted_dictionary(32, 64, seed=0), 8_000, active=4, noise=0.05, seed=0))
     root = Path(tempfile.mkdtemp())
 
     def args(store, out):
-        return cli("jax_sae.train", "--sae_type", "batch_topk", "--layer_idx", "0", "--hidden_dim", "64", "--top_k",
-                   "4", "--batch_size", "128", "--epochs", "3", "--lr", "2e-3", "--store", store, "--out", str(out),
-                   "--checkpoint_every", "20", "--eval_every", "30", "--no-progress")
+        return ["--sae_type", "batch_topk", "--layer_idx", "0", "--hidden_dim", "64", "--top_k", "4", "--batch_size",
+                "128", "--epochs", "2", "--lr", "2e-3", "--store", store, "--out", str(out), "--checkpoint_every", "20",
+                "--eval_every", "25", "--no-progress", "--mesh_data", "1"]
 
-    subprocess.run(args(direct, root / "ref"), check=True, capture_output=True)
+    train(args(direct, root / "ref"))
     run = root / "met-outage" / "batch_topk" / "layer0" / "dim64"
-    proc = subprocess.Popen(args(url, root / "met-outage"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cli("jax_sae.train", *args(url, root / "met-outage")), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not (
             (run / "ckpt").is_dir() and any(p.name.isdigit() for p in (run / "ckpt").iterdir())):
         time.sleep(0.02)
-    proxy.outage(10.0)
+    proxy.outage(4.0)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and not (run / "final").exists(), err[-2000:]
     assert err.count("\n") == 1 and err.startswith("error: the bucket s3://sae-test did not answer"), err
     assert "rerun the same command when it answers again and it resumes" in err
-    time.sleep(max(0.0, 10.5 - proxy.outage_elapsed()))
-    rerun = subprocess.run(args(url, root / "met-outage"), check=True, capture_output=True, text=True)
+    time.sleep(max(0.0, 4.5 - proxy.outage_elapsed()))
+    rerun = subprocess.run(cli("jax_sae.train", *args(url, root / "met-outage")), check=True, capture_output=True,
+                           text=True)
     assert "resuming" in rerun.stdout
     a, b = jax_sae.load(root / "ref" / "batch_topk" / "layer0" / "dim64" / "final"), jax_sae.load(run / "final")
     for name in ("W_enc_DH", "b_enc_H", "W_dec_HD", "b_dec_D"):

@@ -165,13 +165,13 @@ def test_a_bucket_store_filled_by_two_shards_one_killed_and_resumed_trains_and_d
         tmp_path, prompt_file, reference_store, reference, faulty):
     """extract -> train -> discover with the store at s3://... on a real S3-compatible server behind a
     proxy that answers 5% of the requests with 503 SlowDown, 500 or a connection reset mid-body, after
-    0-10 ms each; every result equals the same run on the local reference store."""
+    0-2 ms each; every result equals the same run on the local reference store."""
     import discovery.discover
     import jax_sae
     from sae_core.location import Location
     from jax_sae.train import TrainConfig, train
 
-    url, proxy, _ = faulty("extract", faults=0.05, latency=(0.0, 0.01), seed=3)
+    url, proxy, _ = faulty("extract", faults=0.05, latency=(0.0, 0.002), seed=3)
     units = Location.parse(url)
     killed = subprocess.Popen(cli(*_args(url, prompt_file, "--shard", "0/2")), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)

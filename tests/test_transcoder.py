@@ -37,8 +37,9 @@ def _cfg(root, sae_type, transcoder, **kw):
     return TrainConfig.of(**(settings | kw))
 
 
-@pytest.mark.parametrize("sae_type, transcoder", [
-    ("batch_topk", "plain"), ("batch_topk", "skip"), ("jumprelu", "plain"),
+@pytest.mark.parametrize("sae_type, transcoder", [  # every type: python -m bench.transcoder_bench
+    ("batch_topk", "plain"),
+    pytest.param("batch_topk", "skip", marks=pytest.mark.slow), pytest.param("jumprelu", "plain", marks=pytest.mark.slow),
     pytest.param("topk", "plain", marks=pytest.mark.slow), pytest.param("matryoshka", "plain", marks=pytest.mark.slow),
     pytest.param("vanilla", "plain", marks=pytest.mark.slow)])
 def test_a_transcoder_recovers_the_planted_mlp(planted, sae_type, transcoder):
@@ -242,6 +243,7 @@ def test_spliced_in_a_transcoder_replaces_the_mlp_output_and_nothing_else(tiny_s
     torch.testing.assert_close(seen["h"], calls["mlp_out"][2][-1])
 
 
+@pytest.mark.slow  # the sweep's equality with runs alone is default-tested for SAEs (tests/test_sweep.py)
 def test_a_sweep_trains_a_transcoder_beside_an_sae_of_the_same_layer(planted, tmp_path):
     """The transcoder reads the MLP's input and output and the SAE the residual stream of the same
     layer, in one sweep; each equals the same model trained alone (same batches, same parameters)."""

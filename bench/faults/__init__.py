@@ -19,6 +19,10 @@ that every output can be compared with the reference's:
   checkpoint must be named by the resumed training run, which falls back to the previous one.
 - concurrent: the same extract command twice at once on one store (the second started at once,
   then at seeded random delays): both finish, or one refuses with one line.
+- bucket: the store in a bucket behind a fault-injecting proxy (``bucket``, ``proxy``): an
+  extraction through 5% failing requests equals the reference; an extraction and a training run
+  that meet an outage longer than the retries stop with one line naming the bucket, and the same
+  command after it ends equal to the reference.
 
 Equal to the reference is defined in ``compare``. Hidden temporary files a killed run leaves
 behind are reported, not counted as failures. Every case prints one line; the results JSON counts
@@ -45,11 +49,12 @@ from sae_core.files import write_json
 
 from .. import common
 from ..common import report, run_bench, summarize, target
+from .bucket import bucket_cases
 from .cases import concurrent_case, damage_cases, disk_full_case, kill_case
 from .harness import STAGES, Case, Workspace, can_mount_tmpfs
 
 NAME = "faults"
-CATEGORIES = ("kill", "disk_full", "damage", "concurrent")
+CATEGORIES = ("kill", "disk_full", "damage", "concurrent", "bucket")
 
 __all__ = ["CATEGORIES", "STAGES", "FaultsConfig", "main", "run"]
 
@@ -62,7 +67,7 @@ class FaultsConfig:
     """SIGKILLs, spread round-robin over the stages (extraction, training, discovery, export, steering, sweep)."""
     concurrent: int = 2
     """Pairs of simultaneous extractions (the first starts both at once, the others at a random offset)."""
-    categories: tuple[Literal["kill", "disk_full", "damage", "concurrent"], ...] = CATEGORIES
+    categories: tuple[Literal["kill", "disk_full", "damage", "concurrent", "bucket"], ...] = CATEGORIES
     """Which kinds of fault to inject."""
     disk_full: Literal["auto", "tmpfs", "rlimit", "both"] = "both"
     """How the disk fills: tmpfs (mounted here, filled mid-run), rlimit (RLIMIT_FSIZE in the child),
@@ -109,6 +114,8 @@ def _cases(cfg: FaultsConfig, ws: Workspace) -> Iterator[Case]:
     if "concurrent" in cfg.categories:
         for i in range(cfg.concurrent):
             yield concurrent_case(ws, i, 0.0 if i == 0 else float(rng.uniform(0, ws.seconds["extract"])))
+    if "bucket" in cfg.categories:
+        yield from bucket_cases(ws)
 
 
 def run(cfg: FaultsConfig) -> dict:
