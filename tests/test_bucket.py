@@ -151,6 +151,7 @@ def test_the_retry_policy_is_set_in_one_place_and_checked(monkeypatch):
         Location.parse("s3://b/p")
 
 
+@pytest.mark.slow  # also in bench.faults (category bucket), which the slow suite runs; the default suite has the store's
 def test_training_meets_an_outage_stops_in_one_line_and_the_rerun_after_it_ends_as_an_uninterrupted_run(faulty):
     """The bucket goes away mid-run for longer than the retries last: training stops with exit status
     2 and one line naming the bucket; rerun after the outage, it resumes from its checkpoint and ends

@@ -1,6 +1,7 @@
 """Fault injection (``python -m bench.faults --quick``): after a SIGKILL in every stage, a full disk
 during extraction and during a checkpoint save, damaged chunks, progress, samples and checkpoint
-files, and two extractions of one store at once, the same command ends with the uninterrupted
+files, two extractions of one store at once, and a store in a bucket that fails 5% of its
+requests or goes away for longer than the retries, the same command ends with the uninterrupted
 run's result."""
 
 import json

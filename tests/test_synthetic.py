@@ -139,7 +139,7 @@ def test_an_sae_made_of_the_true_directions_scores_as_such(tiny):
 def _train_args(out, *extra):
     return ["jax_sae.train", "--store", "synthetic:synthsaebench-tiny", "--sae_type", "batch_topk", "--hidden_dim",
             "128", "--top_k", "4", "--batch_size", "256", "--epochs", "2", "--max_tokens", "10240", "--lr", "3e-3",
-            "--checkpoint_every", "20", "--out", str(out), "--no-progress", *extra]
+            "--checkpoint_every", "20", "--mesh_data", "1", "--out", str(out), "--no-progress", *extra]
 
 
 def test_training_on_synthetic_batches_resumes_to_the_same_parameters(tmp_path):

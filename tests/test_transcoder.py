@@ -26,7 +26,7 @@ D, F = 32, 64  # planted MLP width and features
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     root = tmp_path_factory.mktemp("transcoder")
-    x, y, out_directions = planted_mlp(D, F, 40_000, active=3.0, seed=0)
+    x, y, out_directions = planted_mlp(D, F, 24_000, active=3.0, seed=0)
     write_store(root / "store", x, mlp={0: (x, y)})
     return root, x, y, out_directions
 
