@@ -36,7 +36,7 @@ def compile_report(cfg: TrainConfig) -> dict:
         raise ConfigError(f"--d_model must be positive, got {d_model}")
     sae = cfg.sae_config(d_model)
     step = build_step(cfg, sae, mesh, SCHEDULE_STEPS, cfg.train.dead_tokens)
-    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, d_model), jnp.float32, sharding=NamedSharding(mesh, BATCH))
+    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, sae.batch_width), jnp.float32, sharding=NamedSharding(mesh, BATCH))
     abstract = step.abstract
     compiled = step.fn.lower(abstract, batch).compile()
     memory = compiled.memory_analysis()

@@ -327,3 +327,9 @@ def test_discovery_encodes_the_mlp_input_of_a_transcoder(planted):
     result = feature_pass(sae, store, 0, progress=False)
     codes = np.asarray(sae.encode(np.asarray(store.iter_rows(0, 10**6, stream="mlp_in").__next__())))
     np.testing.assert_array_equal(np.asarray(result.token_count), (codes > 0).sum(0))
+
+
+def test_compile_only_compiles_a_transcoders_step_on_its_paired_batch(capsys):
+    main(["--compile_only", "--d_model", "16", "--transcoder", "skip", "--hidden_dim", "64", "--top_k", "4",
+          "--batch_size", "64", "--no-progress"])
+    assert "compiled batch_topk d=16 h=64 k=4 batch=64" in capsys.readouterr().out
