@@ -11,6 +11,9 @@
    plain and a skip transcoder of its MLP, of the same width and k, are trained on them and
    spliced back in (``extractor.evaluate``, the replaced output being the layer's, or its MLP's):
    FVU, loss recovered against zero and mean ablation, KL, and training tokens/s.
+3. **The step** (``--step_only``): an SAE's and a skip transcoder's compiled training step at
+   d = 1,024, h = 16,384, k = 32, batch 2,048 (BatchTopK), the sparse backward (``--backward
+   auto`` at these widths) against the dense one, median of 4 steps after a warm-up each.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 
 from sae_core.errors import UsageError
 
-from .common import report, run_bench, target
+from .common import report, run_bench, summarize, target
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ class TranscoderBenchConfig:
     """Their k."""
     model_epochs: int = 5
     """Their epochs."""
+    step_only: bool = False
+    """Time the training step only (part 3), nothing else."""
     work: str = "bench/results/transcoder"
     """Where the stores and runs go (reused: an extracted store is not extracted again)."""
 
@@ -134,7 +139,48 @@ def model_part(cfg: TranscoderBenchConfig, work: Path) -> dict:
             "extract_seconds": extract_seconds, "runs": rows}
 
 
+def step_part() -> dict:
+    import time
+
+    import jax
+    import numpy as np
+
+    from jax_sae.sharding import make_mesh
+    from jax_sae.step import build_step, fresh_state
+    from jax_sae.train import TrainConfig
+
+    d, h, k, batch = 1024, 16384, 32, 2048
+    figures = {}
+    for transcoder in ("none", "skip"):
+        for backward in ("auto", "dense"):
+            train_cfg = TrainConfig.of(sae_type="batch_topk", hidden_dim=h, top_k=k, batch_size=batch,
+                                       transcoder=transcoder, backward=backward)
+            sae = train_cfg.sae_config(d)
+            step = build_step(train_cfg, sae, make_mesh(1, 1), 1000, 10**9)
+            state = fresh_state(step, jax.random.PRNGKey(0), np.zeros(d, np.float32), 1.0, "transpose", 1.0)
+            z = jax.random.normal(jax.random.PRNGKey(1), (batch, sae.batch_width))
+            state, _ = step.fn(state, z)
+            jax.block_until_ready(state)
+            seconds = []
+            for _ in range(4):
+                started = time.perf_counter()
+                state, _ = step.fn(state, z)
+                jax.block_until_ready(state)
+                seconds.append(time.perf_counter() - started)
+            name = f"{'SAE' if transcoder == 'none' else 'skip transcoder'}, {'sparse' if backward == 'auto' else 'dense'}"
+            figures[name] = summarize([batch / t for t in seconds], "tokens/s")
+            print(f"{name:>24}: {figures[name]['median']:.0f} tokens/s", flush=True)
+    return figures
+
+
 def run(cfg: TranscoderBenchConfig) -> dict:
+    if cfg.step_only:
+        figures = step_part()
+        ratio = figures["skip transcoder, sparse"]["median"] / figures["skip transcoder, dense"]["median"]
+        return report("transcoder_bench", figures, params=vars(cfg), file_name="transcoder_bench-step",
+                      derived={"skip transcoder: sparse over dense": ratio,
+                               "skip transcoder over SAE (sparse)": figures["skip transcoder, sparse"]["median"]
+                               / figures["SAE, sparse"]["median"]})
     work = Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)
     planted = planted_part(cfg, work)

@@ -193,22 +193,21 @@ def _dense_main(params: SAEParams, step, z_BZ, *, s: LossSettings, global_batch:
 
 
 def use_sparse(s: LossSettings, hidden_local: int, tuning: Tuning) -> bool:
-    """Whether this step takes the sparse reconstruction and backward (not for transcoders yet: their
-    separate input, uncentred encoder and skip term are written in the dense loss only)."""
-    if not s.sae.uses_k or s.backward == "dense" or s.sae.is_transcoder:
+    """Whether this step takes the sparse reconstruction and backward."""
+    if not s.sae.uses_k or s.backward == "dense":
         return False
     return s.backward == "sparse" or hidden_local >= tuning.min_ratio * s.sae.top_k
 
 
 def _sparse_part(params: SAEParams, x_BD, cand, *, cfg: SAEConfig, weights: tuple[float, ...], global_batch: int,
-                 tuning: Tuning):
+                 tuning: Tuning, in_BD=None):
     """Reconstruction and gradients of one candidate list (rows without kept values must have
     x = b_dec there, so they add nothing), plus what the metrics need."""
     hidden_local = params.b_enc_H.shape[0]
     val_BC = jnp.where(cand.keep_BC, cand.val_BC, 0.0)
     groups = _group_ids(cfg, hidden_local)[cand.idx_BC] if cfg.nested else None
     result = recon_and_grads(params, x_BD, Active(cand.idx_BC, val_BC, groups), weights=weights,
-                             global_batch=global_batch, tuning=tuning)
+                             global_batch=global_batch, tuning=tuning, in_BD=in_BD)
     kept = val_BC > 0
     fired_H = jnp.zeros((hidden_local,), bool).at[cand.idx_BC].max(kept)
     return result, fired_H, jnp.sum(kept)
@@ -219,18 +218,29 @@ def _overflow_tiers(batch_local: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, batch_local // 32), max(1, batch_local // 4)}))
 
 
-def _sparse_main(params: SAEParams, step, x_BD, *, s: LossSettings, global_batch: int, tuning: Tuning):
+def _sparse_main(params: SAEParams, step, z_BZ, *, s: LossSettings, global_batch: int, tuning: Tuning):
     """(Main, grads, fallback): the sparse path. For the batch-wide selection, rows whose
     candidates may not hold all their kept latents (heavy tokens) are done densely, as a block
     of R rows (R from ``_overflow_tiers``); beyond the largest tier the whole step is dense
-    (counted in the ``dense_fallback`` metric)."""
+    (counted in the ``dense_fallback`` metric). A transcoder's rows are its input and target: the
+    sparse part reconstructs the target less the skip term, which is added back to the result."""
     cfg = s.sae
-    part = functools.partial(_sparse_part, cfg=cfg, weights=s.weights(), global_batch=global_batch, tuning=tuning)
-    pre_BH = _pre(params, x_BD, s.compute_dtype)
+    in_BD, y_BD = M.split_batch(cfg, z_BZ)
+    skip_BD = None if params.W_skip_DD is None else _mm(in_BD, params.W_skip_DD, s.compute_dtype)
+    x_BD = y_BD if skip_BD is None else y_BD - skip_BD
+    sparse_in = in_BD if cfg.is_transcoder else None
+    part = functools.partial(_sparse_part, cfg=cfg, weights=s.weights(), global_batch=global_batch, tuning=tuning,
+                             in_BD=sparse_in)
+    pre_BH = _pre(params, in_BD, s.compute_dtype, cfg.is_transcoder)
+
+    def with_skip(main_grads):
+        main, grads = main_grads
+        return (main if skip_BD is None else main._replace(x_hat_BD=main.x_hat_BD + skip_BD)), grads
+
     if cfg.row_topk:
         result, fired_H, kept = part(params, x_BD, top_candidates(pre_BH, cfg.top_k, (S.MODEL,)))
-        main, grads = _sparse_result(result.recon, result.x_hat_BD, result.grads, fired_H, kept, jnp.float32(0.0),
-                                     global_batch)
+        main, grads = with_skip(_sparse_result(result.recon, result.x_hat_BD, result.grads, fired_H, kept,
+                                               jnp.float32(0.0), global_batch))
         return main, grads, jnp.float32(0.0)
 
     k_total = cfg.top_k * global_batch
@@ -238,15 +248,17 @@ def _sparse_main(params: SAEParams, step, x_BD, *, s: LossSettings, global_batch
 
     def no_overflow():
         main, fired_H, kept = part(params, x_BD, first.select(k_total, BOTH))
-        return _sparse_result(main.recon, main.x_hat_BD, main.grads, fired_H, kept, first.kth, global_batch)
+        return with_skip(_sparse_result(main.recon, main.x_hat_BD, main.grads, fired_H, kept, first.kth, global_batch))
 
     def overflow(rows: int):
-        return functools.partial(_with_dense_overflow_rows, params, x_BD, pre_BH, first, rows, part=part, s=s,
-                                 global_batch=global_batch)
+        def run():
+            return with_skip(_with_dense_overflow_rows(params, x_BD, pre_BH, first, rows, part=part, s=s,
+                                                       global_batch=global_batch, in_BD=sparse_in, skip_BD=skip_BD))
+        return run
 
     def dense():
         (_, main), grads = jax.value_and_grad(_dense_main, has_aux=True)(
-            params, step, x_BD, s=s, global_batch=global_batch)
+            params, step, z_BZ, s=s, global_batch=global_batch)
         return main, grads
 
     tiers = _overflow_tiers(x_BD.shape[0])
@@ -273,22 +285,31 @@ def _overflow_branch(count, tiers: tuple[int, ...]):
 
 
 def _with_dense_overflow_rows(params: SAEParams, x_BD, pre_BH, first, rows: int, *, part, s: LossSettings,
-                              global_batch: int):
+                              global_batch: int, in_BD=None, skip_BD=None):
     """(Main, grads) of the batch-wide selection with up to ``rows`` overflow rows per shard done
-    densely, as a block beside the sparse main list."""
+    densely, as a block beside the sparse main list. A transcoder's ``x_BD`` is its target less
+    the skip term ``skip_BD`` and ``in_BD`` its input: the dense block works on the true target
+    (its skip term and W_skip's gradient through autodiff) and hands back its rows without it."""
     cfg, B = s.sae, x_BD.shape[0]
     sel = with_overflow_rows(pre_BH, first, cfg.top_k * global_batch, BOTH, rows)
     used_R = (sel.rows_R < B)[:, None]
     # Overflow rows leave the main list (x = b_dec there adds nothing) for a dense block.
     main, fired_H, kept = part(params, x_BD.at[sel.rows_R].set(params.b_dec_D, mode="drop"), sel.main)
-    x_RD = jnp.where(used_R, x_BD[jnp.minimum(sel.rows_R, B - 1)], params.b_dec_D)
+    take = jnp.minimum(sel.rows_R, B - 1)
+    x_RD = jnp.where(used_R, x_BD[take], params.b_dec_D)  # unused rows: zero error
+    in_RD = None if in_BD is None else jnp.where(used_R, in_BD[take], 0.0)
+    skip_RD = None if skip_BD is None else jnp.where(used_R, skip_BD[take], 0.0)
+    target_RD = x_RD if skip_RD is None else x_RD + skip_RD
 
     def rows_loss(p):
-        f_RH = jnp.where(sel.keep_RH, jax.nn.relu(_pre(p, x_RD, s.compute_dtype)), 0.0)
-        return _dense_recon(p, x_RD, f_RH, cfg=cfg, global_batch=global_batch,
-                            dtype=s.compute_dtype, weights=s.weights())
+        pre = _pre(p, x_RD if in_RD is None else in_RD, s.compute_dtype, cfg.is_transcoder)
+        f_RH = jnp.where(sel.keep_RH, jax.nn.relu(pre), 0.0)
+        return _dense_recon(p, target_RD, f_RH, cfg=cfg, global_batch=global_batch,
+                            dtype=s.compute_dtype, weights=s.weights(), in_BD=in_RD)
 
     (recon_R, x_hat_RD), grads_R = jax.value_and_grad(rows_loss, has_aux=True)(params)
+    if skip_RD is not None:
+        x_hat_RD = x_hat_RD - skip_RD  # the caller adds every row's skip term back
     x_hat_BD = main.x_hat_BD.at[sel.rows_R].set(x_hat_RD, mode="drop")
     grads = jax.tree.map(jnp.add, main.grads, grads_R)
     return _sparse_result(main.recon + recon_R, x_hat_BD, grads, fired_H | jnp.any(sel.keep_RH, axis=0),
@@ -376,7 +397,7 @@ def _shard_loss_and_grads(params: SAEParams, counters_H, step, z_BZ, *, s: LossS
     fallback = jnp.float32(0.0)
     in_BD, x_BD = M.split_batch(cfg, z_BZ)
     if use_sparse(s, params.b_enc_H.shape[0], tuning):
-        main, grads, fallback = _sparse_main(params, step, x_BD, tuning=tuning, **kwargs)
+        main, grads, fallback = _sparse_main(params, step, z_BZ, tuning=tuning, **kwargs)
         loss = main.recon
     else:
         (loss, main), grads = jax.value_and_grad(_dense_main, has_aux=True)(params, step, z_BZ, **kwargs)

@@ -136,10 +136,12 @@ def _row_scatter(hidden: int, keys_P, sources, tuning: Tuning) -> list[jax.Array
 
 def recon_and_grads(params: SAEParams, x_BD: jax.Array, active: Active, *, weights: tuple[float, ...],
                     global_batch: int,
-                    tuning: Tuning) -> SparseResult:
+                    tuning: Tuning, in_BD: jax.Array | None = None) -> SparseResult:
     """Reconstruction loss (Matryoshka: the ``weights``-weighted sum over prefixes, weights summing
     to 1; plain for a single weight), the full reconstruction, and the loss's gradient for every
-    parameter (already summed over shards)."""
+    parameter (already summed over shards). A transcoder passes its input ``in_BD`` (the encoder's
+    input, not centred) and, as ``x_BD``, its target less any skip term: the reconstruction comes
+    back without the skip term, and W_skip's gradient is in^T times the reconstruction's gradient."""
     B, C = active.idx_BC.shape
     H, D = params.W_dec_HD.shape
     groups = len(weights)
@@ -160,14 +162,19 @@ def recon_and_grads(params: SAEParams, x_BD: jax.Array, active: Active, *, weigh
     keys_P = jnp.where(kept_BC, active.idx_BC, H).reshape(-1)
     token_P = jnp.arange(B * C, dtype=jnp.int32) // C
     rows_P = token_P * groups + group_BC.reshape(-1)
+    encoder_in_BD = x_BD - params.b_dec_D if in_BD is None else in_BD
     d_W_dec_HD, d_W_enc_HD = _row_scatter(H, keys_P, [
         (active.val_BC.reshape(-1), d_parts_BGD.reshape(B * groups, D), rows_P),  # d loss / d part of its group
-        (d_pre_BC.reshape(-1), x_BD - params.b_dec_D, token_P),  # the encoder's input
+        (d_pre_BC.reshape(-1), encoder_in_BD, token_P),  # the encoder's input
     ], tuning)
     d_W_dec_HD, d_W_enc_HD = lax.psum(d_W_dec_HD, S.DATA), lax.psum(d_W_enc_HD, S.DATA)
     d_b_enc_H = lax.psum(jnp.zeros((H,), jnp.float32).at[keys_P].add(d_pre_BC.reshape(-1), mode="drop"), S.DATA)
-    # b_dec enters the reconstruction once and the encoder as -b_dec @ W_enc.
-    d_b_dec_D = (lax.psum(jnp.sum(d_parts_BGD[:, 0], axis=0), S.DATA)
-                 - lax.psum(params.W_enc_DH @ d_b_enc_H, S.MODEL))
-    grads = SAEParams(W_enc_DH=d_W_enc_HD.T, b_enc_H=d_b_enc_H, W_dec_HD=d_W_dec_HD, b_dec_D=d_b_dec_D)
+    # b_dec enters the reconstruction once and (not a transcoder's) the encoder as -b_dec @ W_enc.
+    d_b_dec_D = lax.psum(jnp.sum(d_parts_BGD[:, 0], axis=0), S.DATA)
+    if in_BD is None:
+        d_b_dec_D = d_b_dec_D - lax.psum(params.W_enc_DH @ d_b_enc_H, S.MODEL)
+    # The skip term enters every prefix's reconstruction, as b_dec does.
+    d_W_skip_DD = None if params.W_skip_DD is None else lax.psum(in_BD.T @ d_parts_BGD[:, 0], S.DATA)
+    grads = SAEParams(W_enc_DH=d_W_enc_HD.T, b_enc_H=d_b_enc_H, W_dec_HD=d_W_dec_HD, b_dec_D=d_b_dec_D,
+                      W_skip_DD=d_W_skip_DD)
     return SparseResult(recon, x_hat_BD, grads)

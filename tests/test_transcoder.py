@@ -333,3 +333,38 @@ def test_compile_only_compiles_a_transcoders_step_on_its_paired_batch(capsys):
     main(["--compile_only", "--d_model", "16", "--transcoder", "skip", "--hidden_dim", "64", "--top_k", "4",
           "--batch_size", "64", "--no-progress"])
     assert "compiled batch_topk d=16 h=64 k=4 batch=64" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sae_type, transcoder, mesh_shape", [
+    ("batch_topk", "skip", (2, 2)), pytest.param("topk", "plain", (1, 1), marks=pytest.mark.slow),
+    pytest.param("matryoshka", "skip", (1, 2), marks=pytest.mark.slow),
+    pytest.param("batch_topk", "plain", (1, 1), marks=pytest.mark.slow),
+    pytest.param("topk", "skip", (2, 2), marks=pytest.mark.slow)])
+def test_the_sparse_backward_equals_the_dense_one_for_transcoders(sae_type, transcoder, mesh_shape):
+    """The hand-written sparse path (k decoder rows per token; heavy tokens of the batch-wide
+    selection done densely) gives a transcoder the dense path's loss, metrics and gradients."""
+    d, h, k, batch = 16, 128, 4, 64
+    cfg = SAEConfig(sae_type=sae_type, d_model=d, hidden_dim=h, top_k=k, transcoder=transcoder,
+                    group_sizes=(32, 96) if sae_type == "matryoshka" else ())
+    rng = np.random.default_rng(1)
+    params = M.init_params(jax.random.PRNGKey(2), cfg, 0.3 * rng.normal(size=d).astype(np.float32))
+    params = params.replace(b_enc_H=jnp.asarray(0.1 * rng.normal(size=h), jnp.float32))
+    if transcoder == "skip":
+        params = params.replace(W_skip_DD=jnp.asarray(0.1 * rng.normal(size=(d, d)), jnp.float32))
+    x = rng.normal(size=(batch, d)).astype(np.float32)
+    x[:1] *= 30.0  # a heavy token keeping more latents than its candidates: an overflow row, done densely
+    z = jnp.concatenate([jnp.asarray(x), jnp.asarray(np.tanh(x) @ rng.normal(size=(d, d)) - 1.0, jnp.float32)], 1)
+    counters = jnp.zeros(h, jnp.int32).at[:8].set(10**9)  # a few dead latents: AuxK's term too
+    out = {}
+    for backward in ("sparse", "dense"):
+        settings = LossSettings(cfg, 0.0, 1, 1 / 32, 10**6, backward=backward)
+        out[backward] = jax.jit(sharded_loss_and_grads(settings, make_mesh(*mesh_shape), batch))(
+            params, counters, jnp.int32(0), z)
+    (loss_s, grads_s, metrics_s, _), (loss_d, grads_d, metrics_d, _) = out["sparse"], out["dense"]
+    np.testing.assert_allclose(float(loss_s), float(loss_d), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics_s["fvu"]), float(metrics_d["fvu"]), rtol=1e-5)
+    assert float(metrics_s["dense_fallback"]) == 0.0  # the sparse path itself, not its whole-dense fallback
+    for name in ("W_enc_DH", "b_enc_H", "W_dec_HD", "b_dec_D") + (("W_skip_DD",) if transcoder == "skip" else ()):
+        dense = np.asarray(getattr(grads_d, name))
+        np.testing.assert_allclose(np.asarray(getattr(grads_s, name)), dense, atol=1e-5 * np.abs(dense).max(),
+                                   err_msg=name)
