@@ -210,6 +210,7 @@ class FeatureDiscovery:
         summary = {
             "layer": layer, "aggregation": aggregation, "rows": stats.n_rows, "samples": stats.n_samples,
             "hidden_dim": self.sae.cfg.hidden_dim, "sae_type": self.sae.cfg.sae_type,
+            "transcoder": self.sae.cfg.transcoder,
             "alive_features": int(np.sum(stats.token_count > 0)), "reported_features": len(features),
             "clip_firing": clip_firing(stats, len(scored)),
             "alignment": layer_summary(alignment, stats.token_count > 0),

@@ -236,7 +236,9 @@ def _build_layer(cfg: ReportConfig, files: FeatureFiles, features: dict, out: Pa
         _write_page(out / f"f{key}.html", "feature.html", f=view, examples=examples[key], layer=layer, audio=cfg.audio,
                     nav=nav)
     tags = sorted({a["tag"] for view in views.values() for a in view["aligned_tags"]})
-    _write_page(out / "index.html", "index.html", layer=layer, features=list(views.values()), metrics=metrics, tags=tags,
+    site = f"layer {layer}'s MLP ({sae.cfg.kind})" if sae.cfg.is_transcoder else None  # a transcoder reads the MLP
+    _write_page(out / "index.html", "index.html", layer=layer, site=site, features=list(views.values()), metrics=metrics,
+                tags=tags,
                 density=_density(out / "density.png", Path(sae_path), files), nav=nav)
     if any(gaps.values()):
         print(f"report: {sum(gaps.values())} non-finite (NaN/Inf) rows of layer {layer} in "
