@@ -87,13 +87,35 @@ def test_members_of_a_layer_share_one_read_and_seeds_share_the_data_order(store,
     cfg = _sweep_cfg(store, tmp_path / "sweep", sae_type="topk", hidden_dim=64, top_k=4, layer_idx=1,
                      top_ks=(4, 8), seeds=(0, 1), mesh_data=1)
     summary = sweep(cfg)
-    alone = TrainConfig.of(**_base(store, tmp_path / "alone", sae_type="topk", hidden_dim=64, top_k=8, layer_idx=1,
-                                   seed=1, data_seed=0, mesh_data=1))
-    stats = train(alone)
-    assert summary["bytes_read"] == stats["bytes_read_per_process"][0]
-    _assert_same(alone.run_dir(), tmp_path / "sweep" / "k8-seed1" / "topk" / "layer1" / "dim64", "k8-seed1")
+    assert summary["threads"] == 2, "a one-device CPU shares the members between two threads"
+    stats = []
+    for k, seed in ((8, 1), (4, 0)):  # one member of each thread's share
+        alone = TrainConfig.of(**_base(store, tmp_path / f"alone{k}", sae_type="topk", hidden_dim=64, top_k=k,
+                                       layer_idx=1, seed=seed, data_seed=0, mesh_data=1))
+        stats.append(train(alone))
+        _assert_same(alone.run_dir(), tmp_path / "sweep" / f"k{k}-seed{seed}" / "topk" / "layer1" / "dim64",
+                     f"k{k}-seed{seed}")
+    assert summary["bytes_read"] == stats[0]["bytes_read_per_process"][0]
     names = sorted(m["name"] for m in summary["members"])
     assert names == ["k4-seed0", "k4-seed1", "k8-seed0", "k8-seed1"]
+
+
+def test_members_are_shared_between_threads_by_cost_each_share_in_grid_order():
+    from types import SimpleNamespace
+
+    from jax_sae.config import SAEConfig
+    from jax_sae.sweep.run import shares, step_cost
+
+    def member(hidden_dim, top_k, sae_type="topk"):
+        return SimpleNamespace(plan=SimpleNamespace(sae=SAEConfig(d_model=32, hidden_dim=hidden_dim, top_k=top_k,
+                                                                  sae_type=sae_type)))
+
+    runs = [member(64, 4), member(64, 8), member(128, 4), member(128, 8), member(64, 4, "vanilla")]
+    groups = shares(runs, 2)
+    assert sorted(i for g in groups for i in g) == list(range(5)) and all(list(g) == sorted(g) for g in groups)
+    totals = [sum(step_cost(runs[i]) for i in g) for g in groups]
+    assert max(totals) - min(totals) <= max(step_cost(r) for r in runs), "no share is heavier by more than a member"
+    assert shares(runs, 1) == [tuple(range(5))] and len(shares(runs[:1], 2)) == 1
 
 
 class _Killed(BaseException):
@@ -149,6 +171,8 @@ def test_bad_grids_are_refused_in_one_line_before_any_work(store, tmp_path):
                                                         "--layers", "1"])
     assert "has no layer 7" in _error(base + ["--layers", "0,7"])
     assert "give --hidden_dims or --expansions, not both" in _error(base + ["--hidden_dims", "64", "--expansions", "2"])
+    assert "--threads must be 0 (auto) or positive" in _error(base + ["--threads", "-1"])
+    assert "which a mesh of several devices cannot do" in _error(base + ["--threads", "2", "--mesh_data", "2"])
     assert not (tmp_path / "out").exists(), "nothing is written before the checks pass"
 
 

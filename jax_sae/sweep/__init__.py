@@ -31,8 +31,11 @@ def sweep(cfg: SweepConfig) -> dict:
     check_platform("sweep")
     _check_evaluations(cfg)
     run = SweepRun.setup(cfg)
-    run.run()
-    records = run.finish(time.time() - started)
+    try:
+        run.run()
+        records = run.finish(time.time() - started)
+    finally:
+        run.close()
     finished = [Path(r["run_dir"]) for r in records if r["status"] != "diverged"]
     if is_primary() and cfg.sweep.probe:
         probing(finished, str(cfg.train.store), runtime.progress)
@@ -42,6 +45,7 @@ def sweep(cfg: SweepConfig) -> dict:
     first = run.runs[0]
     summary = {"out": str(cfg.out), "members": records, "steps": int(first.state.step), "batch_size":
                first.cfg.train.batch_size, "seconds": time.time() - started, "loop_seconds": run.loop_seconds,
+               "threads": run.threads,
                "bytes_read": run.bytes_read(), "memory_estimate_bytes": run.estimate, "runtime": run.runtime,
                "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in _flags(cfg).items()}}
     if is_primary():

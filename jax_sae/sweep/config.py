@@ -66,6 +66,10 @@ class SweepSettings:
     """Torch device of the spliced-in evaluations (auto | cpu | cuda)."""
     probe: bool = False
     """Give every member the real-activation evaluation (tag probing, absorption); needs a store with tagged samples."""
+    threads: int = 0
+    """Programs run side by side, each updating its share of the members from the same batch (0: auto,
+    2 on a one-device CPU, where much of a step keeps one core busy and leaves the other idle; 1 on
+    GPUs, TPUs and meshes of several devices, where one program for all members is faster)."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,8 @@ class SweepConfig:
             raise SweepError("give --hidden_dims or --expansions, not both")
         if any(e <= 0 for e in self.sweep.expansions):
             raise SweepError(f"--expansions must be positive, got {','.join(map(str, self.sweep.expansions))}")
+        if self.sweep.threads < 0:
+            raise SweepError(f"--threads must be 0 (auto) or positive, got {self.sweep.threads}")
         if self.sweep.evaluate_samples <= 0:
             raise SweepError(f"--evaluate_samples must be positive, got {self.sweep.evaluate_samples}")
         if self.runtime.compile_only:

@@ -2,6 +2,10 @@
 one data source (scanned once, read once per epoch); one compiled step updates every active member
 from one batch per layer; each validation reads a layer's validation rows once for all its members.
 
+On a one-device CPU the members are shared between two threads, each with its own compiled step
+(and validation), run side by side on the same batch: much of a step (top-k selection, scatters,
+element-wise work) keeps one core busy, and one program for all members leaves the other idle.
+
 A member that stops early or diverges leaves the step (which is compiled again without it); the
 others go on. Every member checkpoints at the same steps, so a killed sweep resumes all of them
 from the newest step they all saved."""
@@ -10,7 +14,8 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +57,33 @@ def store_width(cfg: SweepConfig) -> int:
     return from_store_arg(str(store))[1].d_model if is_synthetic(store) else open_store(store).d_model
 
 
+def thread_count(setting: int, mesh, n_members: int) -> int:
+    """How many programs run side by side (``--threads``; 0: 2 on a one-device CPU, else 1)."""
+    if setting:
+        return max(1, min(setting, n_members))
+    alone = jax.default_backend() == "cpu" and mesh.size == 1 and jax.process_count() == 1
+    return min(2, n_members) if alone else 1
+
+
+def step_cost(run: TrainingRun) -> float:
+    """A rough relative cost of one member's step, only to share the members evenly between threads:
+    the matrix products grow with latents x width, a top-k selection also with k."""
+    sae = run.plan.sae
+    return sae.hidden_dim * sae.batch_width * ((sae.top_k if sae.uses_k else 96) + 32)
+
+
+def shares(runs: Sequence[TrainingRun], threads: int) -> list[tuple[int, ...]]:
+    """``runs``' indices in ``threads`` groups of about equal cost (largest first to the cheapest
+    group), each in grid order; empty groups left out."""
+    groups: list[list[int]] = [[] for _ in range(max(1, threads))]
+    totals = [0.0] * len(groups)
+    for i in sorted(range(len(runs)), key=lambda i: -step_cost(runs[i])):
+        cheapest = totals.index(min(totals))
+        groups[cheapest].append(i)
+        totals[cheapest] += step_cost(runs[i])
+    return [tuple(sorted(g)) for g in groups if g]
+
+
 class SweepRun:
     """The members (``runs``, in grid order), their shared sources, and the loop that trains them."""
 
@@ -66,12 +98,17 @@ class SweepRun:
         self.stopped: dict[str, int] = {}
         self.steps_run = 0
         self.loop_seconds = 0.0
+        self.threads = thread_count(cfg.sweep.threads, mesh, len(runs))
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="sweep") if self.threads > 1 else None
 
     @classmethod
     def setup(cls, cfg: SweepConfig) -> SweepRun:
         """Cheap checks first (every member's settings, the mesh, the memory estimate), then one data
         source per layer, each member's run (restored when resuming) and the common resume step."""
         mesh = make_mesh(cfg.runtime.mesh_data or None, cfg.runtime.mesh_model)
+        if cfg.sweep.threads > 1 and (mesh.size > 1 or jax.process_count() > 1):
+            raise SweepError(f"--threads {cfg.sweep.threads} runs programs side by side, which a mesh of several "
+                             "devices cannot do (their collectives would wait on each other); pass --threads 1 or 0")
         runtime = announce(mesh, "sweep")
         grid = members(cfg, store_width(cfg))
         for member in grid:
@@ -227,7 +264,16 @@ class SweepRun:
         r.save_finished(step)
 
     def _compile(self, active: list[TrainingRun]) -> Compiled:
-        return Compiled.build(active, [self.keys[id(r)] for r in active], self.mesh)
+        return Compiled.build(active, [self.keys[id(r)] for r in active], self.mesh, shares(active, self.threads),
+                              self.pool)
+
+    def _map(self, fn: Callable, items: Sequence) -> list:
+        """``fn`` of each item, side by side in the sweep's threads when it has several."""
+        return side_by_side(self.pool, [functools.partial(fn, item) for item in items])
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
     def validate(self, runs: list[TrainingRun]) -> dict[int, MetricAccumulator | None]:
         """Every member's validation metrics, each layer's validation rows read once for all its members."""
@@ -240,13 +286,20 @@ class SweepRun:
             if batches is None:
                 out.update({id(r): None for r in group})
                 continue
-            saes = tuple(r.plan.sae for r in group)
-            models = tuple(jax.tree.map(jnp.asarray, r.inference()) for r in group)
-            accs = [MetricAccumulator(sae) for sae in saes]
+            models = self._map(lambda r: jax.tree.map(jnp.asarray, r.inference()), group)
+            lanes = [([group[i] for i in idx], [models[i] for i in idx]) for idx in shares(group, self.threads)]
+            accs = {id(r): MetricAccumulator(r.plan.sae) for r in group}
+
+            def sums(lane, x_BD):
+                runs, lane_models = lane
+                return jax.device_get(_members_sums(tuple(r.plan.sae for r in runs), tuple(lane_models), x_BD))
+
             for x in batches:
-                for acc, sums in zip(accs, jax.device_get(_members_sums(saes, models, jnp.asarray(x)))):
-                    acc.add(len(x), sums)
-            out.update({id(r): summed(acc) for r, acc in zip(group, accs)})
+                x_BD = jnp.asarray(x)
+                for (runs, _), lane_sums in zip(lanes, self._map(functools.partial(sums, x_BD=x_BD), lanes)):
+                    for r, partial in zip(runs, lane_sums):
+                        accs[id(r)].add(len(x), partial)
+            out.update({id(r): summed(accs[id(r)]) for r in group})
         return out
 
     # the end
@@ -278,26 +331,69 @@ def _members_sums(saes: tuple, models: tuple, x_BD: jax.Array) -> tuple:
     return tuple(batch_sums(sae, *model, x_BD) for sae, model in zip(saes, models))
 
 
+def side_by_side(pool: ThreadPoolExecutor | None, calls: list[Callable]) -> list:
+    """Each call's result, the calls run in ``pool``'s threads (in this one without a pool, or for
+    a single call). Every call ends before the first error is raised: none is left running on
+    buffers the caller goes on to use or free."""
+    if pool is None or len(calls) <= 1:
+        return [call() for call in calls]
+    futures = [pool.submit(call) for call in calls]
+    errors = [f.exception() for f in futures]
+    for err in errors:
+        if err is not None:
+            raise err
+    return [f.result() for f in futures]
+
+
+def _finished(fn: Callable, *args):
+    """``fn(*args)``, waited for in this thread: two threads' programs then run side by side."""
+    return jax.block_until_ready(fn(*args))
+
+
 class Compiled:
     """The sweep's step for a set of members: ``fn((state, ...), (batch per source, ...))`` ->
-    ``((state, ...), (metrics, ...))``, jitted once, the states donated; ``keys``: the sources in
-    the order ``fn`` takes their batches."""
+    ``((state, ...), (metrics, ...))``, the states donated; ``keys``: the sources in the order
+    ``fn`` takes their batches. One jitted program per share of the members (``shares``), the
+    shares run side by side in ``pool``'s threads."""
 
-    def __init__(self, fn: Callable, keys: list[tuple]):
-        self.fn, self.keys = fn, keys
+    def __init__(self, lanes: list[tuple[tuple[int, ...], Callable]], keys: list[tuple],
+                 pool: ThreadPoolExecutor | None):
+        self.lanes, self.keys, self.pool = lanes, keys, pool
+        self.compiled = False
 
     @classmethod
-    def build(cls, runs: list[TrainingRun], run_keys: list[tuple], mesh) -> Compiled:
+    def build(cls, runs: list[TrainingRun], run_keys: list[tuple], mesh,
+              lanes: list[tuple[int, ...]] | None = None, pool: ThreadPoolExecutor | None = None) -> Compiled:
         keys = list(dict.fromkeys(run_keys))
-        slots = [keys.index(k) for k in run_keys]
-        steps = [r.step.pure for r in runs]
+        lanes = lanes or [tuple(range(len(runs)))]
+        return cls([(idx, _program([runs[i] for i in idx], [keys.index(run_keys[i]) for i in idx], mesh, len(keys)))
+                    for idx in lanes], keys, pool)
 
-        def step(states, xs):
-            pairs = [one(state, xs[slot]) for one, state, slot in zip(steps, states, slots)]
-            return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+    def fn(self, states: tuple, xs: tuple) -> tuple[tuple, tuple]:
+        if len(self.lanes) == 1 and self.lanes[0][0] == tuple(range(len(states))):
+            return self.lanes[0][1](states, xs)
+        if not self.compiled:  # one after another: XLA compiling two programs at once takes longer than in turn
+            self.lanes = [(idx, program.lower(tuple(states[i] for i in idx), xs).compile())
+                          for idx, program in self.lanes]
+            self.compiled = True
+        outs = side_by_side(self.pool, [functools.partial(_finished, program, tuple(states[i] for i in idx), xs)
+                                        for idx, program in self.lanes])
+        new_states, metrics = [None] * len(states), [None] * len(states)
+        for (idx, _), (lane_states, lane_metrics) in zip(self.lanes, outs):
+            for j, i in enumerate(idx):
+                new_states[i], metrics[i] = lane_states[j], lane_metrics[j]
+        return tuple(new_states), tuple(metrics)
 
-        shardings = tuple(r.state_shardings for r in runs)
-        batch = NamedSharding(mesh, BATCH)
-        fn = jax.jit(step, in_shardings=(shardings, tuple(batch for _ in keys)),
-                     out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
-        return cls(fn, keys)
+
+def _program(runs: list[TrainingRun], slots: list[int], mesh, n_keys: int) -> Callable:
+    """One jitted step for ``runs``, the i-th reading batch ``slots[i]`` of the sources' batches."""
+    steps = [r.step.pure for r in runs]
+
+    def step(states, xs):
+        pairs = [one(state, xs[slot]) for one, state, slot in zip(steps, states, slots)]
+        return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+
+    shardings = tuple(r.state_shardings for r in runs)
+    batch = NamedSharding(mesh, BATCH)
+    return jax.jit(step, in_shardings=(shardings, tuple(batch for _ in range(n_keys))),
+                   out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
