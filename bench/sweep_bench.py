@@ -9,6 +9,12 @@ sweep gives them). Sizes: ``small`` (d = 256, 1,024 and 2,048 latents), where pe
 (setup, the scan, compilation, validation passes, final files) weigh; ``large`` (d = 1,024, 4,096
 and 8,192 latents), where the step's arithmetic does. The store is random float32 rows (the speed
 of a step does not depend on what the rows hold). Repeats alternate sweep and sequence.
+
+Compiled programs: each side's process gets its own persistent compilation cache, empty at first
+("cold": a grid trained for the first time, every program compiled, as the issue's user who runs
+``jax_sae.train`` once per SAE compiles each time); with ``--caches cold,warm`` each side then runs
+again on the cache its cold run filled ("warm": the same grid again, nothing compiled on either
+side). The user's own cache is never read or written.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
+from sae_core.errors import UsageError
 
 from .common import in_fresh_process, peak_rss_mib, report, run_bench, summarize, synthetic_store, target
 
@@ -54,6 +62,10 @@ class SweepBenchConfig:
     steps: int = 20
     """Also time this many steps of the sweep's compiled step against each member's own step, summed
     (the arithmetic alone, without validation or files; 0 leaves it out)."""
+    caches: tuple[Literal["cold", "warm"], ...] = ("cold",)
+    """Compilation caches to measure: ``cold`` (each run on an empty cache of its own), ``warm`` (each
+    side again on the cache its cold run of the same repeat filled; needs ``cold``). Goals are judged
+    on cold runs."""
     tmp_dir: str = "/tmp"
     """Where the stores and runs go (removed afterwards)."""
 
@@ -80,8 +92,12 @@ def _sweep_flags(cfg: SweepBenchConfig, store: Path, out: Path, widths: tuple[in
                 mesh_data=1, **lrs)
 
 
-def run_side(side: str, flags: dict) -> dict:
-    """One side in this (fresh) process: the sweep, or its members one after another."""
+def run_side(side: str, flags: dict, cache: str) -> dict:
+    """One side in this (fresh) process, compiling into (and reading) the persistent cache ``cache``:
+    the sweep, or its members one after another."""
+    import os
+
+    os.environ["SAE_MUSIC_JAX_CACHE"] = cache
     from jax_sae.sweep import SweepConfig, members, sweep
     from jax_sae.train import train
     from sae_core.cli import from_flags
@@ -98,9 +114,12 @@ def run_side(side: str, flags: dict) -> dict:
     return {"seconds": time.perf_counter() - started, "bytes_read": read, "peak_rss_mib": peak_rss_mib()}
 
 
-def run_steps(flags: dict, steps: int) -> dict:
+def run_steps(flags: dict, steps: int, cache: str) -> dict:
     """Seconds of one compiled sweep step for every member, and of each member's own step, in this
     (fresh) process, on one batch, after a warm-up call each (compilation)."""
+    import os
+
+    os.environ["SAE_MUSIC_JAX_CACHE"] = cache
     import jax
 
     from jax_sae.sweep import SweepConfig
@@ -134,7 +153,8 @@ def run_steps(flags: dict, steps: int) -> dict:
             return metrics
 
         alone[run.names[id(r)]] = timed(own)
-    return {"sweep_step": together, "alone_steps": alone}
+    run.close()
+    return {"sweep_step": together, "alone_steps": alone, "threads": run.threads}
 
 
 def _width(store: str) -> int:
@@ -143,17 +163,21 @@ def _width(store: str) -> int:
     return open_store(store).d_model
 
 
-def _compare(size: str, results: dict, figures: dict, derived: dict, targets: list) -> None:
-    """The wall-clock, bytes and memory of both sides, their ratios and the goals."""
+def _compare(size: str, cache: str, results: dict, figures: dict, derived: dict, targets: list) -> None:
+    """The wall-clock, bytes and memory of both sides with one kind of cache, their ratios and (cold)
+    the goals."""
+    label = f"{size}, {cache} cache"
     for side, runs in results.items():
-        figures[f"{size} {side}: wall-clock"] = summarize([r["seconds"] for r in runs])
-        figures[f"{size} {side}: MiB read"] = summarize([r["bytes_read"] / 2**20 for r in runs], "MiB")
-        figures[f"{size} {side}: peak RSS"] = summarize([r["peak_rss_mib"] for r in runs], "MiB")
-    speedup = figures[f"{size} sequence: wall-clock"]["median"] / figures[f"{size} sweep: wall-clock"]["median"]
-    read_ratio = (figures[f"{size} sweep: MiB read"]["median"]
-                  / max(figures[f"{size} sequence: MiB read"]["median"], 1e-9))
-    derived[f"{size}: sweep speed-up (sequence / sweep wall-clock)"] = round(speedup, 2)
-    derived[f"{size}: bytes read, sweep / sequence"] = round(read_ratio, 3)
+        figures[f"{label}, {side}: wall-clock"] = summarize([r["seconds"] for r in runs])
+        figures[f"{label}, {side}: MiB read"] = summarize([r["bytes_read"] / 2**20 for r in runs], "MiB")
+        figures[f"{label}, {side}: peak RSS"] = summarize([r["peak_rss_mib"] for r in runs], "MiB")
+    speedup = figures[f"{label}, sequence: wall-clock"]["median"] / figures[f"{label}, sweep: wall-clock"]["median"]
+    read_ratio = (figures[f"{label}, sweep: MiB read"]["median"]
+                  / max(figures[f"{label}, sequence: MiB read"]["median"], 1e-9))
+    derived[f"{label}: sweep speed-up (sequence / sweep wall-clock)"] = round(speedup, 2)
+    derived[f"{label}: bytes read, sweep / sequence"] = round(read_ratio, 3)
+    if cache != "cold":
+        return
     targets.append(target(f"{size}: sweep speed-up", round(speedup, 2), f"at least {GOALS[size]}x",
                           speedup >= GOALS[size]))
     targets.append(target(f"{size}: bytes read", round(read_ratio, 3), "1/8 of the sequence's (0.125)",
@@ -161,6 +185,10 @@ def _compare(size: str, results: dict, figures: dict, derived: dict, targets: li
 
 
 def run(cfg: SweepBenchConfig) -> dict:
+    if "warm" in cfg.caches and "cold" not in cfg.caches:
+        raise UsageError("--caches warm runs each side again on the cache its cold run filled; "
+                         "pass --caches cold,warm")
+    caches = sorted(set(cfg.caches), key=("cold", "warm").index)  # cold first: warm reads what it compiled
     figures, derived, targets = {}, {}, []
     with tempfile.TemporaryDirectory(prefix="sweep-bench-", dir=cfg.tmp_dir) as tmp:
         root = Path(tmp)
@@ -168,18 +196,22 @@ def run(cfg: SweepBenchConfig) -> dict:
             d_model, widths, rows = SIZES[size]
             rows = cfg.rows or rows
             _store(root / size / "store", rows, d_model)
-            results: dict[str, list[dict]] = {"sweep": [], "sequence": []}
+            results = {cache: {"sweep": [], "sequence": []} for cache in caches}
             repeats = cfg.repeats if size in ("small", "tiny") or not cfg.repeats else max(1, cfg.repeats - 1)
             for i in range(repeats):
                 for side in ("sweep", "sequence"):
-                    out = root / size / f"{side}{i}"
-                    got = in_fresh_process(run_side, side, _sweep_flags(cfg, root / size / "store", out, widths))
-                    results[side].append(got)
-                    print(f"{size} {side} #{i}: {got['seconds']:.1f} s, {got['bytes_read'] / 2**20:.0f} MiB read, "
-                          f"peak RSS {got['peak_rss_mib']:.0f} MiB", flush=True)
+                    for cache in caches:
+                        out = root / size / f"{side}{i}-{cache}"
+                        got = in_fresh_process(run_side, side, _sweep_flags(cfg, root / size / "store", out, widths),
+                                               str(root / size / f"cache-{side}{i}"))
+                        results[cache][side].append(got)
+                        print(f"{size} {side} #{i}, {cache} cache: {got['seconds']:.1f} s, "
+                              f"{got['bytes_read'] / 2**20:.0f} MiB read, peak RSS {got['peak_rss_mib']:.0f} MiB",
+                              flush=True)
             if cfg.steps:
                 timing = in_fresh_process(run_steps, _sweep_flags(cfg, root / size / "store", root / size / "steps",
-                                                                  widths), cfg.steps)
+                                                                  widths), cfg.steps,
+                                          str(root / size / "cache-steps"))
                 figures[f"{size}: one sweep step"] = summarize([timing["sweep_step"] * 1e3], "ms")
                 figures[f"{size}: the members' own steps, summed"] = summarize(
                     [sum(timing["alone_steps"].values()) * 1e3], "ms")
@@ -187,8 +219,9 @@ def run(cfg: SweepBenchConfig) -> dict:
                     sum(timing["alone_steps"].values()) / timing["sweep_step"], 2)
                 derived[f"{size}: each member's own step (ms)"] = {k: round(v * 1e3, 1)
                                                                   for k, v in timing["alone_steps"].items()}
-            if results["sweep"]:
-                _compare(size, results, figures, derived, targets)
+            for cache, sides in results.items():
+                if sides["sweep"]:
+                    _compare(size, cache, sides, figures, derived, targets)
     params = {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
               "sizes_detail": {s: {"d_model": SIZES[s][0], "hidden_dims": list(SIZES[s][1]),
                                    "rows": cfg.rows or SIZES[s][2]} for s in cfg.sizes}}
