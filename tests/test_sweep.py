@@ -85,7 +85,7 @@ def test_members_of_a_layer_share_one_read_and_seeds_share_the_data_order(store,
     """Four members on one layer read the store as much as one run does; --seeds changes only the
     initialisation: a seed's member equals the run alone with --seed s --data_seed 0."""
     cfg = _sweep_cfg(store, tmp_path / "sweep", sae_type="topk", hidden_dim=64, top_k=4, layer_idx=1,
-                     top_ks=(4, 8), seeds=(0, 1), mesh_data=1)
+                     top_ks=(4, 8), seeds=(0, 1), mesh_data=1, threads=2)  # auto gives this tiny grid one program
     summary = sweep(cfg)
     assert summary["threads"] == 2, "a one-device CPU shares the members between two threads"
     stats = []
@@ -104,7 +104,7 @@ def test_members_are_shared_between_threads_by_cost_each_share_in_grid_order():
     from types import SimpleNamespace
 
     from jax_sae.config import SAEConfig
-    from jax_sae.sweep.run import shares, step_cost
+    from jax_sae.sweep.run import shares, step_cost, thread_count
 
     def member(hidden_dim, top_k, sae_type="topk"):
         return SimpleNamespace(plan=SimpleNamespace(sae=SAEConfig(d_model=32, hidden_dim=hidden_dim, top_k=top_k,
@@ -116,6 +116,9 @@ def test_members_are_shared_between_threads_by_cost_each_share_in_grid_order():
     totals = [sum(step_cost(runs[i]) for i in g) for g in groups]
     assert max(totals) - min(totals) <= max(step_cost(r) for r in runs), "no share is heavier by more than a member"
     assert shares(runs, 1) == [tuple(range(5))] and len(shares(runs[:1], 2)) == 1
+    cpu = SimpleNamespace(size=1)
+    assert thread_count(0, cpu, runs) == 1, "a tiny grid runs one program"
+    assert thread_count(0, cpu, [member(8192, 16)] * 2) == 2 and thread_count(3, cpu, runs[:2]) == 2
 
 
 class _Killed(BaseException):

@@ -68,8 +68,8 @@ class SweepSettings:
     """Give every member the real-activation evaluation (tag probing, absorption); needs a store with tagged samples."""
     threads: int = 0
     """Programs run side by side, each updating its share of the members from the same batch (0: auto,
-    2 on a one-device CPU, where much of a step keeps one core busy and leaves the other idle; 1 on
-    GPUs, TPUs and meshes of several devices, where one program for all members is faster)."""
+    2 on a one-device CPU, where much of a step keeps one core busy and leaves the other idle, unless
+    the SAEs are tiny; 1 on GPUs, TPUs and meshes of several devices, where one program is faster)."""
 
 
 @dataclass(frozen=True)

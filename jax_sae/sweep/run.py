@@ -57,12 +57,19 @@ def store_width(cfg: SweepConfig) -> int:
     return from_store_arg(str(store))[1].d_model if is_synthetic(store) else open_store(store).d_model
 
 
-def thread_count(setting: int, mesh, n_members: int) -> int:
-    """How many programs run side by side (``--threads``; 0: 2 on a one-device CPU, else 1)."""
+SMALL_GRID = 1 << 22
+"""Below this summed ``step_cost``, an automatic sweep runs one program: compiling a second one
+costs more than it saves on steps that short (a grid of d = 32, h = 64 SAEs; the benchmark's
+smallest member, d = 256, h = 1,024, k = 16, costs 12.6M alone)."""
+
+
+def thread_count(setting: int, mesh, runs: Sequence[TrainingRun]) -> int:
+    """How many programs run side by side (``--threads``; 0: 2 on a one-device CPU unless the grid
+    is tiny, else 1)."""
     if setting:
-        return max(1, min(setting, n_members))
+        return max(1, min(setting, len(runs)))
     alone = jax.default_backend() == "cpu" and mesh.size == 1 and jax.process_count() == 1
-    return min(2, n_members) if alone else 1
+    return min(2, len(runs)) if alone and sum(map(step_cost, runs)) >= SMALL_GRID else 1
 
 
 def step_cost(run: TrainingRun) -> float:
@@ -98,7 +105,7 @@ class SweepRun:
         self.stopped: dict[str, int] = {}
         self.steps_run = 0
         self.loop_seconds = 0.0
-        self.threads = thread_count(cfg.sweep.threads, mesh, len(runs))
+        self.threads = thread_count(cfg.sweep.threads, mesh, runs)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="sweep") if self.threads > 1 else None
 
     @classmethod
