@@ -1,10 +1,12 @@
 """One sweep: its members set up as ``TrainingRun``s on one mesh, the members of a layer sharing
 one data source (scanned once, read once per epoch); one compiled step updates every active member
-from one batch per layer; each validation reads a layer's validation rows once for all its members.
+from one batch per layer; each validation reads a layer's validation rows once for all its members,
+each member evaluated by its own program (the one it would use trained alone).
 
-On a one-device CPU the members are shared between two threads, each with its own compiled step
-(and validation), run side by side on the same batch: much of a step (top-k selection, scatters,
-element-wise work) keeps one core busy, and one program for all members leaves the other idle.
+On a one-device CPU the members are shared between two threads, each with its own compiled step,
+run side by side on the same batch: much of a step (top-k selection, scatters, element-wise work)
+keeps one core busy, and one program for all members leaves the other idle. A validation hands the
+members' batches to the threads heaviest first.
 
 A member that stops early or diverges leaves the step (which is compiled again without it); the
 others go on. Every member checkpoints at the same steps, so a killed sweep resumes all of them
@@ -77,6 +79,13 @@ def step_cost(run: TrainingRun) -> float:
     the matrix products grow with latents x width, a top-k selection also with k."""
     sae = run.plan.sae
     return sae.hidden_dim * sae.batch_width * ((sae.top_k if sae.uses_k else 96) + 32)
+
+
+def validation_cost(run: TrainingRun) -> float:
+    """A rough relative cost of one member's validation batch, only to hand the heaviest to a thread
+    first: the two matrix products, and on a CPU a per-row top-k that costs about as much again."""
+    sae = run.plan.sae
+    return sae.hidden_dim * (2 * sae.d_model + (12 * (sae.top_k + 32) if sae.row_topk else 0))
 
 
 def shares(runs: Sequence[TrainingRun], threads: int) -> list[tuple[int, ...]]:
@@ -293,19 +302,22 @@ class SweepRun:
             if batches is None:
                 out.update({id(r): None for r in group})
                 continue
+            # Each member's own program (as when trained alone), the heaviest first: a free thread takes the next.
+            group = sorted(group, key=lambda r: -validation_cost(r))
             models = self._map(lambda r: jax.tree.map(jnp.asarray, r.inference()), group)
-            lanes = [([group[i] for i in idx], [models[i] for i in idx]) for idx in shares(group, self.threads)]
             accs = {id(r): MetricAccumulator(r.plan.sae) for r in group}
 
-            def sums(lane, x_BD):
-                runs, lane_models = lane
-                return jax.device_get(_members_sums(tuple(r.plan.sae for r in runs), tuple(lane_models), x_BD))
+            def sums(i: int, x_BD: jax.Array):
+                return batch_sums(group[i].plan.sae, *models[i], x_BD)
 
             for x in batches:
                 x_BD = jnp.asarray(x)
-                for (runs, _), lane_sums in zip(lanes, self._map(functools.partial(sums, x_BD=x_BD), lanes)):
-                    for r, partial in zip(runs, lane_sums):
-                        accs[id(r)].add(len(x), partial)
+                if self.pool is None:  # all dispatched, then all fetched: an accelerator is not idle between them
+                    parts = jax.device_get([sums(i, x_BD) for i in range(len(group))])
+                else:
+                    parts = self._map(lambda i, x_BD=x_BD: jax.device_get(sums(i, x_BD)), range(len(group)))
+                for r, partial in zip(group, parts):
+                    accs[id(r)].add(len(x), partial)
             out.update({id(r): summed(accs[id(r)]) for r in group})
         return out
 
@@ -330,12 +342,6 @@ class SweepRun:
 
     def bytes_read(self) -> int:
         return sum(source.bytes_read() for source in self.sources.values())
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _members_sums(saes: tuple, models: tuple, x_BD: jax.Array) -> tuple:
-    """``metrics.batch_sums`` of several members on one batch, as one program (one dispatch, one fetch)."""
-    return tuple(batch_sums(sae, *model, x_BD) for sae, model in zip(saes, models))
 
 
 def side_by_side(pool: ThreadPoolExecutor | None, calls: list[Callable]) -> list:
