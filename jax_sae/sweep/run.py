@@ -76,9 +76,12 @@ def thread_count(setting: int, mesh, runs: Sequence[TrainingRun]) -> int:
 
 def step_cost(run: TrainingRun) -> float:
     """A rough relative cost of one member's step, only to share the members evenly between threads:
-    the matrix products grow with latents x width, a top-k selection also with k."""
+    the matrix products grow with latents x width, a top-k selection also with k; a batch-wide one
+    (BatchTopK, Matryoshka) selects among 2k candidates per row and costs about as much again
+    (measured on this project's 2-core CPU: 1.3-1.7x a TopK step of the same size)."""
     sae = run.plan.sae
-    return sae.hidden_dim * sae.batch_width * ((sae.top_k if sae.uses_k else 96) + 32)
+    selected = (sae.top_k if sae.row_topk else 2 * sae.top_k + 16) if sae.uses_k else 96
+    return sae.hidden_dim * sae.batch_width * (selected + 32)
 
 
 def validation_cost(run: TrainingRun) -> float:
