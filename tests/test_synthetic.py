@@ -139,7 +139,18 @@ def test_an_sae_made_of_the_true_directions_scores_as_such(tiny):
 def _train_args(out, *extra):
     return ["jax_sae.train", "--store", "synthetic:synthsaebench-tiny", "--sae_type", "batch_topk", "--hidden_dim",
             "128", "--top_k", "4", "--batch_size", "256", "--epochs", "2", "--max_tokens", "10240", "--lr", "3e-3",
-            "--checkpoint_every", "20", "--mesh_data", "1", "--out", str(out), "--no-progress", *extra]
+            "--checkpoint_every", "20", "--val_max_tokens", "4096", "--mesh_data", "1", "--out", str(out),
+            "--no-progress", *extra]
+
+
+def _one_device_env(cache) -> dict:
+    """This environment without the tests' four forced CPU devices, and with a compilation cache of
+    the test's own: the rerun loads the first run's programs instead of compiling them again."""
+    import os
+    import re
+
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")).strip()
+    return os.environ | {"XLA_FLAGS": flags, "SAE_MUSIC_JAX_CACHE": str(cache)}
 
 
 def test_training_on_synthetic_batches_resumes_to_the_same_parameters(tmp_path):
@@ -147,7 +158,8 @@ def test_training_on_synthetic_batches_resumes_to_the_same_parameters(tmp_path):
 
     import jax_sae
 
-    done = subprocess.run(cli(*_train_args(tmp_path / "run")), capture_output=True, text=True)
+    env = _one_device_env(tmp_path / "jax-cache")
+    done = subprocess.run(cli(*_train_args(tmp_path / "run")), capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     run = tmp_path / "run" / "batch_topk" / "layer12" / "dim128"
     first = jax_sae.load(run / "final")
@@ -157,7 +169,7 @@ def test_training_on_synthetic_batches_resumes_to_the_same_parameters(tmp_path):
         shutil.rmtree(run / name)
     steps = sorted(int(p.name) for p in (run / "ckpt").iterdir() if p.name.isdigit())
     shutil.rmtree(run / "ckpt" / str(steps[-1]))  # the finished run's last checkpoint: it resumes from the one before
-    again = subprocess.run(cli(*_train_args(tmp_path / "run")), capture_output=True, text=True)
+    again = subprocess.run(cli(*_train_args(tmp_path / "run")), capture_output=True, text=True, env=env)
     assert again.returncode == 0 and "resuming" in again.stdout and f"from step {steps[-2]}" in again.stdout, again.stdout
     second = jax_sae.load(run / "final")
     for name in ("W_enc_DH", "b_enc_H", "W_dec_HD", "b_dec_D"):
