@@ -257,6 +257,8 @@ class TrainingSettings:
     """After the warm-up: cosine decay to 1% of --lr, or wsd (held, then a linear decay to 1% over the last 20%)."""
     adam_betas: tuple[float, ...] = (0.9, 0.95)
     """Adam's beta1,beta2."""
+    grad_clip: float = 1.0
+    """Clip the gradients' global norm at this value before AdamW (0: no clipping, as SAELens trains)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     sparsity_coef: float = 1.0
@@ -314,6 +316,7 @@ class TrainingSettings:
             (len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
              f"--adam_betas takes two values in [0, 1), got {','.join(map(str, self.adam_betas))}"),
             (self.aux_k >= 0, "--aux_k must be 0 (d_model/2) or positive"),
+            (self.grad_clip >= 0, f"--grad_clip must be 0 (no clipping) or positive, got {self.grad_clip}"),
             (self.data_lanes >= 0, f"--data_lanes must be 0 (the number of processes) or positive, got {self.data_lanes}"),
             (self.enc_init_scale > 0, f"--enc_init_scale must be positive, got {self.enc_init_scale}"),
             (self.target_l0 >= 0, f"--target_l0 must be 0 (--top_k) or positive, got {self.target_l0}"),

@@ -67,9 +67,11 @@ def lr_schedule(lr: float, total_steps: int, kind: str = DEFAULTS.lr_schedule) -
 
 
 def make_optimizer(lr: float, total_steps: int, weight_decay: float, schedule: str = DEFAULTS.lr_schedule,
-                   betas: tuple[float, ...] = DEFAULTS.adam_betas) -> optax.GradientTransformation:
-    """Clip at global norm 1, then AdamW on ``lr_schedule``."""
-    return optax.chain(optax.clip_by_global_norm(1.0),
+                   betas: tuple[float, ...] = DEFAULTS.adam_betas,
+                   clip: float = DEFAULTS.grad_clip) -> optax.GradientTransformation:
+    """Clip at global norm ``clip`` (0: not at all; the state keeps its shape either way), then
+    AdamW on ``lr_schedule``."""
+    return optax.chain(optax.clip_by_global_norm(clip) if clip > 0 else optax.identity(),
                        optax.adamw(lr_schedule(lr, total_steps, schedule), b1=betas[0], b2=betas[1],
                                    weight_decay=weight_decay))
 
@@ -151,7 +153,8 @@ def build_step(cfg: TrainConfig, sae: SAEConfig, mesh, total_steps: int, dead_to
     a latent counting as dead after ``dead_tokens``: its optimizer and loss settings from the
     config, and the state's shardings from its abstract shapes."""
     train, runtime = cfg.train, cfg.runtime
-    optimizer = make_optimizer(cfg.peak_lr, total_steps, train.weight_decay, train.lr_schedule, train.adam_betas)
+    optimizer = make_optimizer(cfg.peak_lr, total_steps, train.weight_decay, train.lr_schedule, train.adam_betas,
+                               train.grad_clip)
     settings = LossSettings(sae, train.sparsity_coef, sparsity_warmup_steps(total_steps), train.aux_penalty,
                             dead_tokens, runtime.backward, runtime.compute_dtype, train.aux_k, cfg.prefix_weights(),
                             train.jumprelu_sparsity, cfg.target_l0, train.jumprelu_bandwidth,

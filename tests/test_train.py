@@ -279,7 +279,28 @@ def test_bad_input_gets_one_line_before_any_compute(planted, tmp_path):
         base + ["--sae_type", "matryoshka", "--group_weights", "1,2"])
     assert "only --sae_type matryoshka takes them" in _error(base + ["--group_weights", "1"])
     assert "--enc_init_scale must be positive" in _error(base + ["--enc_init_scale", "0"])
+    assert "--grad_clip must be 0 (no clipping) or positive, got -1.0" in _error(base + ["--grad_clip", "-1"])
     assert not (tmp_path / "m").exists()
+
+
+def test_grad_clip_zero_leaves_the_gradient_whole_and_keeps_the_state_shape():
+    """A gradient of norm 4, then one of norm 1 in the same direction (10 steps: the first at the
+    warm-up's lr 0, the second at the peak). Clipped at 1, both reach Adam as the same unit vector,
+    so the second step moves each weight by the full lr; unclipped, the first one's larger moments
+    make it 0.84 lr. The optimizer state has the same structure either way, so a checkpoint of one
+    resumes under the other."""
+    from jax_sae.step import make_optimizer
+
+    lr, params = 1e-2, {"w": jnp.ones(4)}
+    second = {}
+    for clip in (1.0, 0.0):
+        opt = make_optimizer(lr, 10, 0.0, clip=clip)
+        _, state = opt.update({"w": jnp.full(4, 2.0)}, opt.init(params), params)
+        second[clip] = np.asarray(opt.update({"w": jnp.full(4, 0.5)}, state, params)[0]["w"])
+    np.testing.assert_allclose(second[1.0], -lr, rtol=1e-3)
+    np.testing.assert_allclose(second[0.0], -0.84 * lr, rtol=0.01)
+    assert jax.tree.structure(make_optimizer(lr, 10, 0.0, clip=0.0).init(params)) == jax.tree.structure(
+        make_optimizer(lr, 10, 0.0).init(params))
 
 
 def test_encoder_initialisation_options():
