@@ -61,7 +61,8 @@ class SweepBenchConfig:
     """Store rows (0: the size's default)."""
     steps: int = 20
     """Also time this many steps of the sweep's compiled step against each member's own step, summed
-    (the arithmetic alone, without validation or files; 0 leaves it out)."""
+    (the arithmetic alone, without validation or files), and a tenth as many validations of every
+    member: the sweep's against each member's own in turn (0 leaves both out)."""
     caches: tuple[Literal["cold", "warm"], ...] = ("cold",)
     """Compilation caches to measure: ``cold`` (each run on an empty cache of its own), ``warm`` (each
     side again on the cache its cold run of the same repeat filled; needs ``cold``). Goals are judged
@@ -131,13 +132,13 @@ def run_steps(flags: dict, steps: int, cache: str) -> dict:
     compiled = run._compile(members)
     x = next(iter(run.sources[compiled.keys[0]].batches(0, 0, 1)))
 
-    def timed(step) -> float:
+    def timed(step, times: int = steps) -> float:
         jax.block_until_ready(step())
         started = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(times):
             out = step()
         jax.block_until_ready(out)
-        return (time.perf_counter() - started) / steps
+        return (time.perf_counter() - started) / times
 
     def sweep_step():
         states, metrics = compiled.fn(tuple(r.state for r in members), (x,))
@@ -153,8 +154,15 @@ def run_steps(flags: dict, steps: int, cache: str) -> dict:
             return metrics
 
         alone[run.names[id(r)]] = timed(own)
+    # One validation of every member over the held-out rows: the sweep's (rows read once, each member's
+    # own program handed to the threads) against each member's own validation in turn (its own read).
+    # A warm-up each first: compilation and the threshold calibration of these states.
+    validations = max(1, steps // 10)
+    sweep_validation = timed(lambda: run.validate(members), validations)
+    own_validations = timed(lambda: [r.validation() for r in members], validations)
     run.close()
-    return {"sweep_step": together, "alone_steps": alone, "threads": run.threads}
+    return {"sweep_step": together, "alone_steps": alone, "threads": run.threads,
+            "sweep_validation": sweep_validation, "own_validations": own_validations}
 
 
 def _width(store: str) -> int:
@@ -219,6 +227,12 @@ def run(cfg: SweepBenchConfig) -> dict:
                     sum(timing["alone_steps"].values()) / timing["sweep_step"], 2)
                 derived[f"{size}: each member's own step (ms)"] = {k: round(v * 1e3, 1)
                                                                   for k, v in timing["alone_steps"].items()}
+                figures[f"{size}: one validation of all members, sweep"] = summarize(
+                    [timing["sweep_validation"] * 1e3], "ms")
+                figures[f"{size}: the members' own validations, in turn"] = summarize(
+                    [timing["own_validations"] * 1e3], "ms")
+                derived[f"{size}: validation speed-up (own in turn / sweep)"] = round(
+                    timing["own_validations"] / timing["sweep_validation"], 2)
             for cache, sides in results.items():
                 if sides["sweep"]:
                     _compare(size, cache, sides, figures, derived, targets)
