@@ -54,6 +54,9 @@ class SynthBenchConfig:
     train_flags: str = ""
     """More trainer flags for every run, as on the command line ("--aux_k 512 --group_weights 1,1")."""
     out: str = "bench/results/synthbench_runs"
+    sweep: bool = False
+    """Train each seed's types as one sweep (jax_sae.sweep): every batch is drawn once for all of them,
+    and each SAE equals its lone run. Drawing the 16k model's samples is most of a run on a CPU."""
     generator: bool = False
     """Print the generator's statistics instead of training."""
     saelens_runs: tuple[str, ...] = ()
@@ -62,13 +65,12 @@ class SynthBenchConfig:
     """A results file of bench/saelens_synth.py: set SAELens's generator and metrics beside ours instead of training."""
 
 
-def train_and_score(cfg: SynthBenchConfig, sae_type: str, seed: int, model) -> dict:
+def train_config(cfg: SynthBenchConfig, sae_type: str, seed: int):
+    """The trainer's config of one SAE of the benchmark: its defaults, the benchmark's settings, then
+    ``--train_flags``."""
     import shlex
 
-    from jax_sae.api import SAE
     from jax_sae.config import TrainConfig
-    from jax_sae.synthetic.metrics import score
-    from jax_sae.train import train
 
     from sae_core.cli import build_parser
 
@@ -76,17 +78,53 @@ def train_and_score(cfg: SynthBenchConfig, sae_type: str, seed: int, model) -> d
     parser = build_parser(TrainConfig, "--train_flags", "")
     given, defaults = vars(parser.parse_args(shlex.split(cfg.train_flags))), vars(parser.parse_args([]))
     extra = {name: value for name, value in given.items() if value != defaults[name]}
-    train_cfg = TrainConfig.of(**({
+    return TrainConfig.of(**({
         "store": f"synthetic:{cfg.model}", "sae_type": sae_type, "hidden_dim": cfg.hidden_dim, "top_k": cfg.top_k,
         "batch_size": cfg.batch_size, "lr": cfg.lr, "epochs": 1, "max_tokens": cfg.samples, "seed": seed,
         "eval_every": max(1, steps // max(1, cfg.evaluations)), "out": f"{cfg.out}/{sae_type}-seed{seed}",
     } | extra))
+
+
+def train_and_score(cfg: SynthBenchConfig, sae_type: str, seed: int, model) -> dict:
+    from jax_sae.train import train
+
+    train_cfg = train_config(cfg, sae_type, seed)
     stats = train(train_cfg)
+    return scored(cfg, train_cfg.run_dir(), stats, model)
+
+
+def sweep_and_score(cfg: SynthBenchConfig, seed: int, model) -> list[dict]:
+    """Every type of ``seed`` trained as one sweep (``jax_sae.sweep``): each batch is drawn once and
+    feeds them all, and each member's run equals the run ``train_and_score`` makes."""
+    from jax_sae.sweep import SweepConfig, sweep
+
+    from sae_core.cli import from_flags
+
+    base = train_config(cfg, cfg.types[0], seed)
+    flags = base.settings() | {"sae_types": tuple(cfg.types), "out": f"{cfg.out}/sweep-seed{seed}"}
+    summary = sweep(from_flags(SweepConfig, flags))
+    rows = []
+    for record in summary["members"]:
+        run_dir = Path(record["run_dir"])
+        stats = json.loads((run_dir / "training_stats.json").read_text())
+        row = scored(cfg, run_dir, stats, model)
+        row["sweep_seconds"] = summary["seconds"]  # the whole sweep's, shared by its members
+        rows.append(row)
+    return rows
+
+
+def scored(cfg: SynthBenchConfig, run_dir: Path, stats: dict, model) -> dict:
+    """One trained SAE's row: its ``best/`` model scored on ``--eval_samples`` fresh samples."""
+    from jax_sae.api import SAE
+    from jax_sae.config import TrainConfig
+    from jax_sae.synthetic.metrics import score
+
     started = time.perf_counter()
-    scores = score(SAE.load(train_cfg.run_dir() / "best"), model, n_samples=cfg.eval_samples, progress=True)
-    return {"sae_type": sae_type, "seed": seed, "train_seconds": stats["seconds"],
+    scores = score(SAE.load(run_dir / "best"), model, n_samples=cfg.eval_samples, progress=True)
+    settings = stats.get("config", {})
+    return {"sae_type": settings.get("sae_type"), "seed": settings.get("seed"), "train_seconds": stats["seconds"],
             "samples_per_second": stats["steps"] * cfg.batch_size / stats["seconds"],
-            "score_seconds": time.perf_counter() - started, "lr": train_cfg.peak_lr,
+            "score_seconds": time.perf_counter() - started, "lr": TrainConfig.of(**settings).peak_lr,
             "train_flags": cfg.train_flags, **scores}
 
 
@@ -202,7 +240,10 @@ def run(cfg: SynthBenchConfig) -> dict:
         results["generator"] = generator_stats(model, n_samples=cfg.eval_samples)
         print(json.dumps(results["generator"], indent=1))
     else:
-        rows = [train_and_score(cfg, t, s, model) for t in cfg.types for s in cfg.seeds]
+        if cfg.sweep:
+            rows = [row for s in cfg.seeds for row in sweep_and_score(cfg, s, model)]
+        else:
+            rows = [train_and_score(cfg, t, s, model) for t in cfg.types for s in cfg.seeds]
         for r in rows:
             r["label"] = f"ours {r['sae_type']} seed {r['seed']} ({cfg.samples / 1e6:g}M)"
         rows += [score_saelens_run(p) for p in cfg.saelens_runs]
