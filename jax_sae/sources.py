@@ -159,11 +159,11 @@ class SyntheticData:
     def _draw(self, stream: int, *path: int) -> jax.Array:
         """The batch of key (--data_seed, stream, *path), made already placed on the mesh."""
         from .synthetic import load
-        from .synthetic.sample import key, samples
+        from .synthetic.sample import key, x_only
 
         if self._generate is None:  # built on first use: the scan, after the run's cheap checks
             self._model, size = load(self.synth), self.cfg.train.batch_size
-            self._generate = jax.jit(lambda model, k: samples(model, k, size)[0], out_shardings=self.sharding)
+            self._generate = jax.jit(lambda model, k: x_only(model, k, size), out_shardings=self.sharding)
         k = jax.random.fold_in(key(self.cfg.data_seed), stream)
         for index in path:
             k = jax.random.fold_in(k, index)

@@ -103,6 +103,45 @@ def test_a_key_gives_the_same_batch_and_another_key_another(tiny):
     assert not np.allclose(x1, x3)
 
 
+def test_compacting_a_row_finds_its_firing_columns_in_order():
+    """The packed-word compaction against numpy, at densities from empty to full and with rows that
+    fire more often than there are slots (those keep their first columns and report the count)."""
+    from jax_sae.synthetic.sample import _compact
+
+    rng = np.random.default_rng(0)
+    for width, density, slots in ((5504, 0.002, 40), (70, 0.5, 24), (64, 1.0, 8), (33, 0.0, 4), (100, 0.3, 100)):
+        fire = rng.random((16, width)) < density
+        columns, count = jax.jit(_compact, static_argnums=1)(jnp.asarray(fire), slots)
+        for row, (got, n) in enumerate(zip(np.asarray(columns), np.asarray(count))):
+            want = np.flatnonzero(fire[row])
+            assert n == len(want)
+            np.testing.assert_array_equal(got[: min(n, slots)], want[:slots])
+            assert np.all(got[min(n, slots):] == width)
+
+
+def test_coarse_then_fine_uniforms_fire_at_exactly_the_given_rate():
+    """Features outside the trees fire when a byte falls below 256 q, or equals it and a fine uniform
+    falls below the remainder: rate q exactly. Without correlation q is the Zipf rate; each of the 48
+    features' counts (rates 5e-4 to 0.4, across the bytes' steps) lies within 5 standard deviations."""
+    cfg = SynthConfig(n_features=48, d_model=16, roots=0, corr_rank=1, corr_scale=0.0, ortho_steps=0)
+    model = B.build(cfg)
+    n = 65_536
+    _, a, over = jax.jit(samples, static_argnums=2)(model, key(5), n)
+    assert int(over) == 0
+    p = B.zipf_probabilities(cfg)
+    counts = np.asarray((a > 0).sum(axis=0))
+    assert np.all(np.abs(counts - n * p) < 5 * np.sqrt(n * p * (1 - p)) + 1), np.abs(counts - n * p) / np.sqrt(n * p)
+
+
+def test_x_alone_equals_the_samples_x(tiny):
+    """Training draws x without the [B, N] magnitudes; it equals the x of ``samples`` (float32 sums in
+    another order: within 1e-5 of |x|)."""
+    from jax_sae.synthetic.sample import batch_x
+
+    x, _, _ = jax.jit(samples, static_argnums=2)(tiny, key(7), 512)
+    np.testing.assert_allclose(np.asarray(batch_x(tiny, key(7), 512)), np.asarray(x), atol=1e-5 * float(jnp.abs(x).max()))
+
+
 def test_metrics_on_batches_whose_answer_is_known():
     directions = jnp.eye(4)  # 4 true features along the axes
     W_dec = jnp.asarray([[1.0, 0, 0, 0], [0, 0.6, 0.8, 0]])  # latent 0 = feature 0; latent 1 nearest feature 2
@@ -189,3 +228,20 @@ def test_the_saelens_side_refuses_missing_inputs_in_one_line(tmp_path, capsys):
         saelens_synth.main(["--ours", str(ours), "--our_dictionary", "--train", "batch_topk"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and "/gone.npz" in err
+
+
+@pytest.mark.slow  # 50 s: three trainings' compilations; the sweep's equality with lone runs is test_sweep's
+def test_synthbench_sweep_scores_what_the_lone_runs_score(tiny, tmp_path):
+    """``bench.synthbench --sweep`` trains the types as one sweep on shared batches; each SAE's row
+    equals its lone run's (same batches, same steps): scores within 1e-6, as float noise allows."""
+    from bench.synthbench import SynthBenchConfig, sweep_and_score, train_and_score
+
+    cfg = SynthBenchConfig(model="synthsaebench-tiny", hidden_dim=32, top_k=4, samples=2560, batch_size=256,
+                           evaluations=2, eval_samples=1024, out=str(tmp_path / "runs"))
+    swept = sweep_and_score(cfg, 0, tiny)
+    assert [r["sae_type"] for r in swept] == ["batch_topk", "matryoshka"]
+    for row in swept:
+        lone = train_and_score(cfg, row["sae_type"], 0, tiny)
+        for name in ("f1", "mcc", "uniqueness", "explained_variance", "l0", "dead"):
+            assert row[name] == pytest.approx(lone[name], abs=1e-6), (row["sae_type"], name)
+        assert 0 < row["f1"] <= 1 and row["lr"] == lone["lr"]
