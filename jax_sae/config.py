@@ -283,6 +283,9 @@ class TrainingSettings:
     """Weight of the AuxK dead-latent loss (TopK family and JumpReLU)."""
     aux_k: int = 0
     """Dead latents AuxK reconstructs the residual from, per token (0: d_model/2)."""
+    aux_activation: Literal["relu", "pre"] = "relu"
+    """How AuxK's dead latents enter: ReLU'd, or as their pre-activations (SAELens's AuxK: a latent whose
+    every pre-activation is negative still learns)."""
     group_weights: tuple[float, ...] = ()
     """Matryoshka: weight of each nested prefix's reconstruction loss, one per group, normalised to sum 1 (default: equal)."""
     dead_tokens: int = 10_000_000

@@ -56,6 +56,7 @@ class LossSettings:
     tanh_scale: float = 4.0  # JumpReLU's tanh loss scale
     ste_to_input: bool = False  # JumpReLU's straight-through gradient also reaches the pre-activations
     threshold_lr: float = 10.0  # JumpReLU's thresholds' learning rate, as a multiple of the others'
+    aux_activation: Literal["relu", "pre"] = "relu"  # how AuxK's dead latents enter (see _aux_loss)
 
     def weights(self) -> tuple[float, ...]:
         """Matryoshka's prefix-loss weights (one per group, summing to 1); (1.0,) for the other types."""
@@ -320,23 +321,31 @@ def _aux_loss(params: SAEParams, in_BD, x_BD, x_hat_BD, dead_H, s: LossSettings,
               cap: int | None = None):
     """AuxK: the detached residual of target ``x_BD`` reconstructed from the top min(aux_k or d/2,
     dead) dead latents of input ``in_BD``, normalised by the residual's variance. With ``cap``, only
-    the (at most ``cap`` per shard) dead latents' columns enter the matmuls, instead of all h."""
+    the (at most ``cap`` per shard) dead latents' columns enter the matmuls, instead of all h. The
+    dead latents enter ReLU'd, or (``aux_activation`` pre) as their pre-activations, so that a latent
+    whose every pre-activation is negative still gets a gradient (SAELens's AuxK)."""
     cfg = s.sae
     k = min(s.aux_k or cfg.d_model // 2, cfg.hidden_dim)
     if cap is None:
-        act_BN = jnp.where(dead_H, jax.nn.relu(_pre(params, in_BD, s.compute_dtype, cfg.is_transcoder)), 0.0)
+        pre_BN = _pre(params, in_BD, s.compute_dtype, cfg.is_transcoder)
+        used_N = dead_H
         W_dec_ND = params.W_dec_HD
     else:
         idx_N = jnp.nonzero(dead_H, size=cap, fill_value=0)[0]
         used_N = jnp.arange(cap) < jnp.sum(dead_H)
         few = SAEParams(params.W_enc_DH[:, idx_N], params.b_enc_H[idx_N], params.W_dec_HD[idx_N], params.b_dec_D)
-        act_BN = jnp.where(used_N, jax.nn.relu(_pre(few, in_BD, s.compute_dtype, cfg.is_transcoder)), 0.0)
+        pre_BN = _pre(few, in_BD, s.compute_dtype, cfg.is_transcoder)
         W_dec_ND = few.W_dec_HD
         k = min(k, cap * lax.axis_size(S.MODEL))
+    act_BN = jnp.where(used_N, jax.nn.relu(pre_BN) if s.aux_activation == "relu" else pre_BN, 0.0)
     if k >= act_BN.shape[1] * lax.axis_size(S.MODEL):
         code_BN = act_BN  # every dead latent fits: no selection
-    else:
-        mask, _ = top_mask(lax.stop_gradient(act_BN), k, (S.MODEL,), row_wise=True)
+    else:  # the largest; top_mask keeps positive values: pre-activations are ranked from 1 above the row's least
+        score_BN = lax.stop_gradient(act_BN)
+        if s.aux_activation == "pre":
+            least_B = lax.pmin(jnp.min(jnp.where(used_N, score_BN, jnp.inf), axis=1), S.MODEL)
+            score_BN = jnp.where(used_N, score_BN - least_B[:, None] + 1.0, 0.0)
+        mask, _ = top_mask(score_BN, k, (S.MODEL,), row_wise=True)
         code_BN = jnp.where(mask, act_BN, 0.0)
     e_hat_BD = lax.psum(_mm(code_BN, W_dec_ND, s.compute_dtype), S.MODEL)
     residual_BD = x_BD - x_hat_BD

@@ -158,7 +158,8 @@ def build_step(cfg: TrainConfig, sae: SAEConfig, mesh, total_steps: int, dead_to
     settings = LossSettings(sae, train.sparsity_coef, sparsity_warmup_steps(total_steps), train.aux_penalty,
                             dead_tokens, runtime.backward, runtime.compute_dtype, train.aux_k, cfg.prefix_weights(),
                             train.jumprelu_sparsity, cfg.target_l0, train.jumprelu_bandwidth,
-                            train.jumprelu_tanh_scale, train.jumprelu_ste_to_input, train.jumprelu_threshold_lr)
+                            train.jumprelu_tanh_scale, train.jumprelu_ste_to_input, train.jumprelu_threshold_lr,
+                            aux_activation=train.aux_activation)
     abstract = jax.eval_shape(lambda: init_state(
         M.init_params(jax.random.PRNGKey(0), sae, jnp.zeros(sae.d_model, jnp.float32)), optimizer, 1.0))
     shardings = S.shardings(abstract, mesh)

@@ -30,9 +30,10 @@ def _setup(sae_type, d=16, h=128, k=4, batch=64, heavy_rows=0):
     return cfg, params, x
 
 
-def _compare(cfg, params, x, mesh, dead_tokens, dead_every=3, prefix_weights=()):
+def _compare(cfg, params, x, mesh, dead_tokens, dead_every=3, prefix_weights=(), aux_activation="relu"):
     counters = jnp.where(jnp.arange(cfg.hidden_dim) % dead_every == 0, 5, 0).astype(jnp.int32)
-    settings = LossSettings(cfg, 0.0, 1, 1 / 32, dead_tokens, backward="sparse", prefix_weights=prefix_weights)
+    settings = LossSettings(cfg, 0.0, 1, 1 / 32, dead_tokens, backward="sparse", prefix_weights=prefix_weights,
+                            aux_activation=aux_activation)
     batch = x.shape[0]
     (loss, (metrics, fired)), grads = jax.jit(jax.value_and_grad(sharded_loss(settings, mesh, batch), has_aux=True))(
         params, counters, jnp.int32(0), x)
@@ -85,12 +86,14 @@ def _dense_loss(cfg, params, x, mesh, prefix_weights=()):
     return float(loss)
 
 
-@pytest.mark.parametrize("mesh_shape, dead_every", [((1, 1), 16), ((1, 4), 16), ((1, 4), 3), ((1, 1), 1)])
-def test_aux_k_through_the_dead_latents_alone_equals_the_dense_aux_k(mesh_shape, dead_every):
+@pytest.mark.parametrize("mesh_shape, dead_every, aux_activation", [
+    ((1, 1), 16, "relu"), ((1, 4), 16, "relu"), ((1, 4), 3, "relu"), ((1, 1), 1, "relu"), ((1, 4), 3, "pre"),
+    ((1, 1), 1, "pre")])
+def test_aux_k_through_the_dead_latents_alone_equals_the_dense_aux_k(mesh_shape, dead_every, aux_activation):
     # 1 in 16 dead: at most h/8 per shard; 1 in 3: at most h/2 (AuxK's matmuls use only the
     # dead latents' columns); all dead: through all h.
     cfg, params, x = _setup("topk")
-    metrics = _compare(cfg, params, x, make_mesh(*mesh_shape), 1, dead_every=dead_every)
+    metrics = _compare(cfg, params, x, make_mesh(*mesh_shape), 1, dead_every=dead_every, aux_activation=aux_activation)
     assert float(metrics["aux_loss"]) > 0
 
 

@@ -140,6 +140,28 @@ def test_decoder_rows_stay_unit_norm_and_gradient_is_projected():
     np.testing.assert_allclose(np.asarray(jnp.sum(g * W, axis=1)), 0.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("activation", ["relu", "pre"])
+def test_aux_k_reaches_a_latent_below_zero_everywhere_only_through_its_pre_activations(activation):
+    """Latents 0-7 are dead and negative on every row (encoder bias -100). ReLU'd, AuxK gives them no
+    gradient and they stay dead; entered as pre-activations (SAELens's AuxK) they learn."""
+    from jax_sae.forward import LossSettings, sharded_loss
+    from jax_sae.sharding import make_mesh
+
+    cfg = SAEConfig(sae_type="topk", d_model=16, hidden_dim=64, top_k=4)
+    state, _ = _tiny_state(cfg)
+    params = state.params.replace(b_enc_H=state.params.b_enc_H.at[:8].set(-100.0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (128, 16))
+    loss = sharded_loss(LossSettings(cfg, 0.0, 1, 1 / 32, 100, aux_k=4, aux_activation=activation),
+                        make_mesh(1, 1), 128)
+    counters = jnp.where(jnp.arange(64) < 8, 1000, 0).astype(jnp.int32)  # 0-7 dead (1000 >= 100 tokens)
+    grads, (metrics, _) = jax.jit(jax.grad(loss, has_aux=True))(params, counters, state.step, x)
+    reached = np.linalg.norm(np.asarray(grads.W_dec_HD[:8]), axis=1)
+    if activation == "relu":
+        assert np.all(reached == 0.0)
+    else:
+        assert np.all(reached > 0.0)
+
+
 def test_aux_k_is_zero_without_dead_latents_and_positive_with():
     cfg = SAEConfig(sae_type="topk", d_model=16, hidden_dim=64, top_k=4)
     state, _ = _tiny_state(cfg)
