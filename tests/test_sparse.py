@@ -87,8 +87,7 @@ def _dense_loss(cfg, params, x, mesh, prefix_weights=()):
 
 
 @pytest.mark.parametrize("mesh_shape, dead_every, aux_activation", [
-    ((1, 1), 16, "relu"), ((1, 4), 16, "relu"), ((1, 4), 3, "relu"), ((1, 1), 1, "relu"), ((1, 4), 3, "pre"),
-    ((1, 1), 1, "pre")])
+    ((1, 1), 16, "relu"), ((1, 4), 16, "relu"), ((1, 4), 3, "relu"), ((1, 1), 1, "relu"), ((1, 4), 3, "pre")])
 def test_aux_k_through_the_dead_latents_alone_equals_the_dense_aux_k(mesh_shape, dead_every, aux_activation):
     # 1 in 16 dead: at most h/8 per shard; 1 in 3: at most h/2 (AuxK's matmuls use only the
     # dead latents' columns); all dead: through all h.
