@@ -253,8 +253,9 @@ class TrainingSettings:
     """Rows per optimizer step."""
     lr: float | Literal["auto"] = "auto"
     """Peak learning rate (after a linear warm-up over min(1000 steps, 10%)); auto: 3e-3 * sqrt(2048 / hidden_dim) * sqrt(batch_size / 4096)."""
-    lr_schedule: Literal["cosine", "wsd"] = "wsd"
-    """After the warm-up: cosine decay to 1% of --lr, or wsd (held, then a linear decay to 1% over the last 20%)."""
+    lr_schedule: Literal["cosine", "wsd", "constant"] = "wsd"
+    """After the warm-up: cosine decay to 1% of --lr, wsd (held, then a linear decay to 1% over the last 20%),
+    or constant (held to the end)."""
     adam_betas: tuple[float, ...] = (0.9, 0.95)
     """Adam's beta1,beta2."""
     grad_clip: float = 1.0

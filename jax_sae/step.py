@@ -51,9 +51,13 @@ def sparsity_warmup_steps(total_steps: int) -> int:
 
 
 def lr_schedule(lr: float, total_steps: int, kind: str = DEFAULTS.lr_schedule) -> optax.Schedule:
-    """Linear warm-up over min(1000 steps, 10%), then ``cosine`` decay to 1% of lr, or ``wsd``
-    (warm-up, stable): lr held until the last 20% of the steps, then a linear decay to 1%."""
+    """Linear warm-up over min(1000 steps, 10%), then ``cosine`` decay to 1% of lr, ``wsd``
+    (warm-up, stable): lr held until the last 20% of the steps, then a linear decay to 1%, or
+    ``constant``: lr held to the end (SAELens's SyntheticSAERunner, after our warm-up)."""
     warmup = lr_warmup_steps(total_steps)
+    if kind == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)],
+                                    boundaries=[warmup])
     if kind == "wsd":
         decay = max(1, total_steps // 5)
         stable = max(0, total_steps - warmup - decay)

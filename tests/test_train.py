@@ -466,6 +466,8 @@ def test_wsd_holds_the_rate_then_decays_over_the_last_fifth():
     assert float(wsd(799)) == pytest.approx(1.0) and float(wsd(900)) == pytest.approx(0.505, abs=1e-6)
     assert float(wsd(1000)) == pytest.approx(0.01) and float(cosine(1000)) == pytest.approx(0.01)
     assert float(cosine(500)) < 0.75 < float(wsd(500))
+    constant = lr_schedule(1.0, 1000, "constant")
+    assert float(constant(50)) == pytest.approx(0.5) and float(constant(1000)) == pytest.approx(1.0)
 
 
 @pytest.mark.slow  # two runs; the quality benchmark measures the same (L0 at k with calibration)
