@@ -291,6 +291,14 @@ class TrainingSettings:
     """Matryoshka: weight of each nested prefix's reconstruction loss, one per group, normalised to sum 1 (default: equal)."""
     dead_tokens: int = 10_000_000
     """A latent is dead after this many tokens without firing (capped at a tenth of the run)."""
+    decoder_norm: Literal["unit", "free"] = "unit"
+    """unit: decoder rows held at norm 1 (the gradient's radial part removed, rows renormalised after each
+    step); free: rows of any norm, each latent's activation its pre-activation x its row's norm, so the
+    reconstruction reads unit rows (SAELens's rescale_acts_by_decoder_norm). Saved models hold unit rows
+    either way. TopK, BatchTopK and Matryoshka."""
+    decoder_init_norm: float = 0.1
+    """With --decoder_norm free: every decoder row's norm at the start, and the encoder their transpose
+    (SAELens: 0.1, Anthropic's 2024 heuristic)."""
     b_dec_init: Literal["median", "mean"] = "median"
     """Decoder bias at the start: the geometric median or the mean of a sample of rows."""
     enc_init: Literal["transpose", "independent"] = "transpose"
@@ -323,6 +331,7 @@ class TrainingSettings:
             (self.grad_clip >= 0, f"--grad_clip must be 0 (no clipping) or positive, got {self.grad_clip}"),
             (self.data_lanes >= 0, f"--data_lanes must be 0 (the number of processes) or positive, got {self.data_lanes}"),
             (self.enc_init_scale > 0, f"--enc_init_scale must be positive, got {self.enc_init_scale}"),
+            (self.decoder_init_norm > 0, f"--decoder_init_norm must be positive, got {self.decoder_init_norm}"),
             (self.target_l0 >= 0, f"--target_l0 must be 0 (--top_k) or positive, got {self.target_l0}"),
             (self.jumprelu_bandwidth > 0 and self.jumprelu_tanh_scale > 0 and self.jumprelu_threshold_lr > 0,
              "--jumprelu_bandwidth, --jumprelu_tanh_scale and --jumprelu_threshold_lr must be positive"),
@@ -377,6 +386,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.sae.sae_type == "jumprelu" and not 0 < self.target_l0 <= self.sae.hidden_dim:
             raise ConfigError(f"--target_l0 {self.target_l0} must be at most --hidden_dim {self.sae.hidden_dim}")
+        if self.train.decoder_norm == "free" and BEHAVIOURS[self.sae.sae_type].selection not in ("row_topk", "batch_topk"):
+            raise ConfigError(f"--decoder_norm free is for topk, batch_topk and matryoshka, not {self.sae.sae_type}: "
+                              "drop it (its penalty and thresholds read unit decoder rows)")
         weights, groups = self.train.group_weights, self.sae.config(d_model=1).group_sizes
         if weights and len(weights) != len(groups):
             raise ConfigError(

@@ -57,6 +57,7 @@ class LossSettings:
     ste_to_input: bool = False  # JumpReLU's straight-through gradient also reaches the pre-activations
     threshold_lr: float = 10.0  # JumpReLU's thresholds' learning rate, as a multiple of the others'
     aux_activation: Literal["relu", "pre"] = "relu"  # how AuxK's dead latents enter (see _aux_loss)
+    free_decoder: bool = False  # the state holds free-norm decoder rows (model.effective); the loss sees unit rows
 
     def weights(self) -> tuple[float, ...]:
         """Matryoshka's prefix-loss weights (one per group, summing to 1); (1.0,) for the other types."""

@@ -78,7 +78,7 @@ BEFORE_SETTING = {"lr_schedule": "cosine", "adam_betas": [0.9, 0.999], "aux_k": 
                   "target_l0": 0, "jumprelu_bandwidth": 0.05, "jumprelu_tanh_scale": 4.0,
                   "jumprelu_ste_to_input": False, "jumprelu_threshold_lr": 10.0,
                   "transcoder": "none", "grad_clip": 1.0,
-                  "aux_activation": "relu"}
+                  "aux_activation": "relu", "decoder_norm": "unit", "decoder_init_norm": 0.1}
 
 
 def _groups_before_levels(hidden_dim: int) -> list[int]:
@@ -298,6 +298,8 @@ class TrainingRun:
         if self._inference is not None and self._inference[0] is self.state:
             return self._inference[1]
         params, threshold, scale = to_host((self.state.params, self.state.threshold, self.state.input_scale))
+        if self.cfg.train.decoder_norm == "free":
+            params = jax.tree.map(np.asarray, M.effective(params))
         if self.plan.sae.learned_threshold:
             params, threshold = params.replace(threshold_H=None), params.threshold_H  # JumpReLU's own thresholds
         elif self.cfg.sae.threshold == "calibrated" and self.plan.sae.uses_threshold:
@@ -403,7 +405,7 @@ def _initial_state(cfg: TrainConfig, step: Step, scan: ScanResult, d_model: int)
     sample = targets * scale
     b_dec = geometric_median(sample) if cfg.train.b_dec_init == "median" else sample.mean(axis=0)
     state = fresh_state(step, jax.random.PRNGKey(cfg.train.seed), b_dec, scale, cfg.train.enc_init,
-                        cfg.train.enc_init_scale)
+                        cfg.train.enc_init_scale, cfg.train.decoder_init_norm)
     if sae.learned_threshold:  # JumpReLU starts where the initial encoder fires --target_l0 latents per row
         start = M.calibrated_threshold(dataclasses.replace(sae, top_k=cfg.target_l0), state.params, inputs * scale)
         fill = jax.jit(lambda p: p.replace(threshold_H=jnp.full_like(p.threshold_H, start)),

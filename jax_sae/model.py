@@ -203,6 +203,15 @@ def project_decoder_grad(W_dec_HD: jax.Array, grad_HD: jax.Array) -> jax.Array:
     return grad_HD - jnp.sum(grad_HD * W_dec_HD, axis=1, keepdims=True) * W_dec_HD
 
 
+def effective(params: SAEParams) -> SAEParams:
+    """The unit-row parameters of a free-norm decoder (``--decoder_norm free``): with n each decoder
+    row's norm, the encoder's columns and biases times n and the rows over n. The pre-activations
+    become pre x n and the reconstruction is unchanged: SAELens's rescale_acts_by_decoder_norm."""
+    n_H = jnp.maximum(jnp.linalg.norm(params.W_dec_HD, axis=1), 1e-8)
+    return params.replace(W_enc_DH=params.W_enc_DH * n_H, b_enc_H=params.b_enc_H * n_H,
+                          W_dec_HD=params.W_dec_HD / n_H[:, None])
+
+
 def normalize_decoder(params: SAEParams) -> SAEParams:
     norms = jnp.linalg.norm(params.W_dec_HD, axis=1, keepdims=True)
     return params.replace(W_dec_HD=params.W_dec_HD / jnp.maximum(norms, 1e-8))

@@ -97,16 +97,23 @@ def init_state(params: M.SAEParams, optimizer: optax.GradientTransformation, inp
 
 
 def train_step(state: TrainState, x_BD: jax.Array, *, optimizer, grads_fn, dead_tokens: int, uses_threshold: bool,
-               threshold_lr: float = 10.0):
-    """Scale the raw batch, take one optimizer step, keep the decoder unit-norm, update the
-    dead-latent counters and the inference threshold. Pure: returns (state, metrics)."""
+               threshold_lr: float = 10.0, free_decoder: bool = False):
+    """Scale the raw batch, take one optimizer step, keep the decoder unit-norm (or, with
+    ``free_decoder``, step the free rows), update the dead-latent counters and the inference
+    threshold. Pure: returns (state, metrics)."""
     x_BD = x_BD.astype(jnp.float32) * state.input_scale
-    loss, grads, metrics, fired_H = grads_fn(state.params, state.tokens_since_fired_H, state.step, x_BD)
-    grads = grads.replace(W_dec_HD=M.project_decoder_grad(state.params.W_dec_HD, grads.W_dec_HD))
+    if free_decoder:  # the loss sees the unit-row model; its gradients reach the free rows through that map
+        unit, pull_back = jax.vjp(M.effective, state.params)
+        loss, grads, metrics, fired_H = grads_fn(unit, state.tokens_since_fired_H, state.step, x_BD)
+        (grads,) = pull_back(grads)
+    else:
+        loss, grads, metrics, fired_H = grads_fn(state.params, state.tokens_since_fired_H, state.step, x_BD)
+        grads = grads.replace(W_dec_HD=M.project_decoder_grad(state.params.W_dec_HD, grads.W_dec_HD))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     if updates.threshold_H is not None and threshold_lr != 1.0:  # JumpReLU's thresholds at their own rate
         updates = updates.replace(threshold_H=updates.threshold_H * threshold_lr)
-    params = M.normalize_decoder(optax.apply_updates(state.params, updates))
+    params = optax.apply_updates(state.params, updates)
+    params = params if free_decoder else M.normalize_decoder(params)
     if params.threshold_H is not None:  # JumpReLU: kept non-negative by projection, not by a clamp in the graph
         params = params.replace(threshold_H=jnp.maximum(params.threshold_H, 0.0))
     counters = jnp.where(fired_H, 0, jnp.minimum(state.tokens_since_fired_H + x_BD.shape[0], _COUNTER_CAP))
@@ -124,7 +131,7 @@ def pure_train_step(optimizer, settings: LossSettings, mesh, global_batch: int) 
     several of them as one program)."""
     return functools.partial(train_step, optimizer=optimizer, grads_fn=sharded_loss_and_grads(settings, mesh, global_batch),
                              dead_tokens=settings.dead_tokens, uses_threshold=settings.sae.uses_threshold,
-                             threshold_lr=settings.threshold_lr)
+                             threshold_lr=settings.threshold_lr, free_decoder=settings.free_decoder)
 
 
 def compile_train_step(optimizer, settings: LossSettings, mesh, state: TrainState, global_batch: int):
@@ -163,7 +170,7 @@ def build_step(cfg: TrainConfig, sae: SAEConfig, mesh, total_steps: int, dead_to
                             dead_tokens, runtime.backward, runtime.compute_dtype, train.aux_k, cfg.prefix_weights(),
                             train.jumprelu_sparsity, cfg.target_l0, train.jumprelu_bandwidth,
                             train.jumprelu_tanh_scale, train.jumprelu_ste_to_input, train.jumprelu_threshold_lr,
-                            aux_activation=train.aux_activation)
+                            aux_activation=train.aux_activation, free_decoder=train.decoder_norm == "free")
     abstract = jax.eval_shape(lambda: init_state(
         M.init_params(jax.random.PRNGKey(0), sae, jnp.zeros(sae.d_model, jnp.float32)), optimizer, 1.0))
     shardings = S.shardings(abstract, mesh)
@@ -173,13 +180,18 @@ def build_step(cfg: TrainConfig, sae: SAEConfig, mesh, total_steps: int, dead_to
                 pure_train_step(optimizer, settings, mesh, train.batch_size))
 
 
-def fresh_state(step: Step, key: jax.Array, b_dec_D, input_scale: float, enc_init: str, enc_scale: float) -> TrainState:
+def fresh_state(step: Step, key: jax.Array, b_dec_D, input_scale: float, enc_init: str, enc_scale: float,
+                decoder_init_norm: float = 1.0) -> TrainState:
     """A new state made where it lives: initialised by one jitted call whose outputs are already
-    sharded, so nothing the size of the dictionary passes through one host."""
+    sharded, so nothing the size of the dictionary passes through one host. A free-norm decoder
+    (``step.settings.free_decoder``) starts with rows of ``decoder_init_norm`` and the encoder scaled
+    alike (the same model as unit rows with the encoder times its square)."""
     sae = step.settings.sae
+    scale = decoder_init_norm if step.settings.free_decoder else 1.0
 
     def make(b_dec):
-        params = M.init_params(key, sae, b_dec, enc_init=enc_init, enc_scale=enc_scale)
+        params = M.init_params(key, sae, b_dec, enc_init=enc_init, enc_scale=enc_scale * scale)
+        params = params.replace(W_dec_HD=params.W_dec_HD * scale)
         return init_state(params, step.optimizer, input_scale)
 
     return jax.jit(make, out_shardings=step.shardings)(jnp.asarray(b_dec_D, jnp.float32))

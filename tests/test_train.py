@@ -325,6 +325,63 @@ def test_grad_clip_zero_leaves_the_gradient_whole_and_keeps_the_state_shape():
         make_optimizer(lr, 10, 0.0).init(params))
 
 
+def _free_params(cfg, key=0):
+    """Raw parameters of a free-norm decoder: rows of norms 0.1 to 2, biases nonzero."""
+    k = jax.random.split(jax.random.PRNGKey(key), 5)
+    norms = jax.random.uniform(k[0], (cfg.hidden_dim, 1), minval=0.1, maxval=2.0)
+    V = jax.random.normal(k[1], (cfg.hidden_dim, cfg.d_model))
+    return M.SAEParams(W_enc_DH=jax.random.normal(k[2], (cfg.d_model, cfg.hidden_dim)) * 0.3,
+                       b_enc_H=jax.random.normal(k[3], (cfg.hidden_dim,)) * 0.1,
+                       W_dec_HD=V / jnp.linalg.norm(V, axis=1, keepdims=True) * norms,
+                       b_dec_D=jax.random.normal(k[4], (cfg.d_model,)) * 0.1)
+
+
+def _saelens_recon(cfg, raw, x):
+    """SAELens's TopK with rescale_acts_by_decoder_norm, written out: the top k of pre x n, then
+    acts / n through the free rows."""
+    n = jnp.linalg.norm(raw.W_dec_HD, axis=1)
+    scaled = ((x - raw.b_dec_D) @ raw.W_enc_DH + raw.b_enc_H) * n
+    acts = M.topk_rows(scaled, cfg.top_k)
+    return (acts / n) @ raw.W_dec_HD + raw.b_dec_D
+
+
+def test_a_free_decoder_is_saelens_rescaled_model_and_learns_through_it():
+    from jax_sae.forward import LossSettings, sharded_loss_and_grads
+    from jax_sae.sharding import make_mesh
+
+    cfg = SAEConfig(sae_type="topk", d_model=16, hidden_dim=64, top_k=4)
+    raw = _free_params(cfg)
+    x = jax.random.normal(jax.random.PRNGKey(1), (128, 16)) * 3 + 1
+    unit = M.effective(raw)
+    np.testing.assert_allclose(np.linalg.norm(unit.W_dec_HD, axis=1), 1.0, rtol=1e-5)
+    ours = M.decode(unit, M.topk_rows(M.pre_activations(unit, x), cfg.top_k))
+    np.testing.assert_allclose(ours, _saelens_recon(cfg, raw, x), rtol=1e-4, atol=1e-4)
+    # the gradient the train step takes: the loss's at the unit rows, pulled back through the map
+    grads_fn = jax.jit(sharded_loss_and_grads(LossSettings(cfg, 0.0, 1, 1 / 32, 10**6), make_mesh(1, 1), 128))
+    _, pull_back = jax.vjp(M.effective, raw)
+    loss, g_unit, _, _ = grads_fn(unit, jnp.zeros(64, jnp.int32), jnp.int32(0), x)
+    (ours,) = pull_back(g_unit)
+    direct_loss = lambda p: jnp.mean(jnp.sum((_saelens_recon(cfg, p, x) - x) ** 2, axis=1))  # noqa: E731
+    ratio = float(loss) / float(direct_loss(raw))  # our loss may be the same error, normalised otherwise
+    direct = jax.grad(direct_loss)(raw)
+    for name in ("W_enc_DH", "b_enc_H", "W_dec_HD", "b_dec_D"):
+        a, b = np.asarray(getattr(ours, name)), ratio * np.asarray(getattr(direct, name))
+        np.testing.assert_allclose(a, b, atol=1e-4 * np.abs(b).max(), err_msg=name)
+
+
+def test_a_free_decoder_run_recovers_the_dictionary_and_saves_unit_rows(planted):
+    root, directions = planted
+    cfg = _cfg(root, "batch_topk", decoder_norm="free", epochs=4, out=str(root / "models-free"))
+    stats = train(cfg)
+    sae = jax_sae.load(cfg.run_dir() / "final")
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(sae.params.W_dec_HD), axis=1), 1.0, rtol=1e-5)
+    cosine = mean_max_cosine(directions, np.asarray(sae.params.W_dec_HD))
+    assert cosine >= 0.9 and stats["final_val"]["fvu"] <= 0.1, (cosine, stats["final_val"])
+    assert abs(stats["final_val"]["l0"] - 6) <= 0.2 * 6, stats["final_val"]
+    with pytest.raises(ConfigError, match="--decoder_norm free is for topk"):
+        _cfg(root, "jumprelu", decoder_norm="free")
+
+
 def test_encoder_initialisation_options():
     from jax_sae import model as M
     from jax_sae.config import SAEConfig
