@@ -287,6 +287,11 @@ class TrainingSettings:
     aux_activation: Literal["relu", "pre"] = "relu"
     """How AuxK's dead latents enter: ReLU'd, or as their pre-activations (SAELens's AuxK: a latent whose
     every pre-activation is negative still learns)."""
+    aux_loss: Literal["normalised", "sum"] = "normalised"
+    """AuxK's loss: normalised: its squared error over the residual's variance (Gao et al.); sum: its
+    squared error summed over dimensions and averaged over rows, like the reconstruction, times
+    min(dead / aux_k, 1) (SAELens's AuxK: --aux_penalty 1 is SAELens's coefficient). On the trainer's
+    inputs (E||x|| = sqrt(d)) a normalised weight equals a sum weight times the residual's energy per row."""
     group_weights: tuple[float, ...] = ()
     """Matryoshka: weight of each nested prefix's reconstruction loss, one per group, normalised to sum 1 (default: equal)."""
     dead_tokens: int = 10_000_000

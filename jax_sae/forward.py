@@ -57,6 +57,7 @@ class LossSettings:
     ste_to_input: bool = False  # JumpReLU's straight-through gradient also reaches the pre-activations
     threshold_lr: float = 10.0  # JumpReLU's thresholds' learning rate, as a multiple of the others'
     aux_activation: Literal["relu", "pre"] = "relu"  # how AuxK's dead latents enter (see _aux_loss)
+    aux_loss: Literal["normalised", "sum"] = "normalised"  # AuxK's error over the residual's variance, or SAELens's sum
     free_decoder: bool = False  # the state holds free-norm decoder rows (model.effective); the loss sees unit rows
 
     def weights(self) -> tuple[float, ...]:
@@ -321,12 +322,14 @@ def _with_dense_overflow_rows(params: SAEParams, x_BD, pre_BH, first, rows: int,
 def _aux_loss(params: SAEParams, in_BD, x_BD, x_hat_BD, dead_H, s: LossSettings, global_batch: int,
               cap: int | None = None):
     """AuxK: the detached residual of target ``x_BD`` reconstructed from the top min(aux_k or d/2,
-    dead) dead latents of input ``in_BD``, normalised by the residual's variance. With ``cap``, only
+    dead) dead latents of input ``in_BD``, normalised by the residual's variance (``aux_loss`` sum:
+    the squared error per row times min(dead / aux_k, 1), SAELens's AuxK). With ``cap``, only
     the (at most ``cap`` per shard) dead latents' columns enter the matmuls, instead of all h. The
     dead latents enter ReLU'd, or (``aux_activation`` pre) as their pre-activations, so that a latent
     whose every pre-activation is negative still gets a gradient (SAELens's AuxK)."""
     cfg = s.sae
-    k = min(s.aux_k or cfg.d_model // 2, cfg.hidden_dim)
+    k_aux = s.aux_k or cfg.d_model // 2
+    k = min(k_aux, cfg.hidden_dim)
     if cap is None:
         pre_BN = _pre(params, in_BD, s.compute_dtype, cfg.is_transcoder)
         used_N = dead_H
@@ -351,6 +354,9 @@ def _aux_loss(params: SAEParams, in_BD, x_BD, x_hat_BD, dead_H, s: LossSettings,
     e_hat_BD = lax.psum(_mm(code_BN, W_dec_ND, s.compute_dtype), S.MODEL)
     residual_BD = x_BD - x_hat_BD
     err = lax.psum(jnp.sum((residual_BD - e_hat_BD) ** 2), S.DATA)
+    if s.aux_loss == "sum":
+        dead = lax.psum(jnp.sum(dead_H), S.MODEL)
+        return err / global_batch * jnp.minimum(dead / k_aux, 1.0)
     mean_D = lax.psum(jnp.sum(residual_BD, axis=0), S.DATA) / global_batch
     var = lax.psum(jnp.sum((residual_BD - mean_D) ** 2), S.DATA)
     return err / jnp.maximum(var, 1e-12)

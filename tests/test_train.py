@@ -369,6 +369,45 @@ def test_a_free_decoder_is_saelens_rescaled_model_and_learns_through_it():
         np.testing.assert_allclose(a, b, atol=1e-4 * np.abs(b).max(), err_msg=name)
 
 
+@pytest.mark.parametrize("backward", ["dense", "sparse"])
+@pytest.mark.parametrize("n_dead", [20, 4])
+def test_aux_loss_sum_is_saelens_auxk(backward, n_dead):
+    """--aux_loss sum with --aux_activation pre is SAELens's AuxK written out: the top d/2 dead
+    pre-activations reconstruct the detached residual, squared error summed per row, averaged, times
+    min(dead / (d/2), 1); its gradient is --aux_penalty times that loss's."""
+    from jax_sae.forward import LossSettings, sharded_loss_and_grads
+    from jax_sae.sharding import make_mesh
+
+    cfg = SAEConfig(sae_type="topk", d_model=16, hidden_dim=64, top_k=4)
+    params = M.effective(_free_params(cfg))
+    x = jax.random.normal(jax.random.PRNGKey(2), (128, 16)) * 3 + 1
+    dead = np.zeros(64, bool)
+    dead[np.random.default_rng(0).choice(64, n_dead, replace=False)] = True
+    counters = jnp.where(jnp.asarray(dead), 100, 0).astype(jnp.int32)
+
+    def saelens_aux(p):
+        pre = M.pre_activations(p, x)
+        residual = jax.lax.stop_gradient(x - M.decode(p, M.topk_rows(pre, cfg.top_k)))
+        k_aux = min(8, n_dead)
+        masked = jnp.where(jnp.asarray(dead), pre, -jnp.inf)
+        top = jax.lax.top_k(masked, k_aux)[1]
+        acts = jnp.zeros_like(pre).at[jnp.arange(128)[:, None], top].set(jnp.take_along_axis(pre, top, axis=1))
+        return min(n_dead / 8, 1.0) * jnp.mean(jnp.sum((acts @ p.W_dec_HD - residual) ** 2, axis=1))
+
+    def ours(penalty):
+        settings = LossSettings(cfg, 0.0, 1, penalty, 10, backward, aux_activation="pre", aux_loss="sum")
+        return jax.jit(sharded_loss_and_grads(settings, make_mesh(1, 1), 128))(params, counters, jnp.int32(0), x)
+
+    _, with_aux, metrics, _ = ours(1.0)
+    _, without, _, _ = ours(0.0)
+    np.testing.assert_allclose(float(metrics["aux_loss"]), float(saelens_aux(params)), rtol=1e-4)
+    direct = jax.grad(saelens_aux)(params)
+    for name in ("W_enc_DH", "b_enc_H", "W_dec_HD", "b_dec_D"):
+        a = np.asarray(getattr(with_aux, name)) - np.asarray(getattr(without, name))
+        b = np.asarray(getattr(direct, name))
+        np.testing.assert_allclose(a, b, atol=1e-4 * max(np.abs(b).max(), 1e-3), err_msg=name)
+
+
 def test_a_free_decoder_run_recovers_the_dictionary_and_saves_unit_rows(planted):
     root, directions = planted
     cfg = _cfg(root, "batch_topk", decoder_norm="free", epochs=4, out=str(root / "models-free"))
