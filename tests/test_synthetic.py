@@ -159,6 +159,19 @@ def test_metrics_on_batches_whose_answer_is_known():
     norms = np.linalg.norm(xs, axis=1)
     assert s["shrinkage"] == pytest.approx(np.mean(np.linalg.norm(xh, axis=1)[norms > 0] / norms[norms > 0]))
     assert s["l0"] == 1.0 and s["true_l0"] == 1.0 and s["dead"] == 0
+    assert s["uniqueness_live"] == 1.0 and np.isnan(s["dead_max_cos"])
+
+
+def test_uniqueness_live_leaves_out_dead_latents():
+    """Latents 0 and 1 fire and best match features 0 and 1; latents 2 and 3 never fire and both best
+    match feature 3: uniqueness counts the dead ones' shared match, uniqueness_live does not."""
+    directions = jnp.eye(4)
+    W_dec = jnp.asarray([[1.0, 0, 0, 0], [0, 0.8, 0.6, 0], [0.6, 0, 0, 0.8], [0, 0, 0, 1.0]])
+    a = jnp.asarray([[1.0, 0, 0, 0], [0, 1, 0, 0]])
+    f = jnp.asarray([[1.0, 0, 0, 0], [0, 1, 0, 0]])  # latents 2 and 3 never fire
+    s = score_batches(W_dec, directions, [(a @ directions, a, f, f @ W_dec)])
+    assert s["dead"] == 2 and s["uniqueness"] == pytest.approx(3 / 4)  # best matches 0, 1, 3, 3
+    assert s["uniqueness_live"] == 1.0 and s["dead_max_cos"] == pytest.approx((0.8 + 1.0) / 2)
 
 
 def test_an_sae_made_of_the_true_directions_scores_as_such(tiny):

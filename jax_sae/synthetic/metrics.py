@@ -11,6 +11,12 @@ The definitions are the benchmark's (SAELens ``sae_lens.synthetic.evals``):
 - shrinkage: mean over samples of |x_hat| / |x|. L0 and the true L0: mean firing per sample.
 - dead: latents that never fire on the evaluation samples.
 
+Beyond the benchmark's scores, two that say what its uniqueness is made of (uniqueness counts dead
+latents too, and a latent that never learned points somewhere random, usually at a feature of its
+own): ``uniqueness_live``, distinct best matches of the latents that fire over their number, and
+``dead_max_cos``, the dead latents' mean best |cos| (near the random level, about 0.17 for 768
+dimensions, where they never learned; high where they learned a feature and then stopped firing).
+
 Evaluation samples are fresh ones from their own stream of the model (``EVAL_STREAM``)."""
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ def matching(cos_HN: np.ndarray) -> dict:
     rows, cols = linear_sum_assignment(cos_HN, maximize=True)
     best = np.argmax(cos_HN, axis=1)
     return {"mcc": float(cos_HN[rows, cols].mean()), "uniqueness": len(np.unique(best)) / cos_HN.shape[0],
-            "best_match": best}
+            "best_match": best, "best_cos": cos_HN.max(axis=1)}
 
 
 @jax.jit
@@ -100,7 +106,8 @@ def score(sae, model: SynthModel, *, n_samples: int = 500_000, batch: int = 1024
 def score_batches(W_dec_HD, directions_ND, batches) -> dict:
     """The scores from the decoder, the true directions and batches of (x, a, f, x_hat)."""
     match = matching(cosines(W_dec_HD, directions_ND))
-    best = jnp.asarray(match.pop("best_match"))
+    best_np, best_cos = match.pop("best_match"), match.pop("best_cos")
+    best = jnp.asarray(best_np)
     totals: dict = {}
     for x, a, f, x_hat in batches:
         for name, value in jax.device_get(batch_sums(x, a, f, x_hat, best)).items():
@@ -110,13 +117,16 @@ def score_batches(W_dec_HD, directions_ND, batches) -> dict:
     n, hidden = int(totals["n"]), len(totals["tp"])
     precision, recall, f1 = _per_latent(totals["tp"], totals["fp"], totals["fn"])
     mean_x = totals["sum_x"] / n
+    live = totals["fired"]
     variance = totals["sum_sq_x"] / n - float(mean_x @ mean_x)
     return match | {
         "f1": float(f1.mean()), "precision": float(precision.mean()), "recall": float(recall.mean()),
         "explained_variance": float(1.0 - (totals["sq_err"] / n) / variance) if variance > 1e-10 else float("nan"),
         "shrinkage": float(totals["shrink"] / max(1, totals["shrink_n"])),
         "l0": float(totals["l0"] / n), "true_l0": float(totals["true_l0"] / n),
-        "dead": int(hidden - totals["fired"].sum()), "hidden_dim": hidden, "samples": n,
+        "dead": int(hidden - live.sum()), "hidden_dim": hidden, "samples": n,
+        "uniqueness_live": len(np.unique(best_np[live])) / max(1, int(live.sum())),
+        "dead_max_cos": float(best_cos[~live].mean()) if (~live).any() else float("nan"),
     }
 
 
