@@ -258,6 +258,9 @@ class TrainingSettings:
     or constant (held to the end)."""
     adam_betas: tuple[float, ...] = (0.9, 0.95)
     """Adam's beta1,beta2."""
+    adam_b2_rise: float = 0.0
+    """0: beta2 constant. R > 0: the second moment's memory grows with the step t, about the last t / R
+    steps (at least twice beta1's memory), until it reaches beta2's 1 / (1 - beta2) (docs/training.md)."""
     grad_clip: float = 1.0
     """Clip the gradients' global norm at this value before AdamW (0: no clipping, as SAELens trains)."""
     weight_decay: float = 0.0
@@ -330,6 +333,7 @@ class TrainingSettings:
             (self.max_tokens is None or self.max_tokens > 0, "--max_tokens must be positive"),
             (self.num_samples is None or self.num_samples > 0, "--num_samples must be positive"),
             (self.dead_tokens > 0, "--dead_tokens must be positive"),
+            (self.adam_b2_rise >= 0, f"--adam_b2_rise must be 0 (off) or positive, got {self.adam_b2_rise}"),
             (len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
              f"--adam_betas takes two values in [0, 1), got {','.join(map(str, self.adam_betas))}"),
             (self.aux_k >= 0, "--aux_k must be 0 (d_model/2) or positive"),

@@ -78,7 +78,8 @@ BEFORE_SETTING = {"lr_schedule": "cosine", "adam_betas": [0.9, 0.999], "aux_k": 
                   "target_l0": 0, "jumprelu_bandwidth": 0.05, "jumprelu_tanh_scale": 4.0,
                   "jumprelu_ste_to_input": False, "jumprelu_threshold_lr": 10.0,
                   "transcoder": "none", "grad_clip": 1.0,
-                  "aux_activation": "relu", "aux_loss": "normalised", "decoder_norm": "unit", "decoder_init_norm": 0.1}
+                  "aux_activation": "relu", "aux_loss": "normalised", "decoder_norm": "unit", "decoder_init_norm": 0.1,
+                  "adam_b2_rise": 0.0}
 
 
 def _groups_before_levels(hidden_dim: int) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,14 +70,58 @@ def lr_schedule(lr: float, total_steps: int, kind: str = DEFAULTS.lr_schedule) -
     )
 
 
+class RisingAdamState(NamedTuple):
+    count: jax.Array
+    mu: optax.Updates
+    nu: optax.Updates
+    nu_weight: jax.Array
+    """The weight the second-moment average has gathered, sum of its terms' coefficients (its bias correction)."""
+
+
+def scale_by_rising_adam(b1: float, b2: float, rise: float, eps: float = 1e-8) -> optax.GradientTransformation:
+    """Adam whose second moment's memory grows with the step: at step t it averages the squared
+    gradients of about the last t / ``rise`` steps, beta2_t = 1 - 1 / H_t with
+    H_t = clip(t / rise, 2 / (1 - b1), 1 / (1 - b2)), until it reaches ``b2``'s memory. Plain Adam at b2
+    averages every step so far while t < 1 / (1 - b2) (``rise`` = 1), so gradients much larger than
+    today's early in a run keep the steps small for about 1 / (1 - b2) steps; here they leave the
+    average after a few times t / ``rise``. The floor, twice the first moment's memory (0.95 for
+    b1 = 0.9), keeps beta2_t above b1 squared, below which Adam's steps are unbounded. The bias
+    correction is exact for any sequence of beta2_t (the second moment divided by the sum of its
+    coefficients); with a tiny ``rise`` this is Adam."""
+    horizon_min, horizon_max = 2.0 / (1.0 - b1), 1.0 / (1.0 - b2)
+
+    def init(params):
+        zeros = optax.tree_utils.tree_zeros_like
+        return RisingAdamState(jnp.zeros([], jnp.int32), zeros(params), zeros(params),
+                               jnp.zeros([], jnp.float32))
+
+    def update(updates, state, params=None):
+        del params
+        t = state.count + 1
+        horizon = jnp.clip(t.astype(jnp.float32) / rise, min(horizon_min, horizon_max), horizon_max)
+        b2_t = 1.0 - 1.0 / horizon
+        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+        nu = jax.tree.map(lambda v, g: b2_t * v + (1 - b2_t) * g * g, state.nu, updates)
+        weight = b2_t * state.nu_weight + (1 - b2_t)
+        first = 1 - b1 ** t.astype(jnp.float32)
+        out = jax.tree.map(lambda m, v: (m / first) / (jnp.sqrt(v / weight) + eps), mu, nu)
+        return out, RisingAdamState(t, mu, nu, weight)
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(lr: float, total_steps: int, weight_decay: float, schedule: str = DEFAULTS.lr_schedule,
                    betas: tuple[float, ...] = DEFAULTS.adam_betas,
-                   clip: float = DEFAULTS.grad_clip) -> optax.GradientTransformation:
+                   clip: float = DEFAULTS.grad_clip, b2_rise: float = DEFAULTS.adam_b2_rise) -> optax.GradientTransformation:
     """Clip at global norm ``clip`` (0: not at all; the state keeps its shape either way), then
-    AdamW on ``lr_schedule``."""
-    return optax.chain(optax.clip_by_global_norm(clip) if clip > 0 else optax.identity(),
-                       optax.adamw(lr_schedule(lr, total_steps, schedule), b1=betas[0], b2=betas[1],
-                                   weight_decay=weight_decay))
+    AdamW on ``lr_schedule`` (with ``b2_rise`` > 0, the second moment's memory rising with the step:
+    ``scale_by_rising_adam``)."""
+    clipping = optax.clip_by_global_norm(clip) if clip > 0 else optax.identity()
+    rate = lr_schedule(lr, total_steps, schedule)
+    if b2_rise > 0:
+        return optax.chain(clipping, scale_by_rising_adam(betas[0], betas[1], b2_rise),
+                           optax.add_decayed_weights(weight_decay), optax.scale_by_learning_rate(rate))
+    return optax.chain(clipping, optax.adamw(rate, b1=betas[0], b2=betas[1], weight_decay=weight_decay))
 
 
 def init_state(params: M.SAEParams, optimizer: optax.GradientTransformation, input_scale: float) -> TrainState:
@@ -165,7 +209,7 @@ def build_step(cfg: TrainConfig, sae: SAEConfig, mesh, total_steps: int, dead_to
     config, and the state's shardings from its abstract shapes."""
     train, runtime = cfg.train, cfg.runtime
     optimizer = make_optimizer(cfg.peak_lr, total_steps, train.weight_decay, train.lr_schedule, train.adam_betas,
-                               train.grad_clip)
+                               train.grad_clip, train.adam_b2_rise)
     settings = LossSettings(sae, train.sparsity_coef, sparsity_warmup_steps(total_steps), train.aux_penalty,
                             dead_tokens, runtime.backward, runtime.compute_dtype, train.aux_k, cfg.prefix_weights(),
                             train.jumprelu_sparsity, cfg.target_l0, train.jumprelu_bandwidth,

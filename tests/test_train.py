@@ -621,3 +621,48 @@ def test_a_run_with_other_settings_is_refused_naming_what_it_had(planted, tmp_pa
     assert _other_settings(saved, _cfg(planted[0], "topk", threshold="running")) == [
         "--lr_schedule cosine", "--adam_betas 0.9,0.999"]
     assert _other_settings(saved, old) == []
+
+
+def test_rising_adam_is_adam_once_risen_and_follows_its_memory_before():
+    """``scale_by_rising_adam``: with a tiny rise its memory is beta2's from the first step, and it
+    equals optax's Adam; otherwise beta2_t = 1 - 1 / clip(t / rise, 2 / (1 - beta1), 1 / (1 - beta2)),
+    the second moment bias-corrected by the sum of its coefficients. Float32, rtol 1e-5."""
+    import optax
+
+    from jax_sae.step import scale_by_rising_adam
+
+    grads = [{"w": jax.random.normal(jax.random.PRNGKey(i), (5,)) * (10.0 / (i + 1))} for i in range(40)]
+    params = {"w": jnp.zeros(5)}
+
+    def run(tx):
+        state, outs = tx.init(params), []
+        for g in grads:
+            out, state = tx.update(g, state, params)
+            outs.append(np.asarray(out["w"]))
+        return outs, state
+
+    ours, _ = run(scale_by_rising_adam(0.9, 0.99, 1e-6))
+    theirs, _ = run(optax.scale_by_adam(0.9, 0.99))
+    np.testing.assert_allclose(np.stack(ours), np.stack(theirs), rtol=1e-5, atol=1e-7)
+
+    b1, b2, rise = 0.5, 0.9, 2.0  # memory 4 steps until t = 8, t / 2 up to t = 20, then 10
+    outs, state = run(scale_by_rising_adam(b1, b2, rise))
+    mu, nu, weight = np.zeros(5), np.zeros(5), 0.0
+    for t, g in enumerate((np.asarray(g["w"], np.float64) for g in grads), start=1):
+        beta2 = 1 - 1 / min(max(t / rise, 2 / (1 - b1)), 1 / (1 - b2))
+        mu, nu, weight = b1 * mu + (1 - b1) * g, beta2 * nu + (1 - beta2) * g * g, beta2 * weight + (1 - beta2)
+        np.testing.assert_allclose(outs[t - 1], (mu / (1 - b1**t)) / (np.sqrt(nu / weight) + 1e-8), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(state.nu["w"]), nu, rtol=1e-5)
+    assert float(state.nu_weight) == pytest.approx(weight, rel=1e-5)
+
+
+def test_rising_adam_trains_and_refuses_a_negative_rise(planted):
+    """A run with the rising second moment recovers the planted dictionary as plain Adam does
+    (mean max cosine >= 0.9, as the type test asks); a negative rise is refused before any work."""
+    root, directions = planted
+    cfg = _cfg(root, "batch_topk", adam_betas=(0.9, 0.999), adam_b2_rise=10.0, out=str(root / "rise"))
+    train(cfg)
+    sae = jax_sae.load(cfg.run_dir() / "final")
+    assert mean_max_cosine(directions, np.asarray(sae.params.W_dec_HD)) >= 0.9
+    with pytest.raises(ConfigError, match="--adam_b2_rise must be 0 .off. or positive"):
+        _cfg(root, "batch_topk", adam_b2_rise=-1.0)
