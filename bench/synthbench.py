@@ -61,6 +61,9 @@ class SynthBenchConfig:
     """Print the generator's statistics instead of training."""
     saelens_runs: tuple[str, ...] = ()
     """Results files of bench/saelens_synth.py --train: score those SAELens SAEs with our metric code, beside ours."""
+    rescore: tuple[str, ...] = ()
+    """Run directories of earlier runs of ours (each holding best/ and training_stats.json): score them
+    again with the current metric code instead of training."""
     compare: str = ""
     """A results file of bench/saelens_synth.py: set SAELens's generator and metrics beside ours instead of training."""
 
@@ -123,9 +126,24 @@ def scored(cfg: SynthBenchConfig, run_dir: Path, stats: dict, model) -> dict:
     scores = score(SAE.load(run_dir / "best"), model, n_samples=cfg.eval_samples, progress=True)
     settings = stats.get("config", {})
     return {"sae_type": settings.get("sae_type"), "seed": settings.get("seed"), "train_seconds": stats["seconds"],
-            "samples_per_second": stats["steps"] * cfg.batch_size / stats["seconds"],
+            "samples_per_second": stats["steps"] * settings.get("batch_size", cfg.batch_size) / stats["seconds"],
             "score_seconds": time.perf_counter() - started, "lr": TrainConfig.of(**settings).peak_lr,
             "train_flags": cfg.train_flags, **scores}
+
+
+def rescored(cfg: SynthBenchConfig, model) -> list[dict]:
+    """``--rescore``: earlier runs' rows again, every run directory checked before the first is scored."""
+    from sae_core.errors import UsageError
+
+    for path in cfg.rescore:
+        if not (Path(path) / "training_stats.json").is_file() or not (Path(path) / "best").is_dir():
+            raise UsageError(f"--rescore {path}: not a finished run directory (needs best/ and training_stats.json); "
+                             "point at the directory that holds them")
+    rows = []
+    for path in cfg.rescore:
+        row = scored(cfg, Path(path), json.loads((Path(path) / "training_stats.json").read_text()), model)
+        rows.append(row | {"train_flags": None, "run_dir": path, "label": f"rescored {row['sae_type']} seed {row['seed']}"})
+    return rows
 
 
 def fixed_sae(model, hidden: int, k: int):
@@ -234,6 +252,10 @@ def run(cfg: SynthBenchConfig) -> dict:
         results["compare"] = compare(cfg, model, json.loads(Path(cfg.compare).read_text()))
     elif cfg.saelens_runs and not cfg.types:
         rows = [score_saelens_run(p) for p in cfg.saelens_runs]
+        print(table(rows))
+        results["runs"] = rows
+    elif cfg.rescore:
+        rows = rescored(cfg, model)
         print(table(rows))
         results["runs"] = rows
     elif cfg.generator:

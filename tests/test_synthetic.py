@@ -174,6 +174,22 @@ def test_uniqueness_live_leaves_out_dead_latents():
     assert s["uniqueness_live"] == 1.0 and s["dead_max_cos"] == pytest.approx((0.8 + 1.0) / 2)
 
 
+def test_surplus_names_the_live_duplicates_and_what_they_learned():
+    """Latents 0 and 1 learned features 0 and 1; latent 2 is a weak copy of feature 0 (|cos| 0.6)
+    firing once; latent 3 never fires. Only latent 2 is surplus, with its own |cos| and rate."""
+    directions = jnp.eye(4)
+    W_dec = jnp.asarray([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0.6, 0, 0.8, 0], [0.6, 0, 0, 0.8]])
+    a = jnp.asarray([[1.0, 0, 0, 0], [0, 1, 0, 0], [1, 1, 0, 0], [1, 0, 0, 0]])
+    f = jnp.asarray([[1.0, 0, 0, 0], [0, 1, 0, 0], [1, 1, 0.5, 0], [1, 0, 0, 0]])
+    s = score_batches(W_dec, directions, [(a @ directions, a, f, f @ W_dec)])
+    assert s["uniqueness"] == 1.0 and s["dead"] == 1  # best matches 0, 1, 2 (0.8), 3 (0.8)
+    assert s["surplus"] == 0  # latent 2's best match is feature 2 (0.8 > 0.6): distinct, not a copy
+    W_dec = W_dec.at[2].set(jnp.asarray([0.8, 0, 0.6, 0]))  # now its best match is feature 0
+    s = score_batches(W_dec, directions, [(a @ directions, a, f, f @ W_dec)])
+    assert s["surplus"] == 1 and s["surplus_cos"] == pytest.approx(0.8) and s["surplus_rate"] == pytest.approx(1 / 4)
+    assert s["kept_cos"] == pytest.approx(1.0) and s["kept_rate"] == pytest.approx(2.5 / 4)  # rates 3/4 and 2/4
+
+
 def test_an_sae_made_of_the_true_directions_scores_as_such(tiny):
     from jax_sae import model as M
     from jax_sae.api import SAE
@@ -258,3 +274,23 @@ def test_synthbench_sweep_scores_what_the_lone_runs_score(tiny, tmp_path):
         for name in ("f1", "mcc", "uniqueness", "explained_variance", "l0", "dead"):
             assert row[name] == pytest.approx(lone[name], abs=1e-6), (row["sae_type"], name)
         assert 0 < row["f1"] <= 1 and row["lr"] == lone["lr"]
+
+
+def test_synthbench_rescore_scores_a_finished_run_again_and_refuses_a_wrong_directory(tiny, tmp_path, capsys):
+    """``--rescore RUN_DIR`` gives the row the run got when it finished (same samples, same code);
+    a directory that is not a finished run is refused in one line before anything is scored."""
+    from bench import synthbench
+    from bench.synthbench import SynthBenchConfig, rescored, train_and_score
+
+    cfg = SynthBenchConfig(model="synthsaebench-tiny", hidden_dim=32, top_k=4, samples=2560, batch_size=256,
+                           evaluations=2, eval_samples=1024, out=str(tmp_path / "runs"))
+    trained = train_and_score(cfg, "batch_topk", 0, tiny)
+    run_dir = next((tmp_path / "runs").rglob("training_stats.json")).parent
+    again, = rescored(SynthBenchConfig(model="synthsaebench-tiny", eval_samples=1024, rescore=(str(run_dir),)), tiny)
+    for name in ("f1", "mcc", "uniqueness", "explained_variance", "dead", "surplus", "train_seconds"):
+        assert again[name] == pytest.approx(trained[name], abs=1e-6, nan_ok=True), name
+    capsys.readouterr()  # the training's progress bars
+    with pytest.raises(SystemExit) as exit_:
+        synthbench.main(["--model", "synthsaebench-tiny", "--rescore", str(run_dir), str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and f"--rescore {tmp_path}:" in err

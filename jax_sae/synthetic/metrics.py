@@ -16,6 +16,7 @@ latents too, and a latent that never learned points somewhere random, usually at
 own): ``uniqueness_live``, distinct best matches of the latents that fire over their number, and
 ``dead_max_cos``, the dead latents' mean best |cos| (near the random level, about 0.17 for 768
 dimensions, where they never learned; high where they learned a feature and then stopped firing).
+``surplus`` and its medians (see ``surplus``) say what the live duplicates are.
 
 Evaluation samples are fresh ones from their own stream of the model (``EVAL_STREAM``)."""
 
@@ -62,7 +63,7 @@ def batch_sums(x, a, f, x_hat, best_H):
     counted = norm > 1e-6
     return {
         "tp": jnp.sum(fires & truth, axis=0), "fp": jnp.sum(fires & ~truth, axis=0),
-        "fn": jnp.sum(~fires & truth, axis=0), "fired": jnp.any(fires, axis=0),
+        "fn": jnp.sum(~fires & truth, axis=0), "fires": jnp.sum(fires, axis=0),
         "sq_err": jnp.sum((x - x_hat) ** 2), "sum_x": jnp.sum(x, axis=0), "sum_sq_x": jnp.sum(x * x),
         "shrink": jnp.sum(jnp.where(counted, norm_hat / jnp.where(counted, norm, 1.0), 0.0)),
         "shrink_n": jnp.sum(counted), "l0": jnp.sum(fires), "true_l0": jnp.sum(a > 0), "n": x.shape[0],
@@ -111,13 +112,12 @@ def score_batches(W_dec_HD, directions_ND, batches) -> dict:
     totals: dict = {}
     for x, a, f, x_hat in batches:
         for name, value in jax.device_get(batch_sums(x, a, f, x_hat, best)).items():
-            value = np.asarray(value, bool if name == "fired" else np.float64 if value.dtype.kind == "f" else np.int64)
-            totals[name] = value if name not in totals else (totals[name] | value if name == "fired"
-                                                             else totals[name] + value)
+            value = np.asarray(value, np.float64 if value.dtype.kind == "f" else np.int64)
+            totals[name] = value if name not in totals else totals[name] + value
     n, hidden = int(totals["n"]), len(totals["tp"])
     precision, recall, f1 = _per_latent(totals["tp"], totals["fp"], totals["fn"])
     mean_x = totals["sum_x"] / n
-    live = totals["fired"]
+    live = totals["fires"] > 0
     variance = totals["sum_sq_x"] / n - float(mean_x @ mean_x)
     return match | {
         "f1": float(f1.mean()), "precision": float(precision.mean()), "recall": float(recall.mean()),
@@ -127,7 +127,27 @@ def score_batches(W_dec_HD, directions_ND, batches) -> dict:
         "dead": int(hidden - live.sum()), "hidden_dim": hidden, "samples": n,
         "uniqueness_live": len(np.unique(best_np[live])) / max(1, int(live.sum())),
         "dead_max_cos": float(best_cos[~live].mean()) if (~live).any() else float("nan"),
+        **surplus(best_np, best_cos, totals["fires"] / n),
     }
+
+
+def surplus(best_H: np.ndarray, best_cos_H: np.ndarray, rate_H: np.ndarray) -> dict:
+    """The live latents that uniqueness counts as duplicates: those whose best-matching feature is
+    also the best match of a live latent with a higher |cos| (``surplus``), with their median best
+    |cos| and firing rate per sample beside the other live latents' (``kept_cos``, ``kept_rate``).
+    A surplus latent near the random |cos| that fires rarely never learned a feature; one near 1
+    that fires often is a second copy of one."""
+    live = np.flatnonzero(rate_H > 0)
+    order = live[np.lexsort((-best_cos_H[live], best_H[live]))]  # by feature, the best |cos| first
+    first = np.ones(len(order), bool)
+    first[1:] = best_H[order][1:] != best_H[order][:-1]
+    extra, kept = order[~first], order[first]
+
+    def median(values):
+        return float(np.median(values)) if len(values) else float("nan")
+
+    return {"surplus": int(len(extra)), "surplus_cos": median(best_cos_H[extra]), "surplus_rate": median(rate_H[extra]),
+            "kept_cos": median(best_cos_H[kept]), "kept_rate": median(rate_H[kept])}
 
 
 def generator_stats(model: SynthModel, *, n_samples: int = 100_000, batch: int = 1024, seed: int = 0) -> dict:
