@@ -299,6 +299,16 @@ class TrainingSettings:
     """Matryoshka: weight of each nested prefix's reconstruction loss, one per group, normalised to sum 1 (default: equal)."""
     dead_tokens: int = 10_000_000
     """A latent is dead after this many tokens without firing (capped at a tenth of the run)."""
+    resamples: int = 0
+    """Resample the rarely firing latents this many times, evenly over the first --resample_until of the run (0: never):
+    each takes the unit residual of a poorly reconstructed recent training row (drawn without replacement,
+    with probability proportional to its squared loss: Anthropic 2023), the encoder its transpose at the live
+    latents' mean norm, a zero bias and fresh Adam moments (docs/training.md). Not in sweeps."""
+    resample_until: float = 0.5
+    """The fraction of the run the resamples spread over: the last comes after this fraction of the steps."""
+    resample_below: float = 0.1
+    """A latent is resampled when it fired in fewer than this fraction of the batches since the last resample
+    (0.1 at batch 1,024: about one firing in 10,000 tokens)."""
     decoder_norm: Literal["unit", "free"] = "unit"
     """unit: decoder rows held at norm 1 (the gradient's radial part removed, rows renormalised after each
     step); free: rows of any norm, each latent's activation its pre-activation x its row's norm, so the
@@ -337,6 +347,9 @@ class TrainingSettings:
             (len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
              f"--adam_betas takes two values in [0, 1), got {','.join(map(str, self.adam_betas))}"),
             (self.aux_k >= 0, "--aux_k must be 0 (d_model/2) or positive"),
+            (self.resamples >= 0, f"--resamples must be 0 (never) or positive, got {self.resamples}"),
+            (0 < self.resample_until <= 1, f"--resample_until must be in (0, 1] (a fraction of the run), got {self.resample_until}"),
+            (0 < self.resample_below <= 1, f"--resample_below must be in (0, 1] (a fraction of batches), got {self.resample_below}"),
             (self.grad_clip >= 0, f"--grad_clip must be 0 (no clipping) or positive, got {self.grad_clip}"),
             (self.data_lanes >= 0, f"--data_lanes must be 0 (the number of processes) or positive, got {self.data_lanes}"),
             (self.enc_init_scale > 0, f"--enc_init_scale must be positive, got {self.enc_init_scale}"),

@@ -30,6 +30,7 @@ from .distributed import barrier, gather_host, is_primary, to_host
 from .metrics import MetricAccumulator, evaluate_batches
 from .progress import Progress
 from .run_dir import RunDir
+from .resample import Resampler
 from .runtime import announce
 from .sharding import BATCH, check_divisible, make_mesh
 from .sources import StoreData, SyntheticData, open_data
@@ -79,7 +80,7 @@ BEFORE_SETTING = {"lr_schedule": "cosine", "adam_betas": [0.9, 0.999], "aux_k": 
                   "jumprelu_ste_to_input": False, "jumprelu_threshold_lr": 10.0,
                   "transcoder": "none", "grad_clip": 1.0,
                   "aux_activation": "relu", "aux_loss": "normalised", "decoder_norm": "unit", "decoder_init_norm": 0.1,
-                  "adam_b2_rise": 0.0}
+                  "adam_b2_rise": 0.0, "resamples": 0, "resample_until": 0.5, "resample_below": 0.1}
 
 
 def _groups_before_levels(hidden_dim: int) -> list[int]:
@@ -164,6 +165,7 @@ class TrainingRun:
     resumed_from: int | None = None  # the checkpoint step this process started from (None: a new run)
     done: bool = False  # the newest checkpoint is a finished run's: nothing is left to train
     _inference: tuple | None = field(default=None, repr=False)  # (state, inference()) of the last state read
+    resampler: Resampler | None = None  # with --resamples
 
     @classmethod
     def setup(cls, cfg: TrainConfig, mesh=None, data: StoreData | SyntheticData | None = None,
@@ -187,8 +189,11 @@ class TrainingRun:
             print(note)
         step = build_step(cfg, plan.sae, mesh, plan.total_steps, plan.dead_tokens)
         state, meta = _resume(checkpoints, files, _initial_state(cfg, step, scan, data.d_model), cfg.runtime.overwrite)
+        train = cfg.train
+        resampler = (Resampler.build(step, plan.total_steps, train.resamples, train.resample_until, train.resample_below,
+                                     train.batch_size, train.seed, mesh) if train.resamples else None)
         return cls(cfg, plan, data, scan, files, checkpoints, state, step.shardings, step.fn, notes, runtime, step,
-                   resumed_from=int(state.step) or None, done=bool(meta.get("finished")))
+                   resumed_from=int(state.step) or None, done=bool(meta.get("finished")), resampler=resampler)
 
     # the loop
     @property
@@ -237,6 +242,11 @@ class TrainingRun:
             self.state, metrics = self.step_fn(self.state, x)
             step += 1
             progress.step(step, metrics)
+            if self.resampler is not None and self.resampler.due(step):
+                done = int(self.state.batch_in_epoch)
+                pool = list(self.data.batches(epoch, max(0, done - self.resampler.pool_batches), done))
+                self.state, count = self.resampler.run(step, self.state, pool)
+                progress.resampled(step, count)
             stopped = False
             if step % self.plan.eval_every == 0 or step == self.plan.total_steps:
                 progress.flush()

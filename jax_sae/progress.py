@@ -57,6 +57,11 @@ class Progress:
     def validation(self, step: int, result: dict) -> None:
         self._log({"step": step, "val": result})
 
+    def resampled(self, step: int, count: int) -> None:
+        """``count`` rarely firing latents were resampled after step ``step``."""
+        self._log({"step": step, "resampled": count})
+        self.shown["resampled"] = str(count)
+
     def finish(self, step: int) -> None:
         self.flush()
         self.bar.update(step - self.bar.n)

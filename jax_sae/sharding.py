@@ -23,6 +23,7 @@ FIELD_SPECS = {
     "threshold_H": P(MODEL),
     "W_skip_DD": P(),
     "tokens_since_fired_H": P(MODEL),
+    "fires_H": P(MODEL),
 }
 BATCH = P(DATA, None)
 

@@ -40,6 +40,8 @@ class TrainState:
     batch_in_epoch: jax.Array
     best_val_fvu: jax.Array
     evals_since_best: jax.Array
+    fires_H: jax.Array | None = None
+    """With --resamples: the batches each latent fired in since the last resample (None otherwise)."""
 
 
 def lr_warmup_steps(total_steps: int) -> int:
@@ -124,7 +126,8 @@ def make_optimizer(lr: float, total_steps: int, weight_decay: float, schedule: s
     return optax.chain(clipping, optax.adamw(rate, b1=betas[0], b2=betas[1], weight_decay=weight_decay))
 
 
-def init_state(params: M.SAEParams, optimizer: optax.GradientTransformation, input_scale: float) -> TrainState:
+def init_state(params: M.SAEParams, optimizer: optax.GradientTransformation, input_scale: float,
+               count_fires: bool = False) -> TrainState:
     hidden = params.b_enc_H.shape[0]
     return TrainState(
         step=jnp.int32(0),
@@ -137,6 +140,7 @@ def init_state(params: M.SAEParams, optimizer: optax.GradientTransformation, inp
         batch_in_epoch=jnp.int32(0),
         best_val_fvu=jnp.float32(jnp.inf),
         evals_since_best=jnp.int32(0),
+        fires_H=jnp.zeros((hidden,), jnp.int32) if count_fires else None,
     )
 
 
@@ -165,8 +169,9 @@ def train_step(state: TrainState, x_BD: jax.Array, *, optimizer, grads_fn, dead_
         else state.threshold
     out = {k: v for k, v in metrics.items() if k != "smallest"}
     out.update(loss=loss, dead_fraction=jnp.mean(counters >= dead_tokens), threshold=threshold)
+    fires = None if state.fires_H is None else jnp.minimum(state.fires_H + fired_H, _COUNTER_CAP)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, threshold=threshold,
-                              tokens_since_fired_H=counters, batch_in_epoch=state.batch_in_epoch + 1)
+                              tokens_since_fired_H=counters, batch_in_epoch=state.batch_in_epoch + 1, fires_H=fires)
     return new_state, out
 
 
@@ -201,6 +206,8 @@ class Step:
     """``(state, batch) -> (state, metrics)``, jitted once, the state donated."""
     pure: Callable
     """The same step before jit."""
+    count_fires: bool = False
+    """Whether the state counts each latent's firings for resampling (``TrainState.fires_H``)."""
 
 
 def build_step(cfg: TrainConfig, sae: SAEConfig, mesh, total_steps: int, dead_tokens: int) -> Step:
@@ -215,13 +222,14 @@ def build_step(cfg: TrainConfig, sae: SAEConfig, mesh, total_steps: int, dead_to
                             train.jumprelu_sparsity, cfg.target_l0, train.jumprelu_bandwidth,
                             train.jumprelu_tanh_scale, train.jumprelu_ste_to_input, train.jumprelu_threshold_lr,
                             aux_activation=train.aux_activation, aux_loss=train.aux_loss, free_decoder=train.decoder_norm == "free")
+    count_fires = train.resamples > 0
     abstract = jax.eval_shape(lambda: init_state(
-        M.init_params(jax.random.PRNGKey(0), sae, jnp.zeros(sae.d_model, jnp.float32)), optimizer, 1.0))
+        M.init_params(jax.random.PRNGKey(0), sae, jnp.zeros(sae.d_model, jnp.float32)), optimizer, 1.0, count_fires))
     shardings = S.shardings(abstract, mesh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     return Step(optimizer, settings, shardings, abstract,
                 compile_train_step(optimizer, settings, mesh, abstract, train.batch_size),
-                pure_train_step(optimizer, settings, mesh, train.batch_size))
+                pure_train_step(optimizer, settings, mesh, train.batch_size), count_fires)
 
 
 def fresh_state(step: Step, key: jax.Array, b_dec_D, input_scale: float, enc_init: str, enc_scale: float,
@@ -236,6 +244,6 @@ def fresh_state(step: Step, key: jax.Array, b_dec_D, input_scale: float, enc_ini
     def make(b_dec):
         params = M.init_params(key, sae, b_dec, enc_init=enc_init, enc_scale=enc_scale * scale)
         params = params.replace(W_dec_HD=params.W_dec_HD * scale)
-        return init_state(params, step.optimizer, input_scale)
+        return init_state(params, step.optimizer, input_scale, step.count_fires)
 
     return jax.jit(make, out_shardings=step.shardings)(jnp.asarray(b_dec_D, jnp.float32))

@@ -175,6 +175,7 @@ def test_bad_grids_are_refused_in_one_line_before_any_work(store, tmp_path):
     assert "has no layer 7" in _error(base + ["--layers", "0,7"])
     assert "give --hidden_dims or --expansions, not both" in _error(base + ["--hidden_dims", "64", "--expansions", "2"])
     assert "--threads must be 0 (auto) or positive" in _error(base + ["--threads", "-1"])
+    assert "--resamples is for one run" in _error(base + ["--hidden_dims", "32,64", "--top_k", "4", "--resamples", "2"])
     assert "which a mesh of several devices cannot do" in _error(base + ["--threads", "2", "--mesh_data", "2"])
     assert not (tmp_path / "out").exists(), "nothing is written before the checks pass"
 
