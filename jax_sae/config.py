@@ -303,7 +303,7 @@ class TrainingSettings:
     """Resample the rarely firing latents this many times, evenly over the first --resample_until of the run (0: never):
     each takes the unit residual of a poorly reconstructed recent training row (drawn without replacement,
     with probability proportional to its squared loss: Anthropic 2023), the encoder its transpose at the live
-    latents' mean norm, a zero bias and fresh Adam moments (docs/training.md). Not in sweeps."""
+    latents' mean norm, a zero bias and fresh Adam moments (docs/training.md)."""
     resample_until: float = 0.5
     """The fraction of the run the resamples spread over: the last comes after this fraction of the steps."""
     resample_below: float = 0.1

@@ -242,11 +242,8 @@ class TrainingRun:
             self.state, metrics = self.step_fn(self.state, x)
             step += 1
             progress.step(step, metrics)
-            if self.resampler is not None and self.resampler.due(step):
-                done = int(self.state.batch_in_epoch)
-                pool = list(self.data.batches(epoch, max(0, done - self.resampler.pool_batches), done))
-                self.state, count = self.resampler.run(step, self.state, pool)
-                progress.resampled(step, count)
+            if self.resample_due(step):
+                self.resample(step, self.recent_batches(epoch), progress)
             stopped = False
             if step % self.plan.eval_every == 0 or step == self.plan.total_steps:
                 progress.flush()
@@ -256,6 +253,19 @@ class TrainingRun:
             if stopped:
                 return step, True
         return step, False
+
+    def resample_due(self, step: int) -> bool:
+        return self.resampler is not None and self.resampler.due(step)
+
+    def recent_batches(self, epoch: int) -> list:
+        """The resample's pool: the epoch's batches up to the state's position, as far back as the
+        resampler asks, read again from the data (so a resumed run draws the same pool)."""
+        done = int(self.state.batch_in_epoch)
+        return list(self.data.batches(epoch, max(0, done - self.resampler.pool_batches), done))
+
+    def resample(self, step: int, pool: list, progress: Progress) -> None:
+        self.state, count = self.resampler.run(step, self.state, pool)
+        progress.resampled(step, count)
 
     def rewind(self, step: int) -> None:
         """Go back to the checkpoint of ``step`` (0: a fresh state), as a sweep does with members that

@@ -59,8 +59,8 @@ def test_each_member_equals_the_same_sae_trained_alone_on_a_4_device_mesh(store,
     spec = tmp_path / "grid.json"
     spec.write_text(json.dumps({"members": [
         {"sae_type": "topk", "hidden_dim": 64, "top_k": 4, "layer_idx": 0},
-        {"sae_type": "batch_topk", "hidden_dim": 128, "top_k": 8, "layer_idx": 0},
-        {"sae_type": "matryoshka", "hidden_dim": 128, "top_k": 6, "layer_idx": 1},
+        {"sae_type": "batch_topk", "hidden_dim": 128, "top_k": 8, "layer_idx": 0, "resamples": 2, "resample_below": 1.0},
+        {"sae_type": "matryoshka", "hidden_dim": 128, "top_k": 6, "layer_idx": 1, "resamples": 2, "resample_below": 1.0},
         {"sae_type": "jumprelu", "hidden_dim": 64, "top_k": 4, "layer_idx": 1}]}))
     cfg = _sweep_cfg(store, tmp_path / "sweep", sweep_file=str(spec), mesh_data=2, mesh_model=2)
     summary = sweep(cfg)
@@ -74,6 +74,8 @@ def test_each_member_equals_the_same_sae_trained_alone_on_a_4_device_mesh(store,
         ours = [r for r in (member.cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
         theirs = (alone.run_dir() / "metrics.jsonl").read_text().splitlines()
         assert len(ours) == len(theirs), member.name
+        if member.cfg.train.resamples:  # resampled at the same steps as alone, each layer's pool read once
+            assert sum('"resampled"' in line for line in ours) == 2, member.name
     page = (tmp_path / "sweep" / "sweep.html").read_text()
     assert all(m["name"] in page for m in summary["members"])
     assert (tmp_path / "sweep" / "sweep-layer0.png").exists() and (tmp_path / "sweep" / "sweep-layer1.png").exists()
@@ -175,7 +177,6 @@ def test_bad_grids_are_refused_in_one_line_before_any_work(store, tmp_path):
     assert "has no layer 7" in _error(base + ["--layers", "0,7"])
     assert "give --hidden_dims or --expansions, not both" in _error(base + ["--hidden_dims", "64", "--expansions", "2"])
     assert "--threads must be 0 (auto) or positive" in _error(base + ["--threads", "-1"])
-    assert "--resamples is for one run" in _error(base + ["--hidden_dims", "32,64", "--top_k", "4", "--resamples", "2"])
     assert "which a mesh of several devices cannot do" in _error(base + ["--threads", "2", "--mesh_data", "2"])
     assert not (tmp_path / "out").exists(), "nothing is written before the checks pass"
 

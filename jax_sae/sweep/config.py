@@ -161,9 +161,6 @@ def members(cfg: SweepConfig, d_model: int) -> list[Member]:
             raise SweepError(f"member {name}: a value has the wrong type ({err})") from None
         if name in seen:
             raise SweepError(f"member {name} appears twice in the sweep; drop the repeat")
-        if member_cfg.train.resamples:
-            raise SweepError(f"member {name}: --resamples is for one run (a sweep steps its members together): "
-                             "train it with python -m jax_sae.train")
         seen.add(name)
         member_cfg = member_cfg.replace(out=str(cfg.out / name))
         found.append(Member(name, row, member_cfg))

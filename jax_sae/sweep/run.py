@@ -224,6 +224,7 @@ class SweepRun:
                 for r, state, m in zip(active, states, metrics):
                     r.state = state
                     self._guard(r, leaving, lambda: progress[id(r)].step(step, m))
+                self._resample(active, step, epoch, progress)
                 if step % plan.eval_every == 0 or step == plan.total_steps:
                     for r in active:
                         self._guard(r, leaving, progress[id(r)].flush)
@@ -259,6 +260,17 @@ class SweepRun:
             if r not in leaving:
                 r.save_finished(step)
         bar.close()
+
+    def _resample(self, active: list[TrainingRun], step: int, epoch: int, progress: dict) -> None:
+        """Resample the members due to at this step, each layer's pool read once for all of them
+        (members share the batch size, so their resamplers ask for the same batches)."""
+        pools: dict[tuple, list] = {}
+        for r in active:
+            if r.resample_due(step):
+                key = self.keys[id(r)]
+                if key not in pools:
+                    pools[key] = r.recent_batches(epoch)
+                r.resample(step, pools[key], progress[id(r)])
 
     def _guard(self, r: TrainingRun, leaving: list, action: Callable[[], object]) -> None:
         """Run ``action`` for member ``r``; a divergence takes the member out of the sweep, not the sweep down."""
