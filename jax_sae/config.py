@@ -43,6 +43,10 @@ BEHAVIOURS = {
 """Every SAE type's behaviour: the one place the types are told apart."""
 
 
+AUTO_RESAMPLES = 6
+"""``--resamples auto`` for BatchTopK and Matryoshka SAEs (docs/synthbench.md, "Resampling")."""
+
+
 class ConfigError(UsageError):
     """A configuration that cannot describe a working SAE or run."""
 
@@ -299,12 +303,13 @@ class TrainingSettings:
     """Matryoshka: weight of each nested prefix's reconstruction loss, one per group, normalised to sum 1 (default: equal)."""
     dead_tokens: int = 10_000_000
     """A latent is dead after this many tokens without firing (capped at a tenth of the run)."""
-    resamples: int = 0
+    resamples: int | Literal["auto"] = "auto"
     """Resample the rarely firing latents this many times, evenly over the first --resample_until of the run (0: never):
     each takes the unit residual of a poorly reconstructed recent training row (drawn without replacement,
     with probability proportional to its squared loss: Anthropic 2023), the encoder its transpose at the live
-    latents' mean norm, a zero bias and fresh Adam moments (docs/training.md)."""
-    resample_until: float = 0.5
+    latents' mean norm, a zero bias and fresh Adam moments (docs/training.md). auto: 6 for BatchTopK and
+    Matryoshka SAEs (measured on SynthSAEBench: docs/synthbench.md), 0 for the other types and transcoders."""
+    resample_until: float = 0.75
     """The fraction of the run the resamples spread over: the last comes after this fraction of the steps."""
     resample_below: float = 0.1
     """A latent is resampled when it fired in fewer than this fraction of the batches since the last resample
@@ -347,7 +352,8 @@ class TrainingSettings:
             (len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
              f"--adam_betas takes two values in [0, 1), got {','.join(map(str, self.adam_betas))}"),
             (self.aux_k >= 0, "--aux_k must be 0 (d_model/2) or positive"),
-            (self.resamples >= 0, f"--resamples must be 0 (never) or positive, got {self.resamples}"),
+            (self.resamples == "auto" or self.resamples >= 0,
+             f"--resamples must be auto, 0 (never) or positive, got {self.resamples}"),
             (0 < self.resample_until <= 1, f"--resample_until must be in (0, 1] (a fraction of the run), got {self.resample_until}"),
             (0 < self.resample_below <= 1, f"--resample_below must be in (0, 1] (a fraction of batches), got {self.resample_below}"),
             (self.grad_clip >= 0, f"--grad_clip must be 0 (no clipping) or positive, got {self.grad_clip}"),
@@ -433,8 +439,8 @@ class TrainConfig:
 
     def resume_key(self) -> dict:
         """The settings a resumed run must share with the run it continues: all but the runtime's, with
-        Matryoshka's group sizes as resolved (a change of their default must not pass unseen)."""
-        key = to_flags(self.sae) | to_flags(self.train)
+        Matryoshka's group sizes and the resamples as resolved (a change of their default must not pass unseen)."""
+        key = to_flags(self.sae) | to_flags(self.train) | {"resamples": self.resample_count}
         if BEHAVIOURS[self.sae.sae_type].nested:
             key["group_sizes"] = list(self.sae_config(d_model=1).group_sizes)
         return key
@@ -457,6 +463,14 @@ class TrainConfig:
     def data_seed(self) -> int:
         """The seed of the split and the data order: --data_seed, else --seed."""
         return self.train.seed if self.train.data_seed is None else self.train.data_seed
+
+    @property
+    def resample_count(self) -> int:
+        """--resamples, or the auto rule: 6 for BatchTopK and Matryoshka SAEs, 0 otherwise."""
+        if self.train.resamples != "auto":
+            return int(self.train.resamples)
+        measured = BEHAVIOURS[self.sae.sae_type].selection == "batch_topk" and self.sae.transcoder == "none"
+        return AUTO_RESAMPLES if measured else 0
 
     @property
     def peak_lr(self) -> float:

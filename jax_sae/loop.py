@@ -190,8 +190,8 @@ class TrainingRun:
         step = build_step(cfg, plan.sae, mesh, plan.total_steps, plan.dead_tokens)
         state, meta = _resume(checkpoints, files, _initial_state(cfg, step, scan, data.d_model), cfg.runtime.overwrite)
         train = cfg.train
-        resampler = (Resampler.build(step, plan.total_steps, train.resamples, train.resample_until, train.resample_below,
-                                     train.batch_size, train.seed, mesh) if train.resamples else None)
+        resampler = (Resampler.build(step, plan.total_steps, cfg.resample_count, train.resample_until, train.resample_below,
+                                     train.batch_size, train.seed, mesh) if cfg.resample_count else None)
         return cls(cfg, plan, data, scan, files, checkpoints, state, step.shardings, step.fn, notes, runtime, step,
                    resumed_from=int(state.step) or None, done=bool(meta.get("finished")), resampler=resampler)
 

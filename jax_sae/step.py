@@ -222,7 +222,7 @@ def build_step(cfg: TrainConfig, sae: SAEConfig, mesh, total_steps: int, dead_to
                             train.jumprelu_sparsity, cfg.target_l0, train.jumprelu_bandwidth,
                             train.jumprelu_tanh_scale, train.jumprelu_ste_to_input, train.jumprelu_threshold_lr,
                             aux_activation=train.aux_activation, aux_loss=train.aux_loss, free_decoder=train.decoder_norm == "free")
-    count_fires = train.resamples > 0
+    count_fires = cfg.resample_count > 0
     abstract = jax.eval_shape(lambda: init_state(
         M.init_params(jax.random.PRNGKey(0), sae, jnp.zeros(sae.d_model, jnp.float32)), optimizer, 1.0, count_fires))
     shardings = S.shardings(abstract, mesh)

@@ -115,7 +115,8 @@ def test_a_run_resamples_at_the_planned_steps_and_resumes_to_the_same_parameters
     # at 30, before the second resample, whose pool it must read again from the data
     cfg = TrainConfig.of(store="synthetic:synthsaebench-tiny", sae_type="batch_topk", hidden_dim=128, top_k=4,
                          batch_size=256, epochs=2, max_tokens=10240, lr=3e-3, checkpoint_every=30, val_max_tokens=4096,
-                         mesh_data=1, out=str(tmp_path / "run"), progress=False, resamples=2, resample_below=1.0)
+                         mesh_data=1, out=str(tmp_path / "run"), progress=False, resamples=2, resample_until=0.5,
+                         resample_below=1.0)
     train(cfg)
     run = cfg.run_dir()
     events = _log(run)
@@ -133,8 +134,21 @@ def test_a_run_resamples_at_the_planned_steps_and_resumes_to_the_same_parameters
         np.testing.assert_array_equal(np.asarray(getattr(first.params, name)), np.asarray(getattr(second.params, name)))
 
 
-def test_bad_resample_settings_and_a_sweep_are_refused_in_one_line(tmp_path):
-    for flags, expected in ((["--resamples", "-1"], "--resamples must be 0"),
+def test_auto_resamples_batch_topk_and_matryoshka_saes_only():
+    from jax_sae.config import AUTO_RESAMPLES
+    from jax_sae.train import TrainConfig
+
+    def count(**kw):
+        return TrainConfig.of(store="synthetic:synthsaebench-tiny", hidden_dim=128, top_k=4, **kw).resample_count
+
+    assert count(sae_type="batch_topk") == count(sae_type="matryoshka") == AUTO_RESAMPLES == 6
+    assert count(sae_type="topk") == count(sae_type="jumprelu") == count(sae_type="vanilla") == 0
+    assert count(sae_type="batch_topk", transcoder="plain") == 0
+    assert count(sae_type="jumprelu", resamples=3) == 3 and count(sae_type="batch_topk", resamples=0) == 0
+
+
+def test_bad_resample_settings_are_refused_in_one_line(tmp_path):
+    for flags, expected in ((["--resamples", "-1"], "--resamples must be auto, 0"),
                             (["--resample_below", "2"], "--resample_below must be in (0, 1]"),
                             (["--resample_until", "0"], "--resample_until must be in (0, 1]")):
         done = subprocess.run(cli(*_train_args(tmp_path / "bad", *flags)), capture_output=True, text=True)
