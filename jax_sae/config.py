@@ -44,7 +44,7 @@ BEHAVIOURS = {
 
 
 AUTO_RESAMPLES = 6
-"""``--resamples auto`` for BatchTopK and Matryoshka SAEs (docs/synthbench.md, "Resampling")."""
+"""``--resamples auto`` for TopK, BatchTopK and Matryoshka SAEs (docs/synthbench.md, "Resampling")."""
 
 
 class ConfigError(UsageError):
@@ -307,8 +307,8 @@ class TrainingSettings:
     """Resample the rarely firing latents this many times, evenly over the first --resample_until of the run (0: never):
     each takes the unit residual of a poorly reconstructed recent training row (drawn without replacement,
     with probability proportional to its squared loss: Anthropic 2023), the encoder its transpose at the live
-    latents' mean norm, a zero bias and fresh Adam moments (docs/training.md). auto: 6 for BatchTopK and
-    Matryoshka SAEs (measured on SynthSAEBench: docs/synthbench.md), 0 for the other types and transcoders."""
+    latents' mean norm, a zero bias and fresh Adam moments (docs/training.md). auto: 6 for TopK, BatchTopK and
+    Matryoshka SAEs (measured on SynthSAEBench: docs/synthbench.md), 0 for JumpReLU, vanilla and transcoders."""
     resample_until: float = 0.75
     """The fraction of the run the resamples spread over: the last comes after this fraction of the steps."""
     resample_below: float = 0.1
@@ -466,10 +466,10 @@ class TrainConfig:
 
     @property
     def resample_count(self) -> int:
-        """--resamples, or the auto rule: 6 for BatchTopK and Matryoshka SAEs, 0 otherwise."""
+        """--resamples, or the auto rule: 6 for TopK, BatchTopK and Matryoshka SAEs, 0 otherwise."""
         if self.train.resamples != "auto":
             return int(self.train.resamples)
-        measured = BEHAVIOURS[self.sae.sae_type].selection == "batch_topk" and self.sae.transcoder == "none"
+        measured = BEHAVIOURS[self.sae.sae_type].selection in ("row_topk", "batch_topk") and self.sae.transcoder == "none"
         return AUTO_RESAMPLES if measured else 0
 
     @property

@@ -134,15 +134,15 @@ def test_a_run_resamples_at_the_planned_steps_and_resumes_to_the_same_parameters
         np.testing.assert_array_equal(np.asarray(getattr(first.params, name)), np.asarray(getattr(second.params, name)))
 
 
-def test_auto_resamples_batch_topk_and_matryoshka_saes_only():
+def test_auto_resamples_the_top_k_family_of_saes_only():
     from jax_sae.config import AUTO_RESAMPLES
     from jax_sae.train import TrainConfig
 
     def count(**kw):
         return TrainConfig.of(store="synthetic:synthsaebench-tiny", hidden_dim=128, top_k=4, **kw).resample_count
 
-    assert count(sae_type="batch_topk") == count(sae_type="matryoshka") == AUTO_RESAMPLES == 6
-    assert count(sae_type="topk") == count(sae_type="jumprelu") == count(sae_type="vanilla") == 0
+    assert count(sae_type="topk") == count(sae_type="batch_topk") == count(sae_type="matryoshka") == AUTO_RESAMPLES == 6
+    assert count(sae_type="jumprelu") == count(sae_type="vanilla") == 0
     assert count(sae_type="batch_topk", transcoder="plain") == 0
     assert count(sae_type="jumprelu", resamples=3) == 3 and count(sae_type="batch_topk", resamples=0) == 0
 
