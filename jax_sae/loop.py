@@ -243,7 +243,7 @@ class TrainingRun:
             step += 1
             progress.step(step, metrics)
             if self.resample_due(step):
-                self.resample(step, self.recent_batches(epoch), progress)
+                self.resample(step, self.recent_batches(epoch, step), progress)
             stopped = False
             if step % self.plan.eval_every == 0 or step == self.plan.total_steps:
                 progress.flush()
@@ -257,11 +257,11 @@ class TrainingRun:
     def resample_due(self, step: int) -> bool:
         return self.resampler is not None and self.resampler.due(step)
 
-    def recent_batches(self, epoch: int) -> list:
-        """The resample's pool: the epoch's batches up to the state's position, as far back as the
-        resampler asks, read again from the data (so a resumed run draws the same pool)."""
+    def recent_batches(self, epoch: int, step: int) -> list:
+        """The pool of the resample at ``step``: the epoch's batches up to the state's position, as far
+        back as the resampler asks, read again from the data (so a resumed run draws the same pool)."""
         done = int(self.state.batch_in_epoch)
-        return list(self.data.batches(epoch, max(0, done - self.resampler.pool_batches), done))
+        return list(self.data.batches(epoch, max(0, done - self.resampler.pool_size(step)), done))
 
     def resample(self, step: int, pool: list, progress: Progress) -> None:
         self.state, count = self.resampler.run(step, self.state, pool)

@@ -26,7 +26,8 @@ from . import sharding as S
 from .config import SAEConfig
 
 POOL_ROWS = 16384
-"""At least this many recent training rows are the candidates a resample draws from."""
+"""At least this many recent training rows are the candidates a resample draws from (fewer when
+fewer were trained on since the previous resample)."""
 
 
 def resample_points(total_steps: int, count: int, until: float = 0.5) -> tuple[int, ...]:
@@ -111,12 +112,20 @@ class Resampler:
     def due(self, step: int) -> bool:
         return step in self.points
 
+    def previous(self, step: int) -> int:
+        """The resample before the one at ``step`` (0: none)."""
+        return max((p for p in self.points if p < step), default=0)
+
+    def pool_size(self, step: int) -> int:
+        """Batches in the pool of the resample at ``step``: ``pool_batches``, or the batches since the
+        previous resample when fewer (a short run reads no more rows than it trained on meanwhile)."""
+        return min(self.pool_batches, step - self.previous(step))
+
     def run(self, step: int, state, batches: list):
         """Resample after ``step`` from ``batches`` (the training batches that led to it, read again
         from the data, so a resumed run resamples as the uninterrupted one did); returns (state, how
         many were resampled)."""
-        previous = max((p for p in self.points if p < step), default=0)
-        below = math.ceil(self.below_fraction * (step - previous))
+        below = math.ceil(self.below_fraction * (step - self.previous(step)))
         pool = jnp.concatenate(batches, axis=0) if len(batches) > 1 else batches[0]
         key = jax.random.fold_in(jax.random.PRNGKey(self.seed), step)
         state, count = self.fn(state, pool, key, np.int32(below))

@@ -16,7 +16,7 @@ import pytest
 
 from jax_sae import model as M
 from jax_sae.config import SAEConfig
-from jax_sae.resample import resample, resample_points
+from jax_sae.resample import Resampler, resample, resample_points
 from jax_sae.step import init_state
 
 from .conftest import cli
@@ -97,6 +97,10 @@ def test_resample_points_spread_evenly_up_to_the_given_fraction():
     assert resample_points(976, 4) == (122, 244, 366, 488)
     assert resample_points(3, 4) == (1, 2)  # a run too short for them all: the distinct steps
     assert resample_points(976, 6, until=0.75) == (122, 244, 366, 488, 610, 732)
+    # the pool: 16,384 rows of batches, or the batches since the previous resample when fewer
+    short = Resampler(points=(20, 40), pool_batches=64, below_fraction=0.1, seed=0, fn=None)
+    assert short.pool_size(20) == 20 and short.pool_size(40) == 20
+    assert Resampler(points=(122, 244), pool_batches=16, below_fraction=0.1, seed=0, fn=None).pool_size(244) == 16
 
 
 def _log(run):

@@ -269,7 +269,7 @@ class SweepRun:
             if r.resample_due(step):
                 key = self.keys[id(r)]
                 if key not in pools:
-                    pools[key] = r.recent_batches(epoch)
+                    pools[key] = r.recent_batches(epoch, step)
                 r.resample(step, pools[key], progress[id(r)])
 
     def _guard(self, r: TrainingRun, leaving: list, action: Callable[[], object]) -> None:
