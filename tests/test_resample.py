@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +18,6 @@ from jax_sae.config import SAEConfig
 from jax_sae.resample import Resampler, resample, resample_points
 from jax_sae.step import init_state
 
-from .conftest import cli
 from .test_synthetic import _train_args
 
 D, H = 8, 6
@@ -152,8 +150,13 @@ def test_auto_resamples_the_top_k_family_of_saes_only():
 
 
 def test_bad_resample_settings_are_refused_in_one_line(tmp_path):
+    from jax_sae.train import main
+
     for flags, expected in ((["--resamples", "-1"], "--resamples must be auto, 0"),
                             (["--resample_below", "2"], "--resample_below must be in (0, 1]"),
                             (["--resample_until", "0"], "--resample_until must be in (0, 1]")):
-        done = subprocess.run(cli(*_train_args(tmp_path / "bad", *flags)), capture_output=True, text=True)
-        assert done.returncode == 2 and expected in done.stderr and "Traceback" not in done.stderr, done.stderr
+        with pytest.raises(SystemExit) as exc:
+            main(_train_args(tmp_path / "bad", *flags)[1:])
+        text = str(exc.value)
+        assert exc.value.code == 2 and text.startswith("error: ") and "\n" not in text and expected in text, text
+    assert not (tmp_path / "bad").exists(), "refused before anything is written"
